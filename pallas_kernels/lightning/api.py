@@ -1,0 +1,67 @@
+"""Public entry point for lightning attention (the contract in DESIGN.md)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.lightning import reference
+
+IMPLEMENTATIONS = ("xla_chunked", "recurrent")
+
+
+def _check_inputs(q, k, v, decay, initial_state, segment_ids):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape [B, T, H, Dk]; got {q.shape} and {k.shape}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, Dv] matching q's [B, T, H]={q.shape[:3]}; got {v.shape}")
+    batch, _, heads, dk = q.shape
+    if decay.shape != (heads,):
+        raise ValueError(f"decay must be [H]=({heads},) per-head rates; got {decay.shape}")
+    if initial_state is not None and initial_state.shape != (batch, heads, dk, v.shape[-1]):
+        raise ValueError(f"initial_state must be [B, H, Dk, Dv]={(batch, heads, dk, v.shape[-1])}; "
+                         f"got {initial_state.shape}")
+    if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+        raise ValueError(f"segment_ids must be [B, T]={q.shape[:2]}; got {segment_ids.shape}")
+
+
+def default_implementation() -> str:
+    return "xla_chunked"
+
+
+def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array, *,
+                        initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                        return_final_state: bool = False, implementation: str | None = None,
+                        block_size: int = 256):
+    """Causal decayed linear attention ``o_t = sum_{j<=t} exp(-s (t-j)) (q_t . k_j) v_j``.
+
+    Args:
+      q, k: [B, T, H, Dk]; v: [B, T, H, Dv] (bf16 or fp32; accumulation and state are fp32).
+      decay: [H] float32 rates s (per-step factor exp(-s)).
+      initial_state: optional [B, H, Dk, Dv] float32 state before token 0.
+      segment_ids: optional [B, T] ints; the state resets wherever the id changes (packed documents).
+      return_final_state: also return the [B, H, Dk, Dv] float32 state after the last token.
+      implementation: None (best for the backend), or one of ``IMPLEMENTATIONS``.
+      block_size: block length of the chunked algorithms (results do not depend on it).
+
+    Returns:
+      o [B, T, H, Dv] in v's dtype, and the final state when ``return_final_state``.
+    """
+    _check_inputs(q, k, v, decay, initial_state, segment_ids)
+    impl = implementation or default_implementation()
+    decay = jnp.asarray(decay, jnp.float32)
+    if impl == "xla_chunked":
+        o, state = reference.lightning_attention_chunked(q, k, v, decay, initial_state=initial_state,
+                                                         segment_ids=segment_ids, block_size=block_size)
+    elif impl == "recurrent":
+        o, state = reference.lightning_attention_recurrent(q, k, v, decay, initial_state=initial_state,
+                                                           segment_ids=segment_ids)
+    else:
+        raise ValueError(f"unknown lightning implementation {impl!r}; choose from {IMPLEMENTATIONS}")
+    return (o, state) if return_final_state else o
+
+
+def lightning_decode(q, k, v, decay, state):
+    """Single-token update for generation: q, k [B, H, Dk], v [B, H, Dv], state [B, H, Dk, Dv] fp32 -> (o, state)."""
+    return reference.lightning_decode_step(q, k, v, jnp.asarray(decay, jnp.float32), state)
