@@ -1,0 +1,1 @@
+"""Reinforcement learning: policy losses, advantages, verifiable tasks, rollout and the RL update."""
