@@ -1,0 +1,86 @@
+"""Lightning attention layer (70 of M1's 80 layers): spec section 3."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m1jax.config import ModelConfig
+from m1jax.layers.common import matmul, param
+from m1jax.layers.norms import RMSNorm
+from pallas_kernels.lightning import lightning_attention, lightning_decode
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi head slopes as MiniMax's remote code and vLLM compute them (2^(-8(h+1)/H) for power-of-2 H; the
+    "closest power of two + interleave" rule otherwise)."""
+    def power_of_2(n):
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_2(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
+
+
+def decay_rates(num_heads: int, layer_index: jax.Array | int, num_layers: int) -> jax.Array:
+    """[H] float32 rates s_{l,h} = slope_h * (1 - l/(L-1) + 1e-5); per-step factor exp(-s).
+
+    ``layer_index`` is the *global* layer index (softmax layers count) and may be traced, so scanned layers share
+    one compiled body.
+    """
+    slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
+    layer = jnp.asarray(layer_index, jnp.float32)
+    factor = (1.0 - layer / (num_layers - 1) + 1e-5) if num_layers > 1 else jnp.float32(1.0 + 1e-5)
+    return slopes * factor
+
+
+class LightningAttention(nnx.Module):
+    """h [B, T, D] -> [B, T, D]; optional fp32 recurrent state [B, H, Dk, Dv] in and out (decoding, chunked prefill).
+
+    qkv_proj is fused and per-head interleaved (head h owns columns h*3*Dh ... h*3*Dh + 3*Dh - 1, ordered q, k, v), so
+    sharding its output axis over heads keeps whole heads together.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, w, std, pd = cfg.hidden_size, cfg.attention_width, cfg.initializer_range, cfg.param_dtype
+        self.qkv_proj = param(rngs, (d, 3 * w), ("embed", "heads"), std=std, dtype_name=pd)
+        self.output_gate = param(rngs, (d, w), ("embed", "heads"), std=std, dtype_name=pd)
+        self.norm = RMSNorm(w, cfg.lightning_norm_eps, axes=("heads",), param_dtype=pd, rngs=rngs)
+        self.out_proj = param(rngs, (w, d), ("heads", "embed"), std=std, dtype_name=pd)
+
+    def __call__(self, h: jax.Array, layer_index, *, segment_ids=None, state=None, valid=None):
+        """Args:
+          h: [B, T, D] normalised layer input (compute dtype).
+          layer_index: global layer index (int or traced scalar).
+          segment_ids: [B, T] packed-document ids (state resets at changes), or None.
+          state: [B, H, Dk, Dv] fp32 state before the first token (decoding); the new state is returned.
+          valid: [B, T] bool; False tokens (left padding) contribute nothing to the state.
+        Returns (out [B, T, D], new state or None).
+        """
+        cfg = self.cfg
+        cdt = jnp.dtype(cfg.compute_dtype)
+        b, t, _ = h.shape
+        heads, hd = cfg.num_attention_heads, cfg.head_dim
+        # SiLU on the whole fused q,k,v vector, in fp32 (as vLLM/SGLang do).
+        qkv = jax.nn.silu(matmul(h, self.qkv_proj[...], cdt, jnp.float32)).reshape(b, t, heads, 3 * hd)
+        q, k, v = (x.astype(cdt) for x in jnp.split(qkv, 3, axis=-1))
+        if valid is not None:
+            keep = valid[:, :, None, None].astype(cdt)
+            k, v = k * keep, v * keep
+        decay = decay_rates(heads, layer_index, cfg.num_hidden_layers)
+        if state is not None and t == 1 and segment_ids is None:
+            o, new_state = lightning_decode(q[:, 0], k[:, 0], v[:, 0], decay, state)
+            o = o[:, None]
+        else:
+            o, new_state = lightning_attention(q, k, v, decay, initial_state=state, segment_ids=segment_ids,
+                                               return_final_state=True, implementation=cfg.lightning_implementation,
+                                               block_size=cfg.block_size)
+        o = self.norm(o.reshape(b, t, heads * hd).astype(jnp.float32))  # one norm over all heads, eps 1e-6
+        gate = jax.nn.sigmoid(matmul(h, self.output_gate[...], cdt, jnp.float32))
+        out = matmul((gate * o).astype(cdt), self.out_proj[...], cdt)
+        return out, (new_state if state is not None else None)

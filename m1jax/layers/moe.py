@@ -1,0 +1,116 @@
+"""Mixture of Experts (every M1 layer): fp32 router, top-k with renormalised weights, SwiGLU experts (spec 5).
+
+Two dispatch paths compute the same function:
+* ``sorted`` (default): the N*k token-expert assignments are sorted by expert and run as grouped matmuls
+  (dropless; ``pallas_kernels.gmm`` where available, ``jax.lax.ragged_dot`` otherwise);
+* ``dense``: every expert on every token, weighted by the (mostly zero) routing matrix: the test oracle.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m1jax.config import ModelConfig
+from m1jax.layers.common import param
+
+
+def route_top_k(router_logits: jax.Array, k: int):
+    """router_logits [N, E] fp32 -> (weights [N, k] fp32 summing to 1, experts [N, k] int32).
+
+    softmax over all experts, top-k, renormalise (== softmax over the k selected logits).
+    """
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True), experts.astype(jnp.int32)
+
+
+def load_balancing_stats(router_logits: jax.Array, experts: jax.Array, num_experts: int, valid=None):
+    """Per-layer pieces of the Switch-style aux loss: (f [k, E] fraction of tokens sent to each expert per slot,
+    P [E] mean router probability). ``valid`` [N] excludes padding tokens."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    one_hot = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32)  # [N, k, E]
+    if valid is None:
+        return jnp.mean(one_hot, axis=0), jnp.mean(probs, axis=0)
+    w = valid.astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(w), 1.0)
+    return (jnp.einsum("n,nke->ke", w, one_hot) / denom, jnp.einsum("n,ne->e", w, probs) / denom)
+
+
+def aux_loss_from_stats(f_sum: jax.Array, p_sum: jax.Array, num_layers: int, num_experts: int) -> jax.Array:
+    """E * sum_{k,e} f * P over the layer-averaged statistics (= transformers' load_balancing_loss_func over the
+    concatenation of all layers' router logits); equals top_k for perfectly balanced routing."""
+    return num_experts * jnp.sum((f_sum / num_layers) * (p_sum / num_layers)[None, :])
+
+
+def _grouped_matmul(lhs, rhs, group_sizes, implementation):
+    try:
+        from pallas_kernels.gmm import api as gmm_api
+    except ImportError:  # the grouped-matmul package is optional for this layer
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+    return gmm_api.grouped_matmul(lhs, rhs, group_sizes, implementation=implementation,
+                                  preferred_element_type=jnp.float32)
+
+
+class MoE(nnx.Module):
+    """h [B, T, D] -> (y [B, T, D], router_logits [B*T, E] fp32, experts [B*T, k])."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f, e, std, pd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.initializer_range,
+                            cfg.param_dtype)
+        # The router is kept in fp32 whatever param_dtype says (the published checkpoint stores it in fp32 too).
+        self.gate = param(rngs, (d, e), ("embed", None), std=std, dtype_name="float32")
+        self.w1 = param(rngs, (e, d, f), ("experts", "embed", "mlp"), std=std, dtype_name=pd)  # gate proj (SiLU)
+        self.w3 = param(rngs, (e, d, f), ("experts", "embed", "mlp"), std=std, dtype_name=pd)  # up proj
+        self.w2 = param(rngs, (e, f, d), ("experts", "mlp", "embed"), std=std, dtype_name=pd)  # down proj
+
+    def __call__(self, h: jax.Array):
+        cfg = self.cfg
+        cdt = jnp.dtype(cfg.compute_dtype)
+        b, t, d = h.shape
+        x = h.reshape(b * t, d)
+        router_logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), self.gate[...].astype(jnp.float32),
+                                   precision=jax.lax.Precision.HIGHEST)
+        weights, experts = route_top_k(router_logits, cfg.num_experts_per_tok)
+        weights = weights.astype(cdt)  # as MiniMax's code: routing weights in the activation dtype for the sum
+        w1, w2, w3 = (w[...].astype(cdt) for w in (self.w1, self.w2, self.w3))
+        if cfg.moe_implementation == "dense":
+            y = moe_dense(x.astype(cdt), weights, experts, w1, w3, w2)
+        else:
+            y = moe_sorted(x.astype(cdt), weights, experts, w1, w3, w2, implementation=cfg.gmm_implementation)
+        return y.reshape(b, t, d).astype(cdt), router_logits, experts
+
+
+def _swiglu(gate, up):
+    return jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+
+
+def moe_dense(x, weights, experts, w1, w3, w2):
+    """Oracle: x [N, D] through all E experts, combined with the scattered top-k weights."""
+    num_experts = w1.shape[0]
+    combine = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=weights.dtype) * weights[..., None], axis=1)  # [N,E]
+    gate = jnp.einsum("nd,edf->nef", x, w1, preferred_element_type=jnp.float32)
+    up = jnp.einsum("nd,edf->nef", x, w3, preferred_element_type=jnp.float32)
+    y = jnp.einsum("nef,efd->ned", _swiglu(gate, up).astype(x.dtype), w2, preferred_element_type=jnp.float32)
+    return jnp.einsum("ned,ne->nd", y, combine.astype(jnp.float32))
+
+
+def moe_sorted(x, weights, experts, w1, w3, w2, *, implementation=None):
+    """Dropless dispatch: sort the N*k (token, expert) pairs by expert, grouped matmuls, unsort, weighted sum.
+
+    x [N, D]; weights, experts [N, k]; w1/w3 [E, D, F]; w2 [E, F, D] -> [N, D] fp32.
+    """
+    n, k = experts.shape
+    num_experts = w1.shape[0]
+    flat_experts = experts.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)          # assignment slots sorted by expert
+    token_of_slot = order // k
+    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
+    xs = jnp.take(x, token_of_slot, axis=0)                 # [N*k, D]
+    gate = _grouped_matmul(xs, w1, group_sizes, implementation)
+    up = _grouped_matmul(xs, w3, group_sizes, implementation)
+    ys = _grouped_matmul(_swiglu(gate, up).astype(x.dtype), w2, group_sizes, implementation)  # [N*k, D] fp32
+    # Unsort: slot order[i] holds ys[i].
+    y_slots = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    return jnp.einsum("nkd,nk->nd", y_slots, weights.astype(jnp.float32))
