@@ -1,0 +1,62 @@
+"""Adapters from ``api.grouped_matmul``'s contract to the libraries that implement a grouped matmul.
+
+Each adapter takes ``(lhs [M, K], rhs [G, K, N], group_sizes [G] int32, out_dtype, tiling)`` and returns [M, N]
+with rows past ``sum(group_sizes)`` equal to zero, differentiable in lhs and rhs.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gmm.tiling import Tiling
+
+
+def _zero_rows_past_groups(out: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    # megablox and tokamax leave rows that belong to no group unwritten (undefined on device); the contract
+    # says zero. One elementwise pass, which XLA can fuse into the consumer.
+    rows = jnp.arange(out.shape[0], dtype=jnp.int32)
+    return jnp.where((rows < jnp.sum(group_sizes))[:, None], out, jnp.zeros((), out.dtype))
+
+
+def ragged_dot(lhs, rhs, group_sizes, out_dtype, tiling: Tiling | None):
+    del tiling
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
+
+
+@functools.cache
+def tokamax_module():
+    """The ``tokamax`` module, or None when it is not installed (an optional dependency)."""
+    try:
+        import tokamax  # noqa: PLC0415  (heavy import, only when asked for)
+    except ImportError:
+        return None
+    return tokamax
+
+
+def tokamax(lhs, rhs, group_sizes, out_dtype, tiling: Tiling | None):
+    del tiling  # tokamax picks its own kernel configuration
+    module = tokamax_module()
+    if module is None:
+        raise ImportError("implementation='tokamax' needs the optional dependency tokamax "
+                          "(pip install tokamax==0.0.17; it needs Python >= 3.12 and jax >= 0.11.1)")
+    out = module.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
+    return _zero_rows_past_groups(out, group_sizes)
+
+
+def megablox(lhs, rhs, group_sizes, out_dtype, tiling: Tiling | None, *, interpret: bool = False):
+    """jax's Mosaic-TPU grouped matmul (custom VJP with gmm + tgmm)."""
+    from jax.experimental.pallas.ops.tpu.megablox import ops  # noqa: PLC0415  (TPU-only module)
+
+    m, k = lhs.shape
+    n = rhs.shape[2]
+    if tiling is None:
+        tiles = (min(128, m), min(128, k), min(128, n))
+    else:
+        tiles = (tiling.fwd.block_m, tiling.fwd.block_k, tiling.fwd.block_n)
+    # megablox needs M divisible by its row tile: pad with rows that belong to no group, and cut them off after.
+    padded = lhs if m % tiles[0] == 0 else jnp.pad(lhs, ((0, -m % tiles[0]), (0, 0)))
+    # Positional: megablox's custom_vjp marks (preferred_element_type, tiling, transpose_rhs, interpret) static.
+    out = ops.gmm(padded, rhs, group_sizes, jnp.dtype(out_dtype), tiles, None, None, False, interpret)
+    return _zero_rows_past_groups(out[:m], group_sizes)
