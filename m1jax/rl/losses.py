@@ -135,7 +135,8 @@ def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
         ratio_mean=masked_mean(sg_ratio, mask),
         ratio_max=jnp.max(jnp.where(active, sg_ratio, -jnp.inf)),
         ratio_min=jnp.min(jnp.where(active, sg_ratio, jnp.inf)),
-        approx_kl=masked_mean(k3_kl(jax.lax.stop_gradient(logp), old_logp), mask),
+        # Tokens were sampled from pi_old, so k3 with the roles swapped: r - 1 - log r.
+        approx_kl=masked_mean(k3_kl(old_logp, jax.lax.stop_gradient(logp)), mask),
         entropy=masked_mean(jax.lax.stop_gradient(-logp if k["entropy"] is None else k["entropy"]), mask),
         num_tokens=jnp.sum(mask),
     )
