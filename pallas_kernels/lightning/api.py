@@ -6,7 +6,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.lightning import reference
 
-IMPLEMENTATIONS = ("xla_chunked", "recurrent")
+IMPLEMENTATIONS = ("xla_chunked", "recurrent", "pallas_triton", "pallas_tpu")
+_PALLAS_BACKENDS = {"pallas_triton": "triton", "pallas_tpu": "tpu"}
 
 
 def _check_inputs(q, k, v, decay, initial_state, segment_ids):
@@ -26,7 +27,20 @@ def _check_inputs(q, k, v, decay, initial_state, segment_ids):
         raise ValueError(f"segment_ids must be [B, T]={q.shape[:2]}; got {segment_ids.shape}")
 
 
-def default_implementation() -> str:
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def default_implementation(dk: int | None = None, dv: int | None = None) -> str:
+    """Best implementation for the default backend: the Pallas kernels on GPU/TPU, the XLA chunked scan elsewhere.
+
+    The Triton kernel needs power-of-two head dims; other sizes fall back to the XLA scan on GPU.
+    """
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "pallas_tpu"
+    if platform == "gpu" and (dk is None or (_is_power_of_two(dk) and _is_power_of_two(dv))):
+        return "pallas_triton"
     return "xla_chunked"
 
 
@@ -43,15 +57,21 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Arr
       segment_ids: optional [B, T] ints; the state resets wherever the id changes (packed documents).
       return_final_state: also return the [B, H, Dk, Dv] float32 state after the last token.
       implementation: None (best for the backend), or one of ``IMPLEMENTATIONS``.
-      block_size: block length of the chunked algorithms (results do not depend on it).
+      block_size: block length of the XLA chunked scan (results do not depend on it); the Pallas kernels use their
+        tuned ``pallas.DEFAULT_CONFIGS``.
 
     Returns:
       o [B, T, H, Dv] in v's dtype, and the final state when ``return_final_state``.
     """
     _check_inputs(q, k, v, decay, initial_state, segment_ids)
-    impl = implementation or default_implementation()
+    impl = implementation or default_implementation(q.shape[-1], v.shape[-1])
     decay = jnp.asarray(decay, jnp.float32)
-    if impl == "xla_chunked":
+    if impl in _PALLAS_BACKENDS:
+        # Imported here so the pure-JAX paths never import Pallas.
+        from pallas_kernels.lightning import pallas
+        o, state = pallas.lightning_attention_pallas(q, k, v, decay, initial_state=initial_state,
+                                                     segment_ids=segment_ids, backend=_PALLAS_BACKENDS[impl])
+    elif impl == "xla_chunked":
         o, state = reference.lightning_attention_chunked(q, k, v, decay, initial_state=initial_state,
                                                          segment_ids=segment_ids, block_size=block_size)
     elif impl == "recurrent":

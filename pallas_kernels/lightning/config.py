@@ -1,0 +1,53 @@
+"""Static knobs of the Pallas lightning kernels and the row layout they walk."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes and launch parameters (all static).
+
+    chunk: tokens per chunk (power of two; 64 suits H100 tensor-core tiles, TPU wants a multiple of 128).
+    block_v: Dv tile per program (Triton only; smaller tiles mean more programs but re-read q and k).
+    groups: sequence groups walked in parallel (1 = one walk per row; None = pick from the shape, see ``pick_groups``).
+    num_warps, num_stages: Triton launch parameters.
+    """
+    chunk: int = 64
+    block_v: int = 64
+    groups: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """A sequence of ``n_valid`` tokens cut into ``groups`` rows of ``length`` tokens each (zero-padded at the end).
+
+    Row ``r`` of the kernel's batch is group ``r % groups`` of batch element ``r // groups``.
+    """
+    length: int
+    n_valid: int
+    groups: int = 1
+
+    def row_valid(self, row):
+        """Valid tokens in kernel row ``row`` (a traced int scalar inside kernels)."""
+        group = row % self.groups if self.groups > 1 else 0
+        return jnp.clip(self.n_valid - group * self.length, 0, self.length)
+
+
+def pick_groups(batch: int, heads: int, length: int, tiles: int, chunk: int, target_programs: int = 256,
+                min_chunks_per_group: int = 64) -> int:
+    """Sequence groups so that batch * heads * tiles * groups reaches ``target_programs`` (about two per H100 SM).
+
+    Splitting costs one extra read of k and v (the state-only pass), so only split when the walk would otherwise
+    leave SMs idle, and keep each group long enough that its walk amortises the launch.
+    """
+    programs = batch * heads * tiles
+    if programs >= target_programs // 2:
+        return 1
+    groups = -(-target_programs // programs)
+    max_groups = max(1, length // (chunk * min_chunks_per_group))
+    return int(max(1, min(groups, max_groups)))

@@ -1,0 +1,150 @@
+"""Lightning attention from a backend's chunk walk: padding, the sequence split, and the custom VJP.
+
+A backend supplies ``chunk_scan(q, k, v, s, init, doc, *, layout, reverse, with_output)`` (see ``pallas_triton``). This
+module turns it into the full operation:
+
+* ``scan_sequence``: pads ``T``, optionally cuts each sequence into ``groups`` rows walked in parallel (a state-only
+  walk per group, a short ``lax.scan`` over the group states, then the output walk from each group's true initial
+  state), and undoes the padding.
+* ``lightning``: forward plus a ``jax.custom_vjp`` whose backward is three more walks of the same kernel:
+
+      dq         = forward walk  (q=dO, k=v,  v=k,  init=S0^T)
+      dv, dS0    = reverse walk  (q=k,  k=q,  v=dO, init=dS_T)
+      dk         = reverse walk  (q=v,  k=dO, v=q,  init=dS_T^T)
+
+  since ``dq_i = sum_{j<=i} lam^(i-j) (dO_i . v_j) k_j + lam^(i+1) dO_i S0^T`` and
+  ``dv_j = sum_{i>=j} lam^(i-j) (k_j . q_i) dO_i + lam^(T-1-j) k_j dS_T`` (same-document terms only), and the reverse
+  walk's final state is ``dS0 = sum_i lam^(i+1) q_i^T dO_i + lam^T dS_T``.
+
+The decay rates get no gradient (M1's slopes are fixed buffers); ``lightning`` stops it explicitly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.lightning.config import RowLayout
+
+
+def _pad_time(x, pad, mode="constant"):
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, pad)
+    return jnp.pad(x, widths, mode=mode)
+
+
+def _group_initial_states(local, init, doc_rows, s, layout: RowLayout, reverse: bool):
+    """Each group's incoming state from the groups' zero-init states (the short scan across groups).
+
+    local: [B, G, H, Dk, Dv] float32 state each group ends with from a zero start; init: [B, H, Dk, Dv] or None;
+    doc_rows: [B, G, L] int32 raw document numbers or None. Returns ([B, G, H, Dk, Dv] incoming states, final state).
+    """
+    batch, groups = local.shape[:2]
+    n_valid = jnp.asarray([min(max(layout.n_valid - g * layout.length, 0), layout.length) for g in range(groups)])
+    group_decay = jnp.exp(-s[None, :] * n_valid[:, None].astype(jnp.float32))  # [G, H]
+    if doc_rows is None:
+        first = last = jnp.zeros((batch, groups), jnp.int32)
+    else:  # in walk order; padding repeats the last valid document, so index -1 is the last valid token
+        first, last = doc_rows[:, :, 0], doc_rows[:, :, -1]
+        if reverse:
+            first, last = last, first
+    state0 = jnp.zeros_like(local[:, 0]) if init is None else init.astype(jnp.float32)
+
+    def step(carry, xs):
+        state, prev_last = carry  # state after the previous group (walk order), in document prev_last
+        local_g, decay_g, first_g, last_g = xs
+        incoming = jnp.where((first_g == prev_last)[:, None, None, None], state, 0.0)
+        keeps = (first_g == last_g)[:, None, None, None]
+        out = jnp.where(keeps, decay_g[None, :, None, None] * incoming, 0.0) + local_g
+        return (out, last_g), incoming
+
+    xs = (jnp.moveaxis(local, 1, 0), group_decay, first.T, last.T)
+    start_doc = first[:, -1] if reverse else first[:, 0]
+    (final, _), incoming = lax.scan(step, (state0, start_doc), xs, reverse=reverse)
+    return jnp.moveaxis(incoming, 0, 1), final
+
+
+def scan_sequence(chunk_scan: Callable, q, k, v, s, init, doc, *, chunk: int, groups: int, reverse: bool):
+    """One full walk over [B, T] sequences. q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; s: [H]; init: [B, H, Dk, Dv] or
+    None; doc: [B, T] int32 running document numbers or None. Returns (o [B, T, H, Dv], final state [B, H, Dk, Dv])."""
+    batch, length, heads, _ = k.shape
+    row_len = -(-length // (groups * chunk)) * chunk
+    layout = RowLayout(length=row_len, n_valid=length, groups=groups)
+    pad = groups * row_len - length
+    rows = batch * groups
+
+    def to_rows(x):  # [B, G*L, ...] -> [B*G, L, ...]
+        return x.reshape((rows, row_len) + x.shape[2:])
+
+    q, k, v = (to_rows(_pad_time(x, pad)) for x in (q, k, v))
+    doc_norm = doc_rows = None
+    if doc is not None:
+        doc_rows = to_rows(_pad_time(doc, pad, mode="edge"))
+        # Walk-order numbering starting at 0 in every row (chunk_math's convention).
+        doc_norm = doc_rows - (doc_rows[:, -1:] if reverse else doc_rows[:, :1])
+    walk = functools.partial(chunk_scan, layout=layout, reverse=reverse)
+    if groups == 1:
+        o, final = walk(q, k, v, s, init, doc_norm, with_output=True)
+    else:
+        _, local = walk(None, k, v, s, None, doc_norm, with_output=False)
+        split = lambda x: x.reshape((batch, groups) + x.shape[1:])
+        incoming, final = _group_initial_states(
+            split(local), init, None if doc is None else split(doc_rows), s, layout, reverse)
+        o, _ = walk(q, k, v, s, incoming.reshape(local.shape), doc_norm, with_output=True)
+        final = final.reshape(batch, heads, *final.shape[2:])
+    o = o.reshape(batch, groups * row_len, heads, o.shape[-1])[:, :length]
+    return o, final
+
+
+@dataclasses.dataclass(frozen=True)
+class _Walker:
+    """Static part of a lightning call (hashable, for ``nondiff_argnums``)."""
+    chunk_scan: Callable
+    chunk: int
+    groups: int
+
+    def __call__(self, q, k, v, s, init, doc, reverse):
+        return scan_sequence(self.chunk_scan, q, k, v, s, init, doc, chunk=self.chunk, groups=self.groups,
+                             reverse=reverse)
+
+
+def _swap(state):
+    return None if state is None else jnp.swapaxes(state, -1, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lightning(walker: _Walker, q, k, v, s, init, doc):
+    return walker(q, k, v, s, init, doc, reverse=False)
+
+
+def _lightning_fwd(walker, q, k, v, s, init, doc):
+    return walker(q, k, v, s, init, doc, reverse=False), (q, k, v, s, init, doc)
+
+
+def _lightning_bwd(walker, residuals, cotangents):
+    q, k, v, s, init, doc = residuals
+    d_o, d_final = cotangents
+    d_final = d_final.astype(jnp.float32)
+    dq, _ = walker(d_o, v, k, s, _swap(init), doc, reverse=False)
+    dv, d_init = walker(k, q, d_o, s, d_final, doc, reverse=True)
+    dk, _ = walker(v, d_o, q, s, _swap(d_final), doc, reverse=True)
+    return dq, dk, dv, None, None if init is None else d_init, None
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+
+
+def lightning(chunk_scan: Callable, q, k, v, decay, *, initial_state=None, doc=None, chunk: int, groups: int):
+    """Differentiable lightning attention over a backend's ``chunk_scan`` (arguments as in ``scan_sequence``).
+
+    Returns (o [B, T, H, Dv] in v's dtype, final state [B, H, Dk, Dv] float32). ``decay`` gets no gradient.
+    """
+    s = lax.stop_gradient(jnp.asarray(decay, jnp.float32))
+    walker = _Walker(chunk_scan=chunk_scan, chunk=chunk, groups=groups)
+    return _lightning(walker, q, k, v, s, initial_state, doc)

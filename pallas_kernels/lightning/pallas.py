@@ -1,0 +1,42 @@
+"""Pallas lightning attention (Triton on GPU, Mosaic on TPU) behind one function; ``api`` dispatches here."""
+from __future__ import annotations
+
+import functools
+
+
+from pallas_kernels.lightning import ops, pallas_tpu, pallas_triton, reference
+from pallas_kernels.lightning.config import KernelConfig, pick_groups
+
+BACKENDS = ("triton", "tpu")
+DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=64), "tpu": KernelConfig(chunk=128, block_v=128)}
+
+
+def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_ids=None, backend: str = "triton",
+                               config: KernelConfig | None = None, interpret: bool = False):
+    """Lightning attention with the Pallas kernels; arguments and semantics as ``api.lightning_attention``.
+
+    q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; decay: [H]; initial_state: [B, H, Dk, Dv] float32 or None;
+    segment_ids: [B, T] or None. Returns (o [B, T, H, Dv] in v's dtype, final state [B, H, Dk, Dv] float32).
+    Differentiable in q, k, v and initial_state (custom VJP); ``interpret`` runs the kernels in Pallas interpret mode.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown Pallas backend {backend!r}; choose from {BACKENDS}")
+    config = config or DEFAULT_CONFIGS[backend]
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    if backend == "triton":
+        for name, dim in (("Dk", dk), ("Dv", dv), ("chunk", config.chunk)):
+            if dim & (dim - 1) or dim < 1:
+                raise ValueError(f"the Triton kernel needs power-of-two sizes; got {name}={dim}")
+        scan = functools.partial(pallas_triton.chunk_scan, config=config, interpret=interpret)
+        tiles = max(dv // config.block_v, 1)
+    else:
+        scan = functools.partial(pallas_tpu.chunk_scan, config=config, interpret=interpret)
+        tiles = 1
+    groups = config.groups or pick_groups(batch, heads, length, tiles, config.chunk)
+    doc = None if segment_ids is None else reference._document_index(segment_ids, batch, length)
+    # One dtype into the kernels (tensor-core dots need equal operand types); o comes back in v's dtype.
+    q, k, v_cast = q, k.astype(q.dtype), v.astype(q.dtype)
+    o, final = ops.lightning(scan, q, k, v_cast, decay, initial_state=initial_state, doc=doc,
+                             chunk=config.chunk, groups=groups)
+    return o.astype(v.dtype), final
