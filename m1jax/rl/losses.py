@@ -64,7 +64,7 @@ def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
       old_logp: [batch, length] float, log pi_old of the same tokens (data; no gradient flows into it).
       advantages: [batch] (outcome level) or [batch, length] float.
       mask: [batch, length] bool or float token weights (0 for prompt/padding; float weights let dynamic sampling
-        zero out whole rows without changing shapes).
+        zero out whole rows without changing shapes). Values at masked positions are ignored, -inf/NaN included.
       **knobs (static Python values unless marked array):
         agg: one of AGGREGATIONS (per-loss default, see module docstring).
         group_size: int G for agg="group_token_mean" (rows i*G..i*G+G-1 form a group); or
@@ -90,6 +90,12 @@ def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
     k = _resolve_knobs(name, knobs)
     logp, old_logp, advantages, mask = _check_arrays(logp, old_logp, advantages, mask, k)
     agg_kwargs = dict(group_ids=k["group_ids"], norm_constant=k["norm_constant"])
+    # Padded positions may hold -inf or garbage log-probs; neutral values there keep NaNs out of the gradient too
+    # (a masked-out NaN still poisons the backward pass through 0 * NaN).
+    logp, old_logp = (_fill_masked(x, mask) for x in (logp, old_logp))
+    for key in ("ref_logp", "entropy"):
+        if k[key] is not None:
+            k[key] = _fill_masked(k[key], mask)
 
     log_ratio = jnp.clip(logp - jax.lax.stop_gradient(old_logp), -_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
     ratio = jnp.exp(log_ratio)
@@ -191,6 +197,10 @@ def k3_kl(logp, ref_logp):
 def _ppo_clipped_active(ratio, advantages, eps_low, eps_high):
     """Tokens where PPO's min(r A, clip(r) A) takes the clipped branch and so passes no gradient (M1 Eq. 7)."""
     return ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))
+
+
+def _fill_masked(x, mask):
+    return jnp.where(mask > 0, x, jnp.zeros_like(x))
 
 
 def _nonzero(x):

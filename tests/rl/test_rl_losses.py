@@ -219,6 +219,27 @@ def test_dual_clip_fraction():
     np.testing.assert_allclose(m["dual_clip_frac"], 2 / 11, rtol=1e-6)  # (A<0, r=3) and (A<0, r=6)
 
 
+@pytest.mark.parametrize("name", ["cispo", "cispo_masked", "ppo", "grpo", "dapo", "drgrpo"])
+def test_non_finite_padding_does_not_leak(name):
+    """-inf / NaN log-probs at padded positions change neither the loss nor the gradient."""
+    z, tokens, old_logp, adv, _ = _tabular_batch()
+    pad = MASK == 0
+    ref_logp = np.asarray(_logp(jnp.asarray(z), tokens)) - 0.3
+    knobs = dict(kl_beta=0.1, ref_logp=ref_logp) if name == "grpo" else {}
+
+    def loss(z, poison):
+        # Added, not selected with where(), so that a NaN cotangent at the padding would reach z.
+        logp = _logp(z, tokens) + np.where(pad & poison, -np.inf, 0.0).astype(np.float32)
+        old = np.where(pad & poison, np.nan, old_logp)
+        return policy_loss(name, logp, old, adv, MASK, **knobs)[0]
+
+    clean = jax.value_and_grad(loss)(jnp.asarray(z), False)
+    dirty = jax.value_and_grad(loss)(jnp.asarray(z), True)
+    assert np.isfinite(dirty[0]) and np.all(np.isfinite(dirty[1]))
+    np.testing.assert_allclose(dirty[0], clean[0], rtol=1e-6)
+    np.testing.assert_allclose(dirty[1], clean[1], rtol=1e-6, atol=1e-8)
+
+
 # Ragged aggregation by hand: x[i, t] = 4 i + t + 1; row 3 is empty.
 X = np.arange(1, 17, dtype=np.float32).reshape(4, 4)
 RAGGED = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)
