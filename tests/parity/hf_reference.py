@@ -56,7 +56,8 @@ Jobs (each has a unique "name" and a "kind"; arrays are written as ``OUT/<name>.
   each token) and manifest fields ``generate_matches_manual`` and ``generate_position_ids``.
 - ``save``: writes three checkpoint directories under OUT:
     * ``hf_saved/``: ``save_pretrained`` (one ``model.safetensors`` + transformers-dialect ``config.json``);
-    * ``hf_sharded/``: ``save_pretrained(max_shard_size=...)`` (default "200KB"), shards + ``model.safetensors.index.json``;
+    * ``hf_sharded/``: ``save_pretrained(max_shard_size=...)`` (default "200KB"): shards +
+      ``model.safetensors.index.json``;
     * ``minimax_names/``: the in-memory tensors renamed here (independently of transformers' conversion code) to
       MiniMax's on-disk names (spec 7.1), ``gate_up_proj`` split into per-expert w1/w3, ``down_proj`` into w2,
       derived decay buffers dropped, ``minimax_shards`` files named like the official checkpoint
@@ -74,7 +75,8 @@ What transformers 5.24.0 ``save_pretrained`` writes for this model (found empiri
 --------------------------------------------------------------------------------------------------------
 In memory the MoE is ``model.layers.{i}.mlp.gate.weight`` [E,D], ``mlp.experts.gate_up_proj`` [E,2I,D] (rows
 0..I-1 = w1/gate, I..2I-1 = w3/up) and ``mlp.experts.down_proj`` [E,D,I]. ``save_pretrained`` reverses the load-time
-"minimax -> mixtral" conversion, so the file holds MiniMax's own names: ``model.layers.{i}.block_sparse_moe.gate.weight``
+"minimax -> mixtral" conversion, so the file holds MiniMax's own names:
+``model.layers.{i}.block_sparse_moe.gate.weight``
 and per-expert ``block_sparse_moe.experts.{e}.w1.weight`` [I,D], ``.w3.weight`` [I,D], ``.w2.weight`` [D,I] (no fused
 gate_up_proj). It ALSO writes the four derived, block-size-dependent lightning buffers per linear layer:
 ``self_attn.slope_rate`` [H,1,1], ``self_attn.query_decay`` [H,bs,1], ``self_attn.key_decay`` [H,bs,1],

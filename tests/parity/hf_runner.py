@@ -329,7 +329,9 @@ def load_balancing_loss_np(router_logits: np.ndarray, top_k: int, mask: np.ndarr
 
 
 def load_safetensors_np(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file or of a checkpoint dir (index-aware), as numpy (fp32 checkpoints; safetensors.numpy cannot read bf16)."""
+    """All tensors of one .safetensors file, or of every *.safetensors in a checkpoint dir, as numpy arrays.
+
+    For fp32/fp16 checkpoints (safetensors.numpy cannot return bfloat16)."""
     from safetensors.numpy import load_file
 
     path = Path(path)
