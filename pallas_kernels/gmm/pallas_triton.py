@@ -7,8 +7,6 @@ Three kernels, all with a 1-D grid (Triton programs run in parallel, so no kerne
   (group, K tile, N tile), looping over the group's rows.
 Rows are addressed with dynamic offsets read from small int32 tables (``schedule.py``); out-of-range rows, K and
 N columns are masked at load (to zero) and at store, so no operand needs padding.
-
-TODO: import through pallas_kernels/compat.py once it exists (it is being written for the lightning kernels).
 """
 from __future__ import annotations
 
@@ -17,9 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.compat import pl, pltriton
 from pallas_kernels.gmm import schedule
 from pallas_kernels.gmm.tiling import TileConfig, Tiling
 

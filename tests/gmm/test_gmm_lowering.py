@@ -4,11 +4,9 @@ import re
 import jax
 import jax.numpy as jnp
 from jax import export
-from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.compat import TRITON_CALL_TARGET as TRITON_CALL
 from pallas_kernels.gmm import grouped_matmul
-
-TRITON_CALL = getattr(pltriton, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
 
 
 def test_forward_and_backward_export_to_cuda():
