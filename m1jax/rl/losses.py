@@ -69,7 +69,9 @@ def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
         agg: one of AGGREGATIONS (per-loss default, see module docstring).
         group_size: int G for agg="group_token_mean" (rows i*G..i*G+G-1 form a group); or
         group_ids: [batch] int array naming each row's group (any labels), instead of group_size.
-        norm_constant: float normaliser for agg="const_norm" (default batch * length).
+        norm_constant: normaliser for agg="const_norm" (default batch * length): a Python float, or a scalar array
+          such as the whole rollout batch's token count / mu, so that every minibatch of one rollout batch shares
+          one normaliser (spec section 6) instead of silently re-normalising per minibatch.
         ratio_max: absolute cap on the CISPO IS weight (default 5.0; None disables the cap).
         eps_is_high: M1-style cap 1 + eps_is_high instead of ratio_max (give at most one of the two).
         ratio_min: lower bound on the CISPO IS weight (default None = no bound; 0 also means none).
@@ -149,11 +151,11 @@ def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
     return loss.astype(jnp.float32), metrics
 
 
-def aggregate(values, mask, agg: str, *, group_ids=None, norm_constant: float | None = None):
+def aggregate(values, mask, agg: str, *, group_ids=None, norm_constant=None):
     """Reduce per-token values [batch, length] to a scalar with mask weights [batch, length] (see module docstring).
 
-    group_ids: [batch] int, required for agg="group_token_mean". norm_constant: for agg="const_norm"
-    (None = batch * length). Samples or groups with zero mask weight are left out of the means.
+    group_ids: [batch] int, required for agg="group_token_mean". norm_constant: float or scalar array for
+    agg="const_norm" (None = batch * length). Samples or groups with zero mask weight are left out of the means.
     """
     mask = mask.astype(values.dtype)
     # where() rather than a product so that non-finite values at masked positions (e.g. padded logp) stay out.
@@ -259,7 +261,9 @@ def _resolve_knobs(name: str, knobs: dict) -> dict:
     if k["norm_constant"] is not None:
         if k["agg"] != "const_norm":
             raise ValueError(f"norm_constant only applies to agg='const_norm', not agg={k['agg']!r}")
-        if not (k["norm_constant"] > 0 and math.isfinite(k["norm_constant"])):
+        # Array constants (possibly traced) are data and cannot be checked here.
+        if isinstance(k["norm_constant"], (int, float)) and not (k["norm_constant"] > 0
+                                                                  and math.isfinite(k["norm_constant"])):
             raise ValueError(f"norm_constant must be a finite positive number, got {k['norm_constant']}")
     return k
 

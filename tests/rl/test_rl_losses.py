@@ -133,6 +133,18 @@ def test_const_norm_constant_and_outcome_advantages():
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-7)
 
 
+def test_traced_norm_constant_shared_across_minibatches():
+    """A rollout-batch normaliser passed as a traced scalar gives the same gradient as the static constant."""
+    z, tokens, old_logp, adv, _ = _tabular_batch()
+    expected = _expected_grad(z, tokens, _agg_weights("const_norm", norm_constant=5.5), _coef("cispo"))
+
+    @jax.jit
+    def grad(z, constant):
+        return jax.grad(lambda z: policy_loss("cispo", _logp(z, tokens), old_logp, adv, MASK, agg="const_norm",
+                                              norm_constant=constant)[0])(z)
+    np.testing.assert_allclose(grad(jnp.asarray(z), jnp.float32(5.5)), expected, rtol=2e-5, atol=1e-7)
+
+
 def test_grpo_k3_kl_gradient():
     """GRPO's beta * k3 term adds beta * (1 - pi_ref / pi) to the loss coefficient of grad(logp)."""
     z, tokens, old_logp, adv, _ = _tabular_batch(2)
