@@ -41,7 +41,11 @@ def tokamax(lhs, rhs, group_sizes, out_dtype, tiling: Tiling | None):
     if module is None:
         raise ImportError("implementation='tokamax' needs the optional dependency tokamax "
                           "(pip install tokamax==0.0.17; it needs Python >= 3.12 and jax >= 0.11.1)")
-    out = module.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
+    in_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+    # tokamax 0.0.17's GPU backward rejects a cotangent wider than the operands (float32 dout, bf16 rhs), so a
+    # wider output is made by a cast after the kernel: its cotangent then reaches tokamax in the operand dtype.
+    # The product is rounded to the operand dtype first (bf16: about 3 significant digits).
+    out = module.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=in_dtype).astype(out_dtype)
     return _zero_rows_past_groups(out, group_sizes)
 
 
