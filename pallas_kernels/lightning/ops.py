@@ -26,6 +26,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels.lightning.config import RowLayout
@@ -40,34 +41,38 @@ def _pad_time(x, pad, mode="constant"):
 
 
 def _group_initial_states(local, init, doc_rows, s, layout: RowLayout, reverse: bool):
-    """Each group's incoming state from the groups' zero-init states (the short scan across groups).
+    """Each group's incoming state, and the final state, from the groups' zero-start states.
 
     local: [B, G, H, Dk, Dv] float32 state each group ends with from a zero start; init: [B, H, Dk, Dv] or None;
     doc_rows: [B, G, L] int32 raw document numbers or None. Returns ([B, G, H, Dk, Dv] incoming states, final state).
+
+    Closed form instead of a scan over groups (a G-step ``lax.scan`` costs G rounds of small launches): with the
+    initial state as source 0 and group f as source f+1, target t (group t's start, or t = G: the end) receives
+    ``sum_{a <= t} [doc(a) == doc(t)] exp(-s * tokens between a and t) * source_a``, one einsum. Documents are
+    numbered monotonically, so equal numbers at both ends mean no boundary in between.
     """
     batch, groups = local.shape[:2]
-    n_valid = jnp.asarray([min(max(layout.n_valid - g * layout.length, 0), layout.length) for g in range(groups)])
-    group_decay = jnp.exp(-s[None, :] * n_valid[:, None].astype(jnp.float32))  # [G, H]
-    if doc_rows is None:
-        first = last = jnp.zeros((batch, groups), jnp.int32)
-    else:  # in walk order; padding repeats the last valid document, so index -1 is the last valid token
-        first, last = doc_rows[:, :, 0], doc_rows[:, :, -1]
+    n_valid = np.array([min(max(layout.n_valid - g * layout.length, 0), layout.length) for g in range(groups)])
+    if reverse:  # walk order
+        local, n_valid = local[:, ::-1], n_valid[::-1]
+    ends = np.concatenate([[0], np.cumsum(n_valid)])  # source a ends after ends[a] tokens (a = 0: initial state)
+    starts = np.concatenate([ends[:-1], ends[-1:]])  # target t starts after starts[t] tokens (t = G: the end)
+    count = starts[:, None] - ends[None, :]  # [G+1 targets, G+1 sources]
+    causal = np.arange(groups + 1)[None, :] <= np.arange(groups + 1)[:, None]
+    weight = jnp.where(causal, jnp.exp(-s[:, None, None] * np.maximum(count, 0).astype(np.float32)), 0.0)  # [H,T,A]
+    weight = jnp.broadcast_to(weight, (batch,) + weight.shape)
+    if doc_rows is not None:
+        first, last = doc_rows[:, :, 0], doc_rows[:, :, -1]  # padding repeats the last valid document
         if reverse:
-            first, last = last, first
-    state0 = jnp.zeros_like(local[:, 0]) if init is None else init.astype(jnp.float32)
-
-    def step(carry, xs):
-        state, prev_last = carry  # state after the previous group (walk order), in document prev_last
-        local_g, decay_g, first_g, last_g = xs
-        incoming = jnp.where((first_g == prev_last)[:, None, None, None], state, 0.0)
-        keeps = (first_g == last_g)[:, None, None, None]
-        out = jnp.where(keeps, decay_g[None, :, None, None] * incoming, 0.0) + local_g
-        return (out, last_g), incoming
-
-    xs = (jnp.moveaxis(local, 1, 0), group_decay, first.T, last.T)
-    start_doc = first[:, -1] if reverse else first[:, 0]
-    (final, _), incoming = lax.scan(step, (state0, start_doc), xs, reverse=reverse)
-    return jnp.moveaxis(incoming, 0, 1), final
+            first, last = last[:, ::-1], first[:, ::-1]
+        source_doc = jnp.concatenate([first[:, :1], last], axis=1)  # [B, G+1]
+        target_doc = jnp.concatenate([first, last[:, -1:]], axis=1)
+        weight = weight * (target_doc[:, :, None] == source_doc[:, None, :])[:, None].astype(jnp.float32)
+    init = jnp.zeros_like(local[:, 0]) if init is None else init.astype(jnp.float32)
+    sources = jnp.concatenate([init[:, None], local], axis=1)  # [B, G+1, H, Dk, Dv]
+    out = jnp.einsum("bhta,bahkv->bthkv", weight, sources, precision=lax.Precision.HIGHEST)
+    incoming, final = out[:, :groups], out[:, groups]
+    return (incoming[:, ::-1] if reverse else incoming), final
 
 
 def scan_sequence(chunk_scan: Callable, q, k, v, s, init, doc, *, chunk: int, groups: int, reverse: bool):
