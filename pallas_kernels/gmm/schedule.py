@@ -15,10 +15,17 @@ import jax.numpy as jnp
 GROUP, ROW_TILE, ROW_LO, ROW_HI = range(4)
 
 
+def _inclusive_cumsum(x: jax.Array) -> jax.Array:
+    """[n] -> [n] running sum as one masked reduction: ``jnp.cumsum`` becomes a scan that XLA may run as a
+    while loop, and on GPU each while iteration waits on a device-to-host copy; n (groups) is small."""
+    idx = jnp.arange(x.shape[0])
+    return jnp.sum(jnp.where(idx[None, :] <= idx[:, None], x[None, :], 0), axis=1, dtype=x.dtype)
+
+
 def group_offsets(group_sizes: jax.Array, num_rows: int) -> jax.Array:
     """[G] sizes -> [G+1] int32 row offsets, clamped to ``num_rows`` so that no kernel reads past lhs."""
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+    ends = jnp.minimum(_inclusive_cumsum(sizes), num_rows)
     return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
 
 
@@ -39,9 +46,10 @@ def row_tile_visits(group_sizes: jax.Array, num_rows: int, block_m: int) -> jax.
     ends = jnp.concatenate([offsets[1:], jnp.full((1,), num_rows, jnp.int32)])
     first_tile = starts // block_m
     count = jnp.where(ends > starts, (ends - 1) // block_m - first_tile + 1, 0)
-    cum_count = jnp.cumsum(count)
+    cum_count = _inclusive_cumsum(count)
     visit = jnp.arange(max_row_tile_visits(num_rows, num_groups, block_m), dtype=jnp.int32)
-    segment = jnp.searchsorted(cum_count, visit, side="right").astype(jnp.int32)
+    # compare_all: no while loop either; V x (G+1) compares.
+    segment = jnp.searchsorted(cum_count, visit, side="right", method="compare_all").astype(jnp.int32)
     valid = segment <= num_groups
     seg = jnp.minimum(segment, num_groups)
     tile = first_tile[seg] + visit - (cum_count[seg] - count[seg])
