@@ -346,3 +346,52 @@ def _hf_to_fields(d: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown config keys {unknown}")
     return fields
+
+
+def _coerce(field: dataclasses.Field, text: str):
+    """Parse ``text`` for a ModelConfig field, typed by its annotation (strings under postponed evaluation)."""
+    kind = str(field.type)
+    low = text.strip().lower()
+    if "None" in kind and low in ("none", "null"):
+        return None
+    if kind.startswith("bool"):
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{field.name}: expected a boolean, got {text!r}")
+    if kind.startswith("int"):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{field.name}: expected an integer, got {text!r}") from None
+    if kind.startswith("float"):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{field.name}: expected a number, got {text!r}") from None
+    if kind.startswith("tuple"):
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    return text
+
+
+def apply_overrides(cfg: ModelConfig, overrides: list[str] | tuple[str, ...]) -> ModelConfig:
+    """Apply ``key=value`` strings (e.g. from repeated ``--set`` flags), type-checked against the field types.
+
+    Unknown keys, malformed items and keys given twice raise ValueError naming them.
+    """
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in fields:
+            raise ValueError(f"unknown config key {key!r} in override {item!r}; known keys: {sorted(fields)}")
+        if key in changes:
+            raise ValueError(f"config key {key!r} is overridden twice")
+        changes[key] = _coerce(fields[key], text)
+    if "num_hidden_layers" in changes and "layer_types" not in changes:
+        changes["layer_types"] = m1_layer_types(changes["num_hidden_layers"], min(8, changes["num_hidden_layers"]))
+    return cfg.replace(**changes)

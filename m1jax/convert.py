@@ -1,0 +1,241 @@
+"""HF checkpoint -> m1jax model: ``from_hf(path)`` and the name mapping behind it (spec section 7).
+
+Two naming dialects are read:
+* ``minimax``: MiniMax's on-disk names (``block_sparse_moe.gate``, ``experts.{e}.w1/w2/w3``), the published checkpoint;
+* ``transformers``: transformers' MiniMax names (``mlp.gate``, fused ``mlp.experts.gate_up_proj`` [E, 2F, D] holding
+  w1 then w3, ``mlp.experts.down_proj`` [E, D, F]).
+PyTorch Linear weights are [out, in]; ours are [in, out]. Layer i lives at repeat ``i // period``, position
+``i % period`` of the stacked periods. transformers' derived decay buffers are skipped (recomputed from the config).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m1jax.config import LIGHTNING, ModelConfig
+from m1jax.model import MiniMaxM1
+from m1jax.safetensors_io import CheckpointError, open_checkpoint_dir
+
+DERIVED_BUFFERS = re.compile(r"\.self_attn\.(slope_rate|query_decay|key_decay|diagonal_decay)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where one HF tensor goes: the model-state ``path``, the leading ``index`` inside that parameter (repeat,
+    and expert for per-expert tensors), and how to turn the HF array into that slice."""
+    path: tuple
+    index: tuple
+    hf_shape: tuple
+    transform: Callable[[np.ndarray], np.ndarray]
+
+
+def _t(x):  # torch Linear [out, in] -> [in, out]
+    return np.swapaxes(x, -1, -2)
+
+
+def _identity(x):
+    return x
+
+
+def tensor_targets(cfg: ModelConfig, dialect: str) -> dict[str, list[Target]]:
+    """Every HF tensor name of a checkpoint in ``dialect`` -> the slices of model parameters it fills."""
+    if dialect not in ("minimax", "transformers"):
+        raise ValueError(f"dialect must be 'minimax' or 'transformers', got {dialect!r}")
+    d, w, f, e = cfg.hidden_size, cfg.attention_width, cfg.intermediate_size, cfg.num_local_experts
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    v = cfg.vocab_size
+    period = cfg.layer_period
+    out: dict[str, list[Target]] = {
+        "model.embed_tokens.weight": [Target(("embed_tokens", "embedding"), (), (v, d), _identity)],
+        "model.norm.weight": [Target(("norm", "weight"), (), (d,), _identity)],
+    }
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = [Target(("lm_head", "kernel"), (), (v, d), _t)]
+    for i, layer_type in enumerate(cfg.layer_types):
+        r, pos = divmod(i, period)
+        base = ("periods", "layers", pos)
+        pre = f"model.layers.{i}."
+
+        def add(name, sub, shape, transform, extra=()):
+            out.setdefault(pre + name, []).append(Target(base + sub, (r,) + extra, shape, transform))
+
+        add("input_layernorm.weight", ("input_layernorm", "weight"), (d,), _identity)
+        add("post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), (d,), _identity)
+        if layer_type == LIGHTNING:
+            add("self_attn.qkv_proj.weight", ("self_attn", "qkv_proj"), (3 * w, d), _t)
+            add("self_attn.output_gate.weight", ("self_attn", "output_gate"), (w, d), _t)
+            add("self_attn.norm.weight", ("self_attn", "norm", "weight"), (w,), _identity)
+            add("self_attn.out_proj.weight", ("self_attn", "out_proj"), (d, w), _t)
+        else:
+            add("self_attn.q_proj.weight", ("self_attn", "q_proj"), (w, d), _t)
+            add("self_attn.k_proj.weight", ("self_attn", "k_proj"), (kv, d), _t)
+            add("self_attn.v_proj.weight", ("self_attn", "v_proj"), (kv, d), _t)
+            add("self_attn.o_proj.weight", ("self_attn", "o_proj"), (d, w), _t)
+        moe = ("block_sparse_moe",)
+        if dialect == "minimax":
+            add("block_sparse_moe.gate.weight", moe + ("gate",), (e, d), _t)
+            for x in range(e):
+                for wname, shape in (("w1", (f, d)), ("w3", (f, d)), ("w2", (d, f))):
+                    add(f"block_sparse_moe.experts.{x}.{wname}.weight", moe + (wname,), shape, _t, (x,))
+        else:
+            add("mlp.gate.weight", moe + ("gate",), (e, d), _t)
+            add("mlp.experts.gate_up_proj", moe + ("w1",), (e, 2 * f, d), lambda a: _t(a[:, :f]))
+            add("mlp.experts.gate_up_proj", moe + ("w3",), (e, 2 * f, d), lambda a: _t(a[:, f:]))
+            add("mlp.experts.down_proj", moe + ("w2",), (e, d, f), _t)
+    return out
+
+
+def expected_tensors(cfg: ModelConfig, dialect: str = "minimax") -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for every tensor a checkpoint of ``cfg`` in ``dialect`` holds."""
+    return {name: targets[0].hf_shape for name, targets in tensor_targets(cfg, dialect).items()}
+
+
+def detect_dialect(names: Iterable[str]) -> str:
+    names = list(names)
+    if any(".mlp.experts.gate_up_proj" in n or ".mlp.gate.weight" in n for n in names):
+        return "transformers"
+    return "minimax"
+
+
+def _param_paths(state) -> dict[tuple, jax.ShapeDtypeStruct]:
+    flat = {}
+    for path, leaf in nnx.to_flat_state(state):
+        flat[tuple(path)] = leaf
+    return flat
+
+
+def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, abstract_state, *,
+                   on_tensor: Callable[[str], None] | None = None) -> dict[tuple, np.ndarray]:
+    """Read every tensor of the checkpoint at ``path`` into host arrays keyed by model-state path.
+
+    Raises CheckpointError naming the tensor on a missing, unexpected or mis-shaped tensor.
+    """
+    opened = open_checkpoint_dir(path)
+    names = [n for n in opened if not DERIVED_BUFFERS.search(n)]
+    dialect = detect_dialect(names)
+    targets = tensor_targets(cfg, dialect)
+    missing = sorted(set(targets) - set(names))
+    unexpected = sorted(set(names) - set(targets))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensors missing for this config ({dialect} names), e.g. "
+                              f"{missing[:5]}")
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected tensors ({dialect} names), e.g. {unexpected[:5]}")
+    leaves = _param_paths(abstract_state)
+    buffers = {p: np.empty(leaf.shape, np.dtype(leaf.dtype)) for p, leaf in leaves.items()}
+    filled = {p: np.zeros(leaf.shape[:2] if p[0] == "periods" else (), np.int64) for p, leaf in leaves.items()}
+    for name in names:
+        array = opened[name].get(name)
+        for target in targets[name]:
+            if tuple(array.shape) != target.hf_shape:
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {target.hf_shape}")
+            if target.path not in buffers:
+                raise CheckpointError(f"tensor {name!r} maps to {target.path}, which the model does not have")
+            dest = buffers[target.path]
+            value = target.transform(array)
+            slot = dest[target.index] if target.index else dest
+            if tuple(value.shape) != slot.shape:
+                raise CheckpointError(f"tensor {name!r} gives {value.shape} for {target.path}{list(target.index)}, "
+                                      f"which is {slot.shape}")
+            if target.index:
+                dest[target.index] = value.astype(dest.dtype)
+                filled[target.path][target.index[:filled[target.path].ndim]] += 1
+            else:
+                dest[...] = value.astype(dest.dtype)
+                filled[target.path] += 1
+        if on_tensor is not None:
+            on_tensor(name)
+    for p, count in filled.items():
+        # ``filled`` counts writes per leading slot ([repeat, expert] or [repeat, :] for stacked layers, one cell
+        # otherwise): a complete load leaves no zero.
+        if not np.all(count):
+            raise CheckpointError(f"parameter {'.'.join(map(str, p))} was not completely filled by the checkpoint")
+    return buffers
+
+
+def from_hf(path: str | os.PathLike, *, verbose: bool = False, **config_overrides) -> tuple[ModelConfig, MiniMaxM1]:
+    """Read ``config.json`` and the safetensors of an HF checkpoint directory; return ``(config, model)``.
+
+    Accepts MiniMax's own names and config dialect as well as transformers' ``save_pretrained`` output, a single
+    ``model.safetensors`` or a sharded index. ``config_overrides`` set execution fields (compute_dtype, ...).
+    """
+    path = os.fspath(path)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{path}: no config.json")
+    cfg = ModelConfig.from_hf_config(config_path, **config_overrides)
+    abstract = nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(params=0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    progress = None
+    if verbose:
+        count = [0]
+
+        def progress(name):
+            count[0] += 1
+            if count[0] % 500 == 0:
+                print(f"  loaded {count[0]} tensors", flush=True)
+    arrays = load_hf_params(path, cfg, abstract_state, on_tensor=progress)
+    state = nnx.from_flat_state([(p, jnp.asarray(a)) for p, a in arrays.items()])
+    merged = _replace_values(abstract_state, state)
+    return cfg, nnx.merge(graphdef, merged)
+
+
+def _replace_values(abstract_state, values_state):
+    pure = nnx.to_pure_dict(values_state)
+    nnx.replace_by_pure_dict(abstract_state, pure)
+    return abstract_state
+
+
+def export_hf(model: MiniMaxM1, path: str | os.PathLike, *, dialect: str = "minimax", dtype=None,
+              max_shard_bytes: int | None = None) -> None:
+    """Write ``model`` as an HF checkpoint directory (config.json + safetensors, sharded when ``max_shard_bytes``).
+
+    The inverse of ``from_hf``; files are written atomically.
+    """
+    from m1jax.safetensors_io import save_file
+    import json
+
+    cfg = model.cfg
+    os.makedirs(path, exist_ok=True)
+    flat = {tuple(p): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    tensors = {}
+    for name, targets in tensor_targets(cfg, dialect).items():
+        parts = []
+        for t in targets:
+            value = flat[t.path][t.index] if t.index else flat[t.path]
+            parts.append(_t(value) if t.transform is not _identity else value)
+        array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)  # fused gate_up_proj: w1 then w3
+        if dtype is not None and "gate.weight" not in name:  # the router stays fp32
+            array = array.astype(dtype)
+        tensors[name] = np.ascontiguousarray(array)
+    with open(os.path.join(path, "config.json.tmp"), "w") as fh:
+        json.dump(cfg.to_hf_config(dialect), fh, indent=2)
+    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+    if max_shard_bytes is None:
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, current, size = [], {}, 0
+    for name, array in tensors.items():
+        if current and size + array.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = array
+        size += array.nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
+    with open(os.path.join(path, "model.safetensors.index.json.tmp"), "w") as fh:
+        json.dump(index, fh, indent=2)
+    os.replace(os.path.join(path, "model.safetensors.index.json.tmp"),
+               os.path.join(path, "model.safetensors.index.json"))
