@@ -129,7 +129,7 @@ class ModelConfig:
     def m1_100m(cls, **overrides) -> "ModelConfig":
         """About 100M parameters with the M1 pattern (16 layers = 2 periods); used for CPU timing."""
         base = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=16, num_attention_heads=8,
-                    num_key_value_heads=2, head_dim=64, intermediate_size=512, num_local_experts=8,
+                    num_key_value_heads=2, head_dim=64, intermediate_size=256, num_local_experts=8,
                     layer_types=m1_layer_types(16), rotary_dim=32, max_position_embeddings=65536,
                     linear_attn_alpha=32.0 ** 0.25, full_attn_alpha=32.0 ** 0.25, mlp_alpha=32.0 ** 0.25)
         base.update(overrides)
