@@ -167,6 +167,8 @@ def from_hf(path: str | os.PathLike, *, verbose: bool = False, **config_override
     ``model.safetensors`` or a sharded index. ``config_overrides`` set execution fields (compute_dtype, ...).
     """
     path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory not found: {path}")
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{path}: no config.json")
