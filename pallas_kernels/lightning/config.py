@@ -16,10 +16,10 @@ class KernelConfig:
     num_warps, num_stages: Triton launch parameters.
     """
     chunk: int = 64
-    block_v: int = 64
+    block_v: int = 32
     groups: int | None = None
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +38,9 @@ class RowLayout:
         return jnp.clip(self.n_valid - group * self.length, 0, self.length)
 
 
-def pick_groups(batch: int, heads: int, length: int, tiles: int, chunk: int, target_programs: int = 256,
+def pick_groups(batch: int, heads: int, length: int, tiles: int, chunk: int, target_programs: int = 512,
                 min_chunks_per_group: int = 64) -> int:
-    """Sequence groups so that batch * heads * tiles * groups reaches ``target_programs`` (about two per H100 SM).
+    """Sequence groups so that batch * heads * tiles * groups reaches ``target_programs`` (a few per H100 SM).
 
     Splitting costs one extra read of k and v (the state-only pass), so only split when the walk would otherwise
     leave SMs idle, and keep each group long enough that its walk amortises the launch.

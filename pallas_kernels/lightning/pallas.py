@@ -8,7 +8,11 @@ from pallas_kernels.lightning import ops, pallas_tpu, pallas_triton, reference
 from pallas_kernels.lightning.config import KernelConfig, pick_groups
 
 BACKENDS = ("triton", "tpu")
-DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=64), "tpu": KernelConfig(chunk=128, block_v=128)}
+# Triton: the fastest of experiments/bench_lightning.py's sweep on an H100 (2026-11-26; benchmarks/RESULTS.md):
+# 32-wide Dv tiles give 4 programs per (row, head) whose q/k re-reads hit L2, and 3 pipeline stages hide the chunk
+# loads. TPU: 128-token chunks (MXU tiles; segment-id blocks need a multiple of 128), untuned.
+DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num_stages=3),
+                   "tpu": KernelConfig(chunk=128, block_v=128)}
 
 
 def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_ids=None, backend: str = "triton",

@@ -1,8 +1,10 @@
 """Lightning scan on GPU: one Triton-lowered ``pallas_call`` that keeps the state on chip for a whole row.
 
-Grid ``(rows, H, Dv / block_v)``: each program owns one (row, head, Dv tile), walks the row's chunks in a loop
+Grid ``(Dv / block_v, H, rows)``: each program owns one (Dv tile, head, row), walks the row's chunks in a loop
 (forward or reverse) and carries its ``[Dk, block_v]`` float32 state in registers, so chunk states never touch HBM.
-The loop body is ``chunk_math``; this module only owns the grid, the BlockSpecs and the compiler params.
+The Dv tiles of one (row, head) are adjacent in launch order (CUDA schedules x fastest), so they run together and
+their repeated q/k reads hit L2. The loop body is ``chunk_math``; this module owns the grid, the BlockSpecs and the
+compiler params.
 Triton needs power-of-two block dims: ``Dk``, ``block_v`` and the chunk size must be powers of two (>= 16 on a GPU).
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _kernel(*refs, layout: RowLayout, chunk: int, reverse: bool, with_output: bo
     state_ref, = refs
 
     s = s_ref[...].reshape(1, 1)
-    n_valid = layout.row_valid(pl.program_id(0))
+    n_valid = layout.row_valid(pl.program_id(2))
     n_chunks = layout.length // chunk
     decay_cc = chunk_math.intra_decay(s, chunk, reverse) if with_output else None
     state0 = (init_ref[...] if has_init else jnp.zeros(state_ref.shape, jnp.float32))
@@ -74,17 +76,17 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     block_v = min(config.block_v, dv)
     if dv % block_v or length % chunk:
         raise ValueError(f"Dv={dv} must be a multiple of block_v={block_v} and L={length} of the chunk {chunk}")
-    grid = (rows, heads, dv // block_v)
-    seq_k = pl.BlockSpec((None, length, None, dk), lambda r, h, j: (r, 0, h, 0))
-    seq_v = pl.BlockSpec((None, length, None, block_v), lambda r, h, j: (r, 0, h, j))
-    state_spec = pl.BlockSpec((None, None, dk, block_v), lambda r, h, j: (r, h, 0, j))
-    in_specs, args = [pl.BlockSpec((1,), lambda r, h, j: (h,))], [s]
+    grid = (dv // block_v, heads, rows)
+    seq_k = pl.BlockSpec((None, length, None, dk), lambda j, h, r: (r, 0, h, 0))
+    seq_v = pl.BlockSpec((None, length, None, block_v), lambda j, h, r: (r, 0, h, j))
+    state_spec = pl.BlockSpec((None, None, dk, block_v), lambda j, h, r: (r, h, 0, j))
+    in_specs, args = [pl.BlockSpec((1,), lambda j, h, r: (h,))], [s]
     if with_output:
         in_specs.append(seq_k), args.append(q)
     in_specs += [seq_k, seq_v]
     args += [k, v]
     if doc is not None:
-        in_specs.append(pl.BlockSpec((None, length), lambda r, h, j: (r, 0))), args.append(doc)
+        in_specs.append(pl.BlockSpec((None, length), lambda j, h, r: (r, 0))), args.append(doc)
     if init is not None:
         in_specs.append(state_spec), args.append(init)
     out_shape = [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)]
