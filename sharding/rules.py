@@ -132,3 +132,9 @@ def _drop_axes(entry, axes: set[str]):
         return None
     kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if a not in axes)
     return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, shape: Sequence[int],
+                   logical_names: Sequence[str | None] = ("batch", "length")) -> NamedSharding:
+    """NamedSharding of an input batch (tokens, targets, segment ids [B, T]) under the rules table."""
+    return NamedSharding(mesh, logical_to_mesh_spec(tuple(logical_names), shape=shape, mesh=mesh))

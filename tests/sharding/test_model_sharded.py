@@ -1,0 +1,25 @@
+"""The full model's loss and gradients under jax.jit with shardings equal the single-device computation."""
+import jax
+import numpy as np
+import pytest
+
+from sharding.mesh import make_mesh
+from sharding import testing as H
+
+MESHES = ["data=8", "expert=8", "sequence=8", "data=2,expert=2,sequence=2", "data=2,sequence=4"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cfg = H.tiny_config()
+    _, params = H.init(cfg)
+    tokens, segments = H.batch(cfg)
+    return cfg, params, tokens, segments, H.loss_and_grads(cfg, params, tokens, segments)
+
+
+@pytest.mark.parametrize("spec,fsdp", [(m, False) for m in MESHES] + [("data=2,expert=2,sequence=2", True)])
+def test_gspmd_matches_single_device(reference, spec, fsdp):
+    cfg, params, tokens, segments, (loss_ref, grads_ref) = reference
+    loss, grads = H.loss_and_grads(cfg, params, tokens, segments, mesh=make_mesh(spec), fsdp=fsdp)
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+    H.assert_close_tree(grads, grads_ref)
