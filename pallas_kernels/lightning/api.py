@@ -69,8 +69,11 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Arr
     if impl in _PALLAS_BACKENDS:
         # Imported here so the pure-JAX paths never import Pallas.
         from pallas_kernels.lightning import pallas
+        # Asked for explicitly off its hardware (CPU tests), a kernel runs in Pallas interpret mode.
+        interpret = jax.default_backend() not in ("gpu", "tpu")
         o, state = pallas.lightning_attention_pallas(q, k, v, decay, initial_state=initial_state,
-                                                     segment_ids=segment_ids, backend=_PALLAS_BACKENDS[impl])
+                                                     segment_ids=segment_ids, backend=_PALLAS_BACKENDS[impl],
+                                                     interpret=interpret)
     elif impl == "xla_chunked":
         o, state = reference.lightning_attention_chunked(q, k, v, decay, initial_state=initial_state,
                                                          segment_ids=segment_ids, block_size=block_size)

@@ -42,6 +42,16 @@ def test_execution_variants_compute_the_same_function(model):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=TOL, err_msg=str(changes))
 
 
+@pytest.mark.parametrize("kernel", ["pallas_triton", "pallas_tpu"])
+def test_model_with_pallas_lightning_kernel_equals_reference_path(model, kernel):
+    """The Pallas kernels (interpret mode on CPU) inside the full model, with packed documents."""
+    tokens = _tokens((2, 13), 6)
+    segments = jnp.asarray([[0] * 6 + [1] * 7, [0] * 13])
+    ref = model(tokens, segment_ids=segments).logits
+    got = _with_config(model, lightning_implementation=kernel)(tokens, segment_ids=segments).logits
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=TOL)
+
+
 def test_packed_documents_equal_separate_forwards(model):
     a, b = _tokens((1, 9), 1), _tokens((1, 14), 2)
     packed = jnp.concatenate([a, b], axis=1)
