@@ -11,7 +11,8 @@ Phases, all in one process so every number in the final table comes from the sam
   3. timing of every implementation at the MiniMax MoE shapes, uniform and skewed groups, forward and
      forward+backward, next to a dense matmul of the same FLOPs (the roof).
 TFLOP/s = 2*M*K*N / t forward and 3 * 2*M*K*N / t forward+backward (d_lhs and d_rhs cost one forward each).
-Timing: median host wall time over ``--reps`` calls, each followed by ``block_until_ready``, after two warm-ups.
+Timing: median host wall time over ``--reps`` calls, each followed by ``block_until_ready``, after two warm-ups;
+the implementations of one (shape, groups, mode) are timed round-robin, one call each per round.
 """
 from __future__ import annotations
 
@@ -91,16 +92,43 @@ def group_sizes_for(kind: str, num_tokens: int, num_groups: int) -> np.ndarray:
     return sizes.astype(np.int32)
 
 
+def _wall_ms(fn, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - start) * 1e3
+
+
+def _stats(times) -> tuple[float, float, float]:
+    return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
+
+
 def time_ms(fn, *args, reps: int) -> tuple[float, float, float]:
     """Median, p20, p80 of host wall time in ms (after two warm-up calls that also compile)."""
     for _ in range(2):
         jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
+    return _stats([_wall_ms(fn, *args) for _ in range(reps)])
+
+
+def time_round_robin(fns: dict, args, reps: dict) -> dict:
+    """name -> (median, p20, p80) ms, or the exception it raised; one call of each fn per round.
+
+    Interleaved because the card's clock depends on what ran just before: on the H100 (2026-11-26) the same
+    kernel timed 5.5 ms after itself and 6.6 ms right after the dense matmul. Rounds spread that over all.
+    """
+    results, times = {}, {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(2):
+                jax.block_until_ready(fn(*args))
+            times[name] = []
+        except Exception as e:  # noqa: BLE001  (e.g. ragged_dot's dense rewrite running out of memory)
+            results[name] = e
+    for round_ in range(max(reps.values(), default=0)):
+        for name in times:
+            if round_ < reps[name]:
+                times[name].append(_wall_ms(fns[name], *args))
+    results.update({name: _stats(t) for name, t in times.items()})
+    return results
 
 
 def with_backward(forward):
@@ -258,17 +286,16 @@ def main(argv):
             dense_tflops = {}
             for mode in ("fwd", "fwd+bwd"):
                 mode_flops = flops * (1 if mode == "fwd" else 3)
-                for impl, fwd in fns.items():
-                    if impl == "ragged_dot" and mode == "fwd+bwd" and not FLAGS.ragged_dot_bwd:
+                timed = {impl: jax.jit(fwd) if mode == "fwd" else jax.jit(with_backward(fwd))
+                         for impl, fwd in fns.items()
+                         if not (impl == "ragged_dot" and mode == "fwd+bwd" and not FLAGS.ragged_dot_bwd)}
+                args = (lhs, rhs) if mode == "fwd" else (lhs, rhs, dout)
+                reps = {impl: 3 if impl == "ragged_dot" else FLAGS.reps for impl in timed}
+                for impl, result in time_round_robin(timed, args, reps).items():
+                    if isinstance(result, Exception):
+                        rec.add(phase="time", shape=shape, groups=kind, mode=mode, impl=impl, error=repr(result)[:300])
                         continue
-                    fn = jax.jit(fwd) if mode == "fwd" else jax.jit(with_backward(fwd))
-                    args = (lhs, rhs) if mode == "fwd" else (lhs, rhs, dout)
-                    reps = 3 if impl == "ragged_dot" else FLAGS.reps
-                    try:
-                        ms, p20, p80 = time_ms(fn, *args, reps=reps)
-                    except Exception as e:  # noqa: BLE001  (e.g. ragged_dot's dense rewrite running out of memory)
-                        rec.add(phase="time", shape=shape, groups=kind, mode=mode, impl=impl, error=repr(e)[:300])
-                        continue
+                    ms, p20, p80 = result
                     tflops = mode_flops / ms / 1e9
                     if impl == "dense":
                         dense_tflops[mode] = tflops
