@@ -16,7 +16,7 @@ LIGHTNING = "lightning"
 SOFTMAX = "softmax"
 _LAYER_TYPES = (LIGHTNING, SOFTMAX)
 _DTYPES = ("float32", "bfloat16", "float16")
-MOE_IMPLEMENTATIONS = ("sorted", "dense")
+MOE_IMPLEMENTATIONS = ("sorted", "dense", "expert_parallel")
 
 
 def m1_layer_types(num_layers: int, period: int = 8) -> tuple[str, ...]:

@@ -3,7 +3,9 @@
 Two dispatch paths compute the same function:
 * ``sorted`` (default): the N*k token-expert assignments are sorted by expert and run as grouped matmuls
   (dropless; ``pallas_kernels.gmm`` where available, ``jax.lax.ragged_dot`` otherwise);
-* ``dense``: every expert on every token, weighted by the (mostly zero) routing matrix: the test oracle.
+* ``dense``: every expert on every token, weighted by the (mostly zero) routing matrix: the test oracle;
+* ``expert_parallel``: ``sharding.expert_parallel`` (experts split over the mesh's ``expert`` axis, tokens moved by
+  all-to-all, dropless); the same as ``sorted`` when no mesh is set.
 """
 from __future__ import annotations
 
@@ -77,6 +79,11 @@ class MoE(nnx.Module):
         w1, w2, w3 = (w[...].astype(cdt) for w in (self.w1, self.w2, self.w3))
         if cfg.moe_implementation == "dense":
             y = moe_dense(x.astype(cdt), weights, experts, w1, w3, w2)
+        elif cfg.moe_implementation == "expert_parallel":
+            from sharding.expert_parallel import moe_expert_parallel  # mesh-aware; imported only when chosen
+            y = moe_expert_parallel(
+                x.astype(cdt), weights, experts, w1, w3, w2, swiglu=_swiglu,
+                grouped_matmul=lambda lhs, rhs, sizes: _grouped_matmul(lhs, rhs, sizes, cfg.gmm_implementation))
         else:
             y = moe_sorted(x.astype(cdt), weights, experts, w1, w3, w2, implementation=cfg.gmm_implementation)
         return y.reshape(b, t, d).astype(cdt), router_logits, experts

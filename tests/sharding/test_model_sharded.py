@@ -23,3 +23,13 @@ def test_gspmd_matches_single_device(reference, spec, fsdp):
     loss, grads = H.loss_and_grads(cfg, params, tokens, segments, mesh=make_mesh(spec), fsdp=fsdp)
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
     H.assert_close_tree(grads, grads_ref)
+
+
+@pytest.mark.parametrize("spec", ["expert=8", "data=2,expert=2,sequence=2"])
+def test_expert_parallel_model_matches_single_device(reference, spec):
+    """moe_implementation="expert_parallel" (shard_map + all-to-all) == the single-device sorted MoE."""
+    cfg, params, tokens, segments, (loss_ref, grads_ref) = reference
+    cfg_ep = cfg.replace(moe_implementation="expert_parallel")
+    loss, grads = H.loss_and_grads(cfg_ep, params, tokens, segments, mesh=make_mesh(spec))
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+    H.assert_close_tree(grads, grads_ref)
