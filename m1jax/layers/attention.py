@@ -72,6 +72,18 @@ class SoftmaxAttention(nnx.Module):
         v = matmul(h, self.v_proj[...], cdt).reshape(b, t, nkv, hd)
         q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
         new_cache = None
+        fused = fused_attention_implementation(q.dtype) if segment_ids is None and t > 1 else None
+        if fused is not None and kv_cache is None:
+            out = flash_attention(q, k, v, causal=True, implementation=fused)[0]
+            return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), None
+        if fused is not None:
+            k_cache, v_cache = kv_cache
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            out = chunk_attention(q, k.astype(k_cache.dtype).astype(cdt), v.astype(v_cache.dtype).astype(cdt),
+                                  k_cache.astype(cdt), v_cache.astype(cdt), cache_index, cache_start,
+                                  implementation=fused)
+            return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), (k_cache, v_cache)
         if kv_cache is None:
             mask = attention_mask(q_slot, q_slot, segment_ids, segment_ids)
         else:
@@ -99,3 +111,76 @@ def grouped_query_attention(q, k, v, mask):
     probs = jnp.where(mask[:, None, None], probs, 0.0)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, tq, nh, hd).astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ fused (GPU) path
+def fused_attention_implementation(dtype) -> str | None:
+    """'cudnn' on GPU for bf16/fp16 (cuDNN's flash attention: no [T, S] score matrix), else None: the einsum path
+    above (CPU, fp32, packed segments, single-token decode, which is a memory-bound read of the cache)."""
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return None
+
+
+def flash_attention(q, k, v, *, causal, q_lengths=None, kv_lengths=None, implementation="cudnn"):
+    """q [B, T, H, Dh], k/v [B, S, Hkv, Dh] -> (out [B, T, H, Dh], logsumexp [B, T, H] float32), scale 1/sqrt(Dh).
+
+    Valid queries/keys are the first ``q_lengths`` / ``kv_lengths`` [B] of each row (None: all); causal is aligned
+    top-left (query i sees keys <= i). ``implementation`` "xla" is jax's reference of the same call (CPU tests).
+    """
+    scale = 1.0 / float(q.shape[-1]) ** 0.5
+    if implementation == "cudnn":
+        # The public jax.nn.dot_product_attention casts the logsumexp to the output dtype (bf16), too coarse to merge
+        # partial attentions; the cuDNN wrapper underneath returns it in fp32 ([B, H, T] layout).
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+        padded = q_lengths is not None or kv_lengths is not None
+        b, t, s = q.shape[0], q.shape[1], k.shape[1]
+        mask = {(False, False): cudnn_attention.MaskType.NO_MASK, (False, True): cudnn_attention.MaskType.CAUSAL,
+                (True, False): cudnn_attention.MaskType.PADDING,
+                (True, True): cudnn_attention.MaskType.PADDING_CAUSAL}[(padded, causal)]
+        if padded:
+            q_lengths = jnp.full((b,), t, jnp.int32) if q_lengths is None else q_lengths.astype(jnp.int32)
+            kv_lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else kv_lengths.astype(jnp.int32)
+        out, lse = cudnn_attention.dot_product_attention(q, k, v, None, None, q_lengths, kv_lengths, scale=scale,
+                                                         mask_type=mask, return_residual=True)
+        return out, jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)
+    out, lse = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, query_seq_lengths=q_lengths,
+                                            key_value_seq_lengths=kv_lengths, implementation=implementation,
+                                            return_residual=True)
+    return out, lse.astype(jnp.float32)
+
+
+def _shift_rows(x, shift):
+    """out[b, i] = x[b, (i + shift[b]) % L] for x [B, L, ...], shift [B] int (a per-row roll to the left)."""
+    return jax.vmap(lambda row, s: jnp.roll(row, -s, axis=0))(x, shift)
+
+
+def chunk_attention(q, k_new, v_new, k_cache, v_cache, cache_index, cache_start, *, implementation="cudnn"):
+    """A prefill chunk against the KV cache with flash attention, as two calls merged by their logsumexps.
+
+    q [B, T, H, Dh] and k_new/v_new [B, T, Hkv, Dh] are the chunk (slots index .. index+T-1); k_cache/v_cache
+    [B, S, Hkv, Dh]; cache_start [B] first valid slot (left padding). Returns [B, T, H, Dh] (zeros for padded queries).
+
+    The kernels mask only a row's tail (sequence lengths) and align causality top-left, so each row is rolled left by
+    its padding: (1) past: the chunk attends non-causally to the rolled cache's first index - start slots; (2) intra:
+    the rolled chunk attends causally to itself. Same function as ``grouped_query_attention`` with the slot mask.
+    """
+    b, t = q.shape[:2]
+    past_len = jnp.maximum(cache_index - cache_start, 0)
+    rolled = jax.lax.cond(jnp.any(cache_start > 0), lambda kv: tuple(_shift_rows(x, cache_start) for x in kv),
+                          lambda kv: kv, (k_cache, v_cache))
+    o_past, lse_past = flash_attention(q, *rolled, causal=False, kv_lengths=jnp.maximum(past_len, 1),
+                                       implementation=implementation)
+    pad = jnp.clip(cache_start - cache_index, 0, t)  # padded slots at the front of this chunk
+    o_in, lse_in = flash_attention(*(_shift_rows(x, pad) for x in (q, k_new, v_new)), causal=True,
+                                   q_lengths=jnp.maximum(t - pad, 1), kv_lengths=jnp.maximum(t - pad, 1),
+                                   implementation=implementation)
+    o_in, lse_in = _shift_rows(o_in, -pad), _shift_rows(lse_in, -pad)
+    valid = (jnp.arange(t)[None, :] >= pad[:, None])[:, :, None]  # [B, T, 1]
+    lse_past = jnp.where((past_len > 0)[:, None, None], lse_past, -jnp.inf)
+    lse_in = jnp.where(valid, lse_in, 0.0)
+    m = jnp.maximum(lse_past, lse_in)
+    w_past, w_in = jnp.exp(lse_past - m), jnp.exp(lse_in - m)  # [B, T, H]
+    o_past = jnp.where((past_len > 0)[:, None, None, None], o_past.astype(jnp.float32), 0.0)
+    out = (w_past[..., None] * o_past + w_in[..., None] * o_in.astype(jnp.float32)) / (w_past + w_in)[..., None]
+    return jnp.where(valid[..., None], out, 0.0).astype(q.dtype)
