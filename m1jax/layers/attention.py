@@ -7,6 +7,7 @@ from flax import nnx
 
 from m1jax.config import ModelConfig
 from m1jax.layers.common import matmul, param
+from sharding.sequence_parallel import attention_sequence_parallel, sequence_shards
 
 _MASKED = -1e30
 
@@ -94,7 +95,11 @@ class SoftmaxAttention(nnx.Module):
             k, v = k_cache.astype(cdt), v_cache.astype(cdt)
             k_slot = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32)[None], (b, k.shape[1]))
             mask = attention_mask(q_slot + cache_index, k_slot, k_valid=k_slot >= cache_start[:, None])
-        out = grouped_query_attention(q, k, v, mask)
+        if kv_cache is None and sequence_shards(t) > 1:  # mesh with sequence > 1: K/V all-gathered over it
+            out = attention_sequence_parallel(q, k, v, segment_ids, attention_mask=attention_mask,
+                                              grouped_query_attention=grouped_query_attention)
+        else:
+            out = grouped_query_attention(q, k, v, mask)
         return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), new_cache
 
 

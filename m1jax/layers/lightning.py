@@ -1,6 +1,7 @@
 """Lightning attention layer (70 of M1's 80 layers): spec section 3."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -11,6 +12,7 @@ from m1jax.config import ModelConfig
 from m1jax.layers.common import matmul, param
 from m1jax.layers.norms import RMSNorm
 from pallas_kernels.lightning import lightning_attention, lightning_decode
+from sharding.sequence_parallel import lightning_sequence_parallel, sequence_shards
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -77,9 +79,12 @@ class LightningAttention(nnx.Module):
             o, new_state = lightning_decode(q[:, 0], k[:, 0], v[:, 0], decay, state)
             o = o[:, None]
         else:
-            o, new_state = lightning_attention(q, k, v, decay, initial_state=state, segment_ids=segment_ids,
-                                               return_final_state=True, implementation=cfg.lightning_implementation,
-                                               block_size=cfg.block_size)
+            attend = functools.partial(lightning_attention, implementation=cfg.lightning_implementation,
+                                       block_size=cfg.block_size)
+            if valid is None and sequence_shards(t) > 1:  # mesh with sequence > 1: LASP-2 style, one state all-gather
+                attend = functools.partial(lightning_sequence_parallel, lightning_attention=attend)
+            o, new_state = attend(q, k, v, decay, initial_state=state, segment_ids=segment_ids,
+                                  return_final_state=True)
         o = self.norm(o.reshape(b, t, heads * hd).astype(jnp.float32))  # one norm over all heads, eps 1e-6
         gate = jax.nn.sigmoid(matmul(h, self.output_gate[...], cdt, jnp.float32))
         out = matmul((gate * o).astype(cdt), self.out_proj[...], cdt)

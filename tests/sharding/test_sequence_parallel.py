@@ -1,0 +1,79 @@
+"""Sequence-parallel lightning and softmax attention == unsharded: outputs, final states and gradients."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from m1jax.layers.attention import attention_mask, grouped_query_attention
+from pallas_kernels.lightning import lightning_attention
+from sharding.mesh import make_mesh
+from sharding.sequence_parallel import attention_sequence_parallel, lightning_sequence_parallel
+from sharding.testing import assert_close_tree
+
+B, T, H, D = 2, 32, 2, 4
+local = functools.partial(lightning_attention, implementation="xla_chunked", block_size=4)
+
+
+def _segments(cuts):
+    """[B, T] ids from per-row cut positions (a cut at a multiple of T/P lands exactly on a shard boundary)."""
+    return jnp.asarray(np.stack([np.searchsorted(np.sort(c), np.arange(T), side="right") for c in cuts]), jnp.int32)
+
+
+def _qkv(seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q, k, v = (jax.random.normal(kk, (B, T, H, D), jnp.float32) for kk in ks[:3])
+    init = jax.random.normal(ks[3], (B, H, D, D), jnp.float32)
+    return q, k, v, init, jnp.asarray([0.3, 0.05], jnp.float32)
+
+
+def _grads(attend, q, k, v, init, decay, seg):
+    def loss(q, k, v, init):
+        o, final = attend(q, k, v, decay, initial_state=init, segment_ids=seg, return_final_state=True)
+        return jnp.sum(jnp.sin(o)) + jnp.sum(jnp.cos(final)), (o, final)
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, init)
+    return out, grads
+
+
+# Segment cuts: none; inside shards; exactly on shard boundaries (T/P = 4 at P=8, 8 at P=4); a shard with 2 cuts.
+CUTS = {"none": None, "inside": [[5, 19], [11, 30]], "boundary": [[8, 16], [4, 24]], "dense": [[1, 2, 3], [29, 30, 31]]}
+
+
+@pytest.mark.parametrize("spec,cuts", [("sequence=8", "none"), ("sequence=8", "boundary"), ("sequence=8", "dense"),
+                                       ("data=2,sequence=4", "inside")])
+def test_lightning_values_and_grads(spec, cuts):
+    q, k, v, init, decay = _qkv()
+    seg = None if CUTS[cuts] is None else _segments(CUTS[cuts])
+    want = jax.jit(lambda *a: _grads(local, *a, decay, seg))(q, k, v, init)
+    mesh = make_mesh(spec)
+    sp = functools.partial(lightning_sequence_parallel, lightning_attention=local)
+    with jax.set_mesh(mesh):
+        x_sh = NamedSharding(mesh, P("data", "sequence"))
+        got = jax.jit(lambda *a: _grads(sp, *a, decay, seg))(*(jax.device_put(a, x_sh) for a in (q, k, v)), init)
+    assert_close_tree(got, want)  # (o, final state) and d(q, k, v, initial_state)
+
+
+@pytest.mark.parametrize("cuts", ["none", "boundary"])
+def test_softmax_values_and_grads(cuts):
+    ks = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(ks[0], (B, T, 4, D), jnp.float32)
+    k, v = (jax.random.normal(kk, (B, T, 2, D), jnp.float32) for kk in ks[1:])
+    seg = None if CUTS[cuts] is None else _segments(CUTS[cuts])
+    slots = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
+
+    def unsharded(q, k, v, seg):
+        return grouped_query_attention(q, k, v, attention_mask(slots, slots, seg, seg))
+
+    sharded = functools.partial(attention_sequence_parallel, attention_mask=attention_mask,
+                                grouped_query_attention=grouped_query_attention)
+
+    def run(fn):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, seg)))
+        return jax.jit(lambda *a: (fn(*a, seg), jax.grad(loss, argnums=(0, 1, 2))(*a)))(q, k, v)
+
+    want = run(unsharded)
+    with jax.set_mesh(make_mesh("sequence=8")):
+        got = run(sharded)
+    assert_close_tree(got, want)
