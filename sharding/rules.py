@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {
     "batch": ("data", "expert"),   # outside the MoE the expert devices act as data parallel (MaxText does this)
     "length": ("sequence",),
-    "embed": (),                   # ("data",) with fsdp=True: parameters and optimizer state sharded over data
+    "embed": (),                   # fsdp=True: ("data", "expert", "sequence"), params and optimizer state sharded ZeRO-3 style
     "heads": ("tensor",),
     "kv": ("tensor",),
     "mlp": ("tensor",),
@@ -24,7 +24,7 @@ LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {
     "experts": ("expert",),
     "layers": (),
 }
-FSDP_RULES: Mapping[str, tuple[str, ...]] = {"embed": ("data",)}
+FSDP_RULES: Mapping[str, tuple[str, ...]] = {"embed": ("data", "expert", "sequence")}  # axes taken are skipped
 
 
 def _mesh_axis_sizes(mesh) -> dict[str, int]:
@@ -33,7 +33,8 @@ def _mesh_axis_sizes(mesh) -> dict[str, int]:
 
 def logical_to_mesh_spec(logical_spec: Sequence[str | None] | P, rules: Mapping | None = None, fsdp: bool = False,
                          *, shape: Sequence[int] | None = None, mesh=None) -> P:
-    """("layers", "experts", "embed", "mlp") -> P(None, "expert", None, "tensor") (fsdp: P(None, "expert", "data", ...)).
+    """("layers", "experts", "embed", "mlp") -> P(None, "expert", None, "tensor")
+    (fsdp: P(None, "expert", ("data", "sequence"), "tensor"): "expert" is taken by the experts dim).
 
     Names not in the table are replicated. With ``shape`` and ``mesh``, mesh axes absent from the mesh, of size 1,
     already used by an earlier dimension, or not dividing the dimension are dropped, so any shape gets a valid spec.

@@ -32,10 +32,12 @@ def test_make_mesh_axes():
 def test_logical_to_mesh_spec():
     names = ("layers", "experts", "embed", "mlp")
     assert logical_to_mesh_spec(names) == P(None, "expert", None, "tensor")
-    assert logical_to_mesh_spec(names, fsdp=True) == P(None, "expert", "data", "tensor")
+    assert logical_to_mesh_spec(names, fsdp=True) == P(None, "expert", ("data", "sequence"), "tensor")
+    assert logical_to_mesh_spec(("embed", "heads"), fsdp=True) == P(("data", "expert", "sequence"), "tensor")
     mesh = make_mesh("data=2,expert=2,sequence=2")
     # tensor has size 1 and is dropped; a dim that "expert" does not divide stays replicated.
-    assert logical_to_mesh_spec(names, fsdp=True, shape=(1, 4, 8, 8), mesh=mesh) == P(None, "expert", "data", None)
+    assert logical_to_mesh_spec(names, fsdp=True, shape=(1, 4, 8, 8), mesh=mesh) == P(None, "expert", ("data", "sequence"), None)
+    assert logical_to_mesh_spec(names, fsdp=True, shape=(1, 4, 2, 8), mesh=mesh) == P(None, "expert", "data", None)
     assert logical_to_mesh_spec(names, shape=(1, 3, 8, 8), mesh=mesh) == P(None, None, None, None)
     assert logical_to_mesh_spec(("batch", "length"), shape=(2, 8), mesh=mesh) == P("data", "sequence")
     assert logical_to_mesh_spec(("batch", "length"), shape=(4, 8), mesh=mesh) == P(("data", "expert"), "sequence")
@@ -54,10 +56,11 @@ def test_state_shardings_params_and_optimizer():
     opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
     shardings = state_shardings(nnx.state(opt), mesh, fsdp=True)
     moments = shardings["opt_state"][0]
-    assert moments["mu"]["w"].get_value().spec == P("expert", "data", None) == moments["nu"]["w"].get_value().spec
+    want = P("expert", ("data", "sequence"), None)
+    assert moments["mu"]["w"].get_value().spec == want == moments["nu"]["w"].get_value().spec
     assert moments["count"].get_value().spec == P()
     placed = shard_state(nnx.state(model, nnx.Param), mesh, fsdp=True)
-    assert placed["w"].get_value().sharding.spec == P("expert", "data", None)
+    assert placed["w"].get_value().sharding.spec == want
 
 
 def test_constrain():
