@@ -73,7 +73,9 @@ class SoftmaxAttention(nnx.Module):
         v = matmul(h, self.v_proj[...], cdt).reshape(b, t, nkv, hd)
         q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
         new_cache = None
-        fused = fused_attention_implementation(q.dtype) if segment_ids is None and t > 1 else None
+        # cuDNN flash attention on GPU, except under a sequence-sharded mesh (the all-gathered K/V path below).
+        use_fused = segment_ids is None and t > 1 and sequence_shards(t) <= 1
+        fused = fused_attention_implementation(q.dtype) if use_fused else None
         if fused is not None and kv_cache is None:
             out = flash_attention(q, k, v, causal=True, implementation=fused)[0]
             return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), None
