@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m1jax.config import ModelConfig
 from m1jax.model import MiniMaxM1
 from sharding.mesh import make_mesh
-from sharding.rules import batch_sharding, state_shardings
+from sharding.rules import batch_sharding, constrain, state_shardings
 
 
 def param_bytes_per_device(cfg: ModelConfig, mesh, fsdp: bool, dtype=None) -> int:
@@ -48,7 +48,8 @@ def compiled_memory(cfg: ModelConfig, mesh, *, batch: int, length: int, fsdp: bo
 
     def loss(p, t):
         out = nnx.merge(graphdef, p)(t)
-        logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
+        logits = constrain(out.logits, ("batch", "length", "vocab"))  # else GSPMD may replicate [B, T, V]
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, t[:, 1:, None], axis=-1)) + 1e-3 * out.aux_loss
 
     def prefill(p, t):
