@@ -1,0 +1,176 @@
+"""The jitted RL update: mu off-policy minibatch updates per rollout batch (spec/rl-cispo.md section 6, phase 3).
+
+``make_rl_update(graphdef, ucfg)`` returns ``update(params, opt_state, batch) -> (params, opt_state, metrics)``, one
+compiled program per (graphdef, UpdateConfig, batch shapes); params and optimizer state are donated. Inside:
+
+1. ``old_logp``: the sampler's fp32 log-probs (default; M1/ScaleRL: the IS ratio then also absorbs any train/infer
+   mismatch), or the trainer's, recomputed once with the pre-update params (``old_logp="trainer"``, verl's layout).
+2. A ``lax.scan`` over the mu minibatches (contiguous row blocks; whole groups, since the G rows of a group are
+   adjacent): trainer log-probs through the backbone and the LM head (fp32 operands unless ``fp32_head=False``),
+   ``policy_loss`` of the chosen loss, its gradient, global-norm clipping and AdamW (M1's betas 0.9 / 0.95).
+3. Metrics per minibatch ([mu] arrays, so the clip fractions can be read against the minibatch index); the first
+   minibatch runs at the pre-update params, so its Pearson correlation of sampler vs trainer token probabilities is
+   the train/infer mismatch metric of M1's Figure 3 (``mismatch_pearson``), and its max |trainer - sampler logp| the
+   check of spec 5.4.
+
+Normaliser (spec section 6): with ``shared_normaliser`` a ``batch_token_mean`` loss is evaluated as ``const_norm`` with
+the whole rollout batch's token count / mu, so every minibatch of one rollout batch shares one normaliser and mu
+minibatch gradients add up to the full-batch token mean (instead of each minibatch re-normalising by its own count).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from m1jax.layers.embed import lm_logits
+from m1jax.rl import losses
+from m1jax.train import TrainConfig, head_kernel, make_optimizer
+
+OLD_LOGP_SOURCES = ("sampler", "trainer")
+# Python-side trace counts of the jitted update (incremented only while tracing): the no-recompilation test reads it.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    """Static settings of the RL update (hashable: part of the compiled program's identity).
+
+    loss: a name in ``losses.LOSSES``; loss_knobs: its knobs as (name, value) pairs (see ``policy_loss``).
+    mu: minibatch updates per rollout batch (the batch's rows are split into mu equal blocks).
+    Optimiser: AdamW(b1, b2, eps, weight_decay on matrices) after global-norm clipping, constant lr after a linear
+    warm-up of ``warmup_steps`` optimizer updates. M1's betas are 0.9 / 0.95; spec 5.4 uses eps 1e-8 (M1's 1e-15 is
+    an ablation).
+    fp32_head: trainer LM head with fp32 operands (M1); False uses the model's compute dtype (the mismatch ablation).
+    """
+    loss: str = "cispo"
+    loss_knobs: tuple = ()
+    mu: int = 8
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    fp32_head: bool = True
+    old_logp: str = "sampler"
+    shared_normaliser: bool = True
+
+    def __post_init__(self):
+        if self.loss not in losses.LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; expected one of {losses.LOSSES}")
+        if self.old_logp not in OLD_LOGP_SOURCES:
+            raise ValueError(f"old_logp must be one of {OLD_LOGP_SOURCES}, got {self.old_logp!r}")
+        if self.mu < 1:
+            raise ValueError(f"mu must be >= 1, got {self.mu}")
+        object.__setattr__(self, "loss_knobs", tuple(sorted(dict(self.loss_knobs).items())))
+
+    @property
+    def knobs(self) -> dict[str, Any]:
+        return dict(self.loss_knobs)
+
+    @property
+    def aggregation(self) -> str:
+        return self.knobs.get("agg", losses._DEFAULTS[self.loss]["agg"])
+
+    def optimizer(self) -> optax.GradientTransformation:
+        tc = TrainConfig(learning_rate=self.learning_rate, schedule="constant", warmup_steps=self.warmup_steps,
+                         b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay,
+                         clip_norm=self.clip_norm)
+        return make_optimizer(tc)
+
+
+def response_logprobs(graphdef, params, tokens, start, num_new: int, *, fp32_head: bool = True):
+    """Trainer log-probs of the response tokens.
+
+    tokens: [B, P + N] int32 (left-padded prompt ++ response); start: [B] int32 first valid slot; num_new: N.
+    Returns [B, N] float32: log pi(tokens[:, P + j] | tokens[:, :P + j]).
+
+    The left padding is its own segment (segment id 0, the sequence 1): lightning states reset at the boundary,
+    softmax attention does not cross it, and positions restart at 0 on the first prompt token, exactly as the
+    sampler's cache (``start``) sees the row.
+    """
+    model = nnx.merge(graphdef, params)
+    t = tokens.shape[1]
+    p = t - num_new
+    segment_ids = (jnp.arange(t, dtype=jnp.int32)[None, :] >= start[:, None]).astype(jnp.int32)
+    hidden = model.backbone(tokens, segment_ids=segment_ids).hidden[:, p - 1:t - 1]  # predicts tokens[:, p:]
+    logits = lm_logits(hidden, head_kernel(model), fp32=fp32_head, compute_dtype=jnp.dtype(model.cfg.compute_dtype))
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, p:, None], axis=-1)[..., 0]
+
+
+def pearson(x, y, mask):
+    """Masked Pearson correlation of x and y [B, N] over positions with mask > 0 (0 when degenerate)."""
+    w = (mask > 0).astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    mx, my = jnp.sum(w * x) / n, jnp.sum(w * y) / n
+    dx, dy = w * (x - mx), w * (y - my)
+    cov, vx, vy = jnp.sum(dx * dy), jnp.sum(dx * dx), jnp.sum(dy * dy)
+    return jnp.where((vx > 0) & (vy > 0), cov / jnp.sqrt(jnp.maximum(vx * vy, 1e-30)), 0.0)
+
+
+def rl_update(params, opt_state, batch: dict, *, graphdef, ucfg: UpdateConfig):
+    """One rollout batch's mu minibatch updates (see the module docstring).
+
+    batch: tokens [B, P + N] int32, start [B] int32, mask [B, N] float, sampler_logp [B, N] float32, advantages [B]
+    float32, group_ids [B] int32; B divisible by mu.
+    Returns (params, opt_state, metrics: dict of [mu] arrays, one entry per minibatch).
+    """
+    TRACE_COUNTS["rl_update"] += 1
+    b, n = batch["mask"].shape
+    mu = ucfg.mu
+    if b % mu:
+        raise ValueError(f"batch of {b} rows does not split into mu={mu} minibatches")
+    mask = batch["mask"].astype(jnp.float32)
+    fp32_head = ucfg.fp32_head
+    if ucfg.old_logp == "trainer":
+        old_logp = jax.lax.stop_gradient(
+            response_logprobs(graphdef, params, batch["tokens"], batch["start"], n, fp32_head=fp32_head))
+    else:
+        old_logp = batch["sampler_logp"].astype(jnp.float32)
+    knobs = ucfg.knobs
+    if ucfg.shared_normaliser and ucfg.aggregation == "batch_token_mean":
+        knobs.update(agg="const_norm", norm_constant=jnp.maximum(jnp.sum(mask), 1.0) / mu)
+    data = dict(batch, mask=mask, old_logp=old_logp)
+    minibatches = jax.tree_util.tree_map(lambda x: x.reshape(mu, b // mu, *x.shape[1:]), data)
+    tx = ucfg.optimizer()
+
+    def loss_fn(p, mb):
+        logp = response_logprobs(graphdef, p, mb["tokens"], mb["start"], n, fp32_head=fp32_head)
+        # group_token_mean needs the group layout; the rows of a minibatch are whole groups.
+        group_knob = ({"group_ids": mb["group_ids"]}
+                      if ucfg.aggregation == "group_token_mean" and "group_size" not in knobs else {})
+        loss, metrics = losses.policy_loss(ucfg.loss, logp, mb["old_logp"], mb["advantages"], mb["mask"],
+                                           **knobs, **group_knob)
+        return loss, (metrics, jax.lax.stop_gradient(logp))
+
+    def one_update(carry, mb):
+        p, s = carry
+        (loss, (metrics, logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, mb)
+        updates, s = tx.update(grads, s, p)
+        p = optax.apply_updates(p, updates)
+        active = mb["mask"] > 0
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                       mismatch_pearson=pearson(jnp.exp(mb["sampler_logp"]), jnp.exp(logp), mb["mask"]),
+                       mismatch_max_abs_logp=jnp.max(jnp.where(active, jnp.abs(logp - mb["sampler_logp"]), 0.0)))
+        return (p, s), metrics
+
+    (params, opt_state), metrics = jax.lax.scan(one_update, (params, opt_state), minibatches)
+    return params, opt_state, metrics
+
+
+def make_rl_update(graphdef, ucfg: UpdateConfig):
+    """jit(rl_update) for this model and config, with params and optimizer state donated."""
+    fn = lambda params, opt_state, batch: rl_update(params, opt_state, batch, graphdef=graphdef, ucfg=ucfg)  # noqa
+    return jax.jit(fn, donate_argnums=(0, 1))
+
+
+def init_opt_state(params, ucfg: UpdateConfig):
+    return ucfg.optimizer().init(params)
