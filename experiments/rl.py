@@ -180,12 +180,14 @@ def evaluate(graphdef, params, held_out, task, tokenizer, rcfg, samples: int, ke
 
 
 def run_rl(graphdef, params, settings: RLSettings, task, tokenizer, held_out, *, seed: int, eval_samples: int,
-           log=print, on_record=None):
+           log=print, on_record=None, update=None, arm: int = 0):
     """RL from `params` (not modified: the update works on a copy). Returns (records, final params, opt state).
 
     A record has step, reward_mean (over all sampled groups), mixed_frac, the update metrics (minibatch means, plus
     ``mismatch_pearson``/``mismatch_max_abs_logp`` of the first minibatch and per-minibatch lists of the clip
     fractions), timings, and on evaluation steps acc / greedy_acc. `on_record(record)` is called for each.
+    `update`/`arm`: a prebuilt multi-arm update (``make_rl_update(..., alternatives)``) and the arm to run; by
+    default one is built for settings.update.
     """
     import jax
     import jax.numpy as jnp
@@ -197,7 +199,7 @@ def run_rl(graphdef, params, settings: RLSettings, task, tokenizer, held_out, *,
     ucfg, rcfg = settings.update, settings.rollout
     params = jax.tree_util.tree_map(jnp.copy, params)  # the update donates its params
     opt_state = init_opt_state(params, ucfg)
-    update = make_rl_update(graphdef, ucfg)
+    update = make_rl_update(graphdef, ucfg) if update is None else update
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     n_prompts = settings.prompts * (settings.oversample if settings.dynamic_sampling else 1)
@@ -216,7 +218,7 @@ def run_rl(graphdef, params, settings: RLSettings, task, tokenizer, held_out, *,
                                         num_groups=settings.prompts, adv_norm=settings.adv_norm,
                                         dynamic_sampling=settings.dynamic_sampling)
             t2 = time.perf_counter()
-            params, opt_state, metrics = update(params, opt_state, batch.arrays())
+            params, opt_state, metrics = update(params, opt_state, batch.arrays(), arm)
             metrics = jax.device_get(metrics)
             t3 = time.perf_counter()
             record.update(stats)

@@ -116,14 +116,23 @@ def pearson(x, y, mask):
     return jnp.where((vx > 0) & (vy > 0), cov / jnp.sqrt(jnp.maximum(vx * vy, 1e-30)), 0.0)
 
 
-def rl_update(params, opt_state, batch: dict, *, graphdef, ucfg: UpdateConfig):
+def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateConfig,
+              alternatives: tuple = ()):
     """One rollout batch's mu minibatch updates (see the module docstring).
 
     batch: tokens [B, P + N] int32, start [B] int32, mask [B, N] float, sampler_logp [B, N] float32, advantages [B]
     float32, group_ids [B] int32; B divisible by mu.
-    Returns (params, opt_state, metrics: dict of [mu] arrays, one entry per minibatch).
+    arm, alternatives: ``alternatives`` are UpdateConfigs that differ from ``ucfg`` only in ``loss``/``loss_knobs``;
+    all of them are compiled into this one program (``lax.switch``) and the traced int ``arm`` picks the loss: 0 is
+    ``ucfg``'s, i is ``alternatives[i - 1]``'s. A grid of loss arms then costs one compilation instead of one each.
+    Returns (params, opt_state, metrics: dict of [mu] arrays, one entry per minibatch; a metric that the chosen loss
+    does not produce is NaN).
     """
     TRACE_COUNTS["rl_update"] += 1
+    arms = (ucfg,) + tuple(alternatives)
+    for other in alternatives:
+        if dataclasses.replace(other, loss=ucfg.loss, loss_knobs=ucfg.loss_knobs) != ucfg:
+            raise ValueError(f"alternative {other} differs from {ucfg} in more than loss/loss_knobs")
     b, n = batch["mask"].shape
     mu = ucfg.mu
     if b % mu:
@@ -135,20 +144,19 @@ def rl_update(params, opt_state, batch: dict, *, graphdef, ucfg: UpdateConfig):
             response_logprobs(graphdef, params, batch["tokens"], batch["start"], n, fp32_head=fp32_head))
     else:
         old_logp = batch["sampler_logp"].astype(jnp.float32)
-    knobs = ucfg.knobs
-    if ucfg.shared_normaliser and ucfg.aggregation == "batch_token_mean":
-        knobs.update(agg="const_norm", norm_constant=jnp.maximum(jnp.sum(mask), 1.0) / mu)
+    # One normaliser per rollout batch (see the module docstring), shared by every minibatch.
+    batch_norm = jnp.maximum(jnp.sum(mask), 1.0) / mu
     data = dict(batch, mask=mask, old_logp=old_logp)
     minibatches = jax.tree_util.tree_map(lambda x: x.reshape(mu, b // mu, *x.shape[1:]), data)
     tx = ucfg.optimizer()
+    branches = [_policy_loss_fn(c, batch_norm) for c in arms]
+    if len(branches) > 1:
+        branches = _uniform_metrics(branches, minibatches)
 
     def loss_fn(p, mb):
         logp = response_logprobs(graphdef, p, mb["tokens"], mb["start"], n, fp32_head=fp32_head)
-        # group_token_mean needs the group layout; the rows of a minibatch are whole groups.
-        group_knob = ({"group_ids": mb["group_ids"]}
-                      if ucfg.aggregation == "group_token_mean" and "group_size" not in knobs else {})
-        loss, metrics = losses.policy_loss(ucfg.loss, logp, mb["old_logp"], mb["advantages"], mb["mask"],
-                                           **knobs, **group_knob)
+        loss, metrics = (branches[0](logp, mb) if len(branches) == 1 else
+                         jax.lax.switch(arm, branches, logp, mb))
         return loss, (metrics, jax.lax.stop_gradient(logp))
 
     def one_update(carry, mb):
@@ -166,10 +174,46 @@ def rl_update(params, opt_state, batch: dict, *, graphdef, ucfg: UpdateConfig):
     return params, opt_state, metrics
 
 
-def make_rl_update(graphdef, ucfg: UpdateConfig):
-    """jit(rl_update) for this model and config, with params and optimizer state donated."""
-    fn = lambda params, opt_state, batch: rl_update(params, opt_state, batch, graphdef=graphdef, ucfg=ucfg)  # noqa
-    return jax.jit(fn, donate_argnums=(0, 1))
+def _policy_loss_fn(ucfg: UpdateConfig, batch_norm):
+    """(logp [b, N], minibatch dict) -> policy_loss(...) of ucfg's loss and knobs."""
+    knobs = ucfg.knobs
+    if ucfg.shared_normaliser and ucfg.aggregation == "batch_token_mean":
+        knobs.update(agg="const_norm", norm_constant=batch_norm)
+
+    def fn(logp, mb):
+        # group_token_mean needs the group layout; the rows of a minibatch are whole groups.
+        group_knob = ({"group_ids": mb["group_ids"]}
+                      if ucfg.aggregation == "group_token_mean" and "group_size" not in knobs else {})
+        return losses.policy_loss(ucfg.loss, logp, mb["old_logp"], mb["advantages"], mb["mask"], **knobs,
+                                  **group_knob)
+    return fn
+
+
+def _uniform_metrics(branches, minibatches):
+    """Wrap loss branches so that all return the same metric keys (lax.switch needs one output structure)."""
+    example = jax.tree_util.tree_map(lambda x: x[0], minibatches)
+    logp = jnp.zeros(example["mask"].shape, jnp.float32)
+    keys = sorted(set().union(*(jax.eval_shape(f, logp, example)[1] for f in branches)))
+
+    def wrap(f):
+        def g(logp, mb):
+            loss, metrics = f(logp, mb)
+            return loss, {k: jnp.asarray(metrics.get(k, jnp.nan), jnp.float32) for k in keys}
+        return g
+    return [wrap(f) for f in branches]
+
+
+def make_rl_update(graphdef, ucfg: UpdateConfig, alternatives: tuple = ()):
+    """jit(rl_update) for this model and config, with params and optimizer state donated.
+
+    Returns ``update(params, opt_state, batch, arm=0) -> (params, opt_state, metrics)``; ``arm`` selects among
+    ``(ucfg,) + alternatives`` without recompiling (see ``rl_update``).
+    """
+    def fn(params, opt_state, batch, arm):
+        return rl_update(params, opt_state, batch, arm, graphdef=graphdef, ucfg=ucfg, alternatives=alternatives)
+
+    jitted = jax.jit(fn, donate_argnums=(0, 1))
+    return lambda params, opt_state, batch, arm=0: jitted(params, opt_state, batch, jnp.int32(arm))
 
 
 def init_opt_state(params, ucfg: UpdateConfig):

@@ -165,8 +165,11 @@ def test_mu_minibatch_scan_equals_loop_of_single_updates(policy):
     # tokens on both sides of each bound.
     loss, knobs, mu, lr = "cispo_masked", {"ratio_max": 1.28}, 2, 1e-2
     ucfg = step.UpdateConfig(loss=loss, loss_knobs=tuple(knobs.items()), mu=mu, learning_rate=lr)
+    # Compiled as the second arm of a multi-loss program (lax.switch), the path the reproduction grid uses.
+    grpo = dataclasses.replace(ucfg, loss="grpo", loss_knobs=())
+    update = step.make_rl_update(graphdef, grpo, alternatives=(ucfg,))
     fresh = jax.tree_util.tree_map(jnp.copy, params)
-    got, _, metrics = step.make_rl_update(graphdef, ucfg)(fresh, step.init_opt_state(fresh, ucfg), batch)
+    got, _, metrics = update(fresh, step.init_opt_state(fresh, ucfg), batch, arm=1)
     want, want_norms = _hand_loop(model, batch, loss, mu, knobs, lr)
     # Adam is nearly invariant to the gradient's scale, so check the gradients' norms (the shared normaliser) too.
     np.testing.assert_allclose(metrics["grad_norm"], want_norms, rtol=1e-4)
@@ -183,7 +186,7 @@ def test_mu_minibatch_scan_equals_loop_of_single_updates(policy):
 def test_no_recompilation_across_rl_steps(policy):
     _, graphdef, params, _, _ = policy
     ucfg = step.UpdateConfig(loss="cispo", mu=2, learning_rate=1e-3)
-    update = step.make_rl_update(graphdef, ucfg)
+    update = step.make_rl_update(graphdef, ucfg, alternatives=(dataclasses.replace(ucfg, loss="dapo"),))
     params = jax.tree_util.tree_map(jnp.copy, params)
     opt_state = step.init_opt_state(params, ucfg)
     counts = []
@@ -191,7 +194,7 @@ def test_no_recompilation_across_rl_steps(policy):
         samples, problems = _rollout_batch(graphdef, params, seed=10 + i)
         batch, _ = rollout.score_groups(samples, problems, TASK, TOKENIZER, group_size=4, num_groups=4)
         arrays = dataclasses.replace(batch, advantages=np.random.default_rng(i).normal(size=16).astype(np.float32))
-        params, opt_state, _ = update(params, opt_state, arrays.arrays())
+        params, opt_state, _ = update(params, opt_state, arrays.arrays(), arm=i % 2)  # switching arms too
         counts.append((step.TRACE_COUNTS["rl_update"], generate.TRACE_COUNTS["decode"],
                        generate.TRACE_COUNTS["prefill_chunk"]))
     assert counts[0] == counts[1] == counts[2], counts
