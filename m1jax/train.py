@@ -6,7 +6,8 @@ masters; the model casts to ``cfg.compute_dtype`` inside its layers), and ``make
 ``(state, batch) -> (state, metrics)`` with the state donated.
 
 A batch is a dict of ``[B, T]`` arrays: ``inputs`` (int), ``targets`` (int), ``loss_mask`` (bool/float),
-``segment_ids`` (int, packed documents), ``positions`` (int). ``m1jax.data`` produces them.
+``segment_ids`` (int, packed documents; may be left out when every row is one document, which lets the softmax layers
+use cuDNN's fused attention on GPU), ``positions`` (int). ``m1jax.data`` produces them.
 """
 from __future__ import annotations
 
@@ -123,12 +124,12 @@ def train_state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh, f
     return state_shardings(abstract_state, mesh, fsdp)
 
 
-def batch_shardings(mesh: jax.sharding.Mesh, shape) -> dict[str, NamedSharding]:
+def batch_shardings(mesh: jax.sharding.Mesh, shape, keys=BATCH_KEYS) -> dict[str, NamedSharding]:
     """Every batch array [B, T] sharded by the rules' ("batch", "length") mapping."""
     from sharding.rules import logical_to_mesh_spec
 
     sharding = NamedSharding(mesh, logical_to_mesh_spec(("batch", "length"), shape=tuple(shape), mesh=mesh))
-    return {k: sharding for k in BATCH_KEYS}
+    return {k: sharding for k in keys}
 
 
 def create_train_state(cfg: ModelConfig, tc: TrainConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
@@ -159,7 +160,7 @@ def lm_loss(params, graphdef, batch: dict, tc: TrainConfig, n_tokens: jax.Array)
     """
     model = nnx.merge(graphdef, params)
     cfg = model.cfg
-    out = model.backbone(batch["inputs"], batch["positions"], batch["segment_ids"])
+    out = model.backbone(batch["inputs"], batch["positions"], batch.get("segment_ids"))
     hidden = out.hidden.astype(jnp.dtype(cfg.compute_dtype))
     nll = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head_kernel(model),
                                batch["targets"].reshape(-1), chunk_size=tc.ce_chunk_size, fp32=cfg.lm_head_fp32,
@@ -189,7 +190,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tc: TrainConfig) -> 
     tx = make_optimizer(tc)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": jnp.sum(nll_sums) / n_tokens, "aux_loss": jnp.mean(auxes), "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": jnp.sum(nll_sums) / n_tokens, "aux_loss": jnp.mean(auxes), "grad_norm": optax.tree.norm(grads),
                "learning_rate": make_schedule(tc)(state.step), "tokens": n_tokens}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
