@@ -20,6 +20,10 @@ from m1jax.layers.decoder import DecoderLayer
 from m1jax.layers.embed import Embed, LMHead, lm_logits
 from m1jax.layers.moe import aux_loss_from_stats, load_balancing_stats
 from m1jax.layers.norms import RMSNorm
+from sharding.rules import constrain
+
+# Logical axes of the residual stream; sharding.rules maps them to mesh axes (a no-op with no mesh set).
+_ACTIVATION = ("batch", "length", "embed")
 
 
 @jax.tree_util.register_dataclass
@@ -127,7 +131,7 @@ class MiniMaxM1(nnx.Module):
             positions = (_document_positions(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t)))
 
-        x = self.embed_tokens(tokens, cdt)
+        x = constrain(self.embed_tokens(tokens, cdt), _ACTIVATION)
         k, e = cfg.num_experts_per_tok, cfg.num_local_experts
         stats0 = (jnp.zeros((k, e), jnp.float32), jnp.zeros((e,), jnp.float32))
         graphdef, period_state = nnx.split(self.periods)
@@ -140,7 +144,7 @@ class MiniMaxM1(nnx.Module):
             x, stats, new_layers = period(x, r, stats, positions=positions, segment_ids=segment_ids,
                                           cache_layers=layers, cache_index=cache_index, cache_start=cache_start,
                                           valid=valid)
-            return (x, stats), new_layers
+            return (constrain(x, _ACTIVATION), stats), new_layers
 
         if cfg.remat:
             run_period = jax.checkpoint(run_period, prevent_cse=False)
@@ -158,12 +162,13 @@ class MiniMaxM1(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = HybridCache(layers=tuple(new_layers), index=cache.index + t, start=cache.start)
-        return ModelOutput(logits=None, aux_loss=aux, cache=new_cache, hidden=self.norm(x))
+        return ModelOutput(logits=None, aux_loss=aux, cache=new_cache, hidden=constrain(self.norm(x), _ACTIVATION))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> float32 logits [..., V] (fp32 operands when cfg.lm_head_fp32)."""
         kernel = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return lm_logits(hidden, kernel, fp32=self.cfg.lm_head_fp32, compute_dtype=jnp.dtype(self.cfg.compute_dtype))
+        logits = lm_logits(hidden, kernel, fp32=self.cfg.lm_head_fp32, compute_dtype=jnp.dtype(self.cfg.compute_dtype))
+        return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: HybridCache | None = None,
                  return_hidden: bool = False) -> ModelOutput:

@@ -15,6 +15,9 @@ from flax import nnx
 
 from m1jax.config import ModelConfig
 from m1jax.layers.common import param
+# Imported at module load, not inside a trace: importing Pallas registers jax config options that are part of jit's
+# trace context, so a first import during tracing would make every jitted function retrace on its second call.
+from pallas_kernels.gmm import api as gmm_api
 
 
 def route_top_k(router_logits: jax.Array, k: int):
@@ -46,10 +49,6 @@ def aux_loss_from_stats(f_sum: jax.Array, p_sum: jax.Array, num_layers: int, num
 
 
 def _grouped_matmul(lhs, rhs, group_sizes, implementation):
-    try:
-        from pallas_kernels.gmm import api as gmm_api
-    except ImportError:  # the grouped-matmul package is optional for this layer
-        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
     return gmm_api.grouped_matmul(lhs, rhs, group_sizes, implementation=implementation,
                                   preferred_element_type=jnp.float32)
 
