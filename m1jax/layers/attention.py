@@ -87,6 +87,11 @@ class SoftmaxAttention(nnx.Module):
                                   k_cache.astype(cdt), v_cache.astype(cdt), cache_index, cache_start,
                                   implementation=fused)
             return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), (k_cache, v_cache)
+        if (kv_cache is None and segment_ids is not None and t > 1 and sequence_shards(t) <= 1
+                and fused_attention_implementation(q.dtype) is not None):
+            # Packed documents on GPU: a flash kernel with segment masking instead of the [T, T] score matrix.
+            out = packed_flash_attention(q, k, v, segment_ids)
+            return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), None
         if kv_cache is None:
             mask = attention_mask(q_slot, q_slot, segment_ids, segment_ids)
         else:
@@ -191,3 +196,27 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, cache_index, cache_start,
     o_past = jnp.where((past_len > 0)[:, None, None, None], o_past.astype(jnp.float32), 0.0)
     out = (w_past[..., None] * o_past + w_in[..., None] * o_in.astype(jnp.float32)) / (w_past + w_in)[..., None]
     return jnp.where(valid[..., None], out, 0.0).astype(q.dtype)
+
+
+def packed_flash_attention(q, k, v, segment_ids, *, block: int = 128, interpret: bool = False):
+    """Causal attention within packed documents with jax's Pallas (Triton) flash-attention kernel (custom VJP).
+
+    q [B, T, H, Dh], k/v [B, T, Hkv, Dh], segment_ids [B, T] -> [B, T, H, Dh]; scale 1/sqrt(Dh). The kernel has no
+    GQA, so K/V heads are repeated (h -> h // (H / Hkv), as ``grouped_query_attention``); T is padded to the block
+    with a segment id no real token has, so padded keys are never attended.
+    """
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+    b, t, nh, hd = q.shape
+    group = nh // k.shape[2]
+    k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
+    pad = -t % block
+    segment_ids = segment_ids.astype(jnp.int32)
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).min)
+    sizes = pallas_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=block, block_kv_dkv=block,
+                                        block_q_dq=block, block_kv_dq=block)
+    out = pallas_attention.mha(q, k, v, segment_ids, sm_scale=1.0 / float(hd) ** 0.5, causal=True,
+                               block_sizes=sizes, interpret=interpret)
+    return out[:, :t]
