@@ -161,7 +161,8 @@ def analyze(records, mismatch_rows=None, extra=None) -> dict:
                 a = accs[rng.integers(len(accs), size=len(accs))].mean(0)
                 d = d_accs[rng.integers(len(d_accs), size=len(d_accs))].mean(0)[-1]
                 boot.append(_first_reach(steps, a, d) / steps[-1])
-            row["s_over_S_p10"], row["s_over_S_p90"] = (float(np.percentile(boot, q)) for q in (10, 90))
+            row["s_over_S_p10"], row["s_over_S_p90"] = (float(np.percentile(boot, q, method="nearest"))
+                                                         for q in (10, 90))
         rows.append(row)
     mechanism = {}
     for r in records:

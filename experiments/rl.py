@@ -23,7 +23,13 @@ import math
 import os
 import time
 
+from typing import TYPE_CHECKING
+
 from absl import app, flags, logging
+
+if TYPE_CHECKING:  # the jax-importing modules load lazily, inside the functions that need them
+    from m1jax.rl.rollout import RolloutConfig
+    from m1jax.rl.step import UpdateConfig
 
 FLAGS = flags.FLAGS
 # Model (an M1-pattern hybrid: every --period-th layer softmax, the rest lightning; MoE feed-forward).
@@ -80,8 +86,8 @@ DS_LOSSES = ("dapo", "cispo", "cispo_masked")  # arms that use DAPO's dynamic sa
 @dataclasses.dataclass(frozen=True)
 class RLSettings:
     """Everything one RL run needs besides the initial params (see the flags for meanings)."""
-    update: "object"             # m1jax.rl.step.UpdateConfig
-    rollout: "object"            # m1jax.rl.rollout.RolloutConfig
+    update: UpdateConfig
+    rollout: RolloutConfig
     prompts: int = 16
     adv_norm: str = "group_std"
     dynamic_sampling: bool = False
@@ -249,7 +255,7 @@ def _summarise(metrics) -> dict:
     for k in ("mismatch_pearson", "mismatch_max_abs_logp"):
         out[k] = float(metrics[k][0])
     for k in ("ppo_clip_frac", "is_cap_frac", "ratio_max"):
-        if k in metrics:
+        if k in metrics and np.isfinite(metrics[k]).all():  # NaN: a metric the loss does not produce
             out[k + "_by_minibatch"] = [float(x) for x in metrics[k]]
     return out
 

@@ -113,7 +113,8 @@ def pearson(x, y, mask):
     mx, my = jnp.sum(w * x) / n, jnp.sum(w * y) / n
     dx, dy = w * (x - mx), w * (y - my)
     cov, vx, vy = jnp.sum(dx * dy), jnp.sum(dx * dx), jnp.sum(dy * dy)
-    return jnp.where((vx > 0) & (vy > 0), cov / jnp.sqrt(jnp.maximum(vx * vy, 1e-30)), 0.0)
+    r = cov / jnp.sqrt(jnp.maximum(vx * vy, 1e-30))
+    return jnp.where((vx > 0) & (vy > 0), jnp.clip(r, -1.0, 1.0), 0.0)  # clip: rounding can give 1 + 1 ulp
 
 
 def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateConfig,
