@@ -55,6 +55,13 @@ _FAMILY_KNOBS = {
 _LOG_RATIO_LIMIT = 20.0
 
 
+def default_knobs(name: str) -> dict[str, Any]:
+    """The per-loss defaults (aggregation, clip ranges, caps) that ``policy_loss`` applies when a knob is not given."""
+    if name not in _DEFAULTS:
+        raise ValueError(f"unknown policy loss {name!r}; choose from {sorted(_DEFAULTS)}")
+    return dict(_DEFAULTS[name])
+
+
 def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
     """Policy loss L = -J for one minibatch.
 

@@ -77,7 +77,7 @@ class UpdateConfig:
 
     @property
     def aggregation(self) -> str:
-        return self.knobs.get("agg", losses._DEFAULTS[self.loss]["agg"])
+        return self.knobs.get("agg", losses.default_knobs(self.loss)["agg"])
 
     def optimizer(self) -> optax.GradientTransformation:
         tc = TrainConfig(learning_rate=self.learning_rate, schedule="constant", warmup_steps=self.warmup_steps,
