@@ -6,8 +6,8 @@ masters; the model casts to ``cfg.compute_dtype`` inside its layers), and ``make
 ``(state, batch) -> (state, metrics)`` with the state donated.
 
 A batch is a dict of ``[B, T]`` arrays: ``inputs`` (int), ``targets`` (int), ``loss_mask`` (bool/float),
-``segment_ids`` (int, packed documents; may be left out when every row is one document, which lets the softmax layers
-use cuDNN's fused attention on GPU), ``positions`` (int). ``m1jax.data`` produces them.
+``segment_ids`` (int, packed documents; on GPU the softmax layers then use a segment-masked flash kernel, and
+without them cuDNN's fused attention), ``positions`` (int). ``m1jax.data`` produces them.
 """
 from __future__ import annotations
 
@@ -24,11 +24,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m1jax.config import LIGHTNING, ModelConfig
 from m1jax.losses import linear_cross_entropy
 from m1jax.model import MiniMaxM1
-
-# Importing Pallas-TPU (through pallas_kernels.compat) registers a jax config option that is part of jit's trace
-# context. The MoE layer imports its kernels lazily, inside the first trace, so the context changes under the first
-# step and the second step would retrace and recompile the whole model. Importing it up front keeps it fixed.
-import pallas_kernels.compat  # noqa: E402,F401
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 SCHEDULES = ("cosine", "linear", "constant")

@@ -89,6 +89,17 @@ def test_sharded_step_equals_unsharded(start):
     assert w1.sharding.spec[1] == "expert"  # the state stays sharded across the step
 
 
+def test_no_recompilation_across_steps(start):
+    """Same shapes, new data: the jitted step compiles once (a retrace recompiles the whole model)."""
+    graphdef, host_state = start
+    step = T.make_train_step(graphdef, T.TrainConfig(learning_rate=1e-3, warmup_steps=0))
+    state = jax.device_put(host_state)
+    for seed in range(3):
+        state, metrics = step(state, _batch(seed=seed))
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 3
+    assert step._cache_size() == 1
+
+
 def test_m1_adamw_defaults_and_schedules():
     tc = T.TrainConfig()
     assert (tc.b1, tc.b2, tc.eps) == (0.9, 0.95, 1e-15)
