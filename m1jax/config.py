@@ -62,6 +62,9 @@ class ModelConfig:
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
     moe_implementation: str = "sorted"
+    # expert_parallel only: None = dropless (a worst-case all-to-all buffer, EP x the mean load); c > 0 keeps
+    # ceil(c * tokens * k / EP) rows per destination shard and drops the overflow (sharding/expert_parallel.py).
+    moe_capacity_factor: float | None = None
     lightning_implementation: str | None = None
     gmm_implementation: str | None = None
     scan_layers: bool = True
@@ -103,6 +106,8 @@ class ModelConfig:
                 fail(name, f"must be one of {_DTYPES}, got {getattr(self, name)!r}")
         if self.moe_implementation not in MOE_IMPLEMENTATIONS:
             fail("moe_implementation", f"must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            fail("moe_capacity_factor", f"must be None (dropless) or > 0, got {self.moe_capacity_factor!r}")
         if self.router_aux_loss_coef < 0:
             fail("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")
 

@@ -12,6 +12,8 @@ JAX_PLATFORMS=cpu python -m sharding.plan --mesh data=16,expert=8 --mode train .
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 
@@ -23,8 +25,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m1jax.config import ModelConfig
 from m1jax.model import MiniMaxM1
+from m1jax.train import TrainConfig, abstract_train_state, make_train_step, train_state_shardings
+from pallas_kernels.gmm import backends as gmm_backends
 from sharding.mesh import make_mesh
-from sharding.rules import batch_sharding, constrain, state_shardings
+from sharding.rules import batch_sharding, state_shardings
 
 
 def param_bytes_per_device(cfg: ModelConfig, mesh, fsdp: bool, dtype=None) -> int:
@@ -37,33 +41,75 @@ def param_bytes_per_device(cfg: ModelConfig, mesh, fsdp: bool, dtype=None) -> in
     return total
 
 
-def compiled_memory(cfg: ModelConfig, mesh, *, batch: int, length: int, fsdp: bool, mode: str) -> dict:
-    """memory_analysis() of the jitted train step (loss+grads) or prefill forward on abstract inputs."""
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(params=0))), nnx.Param)
-    p_sh = state_shardings(params, mesh, fsdp=fsdp)
-    if mode == "prefill":
-        params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
-    b_sh = batch_sharding(mesh, (batch, length))
+def _grouped_matmul_group_loop(lhs, rhs, group_sizes, out_dtype, tiling=None):
+    """``ragged_dot`` as a loop over groups (masked dense matmuls): the same values, but the live buffers are the
+    ``[M, N]`` output and one ``[M, N]`` product, as with the GPU/TPU grouped-matmul kernels."""
+    del tiling
+    ends = jnp.cumsum(group_sizes)
+    rows = jnp.arange(lhs.shape[0])
+
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def body(acc, group):
+        w, start, end = group
+        inside = (rows >= start) & (rows < end)
+        return acc + jnp.dot(jnp.where(inside[:, None], lhs, 0), w, preferred_element_type=jnp.float32), None
+
+    acc = jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32)
+    acc, _ = jax.lax.scan(body, acc, (rhs, ends - group_sizes, ends))
+    return acc.astype(out_dtype)
+
+
+@contextlib.contextmanager
+def kernel_like_grouped_matmul():
+    """While compiling on XLA:CPU: the ``ragged_dot`` grouped-matmul backend replaced by the group loop above.
+
+    XLA:CPU expands ``jax.lax.ragged_dot`` into a dense ``[G, M, N]`` product (G = local experts): at M1's shapes
+    that alone is ~340 GB of temporaries per device that no GPU/TPU kernel allocates (pallas_triton, tokamax and
+    megablox write ``[M, N]``). The plan is for those backends, so it compiles with kernel-sized buffers.
+    """
+    original = gmm_backends.ragged_dot
+    gmm_backends.ragged_dot = _grouped_matmul_group_loop
+    try:
+        yield
+    finally:
+        gmm_backends.ragged_dot = original
+
+
+def compiled_memory(cfg: ModelConfig, mesh, *, batch: int, length: int, fsdp: bool, mode: str,
+                    tc: TrainConfig | None = None) -> dict:
+    """memory_analysis() of the jitted train step or of the prefill forward on abstract inputs.
+
+    train: ``m1jax.train.make_train_step`` itself (fused chunked-vocab LM head + CE, grads, clipping, AdamW, the
+    state donated), so arguments are params + AdamW moments and temporaries include the fp32 grads.
+    prefill: the backbone's forward in bf16 weights, returning the last hidden state.
+    """
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-
-    def loss(p, t):
-        out = nnx.merge(graphdef, p)(t)
-        logits = constrain(out.logits, ("batch", "length", "vocab"))  # else GSPMD may replicate [B, T, V]
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, t[:, 1:, None], axis=-1)) + 1e-3 * out.aux_loss
-
-    def prefill(p, t):
-        return nnx.merge(graphdef, p).backbone(t).hidden[:, -1]
-
+    b_sh = batch_sharding(mesh, (batch, length))
     if mode == "train":
-        fn, out_sh = jax.value_and_grad(loss), (NamedSharding(mesh, P()), p_sh)
+        tc = tc or TrainConfig()
+        graphdef, state = abstract_train_state(cfg, tc)
+        s_sh = train_state_shardings(state, mesh, fsdp)
+        batch_arrays = {"inputs": tokens, "targets": tokens, "positions": tokens,
+                        "loss_mask": jax.ShapeDtypeStruct((batch, length), jnp.float32)}
+        step = make_train_step(graphdef, tc, s_sh, {k: b_sh for k in batch_arrays})
+        args = (state, batch_arrays)
     else:
-        fn, out_sh = prefill, NamedSharding(mesh, P())
-    with jax.set_mesh(mesh):
-        compiled = jax.jit(fn, in_shardings=(p_sh, b_sh), out_shardings=out_sh).lower(params, tokens).compile()
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(params=0))), nnx.Param)
+        p_sh = state_shardings(params, mesh, fsdp=fsdp)
+        params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
+
+        def prefill(p, t):
+            return nnx.merge(graphdef, p).backbone(t).hidden[:, -1]
+
+        step = jax.jit(prefill, in_shardings=(p_sh, b_sh), out_shardings=NamedSharding(mesh, P()))
+        args = (params, tokens)
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    with jax.set_mesh(mesh), (kernel_like_grouped_matmul() if cpu else contextlib.nullcontext()):
+        compiled = step.lower(*args).compile()
     m = compiled.memory_analysis()
     return {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                                             "generated_code_size_in_bytes") if hasattr(m, k)}
+                                             "alias_size_in_bytes", "generated_code_size_in_bytes")
+            if hasattr(m, k)}
 
 
 def main() -> None:
@@ -74,11 +120,15 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--layers", default="8,16", help="depths to compile (multiples of 8)")
     ap.add_argument("--fsdp", type=int, default=1)
+    ap.add_argument("--capacity_factor", type=float, default=None,
+                    help="expert-parallel MoE capacity factor (default: dropless, the worst-case buffer)")
     args = ap.parse_args()
     mesh = make_mesh(args.mesh)
     dtype = "bfloat16"
-    full = ModelConfig.m1(compute_dtype=dtype, remat=args.mode == "train", moe_implementation="expert_parallel")
+    full = ModelConfig.m1(compute_dtype=dtype, remat=args.mode == "train", moe_implementation="expert_parallel",
+                         moe_capacity_factor=args.capacity_factor)
     report = dict(mesh=args.mesh, mode=args.mode, batch=args.batch, length=args.length, fsdp=bool(args.fsdp),
+                  capacity_factor=args.capacity_factor,
                   param_bytes_fp32=param_bytes_per_device(full, mesh, bool(args.fsdp)),
                   param_bytes_bf16=param_bytes_per_device(full, mesh, bool(args.fsdp), jnp.bfloat16), compiled={})
     for layers in (int(x) for x in args.layers.split(",") if x):

@@ -82,7 +82,8 @@ class MoE(nnx.Module):
             from sharding.expert_parallel import moe_expert_parallel  # mesh-aware; imported only when chosen
             y = moe_expert_parallel(
                 x.astype(cdt), weights, experts, w1, w3, w2, swiglu=_swiglu,
-                grouped_matmul=lambda lhs, rhs, sizes: _grouped_matmul(lhs, rhs, sizes, cfg.gmm_implementation))
+                grouped_matmul=lambda lhs, rhs, sizes: _grouped_matmul(lhs, rhs, sizes, cfg.gmm_implementation),
+                capacity_factor=cfg.moe_capacity_factor)
         else:
             y = moe_sorted(x.astype(cdt), weights, experts, w1, w3, w2, implementation=cfg.gmm_implementation)
         return y.reshape(b, t, d).astype(cdt), router_logits, experts
