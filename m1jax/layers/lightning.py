@@ -12,6 +12,7 @@ from m1jax.config import ModelConfig
 from m1jax.layers.common import matmul, param
 from m1jax.layers.norms import RMSNorm
 from pallas_kernels.lightning import lightning_attention, lightning_decode
+from sharding.kernel_parallel import lightning_batch_head_parallel
 from sharding.sequence_parallel import lightning_sequence_parallel, sequence_shards
 
 
@@ -83,6 +84,8 @@ class LightningAttention(nnx.Module):
                                        block_size=cfg.block_size)
             if valid is None and sequence_shards(t) > 1:  # mesh with sequence > 1: LASP-2 style, one state all-gather
                 attend = functools.partial(lightning_sequence_parallel, lightning_attention=attend)
+            else:  # under a mesh: the kernel runs per device on its batch rows and heads (no-op without a mesh)
+                attend = functools.partial(lightning_batch_head_parallel, lightning_attention=attend)
             o, new_state = attend(q, k, v, decay, initial_state=state, segment_ids=segment_ids,
                                   return_final_state=True)
         o = self.norm(o.reshape(b, t, heads * hd).astype(jnp.float32))  # one norm over all heads, eps 1e-6

@@ -42,3 +42,19 @@ def test_sequence_mesh_takes_the_sequence_parallel_paths(reference):
     with jax.set_mesh(make_mesh("data=2,sequence=4")):
         text = str(jax.make_jaxpr(lambda p: H.lm_loss(p, graphdef, tokens, segments))(params))
     assert text.count("shard_map") >= 2 and "all_gather" in text and "sequence" in text
+
+
+@pytest.mark.parametrize("implementation", [None, "pallas_triton"])
+def test_lightning_kernel_runs_per_device_on_batch_and_heads(reference, implementation):
+    """Without sequence sharding the lightning kernel runs in shard_map over batch and heads (a pallas_call has no
+    partitioning rule); loss and gradients equal one device, also with the Pallas kernel (interpret mode on CPU)."""
+    cfg, params, tokens, segments, (loss_ref, grads_ref) = reference
+    cfg = cfg.replace(lightning_implementation=implementation)
+    mesh = make_mesh("data=2,expert=2,tensor=2")
+    graphdef, _ = H.init(cfg)
+    with jax.set_mesh(mesh):
+        text = str(jax.make_jaxpr(lambda p: H.lm_loss(p, graphdef, tokens, segments))(params))
+    assert "shard_map" in text and "tensor" in text
+    loss, grads = H.loss_and_grads(cfg, params, tokens, segments, mesh=mesh)
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+    H.assert_close_tree(grads, grads_ref)
