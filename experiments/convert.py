@@ -11,7 +11,6 @@ onto any mesh (each device reads only its shard). ``<out>/config.json`` is the M
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
 import time
@@ -26,63 +25,33 @@ flags.DEFINE_multi_string("set", [], "Execution overrides key=value, e.g. param_
 
 def convert(hf_dir: str, out: str, overrides=(), log=print) -> dict:
     """Convert ``hf_dir`` into ``out``; returns {"parameters": n, "peak_buffer_bytes": b, "seconds": s}."""
-    import numpy as np
     from flax import nnx
 
     from m1jax.checkpoint import save_params_leaf
     from m1jax.config import ModelConfig, apply_overrides
-    from m1jax.convert import DERIVED_BUFFERS, detect_dialect, tensor_targets
+    from m1jax.convert import iter_hf_params
     from m1jax.model import MiniMaxM1
-    from m1jax.safetensors_io import CheckpointError, open_checkpoint_dir
+    from m1jax.safetensors_io import CheckpointError
 
     t0 = time.perf_counter()
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{hf_dir}: no config.json")
     cfg = apply_overrides(ModelConfig.from_hf_config(config_path), list(overrides))
-    opened = open_checkpoint_dir(hf_dir)
-    names = [n for n in opened if not DERIVED_BUFFERS.search(n)]
-    dialect = detect_dialect(names)
-    targets = tensor_targets(cfg, dialect)
-    missing, unexpected = sorted(set(targets) - set(names)), sorted(set(names) - set(targets))
-    if missing or unexpected:
-        raise CheckpointError(f"{hf_dir} ({dialect} names): {len(missing)} tensors missing (e.g. {missing[:3]}), "
-                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-    by_param = collections.defaultdict(list)
-    for name, ts in targets.items():
-        for t in ts:
-            by_param[t.path].append((name, t))
-
     abstract = nnx.state(nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(params=0))), nnx.Param)
     params_dir = os.path.join(os.path.abspath(out), "params")
     os.makedirs(params_dir, exist_ok=True)
-    peak = 0
-    for path, leaf in nnx.to_flat_state(abstract):
-        path = tuple(path)
-        if path not in by_param:
-            raise CheckpointError(f"no HF tensor fills parameter {'.'.join(map(str, path))}")
-        buffer = np.empty(leaf.shape, np.dtype(leaf.dtype))
-        filled = np.zeros(leaf.shape[:2] if path[0] == "periods" else (), np.int64)
-        for name, t in by_param[path]:
-            array = opened[name].get(name)
-            if tuple(array.shape) != t.hf_shape:
-                raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {t.hf_shape}")
-            if t.index:
-                buffer[t.index] = t.transform(array)
-                filled[t.index[:filled.ndim]] += 1
-            else:
-                buffer[...] = t.transform(array)
-                filled += 1
-        if not np.all(filled):  # every [repeat, expert] slot of a stacked parameter must come from some tensor
-            raise CheckpointError(f"parameter {'.'.join(map(str, path))} was not completely filled by {hf_dir}")
-        peak = max(peak, buffer.nbytes)
-        save_params_leaf(params_dir, ".".join(map(str, path)) + ".value", buffer)
-        log(f"  {'.'.join(map(str, path))} {list(leaf.shape)} {leaf.dtype}")
+    peak = count = 0
+    for path, buffer in iter_hf_params(hf_dir, cfg, abstract):  # one parameter in host memory at a time
+        name = ".".join(map(str, path))
+        peak, count = max(peak, buffer.nbytes), count + 1
+        save_params_leaf(params_dir, name + ".value", buffer)
+        log(f"  {name} {list(buffer.shape)} {buffer.dtype}")
         del buffer
     with open(os.path.join(out, "config.json.tmp"), "w") as fh:
         json.dump(cfg.to_hf_config("minimax"), fh, indent=1)
     os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
-    return {"parameters": len(by_param), "peak_buffer_bytes": peak, "seconds": time.perf_counter() - t0}
+    return {"parameters": count, "peak_buffer_bytes": peak, "seconds": time.perf_counter() - t0}
 
 
 def main(argv):

@@ -126,7 +126,6 @@ def main(argv):
 
 def train(cfg, mesh) -> None:
     import jax
-    import numpy as np
 
     from m1jax import checkpoint as ckpt
     from m1jax import data as data_lib

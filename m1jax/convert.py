@@ -12,9 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -104,18 +103,11 @@ def detect_dialect(names: Iterable[str]) -> str:
     return "minimax"
 
 
-def _param_paths(state) -> dict[tuple, jax.ShapeDtypeStruct]:
-    flat = {}
-    for path, leaf in nnx.to_flat_state(state):
-        flat[tuple(path)] = leaf
-    return flat
+def _plan(path: str | os.PathLike, cfg: ModelConfig):
+    """Open the checkpoint, check its tensor names against ``cfg`` and group the targets by model parameter.
 
-
-def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, abstract_state, *,
-                   on_tensor: Callable[[str], None] | None = None) -> dict[tuple, np.ndarray]:
-    """Read every tensor of the checkpoint at ``path`` into host arrays keyed by model-state path.
-
-    Raises CheckpointError naming the tensor on a missing, unexpected or mis-shaped tensor.
+    Returns (name -> open file, parameter path -> [(HF name, Target)]). Raises CheckpointError naming the tensors on
+    missing or unexpected names.
     """
     opened = open_checkpoint_dir(path)
     names = [n for n in opened if not DERIVED_BUFFERS.search(n)]
@@ -128,36 +120,49 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, abstract_state, *,
                               f"{missing[:5]}")
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} unexpected tensors ({dialect} names), e.g. {unexpected[:5]}")
-    leaves = _param_paths(abstract_state)
-    buffers = {p: np.empty(leaf.shape, np.dtype(leaf.dtype)) for p, leaf in leaves.items()}
-    filled = {p: np.zeros(leaf.shape[:2] if p[0] == "periods" else (), np.int64) for p, leaf in leaves.items()}
-    for name in names:
-        array = opened[name].get(name)
-        for target in targets[name]:
+    by_param: dict[tuple, list[tuple[str, Target]]] = {}
+    for name, ts in targets.items():
+        for t in ts:
+            by_param.setdefault(t.path, []).append((name, t))
+    return opened, by_param
+
+
+def iter_hf_params(path: str | os.PathLike, cfg: ModelConfig, abstract_state) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Yield (model-state path, host array) one parameter at a time, in ``abstract_state``'s order.
+
+    Each parameter is assembled from the memory-mapped HF tensors that fill it (transposed, stacked over repeats and
+    experts, cast to the parameter's dtype), so peak host memory is the largest parameter, never the model.
+    Raises CheckpointError naming the tensor on a missing, unexpected or mis-shaped tensor, or a parameter left
+    partly unfilled.
+    """
+    opened, by_param = _plan(path, cfg)
+    for state_path, leaf in nnx.to_flat_state(abstract_state):
+        state_path = tuple(state_path)
+        name_of = ".".join(map(str, state_path))
+        if state_path not in by_param:
+            raise CheckpointError(f"no tensor of {path} fills parameter {name_of}")
+        buffer = np.empty(leaf.shape, np.dtype(leaf.dtype))
+        # Writes per leading slot ([repeat, expert] or [repeat, :] for stacked layers, one cell otherwise): a complete
+        # parameter leaves no zero.
+        filled = np.zeros(leaf.shape[:2] if state_path[0] == "periods" else (), np.int64)
+        for name, target in by_param[state_path]:
+            array = opened[name].get(name)
             if tuple(array.shape) != target.hf_shape:
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {target.hf_shape}")
-            if target.path not in buffers:
-                raise CheckpointError(f"tensor {name!r} maps to {target.path}, which the model does not have")
-            dest = buffers[target.path]
             value = target.transform(array)
-            slot = dest[target.index] if target.index else dest
+            slot = buffer[target.index] if target.index else buffer
             if tuple(value.shape) != slot.shape:
-                raise CheckpointError(f"tensor {name!r} gives {value.shape} for {target.path}{list(target.index)}, "
+                raise CheckpointError(f"tensor {name!r} gives {value.shape} for {name_of}{list(target.index)}, "
                                       f"which is {slot.shape}")
             if target.index:
-                dest[target.index] = value.astype(dest.dtype)
-                filled[target.path][target.index[:filled[target.path].ndim]] += 1
+                buffer[target.index] = value.astype(buffer.dtype)
+                filled[target.index[:filled.ndim]] += 1
             else:
-                dest[...] = value.astype(dest.dtype)
-                filled[target.path] += 1
-        if on_tensor is not None:
-            on_tensor(name)
-    for p, count in filled.items():
-        # ``filled`` counts writes per leading slot ([repeat, expert] or [repeat, :] for stacked layers, one cell
-        # otherwise): a complete load leaves no zero.
-        if not np.all(count):
-            raise CheckpointError(f"parameter {'.'.join(map(str, p))} was not completely filled by the checkpoint")
-    return buffers
+                buffer[...] = value.astype(buffer.dtype)
+                filled += 1
+        if not np.all(filled):
+            raise CheckpointError(f"parameter {name_of} was not completely filled by {path}")
+        yield state_path, buffer
 
 
 def from_hf(path: str | os.PathLike, *, verbose: bool = False, **config_overrides) -> tuple[ModelConfig, MiniMaxM1]:
@@ -175,24 +180,13 @@ def from_hf(path: str | os.PathLike, *, verbose: bool = False, **config_override
     cfg = ModelConfig.from_hf_config(config_path, **config_overrides)
     abstract = nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(params=0)))
     graphdef, abstract_state = nnx.split(abstract)
-    progress = None
-    if verbose:
-        count = [0]
-
-        def progress(name):
-            count[0] += 1
-            if count[0] % 500 == 0:
-                print(f"  loaded {count[0]} tensors", flush=True)
-    arrays = load_hf_params(path, cfg, abstract_state, on_tensor=progress)
-    state = nnx.from_flat_state([(p, jnp.asarray(a)) for p, a in arrays.items()])
-    merged = _replace_values(abstract_state, state)
-    return cfg, nnx.merge(graphdef, merged)
-
-
-def _replace_values(abstract_state, values_state):
-    pure = nnx.to_pure_dict(values_state)
-    nnx.replace_by_pure_dict(abstract_state, pure)
-    return abstract_state
+    values = []
+    for state_path, array in iter_hf_params(path, cfg, abstract_state):
+        values.append((state_path, jnp.asarray(array)))
+        if verbose:
+            print(f"  loaded {'.'.join(map(str, state_path))} {list(array.shape)}", flush=True)
+    nnx.replace_by_pure_dict(abstract_state, nnx.to_pure_dict(nnx.from_flat_state(values)))
+    return cfg, nnx.merge(graphdef, abstract_state)
 
 
 def export_hf(model: MiniMaxM1, path: str | os.PathLike, *, dialect: str = "minimax", dtype=None,

@@ -7,7 +7,6 @@ of the R repeats are stacked on a leading "layers" axis and the forward pass is 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +188,3 @@ def abstract_model(cfg: ModelConfig) -> MiniMaxM1:
 def param_count(model: nnx.Module) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
 
-
-def describe(model: nnx.Module) -> dict[str, Any]:
-    return {"params": param_count(model), "config": model.cfg}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -133,7 +133,3 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metada
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
-
-def iter_tensors(opened: Mapping[str, SafetensorsFile]) -> Iterator[tuple[str, np.ndarray]]:
-    for name, f in opened.items():
-        yield name, f.get(name)

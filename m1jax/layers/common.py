@@ -6,10 +6,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def dtype(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
-
-
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], *, std: float | None = None,
           fill: float | None = None, dtype_name: str = "float32") -> nnx.Param:
     """A parameter annotated with logical axis names (mapped to mesh axes only by ``sharding.rules``).

@@ -1,7 +1,6 @@
 """One hybrid decoder layer: norm -> (lightning | softmax) attention -> norm -> MoE, DeepNorm post-norm residuals."""
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from m1jax.config import LIGHTNING, ModelConfig

@@ -19,21 +19,18 @@ class Embed(nnx.Module):
 
 
 class LMHead(nnx.Module):
-    """[B, T, D] -> float32 logits [B, T, V].
-
-    With ``fp32=True`` both operands are fp32: M1's RL only worked once the head was computed in FP32 (the
-    train/inference probability mismatch came from high-magnitude activations here). The stored weight keeps its dtype.
-    """
+    """The untied LM head weight [D, V]; ``lm_logits`` applies it (the model also applies a tied embedding with it)."""
 
     def __init__(self, dim: int, vocab_size: int, *, std: float, param_dtype: str = "float32", rngs: nnx.Rngs):
         self.kernel = param(rngs, (dim, vocab_size), ("embed", "vocab"), std=std, dtype_name=param_dtype)
 
-    def __call__(self, h: jax.Array, *, fp32: bool, compute_dtype) -> jax.Array:
-        return lm_logits(h, self.kernel[...], fp32=fp32, compute_dtype=compute_dtype)
-
 
 def lm_logits(h: jax.Array, kernel: jax.Array, *, fp32: bool, compute_dtype) -> jax.Array:
-    """h [..., D] x kernel [D, V] -> float32 logits [..., V]."""
+    """h [..., D] x kernel [D, V] -> float32 logits [..., V].
+
+    With ``fp32=True`` both operands are fp32: M1's RL only worked once the head was computed in FP32 (the
+    train/inference probability mismatch came from high-magnitude activations here). The stored weight keeps its dtype.
+    """
     operand_dtype = jnp.float32 if fp32 else compute_dtype
     precision = jax.lax.Precision.HIGHEST if fp32 else None
     return jnp.einsum("...d,dv->...v", h.astype(operand_dtype), kernel.astype(operand_dtype),
