@@ -16,6 +16,10 @@ SOFTMAX = "softmax"
 _LAYER_TYPES = (LIGHTNING, SOFTMAX)
 _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLEMENTATIONS = ("sorted", "dense", "expert_parallel")
+# How the fp32 LM head multiplies (lm_head_fp32=True): "float32" = fp32 operands at HIGHEST precision (exact fp32);
+# "bf16_3x" = the same fp32 operands through three bf16 tensor-core passes (XLA's BF16_BF16_F32_X3 algorithm: ~1e-6
+# relative error, several times faster than fp32 SIMT matmuls on an H100; XLA:CPU runs it as fp32).
+LM_HEAD_PRECISIONS = ("float32", "bf16_3x")
 
 
 def m1_layer_types(num_layers: int, period: int = 8) -> tuple[str, ...]:
@@ -58,6 +62,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     # Numerics and execution.
     lm_head_fp32: bool = True
+    lm_head_precision: str = "float32"   # LM_HEAD_PRECISIONS; only read when lm_head_fp32
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
     moe_implementation: str = "sorted"
@@ -103,6 +108,8 @@ class ModelConfig:
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 fail(name, f"must be one of {_DTYPES}, got {getattr(self, name)!r}")
+        if self.lm_head_precision not in LM_HEAD_PRECISIONS:
+            fail("lm_head_precision", f"must be one of {LM_HEAD_PRECISIONS}, got {self.lm_head_precision!r}")
         if self.moe_implementation not in MOE_IMPLEMENTATIONS:
             fail("moe_implementation", f"must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}")
         if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:

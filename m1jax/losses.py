@@ -6,8 +6,9 @@ logit, so only ``[N, chunk]`` fp32 logits exist at a time; the backward (``jax.c
 logits from the saved ``logsumexp`` and accumulates ``dh += dZ_c W_cᵀ`` and ``dW_c = hᵀ dZ_c``. For M1 (V = 200064)
 at 16K tokens the full fp32 logits would be 13 GB; the chunked form keeps ``N * chunk * 4`` bytes.
 
-With ``fp32=True`` (M1's FP32 LM head, spec rl-cispo.md section 3) both matmul operands are fp32 at HIGHEST precision,
-exactly as ``m1jax.layers.embed.lm_logits``; otherwise they are in ``hidden``'s dtype with fp32 accumulation.
+With ``fp32=True`` (M1's FP32 LM head, spec rl-cispo.md section 3) both matmul operands are fp32, multiplied at
+``fp32_precision`` ("float32": HIGHEST; "bf16_3x": three bf16 passes), exactly as ``m1jax.layers.embed.lm_logits``;
+otherwise they are in ``hidden``'s dtype with fp32 accumulation.
 ``implementation="full"`` is the plain fp32-logits form (the baseline the chunked one is tested and timed against).
 """
 from __future__ import annotations
@@ -17,31 +18,36 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from m1jax.layers.embed import head_operands
+
 IMPLEMENTATIONS = ("chunked", "full")
 
 
 def linear_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, chunk_size: int = 8192,
-                         fp32: bool = True, implementation: str = "chunked") -> jax.Array:
+                         fp32: bool = True, fp32_precision: str = "float32",
+                         implementation: str = "chunked") -> jax.Array:
     """hidden [N, D], kernel [D, V], targets [N] int -> per-token negative log-likelihood [N] float32."""
     if hidden.ndim != 2 or kernel.ndim != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden [N, D], kernel [D, V], targets [N]; got {hidden.shape}, {kernel.shape}, "
                          f"{targets.shape}")
     if hidden.shape[1] != kernel.shape[0]:
         raise ValueError(f"hidden width {hidden.shape[1]} != kernel rows {kernel.shape[0]}")
+    head_operands(fp32, fp32_precision, hidden.dtype)  # validates fp32_precision
+    head = (fp32, fp32_precision)
     if implementation == "full":
-        logits = _logits(hidden, kernel, fp32)
+        logits = _logits(hidden, kernel, head)
         return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     if implementation != "chunked":
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    return _chunked_ce(hidden, kernel, targets.astype(jnp.int32), min(chunk_size, kernel.shape[1]), fp32)
+    return _chunked_ce(hidden, kernel, targets.astype(jnp.int32), min(chunk_size, kernel.shape[1]), head)
 
 
-def _logits(h, w, fp32):
-    """[N, D] x [D, c] -> fp32 [N, c], with the operand dtype and precision of the model's LM head."""
-    dtype = jnp.float32 if fp32 else h.dtype
-    precision = jax.lax.Precision.HIGHEST if fp32 else None
+def _logits(h, w, head):
+    """[N, D] x [D, c] -> fp32 [N, c], with the operand dtype and precision of the model's LM head.
+    ``head`` = (fp32, fp32_precision), hashable so it can be a custom_vjp nondiff argument."""
+    dtype, precision = head_operands(*head, h.dtype)
     return jnp.einsum("nd,dv->nv", h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32,
                       precision=precision)
 
@@ -66,13 +72,13 @@ def _walk(fn, carry, w, chunk):
     return carry
 
 
-def _forward_stats(h, w, targets, chunk, fp32):
+def _forward_stats(h, w, targets, chunk, head):
     """Running logsumexp and target logit over vocabulary chunks: returns (lse [N], target_logit [N])."""
     n = h.shape[0]
 
     def step(carry, start, w_c):
         m, s, tgt = carry
-        z = _logits(h, w_c, fp32)                                  # [N, c]
+        z = _logits(h, w_c, head)                                  # [N, c]
         m_new = jnp.maximum(m, z.max(axis=-1))
         s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=-1)
         local = targets - start
@@ -86,27 +92,26 @@ def _forward_stats(h, w, targets, chunk, fp32):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_ce(h, w, targets, chunk, fp32):
-    lse, tgt = _forward_stats(h, w, targets, chunk, fp32)
+def _chunked_ce(h, w, targets, chunk, head):
+    lse, tgt = _forward_stats(h, w, targets, chunk, head)
     return lse - tgt
 
 
-def _chunked_ce_fwd(h, w, targets, chunk, fp32):
-    lse, tgt = _forward_stats(h, w, targets, chunk, fp32)
+def _chunked_ce_fwd(h, w, targets, chunk, head):
+    lse, tgt = _forward_stats(h, w, targets, chunk, head)
     return lse - tgt, (h, w, targets, lse)
 
 
-def _chunked_ce_bwd(chunk, fp32, residuals, g):
+def _chunked_ce_bwd(chunk, head, residuals, g):
     """d nll_n / d z_nv = softmax(z_n)_v - [v == target_n]; chained through z = h W chunk by chunk."""
     h, w, targets, lse = residuals
-    dtype = jnp.float32 if fp32 else h.dtype
-    precision = jax.lax.Precision.HIGHEST if fp32 else None
+    dtype, precision = head_operands(*head, h.dtype)
     hd = h.astype(dtype)
     g = g.astype(jnp.float32)
 
     def step(carry, start, w_c):
         dh, dw = carry
-        z = _logits(h, w_c, fp32)
+        z = _logits(h, w_c, head)
         local = targets - start
         onehot = jnp.arange(w_c.shape[1], dtype=jnp.int32)[None, :] == local[:, None]
         dz = (jnp.exp(z - lse[:, None]) - onehot) * g[:, None]    # [N, c] fp32

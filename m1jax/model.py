@@ -166,7 +166,8 @@ class MiniMaxM1(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> float32 logits [..., V] (fp32 operands when cfg.lm_head_fp32)."""
         kernel = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        logits = lm_logits(hidden, kernel, fp32=self.cfg.lm_head_fp32, compute_dtype=jnp.dtype(self.cfg.compute_dtype))
+        logits = lm_logits(hidden, kernel, fp32=self.cfg.lm_head_fp32, compute_dtype=jnp.dtype(self.cfg.compute_dtype),
+                           precision=self.cfg.lm_head_precision)
         return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: HybridCache | None = None,

@@ -159,7 +159,7 @@ def lm_loss(params, graphdef, batch: dict, tc: TrainConfig, n_tokens: jax.Array)
     hidden = out.hidden.astype(jnp.dtype(cfg.compute_dtype))
     nll = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head_kernel(model),
                                batch["targets"].reshape(-1), chunk_size=tc.ce_chunk_size, fp32=cfg.lm_head_fp32,
-                               implementation=tc.ce_implementation)
+                               fp32_precision=cfg.lm_head_precision, implementation=tc.ce_implementation)
     nll_sum = jnp.sum(nll * batch["loss_mask"].reshape(-1).astype(jnp.float32))
     loss = nll_sum / n_tokens + cfg.router_aux_loss_coef * out.aux_loss / tc.grad_accum
     return loss, (nll_sum, out.aux_loss)

@@ -25,13 +25,28 @@ class LMHead(nnx.Module):
         self.kernel = param(rngs, (dim, vocab_size), ("embed", "vocab"), std=std, dtype_name=param_dtype)
 
 
-def lm_logits(h: jax.Array, kernel: jax.Array, *, fp32: bool, compute_dtype) -> jax.Array:
+def head_operands(fp32: bool, precision: str, compute_dtype):
+    """(operand dtype, dot precision) of the LM head matmul.
+
+    ``fp32=False``: operands in the compute dtype, default precision. ``fp32=True``: fp32 operands, multiplied at
+    HIGHEST (``precision="float32"``) or with XLA's three-pass bf16 algorithm (``"bf16_3x"``: near-fp32 products on
+    bf16 tensor cores; see ``m1jax.config.LM_HEAD_PRECISIONS``).
+    """
+    if not fp32:
+        return compute_dtype, None
+    if precision == "float32":
+        return jnp.float32, jax.lax.Precision.HIGHEST
+    if precision == "bf16_3x":
+        return jnp.float32, jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
+    raise ValueError(f"LM head precision must be 'float32' or 'bf16_3x', got {precision!r}")
+
+
+def lm_logits(h: jax.Array, kernel: jax.Array, *, fp32: bool, compute_dtype, precision: str = "float32") -> jax.Array:
     """h [..., D] x kernel [D, V] -> float32 logits [..., V].
 
     With ``fp32=True`` both operands are fp32: M1's RL only worked once the head was computed in FP32 (the
     train/inference probability mismatch came from high-magnitude activations here). The stored weight keeps its dtype.
     """
-    operand_dtype = jnp.float32 if fp32 else compute_dtype
-    precision = jax.lax.Precision.HIGHEST if fp32 else None
+    operand_dtype, dot_precision = head_operands(fp32, precision, compute_dtype)
     return jnp.einsum("...d,dv->...v", h.astype(operand_dtype), kernel.astype(operand_dtype),
-                      preferred_element_type=jnp.float32, precision=precision)
+                      preferred_element_type=jnp.float32, precision=dot_precision)

@@ -101,7 +101,8 @@ def response_logprobs(graphdef, params, tokens, start, num_new: int, *, fp32_hea
     p = t - num_new
     segment_ids = (jnp.arange(t, dtype=jnp.int32)[None, :] >= start[:, None]).astype(jnp.int32)
     hidden = model.backbone(tokens, segment_ids=segment_ids).hidden[:, p - 1:t - 1]  # predicts tokens[:, p:]
-    logits = lm_logits(hidden, head_kernel(model), fp32=fp32_head, compute_dtype=jnp.dtype(model.cfg.compute_dtype))
+    logits = lm_logits(hidden, head_kernel(model), fp32=fp32_head, compute_dtype=jnp.dtype(model.cfg.compute_dtype),
+                       precision=model.cfg.lm_head_precision)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, tokens[:, p:, None], axis=-1)[..., 0]
 

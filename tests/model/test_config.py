@@ -58,6 +58,7 @@ def test_hf_dialect_round_trip(dialect):
     (dict(layer_types=("lightning",) * 7 + ("mamba",)), "layer_types"),
     (dict(num_experts_per_tok=9), "num_experts_per_tok"),
     (dict(compute_dtype="float8"), "compute_dtype"),
+    (dict(lm_head_precision="tf32"), "lm_head_precision"),
     (dict(hidden_size=0), "hidden_size"),
 ])
 def test_invalid_configs_name_the_field(change, message):

@@ -17,8 +17,11 @@ def _oracle(h, w, targets):
     return nll, p
 
 
+# "bf16_3x" is XLA's three-pass bf16 algorithm on GPU; XLA:CPU runs it as fp32, so the oracle bound is the same here
+# (this checks that the precision reaches the forward and the custom backward of both implementations).
+@pytest.mark.parametrize("precision", ["float32", "bf16_3x"])
 @pytest.mark.parametrize("vocab,chunk", [(96, 32), (100, 32), (50, 64)])  # exact chunks, a tail chunk, one chunk
-def test_chunked_matches_oracle_and_full(vocab, chunk):
+def test_chunked_matches_oracle_and_full(vocab, chunk, precision):
     rng = np.random.default_rng(0)
     n, d = 24, 16
     h = jnp.asarray(rng.normal(size=(n, d)) * 2.0, jnp.float32)
@@ -26,12 +29,13 @@ def test_chunked_matches_oracle_and_full(vocab, chunk):
     targets = jnp.asarray(rng.integers(0, vocab, n), jnp.int32)
     g = jnp.asarray(rng.uniform(size=n) * (rng.uniform(size=n) > 0.3), jnp.float32)  # a loss mask / weights
 
-    nll = linear_cross_entropy(h, w, targets, chunk_size=chunk)
+    nll = linear_cross_entropy(h, w, targets, chunk_size=chunk, fp32_precision=precision)
     ref_nll, p = _oracle(h, w, np.asarray(targets))
     np.testing.assert_allclose(np.asarray(nll), ref_nll, rtol=1e-5, atol=1e-5)
 
     def loss(impl):
-        return lambda h, w: jnp.sum(g * linear_cross_entropy(h, w, targets, chunk_size=chunk, implementation=impl))
+        return lambda h, w: jnp.sum(g * linear_cross_entropy(h, w, targets, chunk_size=chunk, implementation=impl,
+                                                                     fp32_precision=precision))
 
     dh, dw = jax.jit(jax.grad(loss("chunked"), argnums=(0, 1)))(h, w)
     dh_full, dw_full = jax.grad(loss("full"), argnums=(0, 1))(h, w)
@@ -61,3 +65,5 @@ def test_bad_shapes():
         linear_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((4, 5)), jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="implementation"):
         linear_cross_entropy(jnp.zeros((2, 4)), jnp.zeros((4, 5)), jnp.zeros((2,), jnp.int32), implementation="x")
+    with pytest.raises(ValueError, match="precision"):
+        linear_cross_entropy(jnp.zeros((2, 4)), jnp.zeros((4, 5)), jnp.zeros((2,), jnp.int32), fp32_precision="tf16")
