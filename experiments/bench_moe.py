@@ -9,7 +9,12 @@ Phases, all in one process so every number in the final table comes from the sam
      (values, d_lhs, d_rhs), then the full shapes against ``ragged_dot``;
   2. tile tuning of each of our three kernels (forward, d_lhs, d_rhs) over a small grid, per shape;
   3. timing of every implementation at the MiniMax MoE shapes, uniform and skewed groups, forward and
-     forward+backward, next to a dense matmul of the same FLOPs (the roof).
+     forward+backward, next to a dense matmul of the same FLOPs (the roof);
+  4. the whole MoE layer (``m1jax.layers.moe``: fp32 router, top-k, sorted dispatch, three grouped matmuls, SwiGLU,
+     unsort and weighted combine) forward and forward+backward (grads of x, the router and the three expert
+     weights) with each grouped-matmul implementation, next to the same FLOPs as three dense matmuls (the roof):
+     how much of the layer's time the dispatch around the kernels costs.
+``--phases`` picks among ``kernels`` (1-3) and ``layer`` (4).
 TFLOP/s = 2*M*K*N / t forward and 3 * 2*M*K*N / t forward+backward (d_lhs and d_rhs cost one forward each).
 Timing: median host wall time over ``--reps`` calls, each followed by ``block_until_ready``, after two warm-ups;
 the implementations of one (shape, groups, mode) are timed round-robin, one call each per round.
@@ -48,6 +53,9 @@ flags.DEFINE_bool("ragged_dot_bwd", False,
 flags.DEFINE_integer("hidden", 6144, "model width (K of the up-projection)")
 flags.DEFINE_integer("expert_hidden", 9216, "expert width (N of the up-projection)")
 flags.DEFINE_float("tune_budget_s", 100.0, "per shape: stop trying further tiles after this long")
+flags.DEFINE_list("phases", ["kernels", "layer"], "kernels: phases 1-3; layer: the MoE layer (phase 4)")
+flags.DEFINE_integer("layer_tokens", 16384, "tokens through the MoE layer (rows of the grouped matmuls: x top_k)")
+flags.DEFINE_integer("top_k", 2, "experts per token in the layer phase")
 flags.DEFINE_bool("interpret", False, "Pallas interpret mode: a CPU dry run of this script at tiny sizes")
 
 # Tuning grids (block_m, block_k, block_n, group_m, num_warps, num_stages). The forward and d_lhs kernels are
@@ -252,6 +260,70 @@ def implementations(tiling: Tiling | None, sizes):
     return fns
 
 
+def moe_layer_fn(implementation: str | None, top_k: int):
+    """(x, gate, w1, w3, w2) -> y [N, D] bf16: the model's MoE layer math (``m1jax.layers.moe``); "dense" is the
+    roof: the same FLOPs as three dense matmuls over N*k rows, no routing."""
+    from m1jax.layers import moe
+
+    def layer(x, gate, w1, w3, w2):
+        if implementation == "dense":
+            xs = jnp.repeat(x, top_k, axis=0)                      # [N*k, D]: the rows the experts see
+            h = moe._swiglu(xs @ w1[0], xs @ w3[0]).astype(x.dtype)
+            return (h @ w2[0]).reshape(x.shape[0], top_k, -1).sum(1).astype(x.dtype)
+        logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), gate, precision=jax.lax.Precision.HIGHEST)
+        weights, experts = moe.route_top_k(logits, top_k)
+        y = moe.moe_sorted(x, weights.astype(x.dtype), experts, w1, w3, w2, implementation=implementation)
+        return y.astype(x.dtype)
+    return layer
+
+
+def bench_layer(rec: Recorder) -> list[dict]:
+    """Phase 4: the MoE layer forward and forward+backward per grouped-matmul implementation."""
+    n, d, f, e, k = FLAGS.layer_tokens, FLAGS.hidden, FLAGS.expert_hidden, FLAGS.num_groups, FLAGS.top_k
+    keys = jax.random.split(jax.random.PRNGKey(2), 6)
+    x = jax.random.normal(keys[0], (n, d), jnp.bfloat16)
+    gate = jax.random.normal(keys[1], (d, e), jnp.float32) * d ** -0.5
+    w1, w3 = ((jax.random.normal(kk, (e, d, f), jnp.bfloat16) * d ** -0.5).astype(jnp.bfloat16) for kk in keys[2:4])
+    w2 = (jax.random.normal(keys[4], (e, f, d), jnp.bfloat16) * f ** -0.5).astype(jnp.bfloat16)
+    dy = jax.random.normal(keys[5], (n, d), jnp.bfloat16)
+    args = jax.block_until_ready((x, gate, w1, w3, w2))
+    impls = ["dense"] + [i for i in FLAGS.impls if i != "dense" and available(i)]
+    layers = {impl: moe_layer_fn(impl, k) for impl in impls}
+    if "pallas_triton" in layers and "ragged_dot" in layers:
+        ours, ref = (jax.jit(layers[i])(*args) for i in ("pallas_triton", "ragged_dot"))
+        rec.add(phase="layer_check", rel_err_vs_ragged_dot=rel_err(ours, ref))
+        del ours, ref
+    flops = 3 * 2 * n * k * d * f
+    rows, roof = [], {}
+    for mode in ("fwd", "fwd+bwd"):
+        if mode == "fwd":
+            timed = {i: jax.jit(fn) for i, fn in layers.items()}
+            call_args = args
+        else:
+            def fwd_bwd(fn):
+                def step(x, gate, w1, w3, w2, dy):
+                    y, vjp = jax.vjp(fn, x, gate, w1, w3, w2)
+                    return y, vjp(dy)
+                return jax.jit(step)
+            timed = {i: fwd_bwd(fn) for i, fn in layers.items()
+                     if not (i == "ragged_dot" and not FLAGS.ragged_dot_bwd)}
+            call_args = (*args, dy)
+        reps = {i: 3 if i == "ragged_dot" else FLAGS.reps for i in timed}
+        for impl, result in time_round_robin(timed, call_args, reps).items():
+            if isinstance(result, Exception):
+                rec.add(phase="layer", mode=mode, impl=impl, error=repr(result)[:300])
+                continue
+            ms = result[0]
+            tflops = flops * (1 if mode == "fwd" else 3) / ms / 1e9
+            if impl == "dense":
+                roof[mode] = ms
+            row = dict(phase="layer", mode=mode, impl=impl, tokens=n, top_k=k, ms=ms, p20=result[1], p80=result[2],
+                       tflops=tflops, vs_dense=roof[mode] / ms if mode in roof else None)
+            rec.add(**row)
+            rows.append(row)
+    return rows
+
+
 def main(argv):
     del argv
     rec = Recorder(FLAGS.out_dir)
@@ -262,9 +334,13 @@ def main(argv):
     rec.add(phase="env", argv=" ".join(sys.argv), **versions)
     m, g = FLAGS.num_tokens, FLAGS.num_groups
 
-    check_small_case(rec, Tiling())
+    unknown = sorted(set(FLAGS.phases) - {"kernels", "layer"})
+    if unknown:
+        raise app.UsageError(f"unknown --phases {unknown}; choose from kernels, layer")
     summary = []
-    for shape in FLAGS.shapes:
+    if "kernels" in FLAGS.phases:
+        check_small_case(rec, Tiling())
+    for shape in (FLAGS.shapes if "kernels" in FLAGS.phases else []):
         k, n = {"up": (FLAGS.hidden, FLAGS.expert_hidden), "down": (FLAGS.expert_hidden, FLAGS.hidden)}[shape]
         lhs, rhs, dout = make_inputs(m, k, n, g)
         flops = 2 * m * k * n
@@ -312,6 +388,14 @@ def main(argv):
     for r in summary:
         vs = f"{r['vs_dense']:.1%}" if r["vs_dense"] is not None else "-"
         print(f"{r['shape']:6} {r['groups']:8} {r['mode']:8} {r['impl']:22} {r['ms']:9.2f} {r['tflops']:8.1f} {vs:>8}")
+    if "layer" in FLAGS.phases:
+        layer_rows = bench_layer(rec)
+        print(f"\n== MoE layer, {FLAGS.layer_tokens} tokens x top-{FLAGS.top_k}, D={FLAGS.hidden} F={FLAGS.expert_hidden} "
+              f"E={FLAGS.num_groups}, bf16 (TFLOP/s of the expert matmuls; 'vs dense' = dense-roof time / time)")
+        print(f"{'mode':8} {'impl':22} {'ms':>9} {'TFLOP/s':>8} {'vs dense':>8}")
+        for r in layer_rows:
+            vs = f"{r['vs_dense']:.1%}" if r["vs_dense"] is not None else "-"
+            print(f"{r['mode']:8} {r['impl']:22} {r['ms']:9.2f} {r['tflops']:8.1f} {vs:>8}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,17 @@
     python -m experiments.bench_train --preset=m1-1b --seq_len=8192 --batch=4 \\
         --variant="m1=" --variant="bf16_head=lm_head_fp32=false" --out=/tmp/bench_train.json
 
-Each ``--variant`` is ``name=override;override`` (ModelConfig ``key=value`` pairs on top of the preset and
-``compute_dtype=bfloat16``); all run in one process, one after another, on the same random token batch (one document
-per row, so no segment ids: the softmax layers may take cuDNN's fused attention). MFU = model FLOPs per token
-(``m1jax.train.train_flops_per_token``: 6 x active matmul params incl. the LM head, + lightning and causal softmax
-attention) x tokens/s / the device's dense bf16 datasheet peak.
+Each ``--variant`` is ``name=override;override``: ModelConfig ``key=value`` pairs on top of the preset and
+``compute_dtype=bfloat16``, plus two bench keys: ``batch=N`` (sequences per step, default --batch) and ``docs=N``
+(pack N documents per row: the batch then carries ``segment_ids`` and the softmax layers take the segment-masked
+flash kernel; default 1 = no segment ids, cuDNN's fused attention). All variants run in one process, one after
+another, on random tokens. MFU = model FLOPs per token (``m1jax.train.train_flops_per_token``: 6 x active matmul
+params incl. the LM head, + lightning and causal softmax attention) x tokens/s / the device's dense bf16 datasheet
+peak. A variant at a second depth (``num_hidden_layers=8``) gives the per-layer-period cost by difference.
+
+``--check_packed`` first compares, on the device, the loss and gradient norm of one packed batch through the
+segment-masked flash path against the same documents as separate rows through cuDNN (a correctness check of the
+packed path, which CPU tests cannot reach).
 """
 from __future__ import annotations
 
@@ -25,27 +31,99 @@ flags.DEFINE_multi_string("variant", ["m1="], "name=key=value;key=value (ModelCo
 flags.DEFINE_string("ce", "chunked", "Cross-entropy implementation: chunked | full.")
 flags.DEFINE_integer("ce_chunk", 8192, "Vocabulary chunk.")
 flags.DEFINE_string("out", None, "Write results as JSON here.")
+flags.DEFINE_bool("check_packed", False, "Check the packed (segment ids) path against unpacked rows first.")
+
+BENCH_KEYS = ("batch", "docs")
 
 
-def bench_variant(name: str, overrides: list[str]) -> dict:
+def split_variant(spec: str) -> tuple[str, list[str], dict[str, int]]:
+    """'name=k=v;k=v' -> (name, ModelConfig overrides, bench settings {batch, docs})."""
+    name, _, rest = spec.partition("=")
+    overrides, bench = [], {}
+    for item in (o for o in rest.split(";") if o):
+        key, _, value = item.partition("=")
+        if key in BENCH_KEYS:
+            bench[key] = int(value)
+        else:
+            overrides.append(item)
+    return name, overrides, bench
+
+
+def make_batch(vocab: int, b: int, t: int, docs: int, seed: int = 0) -> dict:
+    """Random tokens [b, t]; with docs > 1 each row packs ``docs`` equal documents (segment ids 1..docs, positions
+    restarting at each document)."""
+    import numpy as np
+
+    if t % docs:
+        raise ValueError(f"seq_len {t} is not a multiple of docs={docs}")
+    tokens = np.random.default_rng(seed).integers(0, vocab, (b, t + 1))
+    batch = {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+             "loss_mask": np.ones((b, t), bool),
+             "positions": np.broadcast_to(np.arange(t, dtype=np.int32) % (t // docs), (b, t)).copy()}
+    if docs > 1:
+        batch["segment_ids"] = np.broadcast_to(np.repeat(np.arange(1, docs + 1, dtype=np.int32), t // docs),
+                                               (b, t)).copy()
+        batch["loss_mask"][:, t // docs - 1::t // docs] = False  # a document's last token does not predict the next
+    return batch
+
+
+def _config(overrides):
+    from m1jax.config import ModelConfig, apply_overrides
+    return apply_overrides(ModelConfig.preset(FLAGS.preset), ["compute_dtype=bfloat16", *overrides])
+
+
+def _train_config():
+    from m1jax import train as tl
+    return tl.TrainConfig(learning_rate=1e-4, warmup_steps=0, total_steps=100, ce_chunk_size=FLAGS.ce_chunk,
+                          ce_implementation=FLAGS.ce)
+
+
+def check_packed(docs: int = 4, t: int = 4096) -> dict:
+    """Loss and gradient of one row packing ``docs`` documents (segment-masked flash attention) against the same
+    documents as ``docs`` separate rows without segment ids (cuDNN). Equal up to bf16 rounding when the packed
+    path masks correctly; a leak across documents shows up as an O(1) loss difference."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from m1jax import train as tl
-    from m1jax.config import ModelConfig, apply_overrides
 
-    cfg = apply_overrides(ModelConfig.preset(FLAGS.preset), ["compute_dtype=bfloat16", *overrides])
-    tc = tl.TrainConfig(learning_rate=1e-4, warmup_steps=0, total_steps=100, ce_chunk_size=FLAGS.ce_chunk,
-                        ce_implementation=FLAGS.ce)
-    b, t = FLAGS.batch, FLAGS.seq_len
+    cfg, tc = _config([]), _train_config()
+    graphdef, state = tl.create_train_state(cfg, tc)
+    packed = make_batch(cfg.vocab_size, 1, t, docs, seed=1)
+    n = t // docs
+    rows = {k: packed[k].reshape(docs, n) for k in ("inputs", "targets", "loss_mask")}
+    rows["positions"] = np.broadcast_to(np.arange(n, dtype=np.int32), (docs, n)).copy()
+    grad_fn = jax.jit(jax.value_and_grad(
+        lambda p, b: tl.lm_loss(p, graphdef, b, tc, jnp.sum(b["loss_mask"].astype(jnp.float32)))[0]))
+    # The control: the same packed row with one segment (documents see each other). The check discriminates only if
+    # this is far further from the per-row reference than the masked packed row is.
+    leaky = dict(packed, segment_ids=np.ones_like(packed["segment_ids"]))
+    (loss_r, g_r), (loss_p, g_p), (loss_l, g_l) = (grad_fn(state.params, b) for b in (rows, packed, leaky))
+
+    def rel(g):
+        num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree_util.tree_leaves(g),
+                                                                jax.tree_util.tree_leaves(g_r)))
+        return (num / sum(float(jnp.sum(b ** 2)) for b in jax.tree_util.tree_leaves(g_r))) ** 0.5
+
+    out = {"check": "packed_vs_rows", "docs": docs, "seq_len": t, "loss_rows": float(loss_r),
+           "loss_packed": float(loss_p), "grad_rel_err": rel(g_p),
+           "loss_unmasked_control": float(loss_l), "grad_rel_err_unmasked_control": rel(g_l)}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def bench_variant(name: str, overrides: list[str], bench: dict) -> dict:
+    import jax
+
+    from m1jax import train as tl
+
+    cfg, tc = _config(overrides), _train_config()
+    b, t, docs = bench.get("batch", FLAGS.batch), FLAGS.seq_len, bench.get("docs", 1)
     t0 = time.perf_counter()
     graphdef, state = tl.create_train_state(cfg, tc)
     step = tl.make_train_step(graphdef, tc)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, (b, t + 1))
-    batch = jax.device_put({"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-                            "loss_mask": np.ones((b, t), bool),
-                            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))})
+    batch = jax.device_put(make_batch(cfg.vocab_size, b, t, docs))
     compiled = step.lower(state, batch).compile()
     t_compile = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -60,7 +138,7 @@ def bench_variant(name: str, overrides: list[str]) -> dict:
     flops = tl.train_flops_per_token(cfg, t)
     peak = tl.peak_tflops()
     tok_s = b * t / dt
-    result = {"variant": name, "overrides": overrides, "step_ms": dt * 1e3, "tokens_per_s": tok_s,
+    result = {"variant": name, "overrides": overrides, "batch": b, "docs": docs, "step_ms": dt * 1e3, "tokens_per_s": tok_s,
               "model_tflops_per_s": flops * tok_s / 1e12, "mfu": flops * tok_s / (peak * 1e12) if peak else None,
               "gflop_per_token": flops / 1e9, "loss": float(metrics["loss"]), "compile_s": t_compile,
               "temp_gib": mem.temp_size_in_bytes / 2 ** 30 if mem else None,
@@ -77,14 +155,26 @@ def main(argv):
     print(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; preset {FLAGS.preset}; "
           f"batch {FLAGS.batch} x {FLAGS.seq_len}; ce {FLAGS.ce}", flush=True)
     results = []
-    for spec in FLAGS.variant:
-        name, _, rest = spec.partition("=")
-        overrides = [o for o in rest.split(";") if o]
+    if FLAGS.check_packed:
         try:
-            results.append(bench_variant(name, overrides))
+            results.append(check_packed())
+        except Exception as e:  # report and go on to the timings
+            print(json.dumps({"check": "packed_vs_rows", "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
+    for spec in FLAGS.variant:
+        name, overrides, bench = split_variant(spec)
+        try:
+            results.append(bench_variant(name, overrides, bench))
         except Exception as e:  # keep going: one variant running out of memory should not lose the others
             print(json.dumps({"variant": name, "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
             results.append({"variant": name, "error": str(e)[:400]})
+    print(f"{'variant':14} {'batch':>5} {'docs':>4} {'step ms':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'temp GiB':>8}")
+    for r in results:
+        if "step_ms" in r:
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+            print(f"{r['variant']:14} {r['batch']:5d} {r['docs']:4d} {r['step_ms']:8.1f} {r['tokens_per_s']:9.0f} "
+                  f"{r['model_tflops_per_s']:8.1f} {mfu:>6} {r['temp_gib'] or 0:8.1f}")
+        elif "variant" in r:
+            print(f"{r['variant']:14} error: {r['error'][:100]}")
     if FLAGS.out:
         with open(FLAGS.out, "w") as fh:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results}, fh,
