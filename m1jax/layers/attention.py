@@ -1,6 +1,8 @@
 """Softmax attention layer (every 8th M1 layer): GQA, partial NeoX RoPE, fp32 softmax (spec section 4)."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -10,6 +12,11 @@ from m1jax.layers.common import matmul, param
 from sharding.sequence_parallel import attention_sequence_parallel, sequence_shards
 
 _MASKED = -1e30
+# Without a fused kernel, attention over more keys than this runs blockwise (``blockwise_attention``: memory
+# O(Tq x block) instead of the [B, H, Tq, Tk] fp32 scores, which are 1 GiB per sequence at 64 heads and 2048 x 2048);
+# shorter sequences and single-token decode (scores [B, H, 1, Tk], linear in Tk) keep the einsum reference.
+BLOCKWISE_MIN_KEYS = 2048
+ATTENTION_BLOCK = 512  # query and key block of ``blockwise_attention``
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> jax.Array:
@@ -41,6 +48,24 @@ def attention_mask(q_slot, k_slot, q_segment=None, k_segment=None, k_valid=None)
     if k_valid is not None:
         mask &= k_valid[:, None, :]
     return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotMask:
+    """``attention_mask``'s arguments, unevaluated: blockwise attention builds only [B, block_q, block_k] pieces of it.
+
+    Constructed with ``attention_mask``'s signature, so it can stand in for it (sharding.sequence_parallel takes the
+    mask builder and the attention function as arguments).
+    """
+    q_slot: jax.Array                   # [B, Tq]
+    k_slot: jax.Array                   # [B, Tk]
+    q_segment: jax.Array | None = None  # [B, Tq]
+    k_segment: jax.Array | None = None  # [B, Tk]
+    k_valid: jax.Array | None = None    # [B, Tk] bool
+
+    def dense(self) -> jax.Array:
+        """[B, Tq, Tk] bool."""
+        return attention_mask(self.q_slot, self.k_slot, self.q_segment, self.k_segment, self.k_valid)
 
 
 class SoftmaxAttention(nnx.Module):
@@ -93,7 +118,7 @@ class SoftmaxAttention(nnx.Module):
             out = packed_flash_attention(q, k, v, segment_ids)
             return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), None
         if kv_cache is None:
-            mask = attention_mask(q_slot, q_slot, segment_ids, segment_ids)
+            mask = SlotMask(q_slot, q_slot, segment_ids, segment_ids)
         else:
             k_cache, v_cache = kv_cache
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
@@ -101,12 +126,12 @@ class SoftmaxAttention(nnx.Module):
             new_cache = (k_cache, v_cache)
             k, v = k_cache.astype(cdt), v_cache.astype(cdt)
             k_slot = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32)[None], (b, k.shape[1]))
-            mask = attention_mask(q_slot + cache_index, k_slot, k_valid=k_slot >= cache_start[:, None])
+            mask = SlotMask(q_slot + cache_index, k_slot, k_valid=k_slot >= cache_start[:, None])
         if kv_cache is None and sequence_shards(t) > 1:  # mesh with sequence > 1: K/V all-gathered over it
-            out = attention_sequence_parallel(q, k, v, segment_ids, attention_mask=attention_mask,
-                                              grouped_query_attention=grouped_query_attention)
+            out = attention_sequence_parallel(q, k, v, segment_ids, attention_mask=SlotMask,
+                                              grouped_query_attention=masked_attention)
         else:
-            out = grouped_query_attention(q, k, v, mask)
+            out = masked_attention(q, k, v, mask)
         return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), new_cache
 
 
@@ -123,6 +148,78 @@ def grouped_query_attention(q, k, v, mask):
     probs = jnp.where(mask[:, None, None], probs, 0.0)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, tq, nh, hd).astype(q.dtype)
+
+
+def masked_attention(q, k, v, mask: SlotMask):
+    """``grouped_query_attention`` with the mask given as slots: blockwise past ``BLOCKWISE_MIN_KEYS`` keys (for
+    Tq > 1), else the einsum reference on the dense mask. Shapes as ``grouped_query_attention``."""
+    if q.shape[1] > 1 and k.shape[1] > BLOCKWISE_MIN_KEYS:
+        return blockwise_attention(q, k, v, mask)
+    return grouped_query_attention(q, k, v, mask.dense())
+
+
+def _to_blocks(x, block: int, fill):
+    """x [B, T, ...] -> [T_pad / block, B, block, ...], T padded at the end with ``fill``."""
+    b, t = x.shape[:2]
+    pad = -t % block
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(b, -1, block, *x.shape[2:]), 1, 0)
+
+
+def blockwise_attention(q, k, v, mask: SlotMask, *, block_q: int = ATTENTION_BLOCK, block_k: int = ATTENTION_BLOCK):
+    """The function of ``grouped_query_attention`` (GQA, scale 1/sqrt(Dh), fp32 softmax, zeros for rows with no
+    valid key) computed flash-style: queries in blocks of ``block_q`` (``lax.map``), and for each, a ``lax.scan``
+    over key blocks of ``block_k`` with a running max and sum (online softmax).
+
+    q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh], mask: SlotMask (built per block, never [Tq, Tk]) -> [B, Tq, H, Dh].
+    Memory: scores of one [block_q, block_k] tile per step. Key blocks with no valid (query, key) pair, e.g. above
+    the causal diagonal, are skipped (``lax.cond``). Gradients are autodiff of the loops; both the query-block
+    function and the key step are ``jax.checkpoint``-ed, so the backward keeps one query block's per-step carries
+    ([B, H, block_q, Dh] fp32 each), not the scores.
+    """
+    b, tq, nh, hd = q.shape
+    tk, nkv = k.shape[1], k.shape[2]
+    bq, bk = min(block_q, tq), min(block_k, tk)
+    scale = 1.0 / jnp.sqrt(jnp.float32(hd))
+    k_valid = jnp.ones((b, tk), bool) if mask.k_valid is None else mask.k_valid
+    q_blocks = (_to_blocks(q.reshape(b, tq, nkv, nh // nkv, hd), bq, 0), _to_blocks(mask.q_slot, bq, 0),
+                None if mask.q_segment is None else _to_blocks(mask.q_segment, bq, 0))
+    kv_blocks = (_to_blocks(k, bk, 0), _to_blocks(v, bk, 0), _to_blocks(mask.k_slot, bk, 0),
+                 None if mask.k_segment is None else _to_blocks(mask.k_segment, bk, 0),
+                 _to_blocks(k_valid, bk, False))  # padded keys are invalid
+
+    @jax.checkpoint
+    def query_block(qb, q_slot, q_segment):
+        """qb [B, bq, Hkv, G, Dh] -> [B, bq, Hkv, G, Dh]."""
+
+        def update(carry, kb, vb, block_mask):
+            o, m, l = carry  # [B, Hkv, G, bq, Dh] fp32, [B, Hkv, G, bq] running max, [B, Hkv, G, bq] running sum
+            s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+            s = jnp.where(block_mask[:, None, None], s, _MASKED)
+            # The result does not depend on the max (it cancels between o and l): no gradient through it.
+            m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
+            p = jnp.where(block_mask[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
+            rescale = jnp.exp(m - m_new)
+            o = o * rescale[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vb.dtype), vb,
+                                                    preferred_element_type=jnp.float32)
+            return o, m_new, l * rescale + jnp.sum(p, axis=-1)
+
+        @jax.checkpoint
+        def key_step(carry, kv):
+            kb, vb, k_slot, k_segment, valid = kv
+            block_mask = attention_mask(q_slot, k_slot, q_segment, k_segment, valid)  # [B, bq, bk]
+            return jax.lax.cond(jnp.any(block_mask), update, lambda c, *_: c, carry, kb, vb, block_mask), None
+
+        stats = (b, nkv, nh // nkv, qb.shape[1])
+        init = (jnp.zeros((*stats, hd), jnp.float32), jnp.full(stats, _MASKED, jnp.float32),
+                jnp.zeros(stats, jnp.float32))
+        (o, _, l), _ = jax.lax.scan(key_step, init, kv_blocks)
+        o = o / jnp.where(l > 0, l, 1.0)[..., None]
+        return jnp.transpose(o, (0, 3, 1, 2, 4)).astype(q.dtype)
+
+    out = jax.lax.map(lambda blocks: query_block(*blocks), q_blocks)  # [nq, B, bq, Hkv, G, Dh]
+    return jnp.moveaxis(out, 0, 1).reshape(b, -1, nh, hd)[:, :tq]
 
 
 # ------------------------------------------------------------------------------------------------ fused (GPU) path
@@ -177,7 +274,7 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, cache_index, cache_start,
     its padding: (1) past: the chunk attends non-causally to the rolled cache's first index - start slots; (2) intra:
     the rolled chunk attends causally to itself. Same function as ``grouped_query_attention`` with the slot mask.
     """
-    b, t = q.shape[:2]
+    t = q.shape[1]
     past_len = jnp.maximum(cache_index - cache_start, 0)
     rolled = jax.lax.cond(jnp.any(cache_start > 0), lambda kv: tuple(_shift_rows(x, cache_start) for x in kv),
                           lambda kv: kv, (k_cache, v_cache))
@@ -207,7 +304,7 @@ def packed_flash_attention(q, k, v, segment_ids, *, block: int = 128, interpret:
     """
     from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
-    b, t, nh, hd = q.shape
+    t, nh, hd = q.shape[1:]
     group = nh // k.shape[2]
     k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
     pad = -t % block
