@@ -16,6 +16,8 @@ SOFTMAX = "softmax"
 _LAYER_TYPES = (LIGHTNING, SOFTMAX)
 _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLEMENTATIONS = ("sorted", "dense", "expert_parallel")
+# How expert_parallel moves tokens between shards (sharding/expert_parallel.py); None picks by backend.
+MOE_TRANSPORTS = ("padded", "ragged")
 # How the fp32 LM head multiplies (lm_head_fp32=True): "float32" = fp32 operands at HIGHEST precision (exact fp32);
 # "bf16_3x" = the same fp32 operands through three bf16 tensor-core passes (XLA's BF16_BF16_F32_X3 algorithm: ~1e-6
 # relative error, several times faster than fp32 SIMT matmuls on an H100; XLA:CPU runs it as fp32).
@@ -69,6 +71,8 @@ class ModelConfig:
     # expert_parallel only: None = dropless (a worst-case all-to-all buffer, EP x the mean load); c > 0 keeps
     # ceil(c * tokens * k / EP) rows per destination shard and drops the overflow (sharding/expert_parallel.py).
     moe_capacity_factor: float | None = None
+    # expert_parallel only: "padded" (all_to_all), "ragged" (ragged_all_to_all) or None (ragged on GPU/TPU).
+    moe_transport: str | None = None
     lightning_implementation: str | None = None
     gmm_implementation: str | None = None
     scan_layers: bool = True
@@ -114,6 +118,8 @@ class ModelConfig:
             fail("moe_implementation", f"must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}")
         if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
             fail("moe_capacity_factor", f"must be None (dropless) or > 0, got {self.moe_capacity_factor!r}")
+        if self.moe_transport is not None and self.moe_transport not in MOE_TRANSPORTS:
+            fail("moe_transport", f"must be None or one of {MOE_TRANSPORTS}, got {self.moe_transport!r}")
         if self.router_aux_loss_coef < 0:
             fail("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")
 

@@ -5,7 +5,8 @@ Two dispatch paths compute the same function:
   (dropless; ``pallas_kernels.gmm`` where available, ``jax.lax.ragged_dot`` otherwise);
 * ``dense``: every expert on every token, weighted by the (mostly zero) routing matrix: the test oracle;
 * ``expert_parallel``: ``sharding.expert_parallel`` (experts split over the mesh's ``expert`` axis, tokens moved by
-  all-to-all, dropless); the same as ``sorted`` when no mesh is set.
+  all-to-all (``cfg.moe_transport``: padded or ragged), dropless unless ``cfg.moe_capacity_factor``); the same as
+  ``sorted`` when no mesh is set.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ class MoE(nnx.Module):
             y = moe_expert_parallel(
                 x.astype(cdt), weights, experts, w1, w3, w2, swiglu=_swiglu,
                 grouped_matmul=lambda lhs, rhs, sizes: _grouped_matmul(lhs, rhs, sizes, cfg.gmm_implementation),
-                capacity_factor=cfg.moe_capacity_factor)
+                capacity_factor=cfg.moe_capacity_factor, transport=cfg.moe_transport)
         else:
             y = moe_sorted(x.astype(cdt), weights, experts, w1, w3, w2, implementation=cfg.gmm_implementation)
         return y.reshape(b, t, d).astype(cdt), router_logits, experts
