@@ -5,8 +5,10 @@ periods add a leading ``layers`` axis. Activations are annotated with ``constrai
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 from flax import nnx
@@ -25,6 +27,8 @@ LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {
     "layers": (),
 }
 FSDP_RULES: Mapping[str, tuple[str, ...]] = {"embed": ("data", "expert", "sequence")}  # axes taken are skipped
+# Whether the parameters being traced are FSDP-sharded (``fsdp_params``): read by ``constrain_param``.
+_FSDP_PARAMS = contextvars.ContextVar("fsdp_params", default=False)
 
 
 def _mesh_axis_sizes(mesh) -> dict[str, int]:
@@ -126,6 +130,42 @@ def constrain(x: jax.Array, logical_names: Sequence[str | None]) -> jax.Array:
     if all(e is None for e in spec):
         return x
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+@contextlib.contextmanager
+def fsdp_params(enabled: bool = True) -> Iterator[None]:
+    """Declare, while a step is traced, that its parameters are placed by ``state_shardings(..., fsdp=enabled)``.
+
+    The layers then cast each fp32 master to the compute dtype in its sharded layout (``constrain_param``), so the
+    per-layer FSDP all-gathers move bf16, not fp32. Enter it around the first call (the trace) of the jitted
+    function, next to ``jax.set_mesh``; it is not part of jit's cache key, so trace a given jitted function under one
+    setting only. Without it, or with ``fsdp=False`` shardings, nothing changes.
+    """
+    token = _FSDP_PARAMS.set(enabled)
+    try:
+        yield
+    finally:
+        _FSDP_PARAMS.reset(token)
+
+
+def constrain_param(x: jax.Array, logical_names: Sequence[str | None] | None) -> jax.Array:
+    """A parameter's value after a cast (``x``, e.g. the bf16 copy of an fp32 master), pinned to the parameter's own
+    FSDP layout under ``fsdp_params()`` and ``jax.set_mesh``: the cast then runs on the local shard and the all-gather
+    that the consumer needs moves ``x.dtype``. Without that, XLA may gather the fp32 master and cast after.
+
+    ``logical_names``: the Param's ``out_sharding`` (a leading "layers" name of stacked periods is skipped when ``x``
+    is one period's slice). A no-op without fsdp_params, without a mesh, and inside shard_map.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not _FSDP_PARAMS.get() or mesh.empty or mesh.manual_axes or logical_names is None:
+        return x
+    names = tuple(logical_names)
+    if len(names) == x.ndim + 1 and names[0] == "layers":
+        names = names[1:]
+    if len(names) != x.ndim:
+        return x
+    spec = logical_to_mesh_spec(names, fsdp=True, shape=x.shape, mesh=mesh)
+    return x if all(e is None for e in spec) else jax.lax.with_sharding_constraint(x, spec)
 
 
 def _drop_axes(entry, axes: set[str]):

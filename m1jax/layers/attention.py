@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m1jax.config import ModelConfig
-from m1jax.layers.common import matmul, param
+from m1jax.layers.common import matmul, param, param_value
 from sharding.sequence_parallel import attention_sequence_parallel, sequence_shards
 
 _MASKED = -1e30
@@ -91,11 +91,11 @@ class SoftmaxAttention(nnx.Module):
         cdt = jnp.dtype(cfg.compute_dtype)
         b, t, _ = h.shape
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = apply_rope(matmul(h, self.q_proj[...], cdt).reshape(b, t, nh, hd), positions, cfg.rotary_dim,
+        q = apply_rope(matmul(h, param_value(self.q_proj, cdt), cdt).reshape(b, t, nh, hd), positions, cfg.rotary_dim,
                        cfg.rope_theta)
-        k = apply_rope(matmul(h, self.k_proj[...], cdt).reshape(b, t, nkv, hd), positions, cfg.rotary_dim,
+        k = apply_rope(matmul(h, param_value(self.k_proj, cdt), cdt).reshape(b, t, nkv, hd), positions, cfg.rotary_dim,
                        cfg.rope_theta)
-        v = matmul(h, self.v_proj[...], cdt).reshape(b, t, nkv, hd)
+        v = matmul(h, param_value(self.v_proj, cdt), cdt).reshape(b, t, nkv, hd)
         q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
         new_cache = None
         # cuDNN flash attention on GPU, except under a sequence-sharded mesh (the all-gathered K/V path below).
@@ -103,7 +103,7 @@ class SoftmaxAttention(nnx.Module):
         fused = fused_attention_implementation(q.dtype) if use_fused else None
         if fused is not None and kv_cache is None:
             out = flash_attention(q, k, v, causal=True, implementation=fused)[0]
-            return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), None
+            return matmul(out.reshape(b, t, nh * hd), param_value(self.o_proj, cdt), cdt), None
         if fused is not None:
             k_cache, v_cache = kv_cache
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
@@ -111,12 +111,12 @@ class SoftmaxAttention(nnx.Module):
             out = chunk_attention(q, k.astype(k_cache.dtype).astype(cdt), v.astype(v_cache.dtype).astype(cdt),
                                   k_cache.astype(cdt), v_cache.astype(cdt), cache_index, cache_start,
                                   implementation=fused)
-            return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), (k_cache, v_cache)
+            return matmul(out.reshape(b, t, nh * hd), param_value(self.o_proj, cdt), cdt), (k_cache, v_cache)
         if (kv_cache is None and segment_ids is not None and t > 1 and sequence_shards(t) <= 1
                 and fused_attention_implementation(q.dtype) is not None):
             # Packed documents on GPU: a flash kernel with segment masking instead of the [T, T] score matrix.
             out = packed_flash_attention(q, k, v, segment_ids)
-            return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), None
+            return matmul(out.reshape(b, t, nh * hd), param_value(self.o_proj, cdt), cdt), None
         if kv_cache is None:
             mask = SlotMask(q_slot, q_slot, segment_ids, segment_ids)
         else:
@@ -132,7 +132,7 @@ class SoftmaxAttention(nnx.Module):
                                               grouped_query_attention=masked_attention)
         else:
             out = masked_attention(q, k, v, mask)
-        return matmul(out.reshape(b, t, nh * hd), self.o_proj[...], cdt), new_cache
+        return matmul(out.reshape(b, t, nh * hd), param_value(self.o_proj, cdt), cdt), new_cache
 
 
 def grouped_query_attention(q, k, v, mask):

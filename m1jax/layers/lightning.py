@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m1jax.config import ModelConfig
-from m1jax.layers.common import matmul, param
+from m1jax.layers.common import matmul, param, param_value
 from m1jax.layers.norms import RMSNorm
 from pallas_kernels.lightning import lightning_attention, lightning_decode
 from sharding.kernel_parallel import lightning_batch_head_parallel
@@ -70,7 +70,7 @@ class LightningAttention(nnx.Module):
         b, t, _ = h.shape
         heads, hd = cfg.num_attention_heads, cfg.head_dim
         # SiLU on the whole fused q,k,v vector, in fp32 (as vLLM/SGLang do).
-        qkv = jax.nn.silu(matmul(h, self.qkv_proj[...], cdt, jnp.float32)).reshape(b, t, heads, 3 * hd)
+        qkv = jax.nn.silu(matmul(h, param_value(self.qkv_proj, cdt), cdt, jnp.float32)).reshape(b, t, heads, 3 * hd)
         q, k, v = (x.astype(cdt) for x in jnp.split(qkv, 3, axis=-1))
         if valid is not None:
             keep = valid[:, :, None, None].astype(cdt)
@@ -89,6 +89,6 @@ class LightningAttention(nnx.Module):
             o, new_state = attend(q, k, v, decay, initial_state=state, segment_ids=segment_ids,
                                   return_final_state=True)
         o = self.norm(o.reshape(b, t, heads * hd).astype(jnp.float32))  # one norm over all heads, eps 1e-6
-        gate = jax.nn.sigmoid(matmul(h, self.output_gate[...], cdt, jnp.float32))
-        out = matmul((gate * o).astype(cdt), self.out_proj[...], cdt)
+        gate = jax.nn.sigmoid(matmul(h, param_value(self.output_gate, cdt), cdt, jnp.float32))
+        out = matmul((gate * o).astype(cdt), param_value(self.out_proj, cdt), cdt)
         return out, (new_state if state is not None else None)

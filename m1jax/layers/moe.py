@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m1jax.config import ModelConfig
-from m1jax.layers.common import param
+from m1jax.layers.common import param, param_value
 # Imported at module load, not inside a trace: importing Pallas registers jax config options that are part of jit's
 # trace context, so a first import during tracing would make every jitted function retrace on its second call.
 from pallas_kernels.gmm import api as gmm_api
@@ -50,8 +50,14 @@ def aux_loss_from_stats(f_sum: jax.Array, p_sum: jax.Array, num_layers: int, num
 
 
 def _grouped_matmul(lhs, rhs, group_sizes, implementation):
+    """lhs [M, K] x rhs [G, K, N] -> [M, N] in lhs' dtype (the compute dtype), fp32 accumulation inside the kernel.
+
+    Not an fp32 result: the gate/up/down outputs are the MoE's largest activations ([tokens x k, 9216] per layer)
+    and the backward keeps them; an fp32 cotangent would also upcast the expert weights (and their FSDP gathers) to
+    fp32 in the backward. bf16 outputs are what MiniMax's bf16 reference computes.
+    """
     return gmm_api.grouped_matmul(lhs, rhs, group_sizes, implementation=implementation,
-                                  preferred_element_type=jnp.float32)
+                                  preferred_element_type=lhs.dtype)
 
 
 class MoE(nnx.Module):
@@ -76,7 +82,7 @@ class MoE(nnx.Module):
                                    precision=jax.lax.Precision.HIGHEST)
         weights, experts = route_top_k(router_logits, cfg.num_experts_per_tok)
         weights = weights.astype(cdt)  # as MiniMax's code: routing weights in the activation dtype for the sum
-        w1, w2, w3 = (w[...].astype(cdt) for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = (param_value(w, cdt) for w in (self.w1, self.w2, self.w3))
         if cfg.moe_implementation == "dense":
             y = moe_dense(x.astype(cdt), weights, experts, w1, w3, w2)
         elif cfg.moe_implementation == "expert_parallel":
@@ -98,10 +104,10 @@ def moe_dense(x, weights, experts, w1, w3, w2):
     """Oracle: x [N, D] through all E experts, combined with the scattered top-k weights."""
     num_experts = w1.shape[0]
     combine = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=weights.dtype) * weights[..., None], axis=1)  # [N,E]
-    gate = jnp.einsum("nd,edf->nef", x, w1, preferred_element_type=jnp.float32)
-    up = jnp.einsum("nd,edf->nef", x, w3, preferred_element_type=jnp.float32)
-    y = jnp.einsum("nef,efd->ned", _swiglu(gate, up).astype(x.dtype), w2, preferred_element_type=jnp.float32)
-    return jnp.einsum("ned,ne->nd", y, combine.astype(jnp.float32))
+    gate = jnp.einsum("nd,edf->nef", x, w1, preferred_element_type=x.dtype)
+    up = jnp.einsum("nd,edf->nef", x, w3, preferred_element_type=x.dtype)
+    y = jnp.einsum("nef,efd->ned", _swiglu(gate, up).astype(x.dtype), w2, preferred_element_type=x.dtype)
+    return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine.astype(jnp.float32))
 
 
 def moe_sorted(x, weights, experts, w1, w3, w2, *, implementation=None):
@@ -118,7 +124,7 @@ def moe_sorted(x, weights, experts, w1, w3, w2, *, implementation=None):
     xs = jnp.take(x, token_of_slot, axis=0)                 # [N*k, D]
     gate = _grouped_matmul(xs, w1, group_sizes, implementation)
     up = _grouped_matmul(xs, w3, group_sizes, implementation)
-    ys = _grouped_matmul(_swiglu(gate, up).astype(x.dtype), w2, group_sizes, implementation)  # [N*k, D] fp32
+    ys = _grouped_matmul(_swiglu(gate, up).astype(x.dtype), w2, group_sizes, implementation)  # [N*k, D]
     # Unsort: slot order[i] holds ys[i].
     y_slots = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
-    return jnp.einsum("nkd,nk->nd", y_slots, weights.astype(jnp.float32))
+    return jnp.einsum("nkd,nk->nd", y_slots.astype(jnp.float32), weights.astype(jnp.float32))

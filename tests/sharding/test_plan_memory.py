@@ -1,13 +1,18 @@
 """The compiled memory plan (sharding.plan) on a small fake mesh: temporaries scale with the per-device tokens, not
-with vocab x global tokens, and the plan's CPU stand-in for the grouped matmul keeps ragged_dot's values."""
+with vocab x global tokens; the plan's CPU stand-in for the grouped matmul keeps ragged_dot's values; FSDP gathers
+the layer weights in bf16."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from m1jax.config import ModelConfig
+from sharding import testing as H
 from sharding.mesh import make_mesh
 from sharding.plan import _grouped_matmul_group_loop, compiled_memory, kernel_like_grouped_matmul
+from sharding.rules import batch_sharding, fsdp_params, state_shardings
 
 from pallas_kernels.gmm import backends as gmm_backends
 
@@ -52,3 +57,36 @@ def test_group_loop_equals_ragged_dot():
     with kernel_like_grouped_matmul():
         assert gmm_backends.ragged_dot is _grouped_matmul_group_loop
     assert gmm_backends.ragged_dot is not _grouped_matmul_group_loop
+
+
+def _all_gathers(cfg, mesh, fsdp_context: bool):
+    """(dtype, shape without size-1 dims) of every all-gather in the compiled FSDP train step (loss + grads).
+
+    XLA:CPU has no bf16 collectives: its float-normalization-bf16 pass rewrites every bf16 all-gather to f32 after
+    partitioning, so that pass is disabled here to see the collectives GPU/TPU would run.
+    """
+    graphdef, params = H.init(cfg)
+    tokens, segments = H.batch(cfg)
+    p_sh, b_sh = state_shardings(params, mesh, fsdp=True), batch_sharding(mesh, tokens.shape)
+    fn = jax.jit(jax.value_and_grad(lambda p, t, s: H.lm_loss(p, graphdef, t, s)), in_shardings=(p_sh, b_sh, b_sh))
+    with jax.set_mesh(mesh), fsdp_params(fsdp_context):
+        text = fn.lower(params, tokens, segments).compile(
+            compiler_options={"xla_disable_hlo_passes": "float-normalization-bf16"}).as_text()
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d and int(d) != 1))
+            for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather(?:-start)?\(", text)]
+
+
+def test_fsdp_weights_are_gathered_in_bf16(mesh):
+    """Under fsdp_params() every FSDP all-gather of a layer weight matrix moves bf16 (the fp32 masters are cast on
+    their shards first); without it the expert weights cross the shard_map boundary in fp32. The router [D, E] and
+    the LM head [D, V] stay fp32 by design."""
+    cfg = H.tiny_config(hidden_size=48, intermediate_size=24, compute_dtype="bfloat16",
+                        moe_implementation="expert_parallel")
+    d, w, kv, f, local = 48, 32, 16, 24, cfg.num_local_experts // 4
+    weights = {(d, 3 * w), (d, w), (d, kv), (w, d), (local, d, f), (local, f, d)}
+
+    gathers = [(dtype, shape) for dtype, shape in _all_gathers(cfg, mesh, True) if shape in weights]
+    assert {shape for _, shape in gathers} == weights, gathers
+    assert all(dtype == "bf16" for dtype, _ in gathers), gathers
+    without = [(dtype, shape) for dtype, shape in _all_gathers(cfg, mesh, False) if shape in weights]
+    assert ("f32", (local, d, f)) in without, without
