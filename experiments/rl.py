@@ -13,7 +13,8 @@ its config.json, metrics.jsonl, TensorBoard events (if tensorboardX is installed
 installed).
 
 Accuracy is on a fixed held-out set: ``acc`` is the mean reward of --eval_samples samples per problem at temperature
-1 (the analogue of avg@k), ``greedy_acc`` the greedy answer's.
+1 (the analogue of avg@k), ``greedy_acc`` the greedy answer's; ``acc_carry`` and ``greedy_acc_carry`` the same over the
+problems with a carry (the ones with fork tokens).
 """
 from __future__ import annotations
 
@@ -167,21 +168,31 @@ def eval_set(task, tokenizer, n: int, seed: int):
 
 
 def evaluate(graphdef, params, held_out, task, tokenizer, rcfg, samples: int, key):
-    """{"acc": mean reward of `samples` samples per problem at temperature 1, "greedy_acc": greedy reward}.
+    """Held-out accuracy (spec 5.4's evaluation). Returns
 
-    The greedy pass also decodes `samples` rows per problem (identical ones): one compiled shape for both passes.
+      acc               mean reward of `samples` samples per problem at temperature 1 (the analogue of avg@k)
+      greedy_acc        the greedy answer's mean reward
+      acc_carry, greedy_acc_carry   the same over the problems whose exact answer has a carry (the fork problems;
+                        NaN if there are none)
+
+    The greedy pass also decodes `samples` rows per problem (identical ones): one compiled program serves both passes
+    (the sampler's temperature is a traced scalar), which on a latency-bound accelerator costs less than a second
+    compilation of a smaller batch.
     """
     import numpy as np
 
     from m1jax.rl.rollout import sample_groups
     from m1jax.rl.tasks import batch_rewards
     problems, tokens, start = held_out
+    carry = np.array([task.carry_in(p).any() for p in problems])  # [n]
     out = {}
     for name, cfg in (("acc", dataclasses.replace(rcfg, group_size=samples)),
                       ("greedy_acc", dataclasses.replace(rcfg, group_size=samples, temperature=0.0))):
         s = sample_groups(graphdef, params, tokens, start, key, cfg)
         rewards = batch_rewards(task, [p for p in problems for _ in range(cfg.group_size)], s.responses, tokenizer)
-        out[name] = float(np.mean(rewards))
+        per_problem = rewards.reshape(len(problems), cfg.group_size).mean(axis=1)  # [n]
+        out[name] = float(per_problem.mean())
+        out[name + "_carry"] = float(per_problem[carry].mean()) if carry.any() else float("nan")
     return out
 
 
@@ -191,7 +202,7 @@ def run_rl(graphdef, params, settings: RLSettings, task, tokenizer, held_out, *,
 
     A record has step, reward_mean (over all sampled groups), mixed_frac, the update metrics (minibatch means, plus
     ``mismatch_pearson``/``mismatch_max_abs_logp`` of the first minibatch and per-minibatch lists of the clip
-    fractions), timings, and on evaluation steps acc / greedy_acc. `on_record(record)` is called for each.
+    fractions), timings, and on evaluation steps ``evaluate``'s accuracies and eval_s. `on_record(record)` is called for each.
     `update`/`arm`: a prebuilt multi-arm update (``make_rl_update(..., alternatives)``) and the arm to run; by
     default one is built for settings.update.
     """
@@ -204,7 +215,9 @@ def run_rl(graphdef, params, settings: RLSettings, task, tokenizer, held_out, *,
 
     ucfg, rcfg = settings.update, settings.rollout
     params = jax.tree_util.tree_map(jnp.copy, params)  # the update donates its params
-    opt_state = init_opt_state(params, ucfg)
+    # Commit every input to the device, as the update's outputs are: an uncommitted leaf (the optimizer's step count)
+    # would make the second update compile again (same trace, different input placement).
+    params, opt_state = jax.device_put((params, init_opt_state(params, ucfg)), jax.devices()[0])
     update = make_rl_update(graphdef, ucfg) if update is None else update
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
@@ -213,8 +226,10 @@ def run_rl(graphdef, params, settings: RLSettings, task, tokenizer, held_out, *,
     for step in range(settings.steps + 1):
         record = {"step": step}
         if step % settings.eval_every == 0 or step == settings.steps:
+            t_eval = time.perf_counter()
             record.update(evaluate(graphdef, params, held_out, task, tokenizer, rcfg, eval_samples,
                                    jax.random.fold_in(jax.random.fold_in(key, 1 << 30), step)))
+            record["eval_s"] = time.perf_counter() - t_eval
         if step < settings.steps:
             t0 = time.perf_counter()
             problems, tokens, start = prompt_batch(task, tokenizer, rng, n_prompts)

@@ -124,17 +124,19 @@ def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateCo
 
     batch: tokens [B, P + N] int32, start [B] int32, mask [B, N] float, sampler_logp [B, N] float32, advantages [B]
     float32, group_ids [B] int32; B divisible by mu.
-    arm, alternatives: ``alternatives`` are UpdateConfigs that differ from ``ucfg`` only in ``loss``/``loss_knobs``;
-    all of them are compiled into this one program (``lax.switch``) and the traced int ``arm`` picks the loss: 0 is
-    ``ucfg``'s, i is ``alternatives[i - 1]``'s. A grid of loss arms then costs one compilation instead of one each.
+    arm, alternatives: ``alternatives`` are UpdateConfigs that differ from ``ucfg`` only in ``loss``/``loss_knobs``
+    and ``learning_rate``; all of them are compiled into this one program (``lax.switch`` over the losses, a table of
+    learning rates) and the traced int ``arm`` picks one: 0 is ``ucfg``, i is ``alternatives[i - 1]``. A grid of
+    loss arms and learning rates then costs one compilation instead of one each.
     Returns (params, opt_state, metrics: dict of [mu] arrays, one entry per minibatch; a metric that the chosen loss
     does not produce is NaN).
     """
     TRACE_COUNTS["rl_update"] += 1
     arms = (ucfg,) + tuple(alternatives)
     for other in alternatives:
-        if dataclasses.replace(other, loss=ucfg.loss, loss_knobs=ucfg.loss_knobs) != ucfg:
-            raise ValueError(f"alternative {other} differs from {ucfg} in more than loss/loss_knobs")
+        if dataclasses.replace(other, loss=ucfg.loss, loss_knobs=ucfg.loss_knobs,
+                               learning_rate=ucfg.learning_rate) != ucfg:
+            raise ValueError(f"alternative {other} differs from {ucfg} in more than loss/loss_knobs/learning_rate")
     b, n = batch["mask"].shape
     mu = ucfg.mu
     if b % mu:
@@ -150,7 +152,7 @@ def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateCo
     batch_norm = jnp.maximum(jnp.sum(mask), 1.0) / mu
     data = dict(batch, mask=mask, old_logp=old_logp)
     minibatches = jax.tree_util.tree_map(lambda x: x.reshape(mu, b // mu, *x.shape[1:]), data)
-    tx = ucfg.optimizer()
+    tx, lr_scale = _optimizer_and_lr_scale(arms, arm)
     branches = [_policy_loss_fn(c, batch_norm) for c in arms]
     if len(branches) > 1:
         branches = _uniform_metrics(branches, minibatches)
@@ -165,6 +167,8 @@ def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateCo
         p, s = carry
         (loss, (metrics, logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, mb)
         updates, s = tx.update(grads, s, p)
+        if lr_scale is not None:
+            updates = jax.tree_util.tree_map(lambda u: u * lr_scale.astype(u.dtype), updates)
         p = optax.apply_updates(p, updates)
         active = mb["mask"] > 0
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
@@ -174,6 +178,21 @@ def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateCo
 
     (params, opt_state), metrics = jax.lax.scan(one_update, (params, opt_state), minibatches)
     return params, opt_state, metrics
+
+
+def _optimizer_and_lr_scale(arms, arm):
+    """(optimizer, traced lr factor or None) for the arms' learning rates.
+
+    One learning rate: the arm config's own optimizer (no factor). Several: AdamW at learning rate 1, its updates
+    multiplied by the selected arm's rate. That is exact because AdamW (optax.adamw: clip, Adam, decoupled weight
+    decay, then the schedule) multiplies by the learning rate last, and the warm-up/constant schedule is linear in
+    it; the optimizer state does not depend on the rate, so every arm starts from ``init_opt_state``.
+    """
+    rates = [c.learning_rate for c in arms]
+    if len(set(rates)) == 1:
+        return arms[0].optimizer(), None
+    unit = dataclasses.replace(arms[0], learning_rate=1.0).optimizer()
+    return unit, jnp.asarray(rates, jnp.float32)[arm]
 
 
 def _policy_loss_fn(ucfg: UpdateConfig, batch_norm):

@@ -198,3 +198,26 @@ def test_no_recompilation_across_rl_steps(policy):
         counts.append((step.TRACE_COUNTS["rl_update"], generate.TRACE_COUNTS["decode"],
                        generate.TRACE_COUNTS["prefill_chunk"]))
     assert counts[0] == counts[1] == counts[2], counts
+
+
+def test_alternative_learning_rates_in_one_program_match_single_arm_updates(policy):
+    """An arm with its own learning rate (bench_rl's ``dapo@3e-5``) compiled beside others == its own update."""
+    _, graphdef, params, samples, _ = policy
+    batch = _synthetic_batch(samples, seed=2)
+    base = step.UpdateConfig(loss="dapo", mu=2, learning_rate=1e-2, warmup_steps=1)
+    slow = dataclasses.replace(base, loss="cispo", loss_knobs=(("ratio_max", 2.0),), learning_rate=1e-3)
+    update = step.make_rl_update(graphdef, base, alternatives=(slow,))
+    for arm, ucfg in enumerate((base, slow)):
+        fresh = jax.tree_util.tree_map(jnp.copy, params)
+        got, _, _ = update(fresh, step.init_opt_state(fresh, ucfg), batch, arm=arm)
+        fresh = jax.tree_util.tree_map(jnp.copy, params)
+        want, _, _ = step.make_rl_update(graphdef, ucfg)(fresh, step.init_opt_state(fresh, ucfg), batch)
+        moved = max(float(np.max(np.abs(np.asarray(w) - np.asarray(p))))
+                    for w, p in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(params)))
+        # warm-up of 1 update: minibatch 0 moves nothing, minibatch 1 moves by about its lr
+        assert 0.3 * ucfg.learning_rate < moved < 3 * ucfg.learning_rate, (arm, moved)
+        for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4 * ucfg.learning_rate)
+    with pytest.raises(ValueError, match="more than loss"):
+        step.make_rl_update(graphdef, base, alternatives=(dataclasses.replace(slow, mu=1),))(
+            jax.tree_util.tree_map(jnp.copy, params), step.init_opt_state(params, base), batch)
