@@ -32,6 +32,8 @@ flags.DEFINE_string("ce", "chunked", "Cross-entropy implementation: chunked | fu
 flags.DEFINE_integer("ce_chunk", 8192, "Vocabulary chunk.")
 flags.DEFINE_string("out", None, "Write results as JSON here.")
 flags.DEFINE_bool("check_packed", False, "Check the packed (segment ids) path against unpacked rows first.")
+flags.DEFINE_bool("breakdown", False, "Time each component of the step (fwd+bwd of one layer of each kind, the "
+                  "attention and MoE sub-layers, the LM head + CE, the AdamW update) at the preset's shapes.")
 
 BENCH_KEYS = ("batch", "docs")
 
@@ -113,6 +115,117 @@ def check_packed(docs: int = 4, t: int = 4096) -> dict:
     return out
 
 
+def _median_ms(fn, *args, reps: int = 5) -> float:
+    import jax
+    import numpy as np
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def _module_fwd_bwd(module, call, h):
+    """jit(grads of <call(module, h), dy> wrt the module's params and h): one sub-layer's forward + backward."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, params = nnx.split(module, nnx.Param)
+    dy = jax.random.normal(jax.random.key(3), h.shape, h.dtype)
+
+    def loss(params, h):
+        out = call(nnx.merge(graphdef, params), h)
+        return jnp.sum(out.astype(jnp.float32) * dy.astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), params
+
+
+def breakdown(b: int) -> list[dict]:
+    """Where one step's time goes: each component's fwd+bwd timed alone at the variant's shapes (bf16 compute,
+    fp32 masters), x its count per step, against the whole step. Components overlap nothing in the real step, so
+    the sum should come near the step time; the rest is fusion differences and the embedding/norm/residual glue."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from m1jax import train as tl
+    from m1jax.config import LIGHTNING, SOFTMAX
+    from m1jax.layers.attention import SoftmaxAttention
+    from m1jax.layers.decoder import DecoderLayer
+    from m1jax.layers.lightning import LightningAttention
+    from m1jax.layers.moe import MoE
+    from m1jax.losses import linear_cross_entropy
+
+    cfg, tc = _config([]), _train_config()
+    t = FLAGS.seq_len
+    tokens = b * t
+    rngs = nnx.Rngs(params=0)
+    h = jax.random.normal(jax.random.key(1), (b, t, cfg.hidden_size), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    n_light = sum(x == LIGHTNING for x in cfg.layer_types)
+    n_soft = cfg.num_hidden_layers - n_light
+    parts = {
+        "lightning layer": (DecoderLayer(cfg, LIGHTNING, rngs=rngs), lambda m, h: m(h, layer_index=0, positions=pos)[0],
+                            n_light),
+        "softmax layer": (DecoderLayer(cfg, SOFTMAX, rngs=rngs), lambda m, h: m(h, layer_index=7, positions=pos)[0],
+                          n_soft),
+        "  lightning attn": (LightningAttention(cfg, rngs=rngs), lambda m, h: m(h, 0)[0], None),
+        "  softmax attn": (SoftmaxAttention(cfg, rngs=rngs), lambda m, h: m(h, pos)[0], None),
+        "  MoE": (MoE(cfg, rngs=rngs), lambda m, h: m(h)[0], None),
+    }
+    rows = []
+
+    def add(name, ms, count, flops=None):
+        row = {"component": name, "ms": ms, "count": count, "ms_per_step": ms * count if count else None,
+               "tflops": flops / ms / 1e9 if flops else None}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for name, (module, call, count) in parts.items():
+        fn, params = _module_fwd_bwd(module, call, h)
+        n_params = sum(x.size for x in jax.tree_util.tree_leaves(params) if x.ndim >= 2)
+        if isinstance(module, MoE) or isinstance(module, DecoderLayer):  # only top-k experts are active per token
+            e, k = cfg.num_local_experts, cfg.num_experts_per_tok
+            expert = 3 * cfg.hidden_size * cfg.intermediate_size
+            n_params -= (e - k) * expert
+        add(name, _median_ms(fn, params, h), count, 6.0 * n_params * tokens)
+        del fn, params
+    # LM head + chunked CE at each head precision.
+    h2 = h.reshape(tokens, cfg.hidden_size)
+    w = jax.random.normal(jax.random.key(2), (cfg.hidden_size, cfg.vocab_size), jnp.float32) * 0.02
+    targets = jax.random.randint(jax.random.key(4), (tokens,), 0, cfg.vocab_size)
+    for label, fp32, precision in (("LM head+CE fp32", True, "float32"), ("LM head+CE bf16_3x", True, "bf16_3x"),
+                                   ("LM head+CE bf16", False, "float32")):
+        fn = jax.jit(jax.grad(lambda h, w: jnp.sum(linear_cross_entropy(
+            h, w, targets, chunk_size=FLAGS.ce_chunk, fp32=fp32, fp32_precision=precision)), argnums=(0, 1)))
+        add(label, _median_ms(fn, h2, w), 1, 6.0 * cfg.hidden_size * cfg.vocab_size * tokens)
+    # The AdamW update (+ global-norm clip) over every parameter, as in the step.
+    graphdef, state = tl.create_train_state(cfg, tc)
+    opt = tl.make_optimizer(tc)
+    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 1e-3), state.params)
+
+    @jax.jit
+    def update(params, opt_state, grads):
+        import optax
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+    add("AdamW update", _median_ms(update, state.params, state.opt_state, grads), 1)
+    del state, grads
+    total = sum(r["ms_per_step"] for r in rows if r["ms_per_step"] and not r["component"].startswith("LM head+CE b"))
+    print(f"{'component':22} {'ms':>8} {'x':>3} {'ms/step':>8} {'TFLOP/s':>8}")
+    for r in rows:
+        print(f"{r['component']:22} {r['ms']:8.2f} {r['count'] or '':>3} "
+              f"{r['ms_per_step'] if r['ms_per_step'] is not None else float('nan'):8.1f} "
+              f"{r['tflops'] if r['tflops'] else float('nan'):8.1f}")
+    print(f"sum of layers + fp32 head + AdamW: {total:.1f} ms per step (batch {b} x {t})")
+    return [dict(r, batch=b, seq_len=t) for r in rows] + [{"component": "sum", "ms_per_step": total,
+                                                            "batch": b, "seq_len": int(np.int64(t))}]
+
+
 def bench_variant(name: str, overrides: list[str], bench: dict) -> dict:
     import jax
 
@@ -160,6 +273,11 @@ def main(argv):
             results.append(check_packed())
         except Exception as e:  # report and go on to the timings
             print(json.dumps({"check": "packed_vs_rows", "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
+    if FLAGS.breakdown:
+        try:
+            results += breakdown(FLAGS.batch)
+        except Exception as e:  # report and go on to the timings
+            print(json.dumps({"breakdown": "error", "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
     for spec in FLAGS.variant:
         name, overrides, bench = split_variant(spec)
         try:
