@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 from m1jax.config import ModelConfig
+from pallas_kernels.gmm import backends as gmm_backends
 from sharding import testing as H
 from sharding.mesh import make_mesh
 from sharding.plan import _grouped_matmul_group_loop, compiled_memory, kernel_like_grouped_matmul
 from sharding.rules import batch_sharding, fsdp_params, state_shardings
-
-from pallas_kernels.gmm import backends as gmm_backends
 
 
 def _cfg(vocab, **kw):  # one 8-layer period, 4 experts (1 per expert shard)
