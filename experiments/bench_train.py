@@ -4,7 +4,8 @@
         --variant="m1=" --variant="bf16_head=lm_head_fp32=false" --out=/tmp/bench_train.json
 
 Each ``--variant`` is ``name=override;override``: ModelConfig ``key=value`` pairs on top of the preset and
-``compute_dtype=bfloat16``, plus two bench keys: ``batch=N`` (sequences per step, default --batch) and ``docs=N``
+``compute_dtype=bfloat16``, plus three bench keys: ``batch=N`` (sequences per step, default --batch), ``accum=N``
+(gradient accumulation over N micro-batches of batch/N rows: one AdamW update per N micro-batches) and ``docs=N``
 (pack N documents per row: the batch then carries ``segment_ids`` and the softmax layers take the segment-masked
 flash kernel; default 1 = no segment ids, cuDNN's fused attention). All variants run in one process, one after
 another, on random tokens. MFU = model FLOPs per token (``m1jax.train.train_flops_per_token``: 6 x active matmul
@@ -35,7 +36,7 @@ flags.DEFINE_bool("check_packed", False, "Check the packed (segment ids) path ag
 flags.DEFINE_bool("breakdown", False, "Time each component of the step (fwd+bwd of one layer of each kind, the "
                   "attention and MoE sub-layers, the LM head + CE, the AdamW update) at the preset's shapes.")
 
-BENCH_KEYS = ("batch", "docs")
+BENCH_KEYS = ("batch", "docs", "accum")
 
 
 def split_variant(spec: str) -> tuple[str, list[str], dict[str, int]]:
@@ -74,10 +75,10 @@ def _config(overrides):
     return apply_overrides(ModelConfig.preset(FLAGS.preset), ["compute_dtype=bfloat16", *overrides])
 
 
-def _train_config():
+def _train_config(grad_accum: int = 1):
     from m1jax import train as tl
     return tl.TrainConfig(learning_rate=1e-4, warmup_steps=0, total_steps=100, ce_chunk_size=FLAGS.ce_chunk,
-                          ce_implementation=FLAGS.ce)
+                          ce_implementation=FLAGS.ce, grad_accum=grad_accum)
 
 
 def check_packed(docs: int = 4, t: int = 4096) -> dict:
@@ -231,7 +232,7 @@ def bench_variant(name: str, overrides: list[str], bench: dict) -> dict:
 
     from m1jax import train as tl
 
-    cfg, tc = _config(overrides), _train_config()
+    cfg, tc = _config(overrides), _train_config(bench.get("accum", 1))
     b, t, docs = bench.get("batch", FLAGS.batch), FLAGS.seq_len, bench.get("docs", 1)
     t0 = time.perf_counter()
     graphdef, state = tl.create_train_state(cfg, tc)
@@ -251,7 +252,8 @@ def bench_variant(name: str, overrides: list[str], bench: dict) -> dict:
     flops = tl.train_flops_per_token(cfg, t)
     peak = tl.peak_tflops()
     tok_s = b * t / dt
-    result = {"variant": name, "overrides": overrides, "batch": b, "docs": docs, "step_ms": dt * 1e3, "tokens_per_s": tok_s,
+    result = {"variant": name, "overrides": overrides, "batch": b, "accum": tc.grad_accum, "docs": docs,
+              "step_ms": dt * 1e3, "tokens_per_s": tok_s,
               "model_tflops_per_s": flops * tok_s / 1e12, "mfu": flops * tok_s / (peak * 1e12) if peak else None,
               "gflop_per_token": flops / 1e9, "loss": float(metrics["loss"]), "compile_s": t_compile,
               "temp_gib": mem.temp_size_in_bytes / 2 ** 30 if mem else None,

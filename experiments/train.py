@@ -160,7 +160,7 @@ def train(cfg, mesh) -> None:
             params = ckpt.load_params(FLAGS.init_params, ckpt.with_shardings(abstract.params, shardings.params))
             state = jax.jit(lambda p: tl.init_train_state(p, tc, FLAGS.seed), out_shardings=shardings)(params)
     batch_sh = tl.batch_shardings(mesh, (FLAGS.batch, seq_len))
-    step_fn = tl.make_train_step(graphdef, tc, shardings, batch_sh)
+    step_fn = tl.make_train_step(graphdef, tc, shardings, batch_sh, fsdp=FLAGS.fsdp)
     flops = tl.train_flops_per_token(cfg, seq_len)
     peak = FLAGS.peak_tflops or tl.peak_tflops()
     n_devices = mesh.devices.size

@@ -71,7 +71,7 @@ class ModelConfig:
     # expert_parallel only: None = dropless (a worst-case all-to-all buffer, EP x the mean load); c > 0 keeps
     # ceil(c * tokens * k / EP) rows per destination shard and drops the overflow (sharding/expert_parallel.py).
     moe_capacity_factor: float | None = None
-    # expert_parallel only: "padded" (all_to_all), "ragged" (ragged_all_to_all) or None (ragged on GPU/TPU).
+    # expert_parallel only: "padded" (all_to_all), "ragged" (ragged_all_to_all) or None (DEFAULT_TRANSPORT: padded).
     moe_transport: str | None = None
     lightning_implementation: str | None = None
     gmm_implementation: str | None = None

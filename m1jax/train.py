@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m1jax.config import LIGHTNING, ModelConfig
 from m1jax.losses import linear_cross_entropy
 from m1jax.model import MiniMaxM1
+from sharding.rules import fsdp_params
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -190,10 +191,17 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tc: TrainConfig) -> 
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
 
-def make_train_step(graphdef, tc: TrainConfig, state_shardings: Any = None, batch_shardings: Any = None
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """jit(train_step) with the state donated; with shardings, inputs and outputs keep that placement."""
-    fn = lambda state, batch: train_step(state, batch, graphdef=graphdef, tc=tc)  # noqa: E731
+def make_train_step(graphdef, tc: TrainConfig, state_shardings: Any = None, batch_shardings: Any = None,
+                    fsdp: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """jit(train_step) with the state donated; with shardings, inputs and outputs keep that placement.
+
+    ``fsdp``: the params are FSDP-sharded (``train_state_shardings(..., fsdp=True)``); the step is then traced under
+    ``sharding.rules.fsdp_params()`` so each weight is cast to the compute dtype on its shard and all-gathered in
+    bf16, not fp32. Entered inside the traced function: the setting is not part of jit's cache key.
+    """
+    def fn(state, batch):
+        with fsdp_params(fsdp):
+            return train_step(state, batch, graphdef=graphdef, tc=tc)
     if state_shardings is None:
         return jax.jit(fn, donate_argnums=0)
     replicated = NamedSharding(jax.tree_util.tree_leaves(state_shardings)[0].mesh, P())

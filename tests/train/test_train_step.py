@@ -81,7 +81,7 @@ def test_sharded_step_equals_unsharded(start):
     mesh = make_mesh("data=2,expert=2,tensor=2")
     shardings = T.train_state_shardings(jax.eval_shape(lambda: host_state), mesh, fsdp=True)
     batch_sh = T.batch_shardings(mesh, batch["inputs"].shape)
-    state, sharded = T.make_train_step(graphdef, tc, shardings, batch_sh)(
+    state, sharded = T.make_train_step(graphdef, tc, shardings, batch_sh, fsdp=True)(
         jax.device_put(host_state, shardings), jax.device_put(batch, batch_sh))
     for k in ("loss", "aux_loss", "grad_norm"):
         assert float(sharded[k]) == pytest.approx(float(plain[k]), rel=2e-5), k
