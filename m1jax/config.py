@@ -22,6 +22,8 @@ MOE_TRANSPORTS = ("padded", "ragged")
 # "bf16_3x" = the same fp32 operands through three bf16 tensor-core passes (XLA's BF16_BF16_F32_X3 algorithm: ~1e-6
 # relative error, several times faster than fp32 SIMT matmuls on an H100; XLA:CPU runs it as fp32).
 LM_HEAD_PRECISIONS = ("float32", "bf16_3x")
+# What jax.checkpoint wraps when remat=True (m1jax/model.py): the scanned period, each decoder layer, or both.
+REMAT_GRANULARITIES = ("period", "layer", "nested")
 
 
 def m1_layer_types(num_layers: int, period: int = 8) -> tuple[str, ...]:
@@ -77,6 +79,9 @@ class ModelConfig:
     gmm_implementation: str | None = None
     scan_layers: bool = True
     remat: bool = False
+    # With remat: "period" (jax.checkpoint around each scanned period), "layer" (around each decoder layer) or
+    # "nested" (both); REMAT_GRANULARITIES, m1jax/model.py.
+    remat_granularity: str = "period"
 
     def __post_init__(self):
         # Accept lists (JSON) for layer_types but store a tuple so the config stays hashable.
@@ -120,6 +125,8 @@ class ModelConfig:
             fail("moe_capacity_factor", f"must be None (dropless) or > 0, got {self.moe_capacity_factor!r}")
         if self.moe_transport is not None and self.moe_transport not in MOE_TRANSPORTS:
             fail("moe_transport", f"must be None or one of {MOE_TRANSPORTS}, got {self.moe_transport!r}")
+        if self.remat_granularity not in REMAT_GRANULARITIES:
+            fail("remat_granularity", f"must be one of {REMAT_GRANULARITIES}, got {self.remat_granularity!r}")
         if self.router_aux_loss_coef < 0:
             fail("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")
 

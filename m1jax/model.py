@@ -41,16 +41,27 @@ class Period(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in cfg.layer_types[:cfg.layer_period]])
 
     def __call__(self, x, repeat_index, stats, *, positions, segment_ids, cache_layers, cache_index, cache_start,
-                 valid):
+                 valid, remat_layers: bool = False):
+        """remat_layers: each layer under ``jax.checkpoint`` (the backward keeps only its input and recomputes it)."""
         period = len(self.layers)
         new_entries = []
         f_sum, p_sum = stats
         for pos, layer in enumerate(self.layers):
             entry = None if cache_layers is None else cache_layers[pos]
             entry_value = None if entry is None else (entry["state"] if "state" in entry else (entry["k"], entry["v"]))
-            x, router_logits, experts, new_value = layer(
-                x, layer_index=repeat_index * period + pos, positions=positions, segment_ids=segment_ids,
-                cache=entry_value, cache_index=cache_index, cache_start=cache_start, valid=valid)
+            layer_graph, layer_state = nnx.split(layer)
+
+            def run_layer(state, x, layer_index, positions, segment_ids, cache, cache_index, cache_start, valid,
+                          layer_graph=layer_graph):
+                return nnx.merge(layer_graph, state)(
+                    x, layer_index=layer_index, positions=positions, segment_ids=segment_ids, cache=cache,
+                    cache_index=cache_index, cache_start=cache_start, valid=valid)
+
+            if remat_layers:
+                run_layer = jax.checkpoint(run_layer, prevent_cse=False)
+            x, router_logits, experts, new_value = run_layer(
+                layer_state, x, repeat_index * period + pos, positions, segment_ids, entry_value, cache_index,
+                cache_start, valid)
             f, p = load_balancing_stats(router_logits, experts, layer.cfg.num_local_experts,
                                         None if valid is None else valid.reshape(-1))
             f_sum, p_sum = f_sum + f, p_sum + p
@@ -142,10 +153,14 @@ class MiniMaxM1(nnx.Module):
             period = nnx.merge(graphdef, state)
             x, stats, new_layers = period(x, r, stats, positions=positions, segment_ids=segment_ids,
                                           cache_layers=layers, cache_index=cache_index, cache_start=cache_start,
-                                          valid=valid)
+                                          valid=valid, remat_layers=remat_layers)
             return (constrain(x, _ACTIVATION), stats), new_layers
 
-        if cfg.remat:
+        # remat_granularity: "period" checkpoints the scanned period (its backward recomputes and holds all of its
+        # layers), "layer" each layer (the scan keeps every layer's input), "nested" both (one input per period
+        # is kept across the scan, one layer's intermediates at a time in the backward; a third forward pass).
+        remat_layers = cfg.remat and cfg.remat_granularity in ("layer", "nested")
+        if cfg.remat and cfg.remat_granularity in ("period", "nested"):
             run_period = jax.checkpoint(run_period, prevent_cse=False)
         xs = (period_state, jnp.arange(repeats, dtype=jnp.int32), cache_layers)
         if cfg.scan_layers:
