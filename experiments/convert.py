@@ -18,9 +18,14 @@ import time
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("hf_dir", None, "HF checkpoint directory.")
-flags.DEFINE_string("out", None, "Output directory (config.json + params/).")
-flags.DEFINE_multi_string("set", [], "Execution overrides key=value, e.g. param_dtype=bfloat16 to store bf16.")
+
+
+def define_flags():
+    """The command line's flags, defined only when this module runs as the program: importing ``convert`` (tests, other
+    tools) must not claim flag names such as --out that other experiments define too (absl flags are global)."""
+    flags.DEFINE_string("hf_dir", None, "HF checkpoint directory.")
+    flags.DEFINE_string("out", None, "Output directory (config.json + params/).")
+    flags.DEFINE_multi_string("set", [], "Execution overrides key=value, e.g. param_dtype=bfloat16 to store bf16.")
 
 
 def convert(hf_dir: str, out: str, overrides=(), log=print) -> dict:
@@ -66,4 +71,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -211,5 +211,5 @@ def test_native_ragged_lowers_with_gradients(monkeypatch):
     args = _inputs(skew=True)
     mesh = make_mesh("data=4,expert=2")
     with jax.set_mesh(mesh):
-        text = jax.jit(lambda *a: _loss_and_grads(_ep(), *a)).lower(*args).as_text()
+        text = jax.jit(lambda *a: _loss_and_grads(_ep(transport="ragged"), *a)).lower(*args).as_text()
     assert text.count("ragged_all_to_all") >= 4  # forward and return, and their transposes
