@@ -6,9 +6,9 @@ JAX_PLATFORMS=cpu python -m sharding.plan --mesh data=16,expert=8 --mode train .
 * parameters: exact, from ``state_shardings`` (each Param's shard shape x its dtype);
 * optimizer state: AdamW m and v in fp32 (2 x the fp32 shard) -- params are the fp32 masters;
 * activations/temporaries: ``jax.jit(step).lower(ShapeDtypeStructs).compile().memory_analysis()`` of a train step
-  (loss + grads, remat per period) or of a prefill forward, compiled at ``--layers`` (reduced depth; the scanned
-  periods make the temporaries grow linearly with depth, so two depths give the slope, and the report extrapolates
-  ``peak_bytes`` to the full depth);
+  (loss + grads, remat per ``--remat_granularity``) or of a prefill forward, compiled at ``--layers`` (reduced depth;
+  the scanned periods make the temporaries grow linearly with depth, so two depths give the slope, and the report
+  extrapolates ``peak_bytes`` to the full depth);
 * on XLA:CPU: compiled with ``CPU_AS_ACCELERATOR`` and a kernel-sized grouped-matmul stand-in, so the buffers are
   those of the GPU/TPU kernels, not of CPU expansions; ``--dump DIR`` prints what is live at the peak.
 """
@@ -207,14 +207,16 @@ def main() -> None:
     ap.add_argument("--capacity_factor", type=float, default=None,
                     help="expert-parallel MoE capacity factor (default: dropless, the worst-case buffer)")
     ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per train step (TrainConfig.grad_accum)")
+    ap.add_argument("--remat_granularity", default="period", choices=("period", "layer", "nested"),
+                    help="train: ModelConfig.remat_granularity (what jax.checkpoint wraps)")
     ap.add_argument("--dump", default=None, help="directory for XLA dumps; prints the largest buffers per depth")
     args = ap.parse_args()
     mesh = make_mesh(args.mesh)
     dtype = "bfloat16"
     full = ModelConfig.m1(compute_dtype=dtype, remat=args.mode == "train", moe_implementation="expert_parallel",
-                         moe_capacity_factor=args.capacity_factor)
+                         moe_capacity_factor=args.capacity_factor, remat_granularity=args.remat_granularity)
     report = dict(mesh=args.mesh, mode=args.mode, batch=args.batch, length=args.length, fsdp=bool(args.fsdp),
-                  capacity_factor=args.capacity_factor,
+                  capacity_factor=args.capacity_factor, remat_granularity=args.remat_granularity,
                   param_bytes_fp32=param_bytes_per_device(full, mesh, bool(args.fsdp)),
                   param_bytes_bf16=param_bytes_per_device(full, mesh, bool(args.fsdp), jnp.bfloat16), compiled={})
     report["grad_accum"] = args.grad_accum
