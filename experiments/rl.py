@@ -278,13 +278,27 @@ def _summarise(metrics) -> dict:
 # ------------------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(directory: str, cfg, state: dict, step: int = 0) -> str:
     """Orbax checkpoint (m1jax.checkpoint) of `state` ({"params": ..., optionally "opt_state": ...}) at `step`, plus
-    the model's config.json beside it. Returns the directory."""
+    the model's config.json beside it. Returns the directory.
+
+    A checkpoint already in `directory` (an earlier run with the same --workdir) is replaced: the new one is written
+    beside it and swapped in by renames, so a crash leaves the old or the new checkpoint, never a mix.
+    """
+    import shutil
+
     from m1jax.checkpoint import Checkpointer
-    checkpointer = Checkpointer(directory, max_to_keep=1, async_save=False)
+    directory = os.path.abspath(directory)
+    writing, old = directory + ".writing", directory + ".old"
+    for leftover in (writing, old):  # from a run that crashed mid-swap
+        shutil.rmtree(leftover, ignore_errors=True)
+    checkpointer = Checkpointer(writing, max_to_keep=1, async_save=False)
     checkpointer.save(step, state, force=True)
     checkpointer.close()
-    with open(os.path.join(directory, "config.json"), "w") as fh:
+    with open(os.path.join(writing, "config.json"), "w") as fh:
         json.dump(dataclasses.asdict(cfg), fh, indent=1)
+    if os.path.exists(directory):
+        os.rename(directory, old)
+    os.rename(writing, directory)
+    shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
