@@ -202,7 +202,8 @@ def run_rl(graphdef, params, settings: RLSettings, task, tokenizer, held_out, *,
 
     A record has step, reward_mean (over all sampled groups), mixed_frac, the update metrics (minibatch means, plus
     ``mismatch_pearson``/``mismatch_max_abs_logp`` of the first minibatch and per-minibatch lists of the clip
-    fractions), timings, and on evaluation steps ``evaluate``'s accuracies and eval_s. `on_record(record)` is called for each.
+    fractions), timings, and on evaluation steps ``evaluate``'s accuracies and eval_s. `on_record(record)` is called
+    for each.
     `update`/`arm`: a prebuilt multi-arm update (``make_rl_update(..., alternatives)``) and the arm to run; by
     default one is built for settings.update.
     """
@@ -237,7 +238,7 @@ def run_rl(graphdef, params, settings: RLSettings, task, tokenizer, held_out, *,
             t1 = time.perf_counter()
             batch, stats = score_groups(samples, problems, task, tokenizer, group_size=rcfg.group_size,
                                         num_groups=settings.prompts, adv_norm=settings.adv_norm,
-                                        dynamic_sampling=settings.dynamic_sampling)
+                                        dynamic_sampling=settings.dynamic_sampling, minibatches=settings.update.mu)
             t2 = time.perf_counter()
             params, opt_state, metrics = update(params, opt_state, batch.arrays(), arm)
             metrics = jax.device_get(metrics)

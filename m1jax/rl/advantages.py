@@ -49,28 +49,39 @@ def mixed_group_mask(rewards, group_size: int | None = None):
     return jnp.max(grouped, axis=1) > jnp.min(grouped, axis=1)
 
 
-def select_mixed_groups(rewards, num_groups: int, group_size: int | None = None):
+def select_mixed_groups(rewards, num_groups: int, group_size: int | None = None, *, blocks: int = 1):
     """Host-side dynamic sampling: fill a fixed-size batch of `num_groups` groups from over-sampled ones.
 
     Args:
       rewards: [N * G] (with group_size=G) or [N, G] numpy rewards of N >= 1 over-sampled groups (e.g. N = 2P).
       num_groups: P, the static number of groups the jitted update expects.
+      blocks: the number of contiguous minibatches the update splits the P slots into (mu). The kept groups are dealt
+        round-robin over the blocks (kept group j goes to block j % blocks), so when fewer than P groups are mixed
+        every minibatch still gets its share of real groups; with the padding all at the end, late in training the
+        last minibatches of a rollout batch would be pure padding and their optimizer steps pure momentum.
 
     Returns:
-      (index [P] int64, weight [P] float32): index picks groups from the over-sampled ones, in order, first the
-      mixed ones (rewards not all equal); weight is 1 for those and 0 for padding. If fewer than P groups are mixed,
-      the remaining slots repeat group 0 with weight 0, so shapes stay static and the padding adds nothing to the
-      loss (multiply the token mask by the weight).
+      (index [P] int64, weight [P] float32): index picks groups from the over-sampled ones: the first P mixed ones
+      (rewards not all equal), in order within each block; weight is 1 for those and 0 for padding. Padding slots
+      repeat group 0 with weight 0, so shapes stay static and the padding adds nothing to the loss (multiply the token
+      mask by the weight).
     """
     grouped = np.asarray(rewards)
     grouped = grouped.reshape(-1, group_size) if group_size is not None else grouped
     if grouped.ndim != 2:
         raise ValueError(f"rewards must be [N * G] with group_size, or [N, G]; got shape {np.shape(rewards)}")
+    if blocks < 1:
+        raise ValueError(f"blocks must be >= 1, got {blocks}")
     mixed = np.flatnonzero(grouped.max(axis=1) > grouped.min(axis=1))[:num_groups]
+    # Slot s starts row s*G; the update's minibatch of that row is s * blocks // P (P need not divide by blocks).
+    # Deal the kept groups over the slots in order of (position within its block, block): round-robin over blocks.
+    block = np.arange(num_groups) * blocks // num_groups
+    first = np.searchsorted(block, block)                 # first slot of each slot's block (block is sorted)
+    slots = np.lexsort((block, np.arange(num_groups) - first))[:len(mixed)]
     index = np.zeros(num_groups, np.int64)
     weight = np.zeros(num_groups, np.float32)
-    index[:len(mixed)] = mixed
-    weight[:len(mixed)] = 1.0
+    index[slots] = mixed
+    weight[slots] = 1.0
     return index, weight
 
 

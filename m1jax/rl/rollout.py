@@ -126,7 +126,7 @@ class UpdateBatch:
 
 
 def score_groups(samples: Samples, problems, task: ArithmeticTask, tokenizer: CharTokenizer, *, group_size: int,
-                 num_groups: int, adv_norm: str = "group_std", dynamic_sampling: bool = False):
+                 num_groups: int, adv_norm: str = "group_std", dynamic_sampling: bool = False, minibatches: int = 1):
     """Rewards, advantages and (optionally) dynamic sampling for a rollout of N >= num_groups groups.
 
     Args:
@@ -134,6 +134,7 @@ def score_groups(samples: Samples, problems, task: ArithmeticTask, tokenizer: Ch
       num_groups: P, the static number of groups in the update batch.
       dynamic_sampling: DAPO's filter: keep the first P groups whose rewards are not all equal, padding with
         zero-weight rows (``select_mixed_groups``); otherwise the first P groups, zero-variance ones included.
+      minibatches: mu of the update that takes the batch: the kept groups are spread over its mu row blocks.
     Returns (UpdateBatch of P * G rows, stats dict: reward_mean over all N groups, mixed_frac, kept_groups,
     truncated_frac, mean_length).
     """
@@ -146,7 +147,7 @@ def score_groups(samples: Samples, problems, task: ArithmeticTask, tokenizer: Ch
     grouped = rewards.reshape(n, g)
     mixed = grouped.max(axis=1) > grouped.min(axis=1)
     if dynamic_sampling:
-        index, weight = select_mixed_groups(grouped, num_groups)
+        index, weight = select_mixed_groups(grouped, num_groups, blocks=minibatches)
     else:
         index, weight = np.arange(num_groups), np.ones(num_groups, np.float32)
     rows = (index[:, None] * g + np.arange(g)[None, :]).reshape(-1)

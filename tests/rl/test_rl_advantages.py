@@ -79,6 +79,21 @@ def test_select_mixed_groups_fills_static_batch():
     assert index.dtype == np.int64 and weight.dtype == np.float32
 
 
+def test_select_mixed_groups_spreads_kept_groups_over_minibatches():
+    """With blocks = mu, kept group j lands in block j % mu: no minibatch is all padding while groups remain."""
+    rewards = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1], [0.1, 0, 0], [0, 0, 0]], np.float32)
+    index, weight = select_mixed_groups(rewards, 8, blocks=4)       # 3 mixed groups, 4 blocks of 2 slots
+    np.testing.assert_array_equal(weight.reshape(4, 2), [[1, 0], [1, 0], [1, 0], [0, 0]])
+    np.testing.assert_array_equal(index[weight > 0], [1, 3, 4])       # first-come order kept
+    index, weight = select_mixed_groups(rewards, 2, blocks=2)        # more mixed than slots: the first 2
+    np.testing.assert_array_equal(index, [1, 3])
+    index, weight = select_mixed_groups(rewards, 6, blocks=4)        # slots by block: [0 0 1 2 2 3]
+    np.testing.assert_array_equal(weight, [1, 0, 1, 1, 0, 0])          # blocks 0, 1, 2 get one each
+    np.testing.assert_array_equal(index[weight > 0], [1, 3, 4])
+    with pytest.raises(ValueError, match="blocks"):
+        select_mixed_groups(rewards, 6, blocks=0)
+
+
 @pytest.mark.parametrize("length,expected", [(10, 0.0), (16, 0.0), (17, -0.25), (18, -0.5), (19, -0.75),
                                              (20, -1.0), (25, -1.0)])
 def test_overlong_penalty_values(length, expected):
