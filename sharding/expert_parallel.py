@@ -244,7 +244,7 @@ def moe_expert_parallel(x, weights, experts, w1, w3, w2, *, swiglu, grouped_matm
     EP == 1, the same code runs on one shard. Token rows are split over every mesh axis that the rules give
     "batch" and "length" (N = B*T flattened, batch-major), experts over ``expert``; the expert hidden dim is
     gathered (tensor parallelism inside the experts is not done here). ``transport``: "padded", "ragged" or None
-    (ragged on GPU/TPU, padded on CPU); "ragged" on a backend without ``ragged_all_to_all`` uses the emulation.
+    (``DEFAULT_TRANSPORT``, padded); "ragged" on a backend without ``ragged_all_to_all`` uses the emulation.
     """
     mesh = jax.sharding.get_abstract_mesh()
     transport, emulate = resolve_transport(transport, mesh_platform(mesh))
