@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments.timing import time_ms, time_round_robin  # noqa: E402
 from pallas_kernels.gmm import TileConfig, Tiling, backends, grouped_matmul, pallas_triton, reference  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -98,45 +99,6 @@ def group_sizes_for(kind: str, num_tokens: int, num_groups: int) -> np.ndarray:
         raise ValueError(f"unknown group distribution {kind!r}")
     sizes[np.argmax(sizes)] += num_tokens - sizes.sum()
     return sizes.astype(np.int32)
-
-
-def _wall_ms(fn, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - start) * 1e3
-
-
-def _stats(times) -> tuple[float, float, float]:
-    return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
-
-
-def time_ms(fn, *args, reps: int) -> tuple[float, float, float]:
-    """Median, p20, p80 of host wall time in ms (after two warm-up calls that also compile)."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    return _stats([_wall_ms(fn, *args) for _ in range(reps)])
-
-
-def time_round_robin(fns: dict, args, reps: dict) -> dict:
-    """name -> (median, p20, p80) ms, or the exception it raised; one call of each fn per round.
-
-    Interleaved because the card's clock depends on what ran just before: on the H100 (2026-11-26) the same
-    kernel timed 5.5 ms after itself and 6.6 ms right after the dense matmul. Rounds spread that over all.
-    """
-    results, times = {}, {}
-    for name, fn in fns.items():
-        try:
-            for _ in range(2):
-                jax.block_until_ready(fn(*args))
-            times[name] = []
-        except Exception as e:  # noqa: BLE001  (e.g. ragged_dot's dense rewrite running out of memory)
-            results[name] = e
-    for round_ in range(max(reps.values(), default=0)):
-        for name in times:
-            if round_ < reps[name]:
-                times[name].append(_wall_ms(fns[name], *args))
-    results.update({name: _stats(t) for name, t in times.items()})
-    return results
 
 
 def with_backward(forward):
@@ -390,8 +352,8 @@ def main(argv):
         print(f"{r['shape']:6} {r['groups']:8} {r['mode']:8} {r['impl']:22} {r['ms']:9.2f} {r['tflops']:8.1f} {vs:>8}")
     if "layer" in FLAGS.phases:
         layer_rows = bench_layer(rec)
-        print(f"\n== MoE layer, {FLAGS.layer_tokens} tokens x top-{FLAGS.top_k}, D={FLAGS.hidden} F={FLAGS.expert_hidden} "
-              f"E={FLAGS.num_groups}, bf16 (TFLOP/s of the expert matmuls; 'vs dense' = dense-roof time / time)")
+        print(f"\n== MoE layer, {FLAGS.layer_tokens} tokens x top-{FLAGS.top_k}, D={FLAGS.hidden} "
+              f"F={FLAGS.expert_hidden} E={FLAGS.num_groups}, bf16 (TFLOP/s of the expert matmuls; 'vs dense' = dense-roof time / time)")
         print(f"{'mode':8} {'impl':22} {'ms':>9} {'TFLOP/s':>8} {'vs dense':>8}")
         for r in layer_rows:
             vs = f"{r['vs_dense']:.1%}" if r["vs_dense"] is not None else "-"
