@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m1jax.config import LM_HEAD_PRECISIONS
 from m1jax.layers.common import param
 
 
@@ -38,7 +39,7 @@ def head_operands(fp32: bool, precision: str, compute_dtype):
         return jnp.float32, jax.lax.Precision.HIGHEST
     if precision == "bf16_3x":
         return jnp.float32, jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
-    raise ValueError(f"LM head precision must be 'float32' or 'bf16_3x', got {precision!r}")
+    raise ValueError(f"LM head precision must be one of {LM_HEAD_PRECISIONS}, got {precision!r}")
 
 
 def lm_logits(h: jax.Array, kernel: jax.Array, *, fp32: bool, compute_dtype, precision: str = "float32") -> jax.Array:
