@@ -118,9 +118,10 @@ def main(argv):
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from sharding.mesh import make_mesh, maybe_initialize_distributed
+    from sharding.mesh import make_mesh
+    from sharding.multihost import initialize
 
-    maybe_initialize_distributed()
+    initialize()
     train(cfg, make_mesh(FLAGS.mesh))
 
 

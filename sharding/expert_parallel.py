@@ -38,12 +38,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from m1jax.config import MOE_TRANSPORTS as TRANSPORTS
 from sharding.rules import logical_to_mesh_spec
 
 EXPERT_AXIS = "expert"
 # Backends whose XLA implements ragged_all_to_all (jax.Device.platform / jax.default_backend() names).
 _NATIVE_RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+TRANSPORTS = ("padded", "ragged")
 DEFAULT_TRANSPORT = "padded"  # see the module docstring for the measurement behind it
 
 

@@ -1,12 +1,11 @@
-"""Device meshes with the axes ("data", "expert", "sequence", "tensor"), and multi-process start-up.
+"""Device meshes with the axes ("data", "expert", "sequence", "tensor").
 
 ``make_mesh("data=2,expert=2,sequence=2")`` builds an Auto-axis ``jax.sharding.Mesh`` over all devices (every process's
-devices when launched as several processes); axes not named have size 1 and one axis may be ``-1`` (the rest).
+devices when launched as several processes: ``sharding.multihost``); axes not named have size 1 and one axis may be ``-1`` (the rest).
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Mapping, Sequence
 
 import jax
@@ -83,38 +82,3 @@ def make_mesh(spec: str | Mapping[str, int] | None = None,
     except (ValueError, NotImplementedError, AssertionError):
         # make_mesh's topology search rejects some device subsets; a row-major layout is always valid.
         return jax.sharding.Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
-
-
-_CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MEGASCALE_NUM_SLICES")
-
-
-def maybe_initialize_distributed() -> bool:
-    """Call ``jax.distributed.initialize`` when this process is one of several; return whether it is initialised.
-
-    Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID (and optionally
-    JAX_LOCAL_DEVICE_IDS="0,1"). Otherwise, on a cluster JAX detects itself (SLURM, Open MPI, multi-host TPU with
-    TPU_WORKER_HOSTNAMES listing several hosts), ``initialize()`` with no arguments. Must run before any JAX
-    computation. A single process is left alone.
-    """
-    if jax.distributed.is_initialized():
-        return True
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
-        if missing:
-            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
-        num = int(env["JAX_NUM_PROCESSES"])
-        if num <= 1:
-            return False
-        local = env.get("JAX_LOCAL_DEVICE_IDS")
-        jax.distributed.initialize(
-            coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=num,
-            process_id=int(env["JAX_PROCESS_ID"]),
-            local_device_ids=None if not local else [int(i) for i in local.split(",")])
-        return True
-    several = any(int(env.get(k, "1") or 1) > 1 for k in _CLUSTER_ENV)
-    several |= len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
-    if several:
-        jax.distributed.initialize()
-        return True
-    return False
