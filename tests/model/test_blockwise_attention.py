@@ -10,7 +10,7 @@ import pytest
 from m1jax.layers import attention as A
 from sharding.mesh import make_mesh
 from sharding.sequence_parallel import attention_sequence_parallel
-from sharding.testing import assert_close_tree
+from tests.tiny_model import assert_close_tree
 
 
 def _inputs(seed, b=2, tq=37, tk=37, nh=4, nkv=2, hd=8):

@@ -26,7 +26,7 @@ from sharding.expert_parallel import (
     resolve_transport,
 )
 from sharding.mesh import make_mesh
-from sharding.testing import assert_close_tree
+from tests.tiny_model import assert_close_tree
 
 N, D, F, E, K = 64, 16, 8, 8, 2
 gmm = functools.partial(_grouped_matmul, implementation=None)

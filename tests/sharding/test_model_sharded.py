@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sharding.mesh import make_mesh
-from sharding import testing as H
+from tests import tiny_model as H
 
 MESHES = ["data=8", "expert=8", "sequence=8", "data=2,expert=2,sequence=2", "data=2,sequence=4"]
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from sharding import testing as H
+from tests import tiny_model as H
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 240
@@ -28,7 +28,7 @@ def test_two_processes_match_one(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, "-m", "sharding.distributed_check", str(out),
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding.distributed_worker", str(out),
                                "data=2,expert=2,sequence=2"], cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = []

@@ -1,4 +1,4 @@
-"""The compiled memory plan (sharding.plan) on a small fake mesh: temporaries scale with the per-device tokens, not
+"""The compiled memory plan (m1jax.memory_plan) on a small fake mesh: temporaries scale with the per-device tokens, not
 with vocab x global tokens; the plan's CPU stand-in for the grouped matmul keeps ragged_dot's values; FSDP gathers
 the layer weights in bf16."""
 import re
@@ -10,9 +10,9 @@ import pytest
 
 from m1jax.config import ModelConfig
 from pallas_kernels.gmm import backends as gmm_backends
-from sharding import testing as H
+from tests import tiny_model as H
 from sharding.mesh import make_mesh
-from sharding.plan import _grouped_matmul_group_loop, compiled_memory, kernel_like_grouped_matmul
+from m1jax.memory_plan import _grouped_matmul_group_loop, compiled_memory, kernel_like_grouped_matmul
 from sharding.rules import batch_sharding, fsdp_params, state_shardings
 
 

@@ -11,7 +11,7 @@ from m1jax.layers.attention import attention_mask, grouped_query_attention
 from pallas_kernels.lightning import lightning_attention
 from sharding.mesh import make_mesh
 from sharding.sequence_parallel import attention_sequence_parallel, lightning_sequence_parallel
-from sharding.testing import assert_close_tree
+from tests.tiny_model import assert_close_tree
 
 B, T, H, D = 2, 32, 2, 4
 local = functools.partial(lightning_attention, implementation="xla_chunked", block_size=4)

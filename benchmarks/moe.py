@@ -2,7 +2,7 @@
 
 Run from the repository root on a GPU machine (spec/performance.md sections 5 and 8.3):
 
-    python -m experiments.bench_moe --out_dir=$OUT
+    python -m benchmarks.moe --out_dir=$OUT
 
 Phases, all in one process so every number in the final table comes from the same card:
   1. correctness on the GPU: a small skewed case with rows in no group against the fp32 per-group reference
@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments.timing import time_ms, time_round_robin  # noqa: E402
+from benchmarks.timing import time_ms, time_round_robin  # noqa: E402
 from pallas_kernels.gmm import TileConfig, Tiling, backends, grouped_matmul, pallas_triton, reference  # noqa: E402
 
 FLAGS = flags.FLAGS

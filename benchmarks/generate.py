@@ -1,7 +1,7 @@
 """Long-context generation speed: an M1-pattern hybrid model against the same model with every layer softmax.
 
-    python -m experiments.bench_generate --out=/tmp/gen.json                   # the full plan (GPU)
-    python -m experiments.bench_generate --preset=tiny --prefill=64,128 --long_prefill= --decode_contexts=64 \
+    python -m benchmarks.generate --out=/tmp/gen.json                   # the full plan (GPU)
+    python -m benchmarks.generate --preset=tiny --prefill=64,128 --long_prefill= --decode_contexts=64 \
         --decode_batches=1,2 --chunk=32 --decode_steps=4                        # CPU smoke
 
 Measures (bf16 params and compute, bf16 KV cache, fp32 lightning states):

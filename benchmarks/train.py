@@ -1,6 +1,6 @@
 """Throughput and MFU of the train step (forward + backward + AdamW update) on one device.
 
-    python -m experiments.bench_train --preset=m1-1b --seq_len=8192 --batch=4 \\
+    python -m benchmarks.train --preset=m1-1b --seq_len=8192 --batch=4 \\
         --variant="m1=" --variant="bf16_head=lm_head_fp32=false" --out=/tmp/bench_train.json
 
 Each ``--variant`` is ``name=override;override``: ModelConfig ``key=value`` pairs on top of the preset and
@@ -140,7 +140,7 @@ def breakdown(b: int) -> list[dict]:
     import optax
     from flax import nnx
 
-    from experiments.timing import time_ms
+    from benchmarks.timing import time_ms
     from m1jax import train as tl
     from m1jax.config import LIGHTNING, SOFTMAX
     from m1jax.layers.attention import SoftmaxAttention

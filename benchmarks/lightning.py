@@ -2,7 +2,7 @@
 
 Run from the repository root on a GPU machine with the fla-core wheel in ``.whl/`` (spec/performance.md 8.1):
 
-    python -m experiments.bench_lightning --out_dir=$OUT
+    python -m benchmarks.lightning --out_dir=$OUT
 
 Phases, all in one process so every number in the final table comes from the same card:
   1. correctness on the GPU at small shapes (odd T, segment ids, initial state; fp32 and bf16): o, final state and

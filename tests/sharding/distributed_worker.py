@@ -1,7 +1,7 @@
-"""One process of the multi-process check: ``python -m sharding.distributed_check OUT.npz MESH`` with
+"""One process of the multi-process check: ``python -m tests.sharding.distributed_worker OUT.npz MESH`` with
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set (and fake CPU devices via XLA_FLAGS).
 
-Joins the processes through ``maybe_initialize_distributed``, builds the tiny model's loss and gradients on a mesh
+Joins the processes through ``sharding.multihost.initialize``, builds the tiny model's loss and gradients on a mesh
 over every process's devices, gathers them, and process 0 writes them (flattened in tree order) to OUT.npz.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 
 
 def main(out_path: str, mesh_spec: str) -> None:
-    from sharding.mesh import maybe_initialize_distributed
-    if not maybe_initialize_distributed():
+    from sharding.multihost import initialize
+    if not initialize():
         raise SystemExit("not launched as several processes (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
                          "JAX_PROCESS_ID)")
     import jax
@@ -19,7 +19,7 @@ def main(out_path: str, mesh_spec: str) -> None:
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from sharding import testing as H
+    from tests import tiny_model as H
     from sharding.mesh import make_mesh
     from sharding.rules import batch_sharding, state_shardings
 

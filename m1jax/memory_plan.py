@@ -1,7 +1,7 @@
-"""Per-device memory of a sharding plan, on abstract shapes (no weights): ``python -m sharding.plan``.
+"""Per-device memory of a sharding plan, on abstract shapes (no weights); ``python -m experiments.plan`` runs it.
 
 Run it in a process that has as many (fake) devices as the mesh: ``XLA_FLAGS=--xla_force_host_platform_device_count=128
-JAX_PLATFORMS=cpu python -m sharding.plan --mesh data=16,expert=8 --mode train ...``.
+JAX_PLATFORMS=cpu python -m experiments.plan --mesh data=16,expert=8 --mode train ...``.
 
 * parameters: exact, from ``state_shardings`` (each Param's shard shape x its dtype);
 * optimizer state: AdamW m and v in fp32 (2 x the fp32 shard) -- params are the fp32 masters;
@@ -14,7 +14,6 @@ JAX_PLATFORMS=cpu python -m sharding.plan --mesh data=16,expert=8 --mode train .
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import functools
@@ -33,7 +32,6 @@ from m1jax.config import ModelConfig
 from m1jax.model import MiniMaxM1
 from m1jax.train import TrainConfig, abstract_train_state, make_train_step, train_state_shardings
 from pallas_kernels.gmm import backends as gmm_backends
-from sharding.mesh import make_mesh
 from sharding.rules import batch_sharding, fsdp_params, state_shardings
 
 # Compiling on XLA:CPU for a GPU/TPU plan, two CPU habits are switched off: float-normalization-bf16 rewrites every
@@ -196,46 +194,28 @@ def peak_breakdown(dump_to: str, n: int = 25) -> list[str]:
     return [f"{b / 1e9:7.2f} GB {count[k]:4d}x {k[0]} {k[1]} {k[2][-120:]}" for k, b in total.most_common(n)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mesh", required=True)
-    ap.add_argument("--mode", choices=("train", "prefill"), default="train")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--length", type=int, default=8192)
-    ap.add_argument("--layers", default="8,16", help="depths to compile (multiples of 8)")
-    ap.add_argument("--fsdp", type=int, default=1)
-    ap.add_argument("--capacity_factor", type=float, default=None,
-                    help="expert-parallel MoE capacity factor (default: dropless, the worst-case buffer)")
-    ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per train step (TrainConfig.grad_accum)")
-    ap.add_argument("--remat_granularity", default="period", choices=("period", "layer", "nested"),
-                    help="train: ModelConfig.remat_granularity (what jax.checkpoint wraps)")
-    ap.add_argument("--dump", default=None, help="directory for XLA dumps; prints the largest buffers per depth")
-    args = ap.parse_args()
-    mesh = make_mesh(args.mesh)
-    dtype = "bfloat16"
-    full = ModelConfig.m1(compute_dtype=dtype, remat=args.mode == "train", moe_implementation="expert_parallel",
-                         moe_capacity_factor=args.capacity_factor, remat_granularity=args.remat_granularity)
-    report = dict(mesh=args.mesh, mode=args.mode, batch=args.batch, length=args.length, fsdp=bool(args.fsdp),
-                  capacity_factor=args.capacity_factor, remat_granularity=args.remat_granularity,
-                  param_bytes_fp32=param_bytes_per_device(full, mesh, bool(args.fsdp)),
-                  param_bytes_bf16=param_bytes_per_device(full, mesh, bool(args.fsdp), jnp.bfloat16), compiled={})
-    report["grad_accum"] = args.grad_accum
-    for layers in (int(x) for x in args.layers.split(",") if x):
+def plan_report(mesh, *, mesh_spec: str, mode: str, batch: int, length: int, depths, fsdp: bool,
+                capacity_factor: float | None = None, grad_accum: int = 1, remat_granularity: str = "period",
+                dump: str | None = None, log=print) -> dict:
+    """M1's per-device memory on ``mesh``: parameter bytes, the compiled step at each of ``depths`` (layers, multiples
+    of 8), and the peak extrapolated to 80 layers (the scanned periods make it linear in depth)."""
+    full = ModelConfig.m1(compute_dtype="bfloat16", remat=mode == "train", moe_implementation="expert_parallel",
+                         moe_capacity_factor=capacity_factor, remat_granularity=remat_granularity)
+    report = dict(mesh=mesh_spec, mode=mode, batch=batch, length=length, fsdp=fsdp, capacity_factor=capacity_factor,
+                  remat_granularity=remat_granularity, grad_accum=grad_accum,
+                  param_bytes_fp32=param_bytes_per_device(full, mesh, fsdp),
+                  param_bytes_bf16=param_bytes_per_device(full, mesh, fsdp, jnp.bfloat16), compiled={})
+    for layers in depths:
         cfg = full.replace(num_hidden_layers=layers, layer_types=full.layer_types[:layers])
-        dump = None if args.dump is None else os.path.join(args.dump, f"{args.mode}_{layers}")
-        report["compiled"][layers] = compiled_memory(cfg, mesh, batch=args.batch, length=args.length,
-                                                     fsdp=bool(args.fsdp), mode=args.mode, dump_to=dump,
-                                                     tc=TrainConfig(grad_accum=args.grad_accum))
-        print(json.dumps({layers: report["compiled"][layers]}), flush=True)
-        if dump:
-            print("\n".join(peak_breakdown(dump)), flush=True)
+        dump_to = None if dump is None else os.path.join(dump, f"{mode}_{layers}")
+        report["compiled"][layers] = compiled_memory(cfg, mesh, batch=batch, length=length, fsdp=fsdp, mode=mode,
+                                                     dump_to=dump_to, tc=TrainConfig(grad_accum=grad_accum))
+        log(json.dumps({layers: report["compiled"][layers]}))
+        if dump_to:
+            log("\n".join(peak_breakdown(dump_to)))
     depths = sorted(report["compiled"])
     if len(depths) >= 2:  # scanned periods: linear in depth
         (l1, a), (l2, b) = ((d, report["compiled"][d]["peak_bytes"]) for d in depths[:2])
         report["peak_bytes_per_layer"] = (b - a) / (l2 - l1)
         report["peak_bytes_at_full_depth"] = a + report["peak_bytes_per_layer"] * (full.num_hidden_layers - l1)
-    print(json.dumps(report))
-
-
-if __name__ == "__main__":
-    main()
+    return report

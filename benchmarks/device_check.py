@@ -1,4 +1,4 @@
-"""Sharded == one device on real accelerators: ``python -m sharding.device_check [--out result.json]``.
+"""Sharded == one device on real accelerators: ``python -m benchmarks.device_check [--out result.json]``.
 
 On the local devices (e.g. 2 GPUs) runs the tiny-but-not-trivial model's loss and gradients on one device and on
 meshes data=N, expert=N (moe_implementation="expert_parallel", once per all-to-all transport: ragged and padded),
@@ -48,17 +48,51 @@ def _transport_label(transport: str | None, mesh) -> str:
     return resolved + (" (emulated)" if emulated else "")
 
 
+def _model_case(batch: int, length: int):
+    """A small M1-pattern model (2 periods of lightning + softmax; 8 experts), its params and a packed batch."""
+    from m1jax.config import ModelConfig, m1_layer_types
+    from m1jax.model import init_model
+    from m1jax.train import split_model
+
+    cfg = ModelConfig.tiny(vocab_size=1024, hidden_size=256, num_hidden_layers=4, layer_types=m1_layer_types(4, 2),
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=256,
+                           num_local_experts=8, rotary_dim=32, block_size=64, router_aux_loss_coef=0.01)
+    graphdef, params = split_model(init_model(cfg))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (batch, length + 1)).astype(np.int32)
+    cuts = rng.integers(1, length, (batch, 1))
+    segments = (np.arange(length)[None] >= cuts).astype(np.int32)  # two packed documents per row
+    next_segment = np.concatenate([segments[:, 1:], segments[:, -1:]], axis=1)
+    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments,
+            "loss_mask": (segments == next_segment).astype(np.float32),  # no target across a document boundary
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))}
+    return cfg, params, data
+
+
+def _loss_and_grads(cfg, params, data, mesh=None):
+    """The library's training loss (m1jax.train.lm_loss: chunked fp32-head CE + aux) and its gradients, jitted; on
+    ``mesh``, params and batch placed by the sharding rules."""
+    from m1jax.model import abstract_model
+    from m1jax.train import TrainConfig, batch_shardings, lm_loss, split_model
+    from sharding.rules import state_shardings
+
+    graphdef, _ = split_model(abstract_model(cfg))
+    n_tokens = float(data["loss_mask"].sum())
+    fn = jax.value_and_grad(lambda p, b: lm_loss(p, graphdef, b, TrainConfig(), n_tokens)[0])
+    if mesh is None:
+        return jax.jit(fn)(params, data)
+    p_sh, b_sh = state_shardings(params, mesh), batch_shardings(mesh, data["inputs"].shape, tuple(data))
+    with jax.set_mesh(mesh):
+        return jax.jit(fn, in_shardings=(p_sh, b_sh))(jax.device_put(params, p_sh), jax.device_put(data, b_sh))
+
+
 def check_model(args, n: int) -> list[dict]:
     """One device vs the meshes: loss and worst gradient leaf error, one row per (mesh, MoE path, transport)."""
-    from sharding import testing as H
     from sharding.mesh import make_mesh
 
-    cfg = H.tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                        intermediate_size=256, num_local_experts=8, rotary_dim=32, vocab_size=1024, block_size=64)
-    _, params = H.init(cfg)
-    tokens, segments = H.batch(cfg, b=args.batch, t=args.length)
+    cfg, params, data = _model_case(args.batch, args.length)
     t0 = time.perf_counter()
-    loss_ref, grads_ref = H.loss_and_grads(cfg, params, tokens, segments)
+    loss_ref, grads_ref = _loss_and_grads(cfg, params, data)
     rows = [{"mesh": "one device", "moe": "sorted", "transport": None, "loss": float(loss_ref), "loss_rel_err": 0.0,
              "grad_max_rel_err": 0.0, "seconds": round(time.perf_counter() - t0, 1)}]
     runs = [(f"data={n}", "sorted", None), (f"expert={n}", "expert_parallel", "ragged"),
@@ -70,8 +104,8 @@ def check_model(args, n: int) -> list[dict]:
         row = {"mesh": spec, "moe": moe, "transport": _transport_label(transport, mesh) if moe != "sorted" else None}
         t0 = time.perf_counter()
         try:
-            loss, grads = H.loss_and_grads(cfg.replace(moe_implementation=moe, moe_transport=transport), params,
-                                           tokens, segments, mesh=mesh)
+            loss, grads = _loss_and_grads(cfg.replace(moe_implementation=moe, moe_transport=transport), params,
+                                          data, mesh=mesh)
             row.update(loss=float(loss), loss_rel_err=abs(float(loss) - float(loss_ref)) / abs(float(loss_ref)),
                        grad_max_rel_err=_rel_errors(grads, grads_ref), seconds=round(time.perf_counter() - t0, 1))
         except Exception as err:  # noqa: BLE001 -- one failed mesh must not hide the others' numbers
