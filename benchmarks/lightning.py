@@ -1,6 +1,6 @@
 """Lightning attention benchmark on one GPU: our Pallas-Triton kernel vs fla, the XLA chunked scan, cuDNN softmax.
 
-Run from the repository root on a GPU machine with the fla-core wheel in ``.whl/`` (spec/performance.md 8.1):
+Run from the repository root on a GPU machine with fla-core 0.6.0 installed (the competitor; it needs torch and triton):
 
     python -m benchmarks.lightning --out_dir=$OUT
 
@@ -8,10 +8,10 @@ Phases, all in one process so every number in the final table comes from the sam
   1. correctness on the GPU at small shapes (odd T, segment ids, initial state; fp32 and bf16): o, final state and
      dq/dk/dv/d_init of our kernel against the per-token recurrence;
   2. tuning of our kernel's launch config (Dv tile, warps, stages, sequence groups) at the sweep shapes;
-  3. timing at the shapes of spec/performance.md section 0, forward and forward+backward, of ours (best config of the
+  3. timing at M1's lightning shapes (64 heads of 128; 8K to 1M tokens), forward and forward+backward, of ours (best config of the
      nearest swept shape), fla ``chunk_simple_gla(q, k, v, g_gamma=-s, scale=1.0)``, the XLA chunked scan (C=64) and
      cuDNN causal softmax attention; plus ours against the XLA scan (o and gradients) at every shape.
-% floor = max(FLOPs / 800 TFLOP/s, bytes / 3.0 TB/s) / t with spec section 7's counts: forward 4BHNd(64+d) FLOPs and
+% floor = max(FLOPs / 800 TFLOP/s, bytes / 3.0 TB/s) / t with the chunked algorithm's counts (chunk 64): forward 4BHNd(64+d) FLOPs and
 8BHNd bytes; forward+backward 14BHNd(64+d) FLOPs and 22BHNd bytes. Inputs are bf16 silu(randn), d = 128, decay =
 MiniMax layer-0 slopes. JAX timing: median over 5 measurements of the host wall time of n back-to-back calls
 (n so that one measurement takes >= 30 ms) after two warm-ups; torch: ``triton.testing.do_bench`` median.
@@ -53,7 +53,7 @@ LAUNCH_GRID = [(64, 32, 4, 2), (64, 32, 2, 2), (64, 32, 4, 3), (64, 16, 4, 2), (
 
 
 def minimax_slopes(heads: int) -> np.ndarray:
-    """Layer-0 MiniMax decay rates: ALiBi slopes 2^(-8(h+1)/H) times (1 + 1e-5) (spec/performance.md section 1)."""
+    """Layer-0 MiniMax decay rates: ALiBi slopes 2^(-8(h+1)/H) times (1 + 1e-5) (docs/model.md §3.2)."""
     return (2.0 ** (-8.0 * np.arange(1, heads + 1) / heads) * (1 + 1e-5)).astype(np.float32)
 
 

@@ -11,7 +11,7 @@ from m1jax.layers.norms import RMSNorm
 
 
 class DecoderLayer(nnx.Module):
-    """x [B, T, D] -> x [B, T, D] (spec section 2)::
+    """x [B, T, D] -> x [B, T, D] (docs/model.md §2)::
 
         h = norm_in(x);   x = alpha_attn * (h if postnorm else x) + beta_attn * attn(h)
         h = norm_post(x); x = alpha_mlp  * (h if postnorm else x) + beta_mlp  * moe(h)

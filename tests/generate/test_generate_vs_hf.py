@@ -1,5 +1,5 @@
 """Greedy generation against transformers' ``generate`` (and its manual greedy loop with explicit positions) on the
-spec-8 tiny model; rotary_dim = head_dim because transformers rotates the whole head.
+tiny M1-pattern model of docs/model.md §8; rotary_dim = head_dim because transformers rotates the whole head.
 
 Our batch mixes prompt lengths (left padding); transformers generates each prompt alone, unpadded. (Found while
 writing this: transformers 5.24.0's *left-padded* batch generation for this model drifts from the same prompt

@@ -1,0 +1,91 @@
+"""The repository's layout rules: imports go one way, and nothing refers outside the repository.
+
+Import direction: pallas_kernels <- sharding <- m1jax <- experiments / benchmarks. Every import statement counts,
+including those inside functions (a lazy import against the direction is still a dependency).
+"""
+import ast
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT = ("pallas_kernels", "sharding", "m1jax", "experiments", "benchmarks", "tests")
+# package -> project packages it must not import
+FORBIDDEN = {
+    "pallas_kernels": {"sharding", "m1jax", "experiments", "benchmarks", "tests"},
+    "sharding": {"m1jax", "experiments", "benchmarks", "tests"},
+    "m1jax": {"experiments", "benchmarks", "tests"},
+    "experiments": {"benchmarks", "tests"},
+    "benchmarks": {"experiments", "tests"},
+}
+SKIP_DIRS = {".git", "__pycache__", "node_modules"}
+
+
+def _python_files(package):
+    for folder, dirs, names in os.walk(os.path.join(ROOT, package)):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        yield from (os.path.join(folder, n) for n in names if n.endswith(".py"))
+
+
+def _imported_packages(path):
+    """(line, top-level project package) for every absolute import in the file."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top in PROJECT:
+                yield node.lineno, top
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_imports_go_one_way(package):
+    bad = [f"{os.path.relpath(path, ROOT)}:{line} imports {top}"
+           for path in _python_files(package) for line, top in _imported_packages(path)
+           if top in FORBIDDEN[package]]
+    assert not bad, "imports against pallas_kernels <- sharding <- m1jax <- experiments/benchmarks:\n" + "\n".join(bad)
+
+
+def test_import_checker_sees_lazy_imports(tmp_path):
+    """The checker is not vacuous: an import inside a function is found."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from m1jax.model import init_model\n    import experiments.train\n")
+    assert list(_imported_packages(str(probe))) == [(2, "m1jax"), (3, "experiments")]
+
+
+# Text that points outside the repository: the developers' background folder, its spec files, or a machine's paths.
+# Section citations of that background spec (the word spec followed by a section number); cite docs/ instead.
+OUTSIDE = re.compile(r"\.\./shared|(^|[^a-z_])spec/[a-z-]+\.md|DESIGN\.md|/wor" r"k/|/ro" r"ot/"
+                     r"|\bspec[ -](section |sections |pitfall )?\d")
+TEXT_SUFFIXES = (".py", ".md", ".cfg", ".toml", ".txt", ".sh", ".yaml", ".yml", ".json")
+
+
+def _repository_text_files():
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".venv") and d != ".whl"
+                   and not d.endswith(".egg-info")]
+        rel = os.path.relpath(folder, ROOT)
+        if rel.startswith(os.path.join("tests", "data")):
+            continue  # MiniMax's published metadata files, verbatim
+        for name in names:
+            if name.endswith(TEXT_SUFFIXES) or name in ("run",):
+                yield os.path.join(folder, name)
+
+
+def test_nothing_refers_outside_the_repository():
+    bad = []
+    for path in _repository_text_files():
+        try:
+            text = open(path, encoding="utf-8").read()
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if OUTSIDE.search(line):
+                bad.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()[:120]}")
+    assert not bad, "references outside the repository (write what is needed into docs/):\n" + "\n".join(bad)
