@@ -37,7 +37,8 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 class Sampling:
     """Sampling knobs as traced scalars (changing them does not recompile).
 
-    temperature <= 0 means greedy (argmax). top_k <= 0 disables top-k; top_p >= 1 disables nucleus filtering.
+    temperature 0 means greedy (argmax); top_k 0 disables top-k; top_p 1 disables nucleus filtering (``make``
+    checks the domains).
     Order (as transformers): logits / temperature -> top-k -> top-p on the renormalised top-k distribution.
     """
     temperature: jax.Array
@@ -46,6 +47,13 @@ class Sampling:
 
     @classmethod
     def make(cls, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> "Sampling":
+        """Checked settings: temperature >= 0 (0 = greedy), top_k >= 0 (0 = off), 0 < top_p <= 1 (1 = off)."""
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if int(top_k) != top_k or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
         return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
     @classmethod
@@ -59,7 +67,7 @@ class StopRules:
     """stop_tokens [S] int32 (-1 entries are unused slots: a fixed S keeps shapes static).
 
     Early truncation (M1's RL): a row stops once ``truncate_after`` consecutive sampled tokens each had model
-    probability (temperature 1) above ``truncate_prob``; ``truncate_after <= 0`` disables it.
+    probability (temperature 1) above ``truncate_prob``; ``truncate_after = 0`` disables it.
     """
     stop_tokens: jax.Array
     truncate_after: jax.Array
@@ -68,7 +76,13 @@ class StopRules:
     @classmethod
     def make(cls, stop_tokens: Sequence[int] = (), truncate_after: int = 3000, truncate_prob: float = 0.99,
              slots: int = 8) -> "StopRules":
-        ids = list(stop_tokens)
+        ids = [int(t) for t in stop_tokens]
+        if any(t < 0 for t in ids):
+            raise ValueError(f"stop tokens must be token ids >= 0, got {ids}")
+        if int(truncate_after) != truncate_after or truncate_after < 0:
+            raise ValueError(f"truncate_after must be an integer >= 0 (0 = off), got {truncate_after}")
+        if not 0 <= truncate_prob <= 1:
+            raise ValueError(f"truncate_prob must be in [0, 1], got {truncate_prob}")
         if len(ids) > slots:
             raise ValueError(f"at most {slots} stop tokens (pass slots=...), got {len(ids)}")
         return cls(jnp.asarray(ids + [-1] * (slots - len(ids)), jnp.int32), jnp.int32(truncate_after),
@@ -268,6 +282,7 @@ def generate(model_or_split, prompts: Sequence[Sequence[int]], *, max_new_tokens
     """
     graphdef, state = (nnx.split(model_or_split) if isinstance(model_or_split, nnx.Module) else model_or_split)
     cfg = graphdef_config(graphdef, state)
+    check_request(cfg, prompts, max_new_tokens, stop)
     length = bucket_length(max(len(p) for p in prompts), chunk_size)
     tokens, start = left_pad(prompts, length, pad_id)
     cache = HybridCache.init(cfg, len(prompts), length + max_new_tokens, kv_dtype=kv_dtype or cfg.compute_dtype,
@@ -276,6 +291,35 @@ def generate(model_or_split, prompts: Sequence[Sequence[int]], *, max_new_tokens
     key = jax.random.key(0) if key is None else key
     return decode(graphdef, state, logits, cache, key, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
                   pad_id=pad_id)
+
+
+def check_request(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: StopRules | None = None):
+    """Prompts, lengths and stop tokens against the model: one ValueError naming the problem, before any compile.
+
+    Token ids must be in [0, vocab_size) (an id outside would read past the embedding and give NaN or a wrapped row);
+    prompt + max_new_tokens must fit the model's positions.
+    """
+    if not prompts:
+        raise ValueError("no prompts")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"prompt {i} must be a non-empty sequence of token ids")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt {i} holds non-integer token ids ({ids.dtype})")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"prompt {i}: token ids must be in [0, vocab_size={cfg.vocab_size}); got min {ids.min()}, "
+                             f"max {ids.max()}")
+        if len(prompt) + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {max_new_tokens} exceed the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+    if stop is not None:
+        ids = np.asarray(stop.stop_tokens)
+        if (ids >= cfg.vocab_size).any():
+            raise ValueError(f"stop tokens {ids[ids >= cfg.vocab_size].tolist()} are not in the vocabulary "
+                             f"(vocab_size={cfg.vocab_size})")
 
 
 def graphdef_config(graphdef, state):

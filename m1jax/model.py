@@ -112,6 +112,14 @@ class MiniMaxM1(nnx.Module):
             if host.size and (host.min() < 0 or host.max() >= cfg.vocab_size):
                 raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}); "
                                  f"got min {host.min()}, max {host.max()}")
+        if positions is not None and not isinstance(positions, jax.core.Tracer):
+            host = np.asarray(positions)
+            if host.size and (host.min() < 0 or host.max() >= cfg.max_position_embeddings):
+                raise ValueError(f"positions must be in [0, max_position_embeddings={cfg.max_position_embeddings}); "
+                                 f"got min {host.min()}, max {host.max()}")
+        elif positions is None and cache is None and tokens.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
         if cache is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids cannot be combined with a cache: left-pad the batch and set cache.start")
