@@ -6,7 +6,8 @@ the kernels lower to Mosaic (they pick their lowering by the platform being comp
 the compiled program reports its per-device memory and FLOPs. MaxText's ``train_compile`` works the same way.
 
 * ``topology_devices(name)``: JAX topology names (``"v5p:2x2x1"``, ``"v6e:16x16"``) or slice names (``"v5p-512"``,
-  ``"v6e-256"``, ``"v5litepod-256"``; v4 and v5p slice names count TensorCores, two per chip, the others chips).
+  ``"v6e-256"``, ``"v5litepod-256"``; v4 and v5p slice names count TensorCores, two per chip, the others chips), and
+  several slices over the data-center network (``"v6e-256x2"``).
 * ``compile_report(compiled, hbm_bytes)``: argument, output, alias, temporary and peak bytes per device, FLOPs, and
   the bytes each collective kind moves per device per step (HLO text, while-loop trip counts applied), and whether it
   fits the chip's memory.
@@ -34,39 +35,43 @@ HBM_BYTES = {"TPU v4": 32 * 2 ** 30, "TPU v5": 95 * 2 ** 30, "TPU v5p": 95 * 2 *
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute")
 
 
-def topology_name(name: str) -> str:
-    """A JAX topology name for ``name``: returned as is if it has a ':' (``v5p:2x2x1``), else a slice name
-    (``v5p-512`` -> ``v5p:4x8x8``). Raises ValueError naming the valid forms."""
-    if ":" in name:
-        return name
-    prefix, _, count = name.partition("-")
-    if prefix not in _GENERATIONS or not count.isdigit():
+def topology_name(name: str) -> tuple[str, int]:
+    """(JAX topology name, number of slices) for ``name``: a JAX topology name (``v5p:2x2x1``) as is, or a slice name
+    (``v5p-512`` -> ``v5p:4x8x8``), optionally times a number of slices joined over the data-center network
+    (``v6e-256x2``: two 256-chip slices). Raises ValueError naming the valid forms."""
+    base, slices = name, 1
+    m = re.fullmatch(r"(.+)x(\d+)", name)
+    if m and "-" in m.group(1) and ":" not in name:
+        base, slices = m.group(1), int(m.group(2))
+    if ":" in base:
+        return base, slices
+    prefix, _, count = base.partition("-")
+    if prefix not in _GENERATIONS or not count.isdigit() or slices < 1:
         raise ValueError(f"topology {name!r}: expected a JAX topology name such as 'v5p:2x2x1' or a slice name "
-                         f"<generation>-<size> with generation in {sorted(_GENERATIONS)}, e.g. 'v5p-512'")
+                         f"<generation>-<size>[x<slices>] with generation in {sorted(_GENERATIONS)}, e.g. 'v5p-512' "
+                         f"or 'v6e-256x2'")
     generation, cores_per_chip, shapes = _GENERATIONS[prefix]
     chips, rest = divmod(int(count), cores_per_chip)
     if rest or chips not in shapes:
         sizes = sorted(c * cores_per_chip for c in shapes)
-        raise ValueError(f"slice {name!r}: {prefix} slices come in sizes {sizes}")
-    return f"{generation}:{shapes[chips]}"
+        raise ValueError(f"slice {base!r}: {prefix} slices come in sizes {sizes}")
+    return f"{generation}:{shapes[chips]}", slices
 
 
 def topology_devices(name: str) -> list:
-    """The devices of TPU slice ``name`` (see ``topology_name``), described on this host by libtpu."""
-    try:
-        from jax.experimental import topologies
-    except ImportError as e:  # pragma: no cover - part of jax
-        raise RuntimeError(f"jax.experimental.topologies is unavailable: {e}") from None
+    """The devices of TPU slice(s) ``name`` (see ``topology_name``), described on this host by libtpu."""
+    from jax.experimental import topologies
+
+    topology, slices = topology_name(name)
     # libtpu takes a machine-wide lock per process unless told otherwise, and these compiles need no TPU.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        topology = topologies.get_topology_desc(topology_name=topology_name(name), platform="tpu")
-    except ValueError:
-        raise
+        description = topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                                   **({"num_slices": slices} if slices > 1 else {}))
     except Exception as e:
-        hint = " (install libtpu: pip install 'jax[tpu]==0.11.2')" if "tpu" in str(e).lower() else ""
+        hint = " (is libtpu installed? pip install 'jax[tpu]==0.11.2')" if "tpu" in str(e).lower() else ""
         raise RuntimeError(f"cannot describe TPU topology {name!r}{hint}: {str(e).splitlines()[0]}") from None
-    return list(topology.devices)
+    return list(description.devices)
 
 
 # ------------------------------------------------------------------------------------------------ HLO accounting

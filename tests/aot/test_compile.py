@@ -22,11 +22,17 @@ def v5p_devices():
     return aot.topology_devices("v5p:2x2x1")
 
 
-@pytest.mark.parametrize("name, want", [("v5p:2x2x1", "v5p:2x2x1"), ("v5p-8", "v5p:2x2x1"), ("v5p-512", "v5p:4x8x8"),
-                                        ("v5p-1024", "v5p:8x8x8"), ("v6e-256", "v6e:16x16"),
-                                        ("v5litepod-16", "v5e:4x4"), ("v4-8", "v4:2x2x1")])
+@pytest.mark.parametrize("name, want", [("v5p:2x2x1", ("v5p:2x2x1", 1)), ("v5p-8", ("v5p:2x2x1", 1)),
+                                        ("v5p-512", ("v5p:4x8x8", 1)), ("v5p-1024", ("v5p:8x8x8", 1)),
+                                        ("v6e-256", ("v6e:16x16", 1)), ("v6e-256x2", ("v6e:16x16", 2)),
+                                        ("v5litepod-16", ("v5e:4x4", 1)), ("v4-8", ("v4:2x2x1", 1))])
 def test_slice_names(name, want):
     assert aot.topology_name(name) == want
+
+
+def test_two_slices_give_twice_the_devices():
+    devices = aot.topology_devices("v5p-8x2")
+    assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
 
 
 @pytest.mark.parametrize("name, message", [("v7x-8", "slice name"), ("v5p-6", "come in sizes"), ("v5p", "slice name")])
