@@ -81,8 +81,6 @@ class RunConfig(Config):
             raise ConfigError(f"RunConfig.keep: must be >= 1 or None, got {self.keep}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"RunConfig.seed: must be in [0, 2**32), got {self.seed}")
-        if self.eval_every and self.eval_data is None:
-            raise ConfigError("RunConfig.eval_every is set but eval_data is not: name the held-out data")
         if self.mesh is not None:
             from sharding.mesh import parse_mesh_spec
             try:
