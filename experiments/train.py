@@ -59,8 +59,9 @@ FIELD_FLAGS = {
     "grad_accum": ("train.grad_accum",),
     "ce_chunk": ("train.ce_chunk_size",),
 }
+BOOL_FLAGS = ("fsdp",)
 for _name, _fields in FIELD_FLAGS.items():
-    flags.DEFINE_string(_name, None, f"Sets {' and '.join(_fields)}.")
+    (flags.DEFINE_bool if _name in BOOL_FLAGS else flags.DEFINE_string)(_name, None, f"Sets {' and '.join(_fields)}.")
 
 
 def field_overrides(set_items: list[str]) -> list[str]:

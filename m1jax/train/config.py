@@ -42,6 +42,8 @@ class TrainConfig(Config):
             raise ConfigError(f"TrainConfig.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.total_steps < 1:
             raise ConfigError(f"TrainConfig.total_steps: must be >= 1, got {self.total_steps}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"TrainConfig.clip_norm: must be > 0, or None for no clipping, got {self.clip_norm}")
         if self.ce_chunk_size < 1:
             raise ConfigError(f"TrainConfig.ce_chunk_size: must be >= 1, got {self.ce_chunk_size}")
 

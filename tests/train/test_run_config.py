@@ -14,6 +14,7 @@ from m1jax.train import ResumeConflict, RunConfig, TrainConfig, check_start, res
     (lambda: TrainConfig(learning_rate="big"), "TrainConfig.learning_rate: expected a number, got str 'big'"),
     (lambda: TrainConfig(grad_accum=1.5), "TrainConfig.grad_accum: expected an integer"),
     (lambda: TrainConfig(grad_accum=0), "TrainConfig.grad_accum: must be >= 1"),
+    (lambda: TrainConfig(clip_norm=0.0), "TrainConfig.clip_norm: must be > 0, or None for no clipping"),
     (lambda: TrainConfig(ce_implementation="fused"), "TrainConfig.ce_implementation: must be one of"),
     (lambda: RunConfig(batch=True), "RunConfig.batch: expected an integer, got bool True"),
     (lambda: RunConfig(steps=-1), "RunConfig.steps: must be >= 0"),
