@@ -19,6 +19,7 @@ import numpy as np
 from m1jax.data.batch import BATCH_KEYS, DataError
 from m1jax.data.packing import PackedTokenSource
 from m1jax.data.synthetic import arithmetic_source
+from sharding.multihost import global_array, local_rows
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -84,8 +85,6 @@ class ShardedBatchLoader:
     """Global ``jax.Array`` batches ``[global_batch, T]`` laid out by ``sharding``, built from this process's rows."""
 
     def __init__(self, source, global_batch: int, sharding):
-        from sharding.multihost import local_rows
-
         self.sharding = sharding
         self.shape = (global_batch, source.seq_len)
         self.host = BatchLoader(source, global_batch, local_rows(sharding, self.shape))
@@ -102,8 +101,6 @@ class ShardedBatchLoader:
         return self
 
     def __next__(self) -> dict:
-        from sharding.multihost import global_array
-
         return {k: global_array(v, self.sharding, self.shape) for k, v in next(self.host).items()}
 
     def state(self) -> dict:

@@ -29,6 +29,8 @@ from m1jax.train.run_dir import check_start, checkpoint_dir
 from m1jax.train.state import (TrainState, abstract_train_state, create_train_state, init_train_state,
                                train_state_shardings)
 from m1jax.train.step import host_metrics, make_train_step
+from sharding.mesh import make_mesh
+from sharding.rules import batch_sharding
 
 EVAL_SEED_OFFSET = 1_000_003  # the held-out stream's seed: run.seed + this, so it never replays a training stream
 
@@ -50,7 +52,6 @@ class Trainer:
         self.log = log
         self.primary = jax.process_index() == 0
         if mesh is None:
-            from sharding.mesh import make_mesh
             try:
                 mesh = make_mesh(run.mesh)
             except ValueError as e:
@@ -65,10 +66,11 @@ class Trainer:
         self.seq_len = self.source.seq_len
         self.graphdef, self.abstract = abstract_train_state(model, train)
         self.state_shardings = train_state_shardings(self.abstract, mesh, run.fsdp)
-        from sharding.rules import batch_sharding
         self.batch_sharding = batch_sharding(mesh, (run.batch, self.seq_len))
         batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
         self.step_fn = make_train_step(self.graphdef, train, self.state_shardings, batch_shardings, fsdp=run.fsdp)
+        self.flops = train_flops_per_token(model, self.seq_len)
+        self.peak = run.peak_tflops or peak_tflops()
         self.evaluators = dict(evaluators or {})
         if run.eval_data is not None:
             held_out = make_source(run.eval_data, self.seq_len, (run.seed + EVAL_SEED_OFFSET) % 2**32)
@@ -95,6 +97,30 @@ class Trainer:
         if self.primary:
             self.log(text)
 
+    def _restore_or_init(self, checkpointer: ckpt.Checkpointer, loader: ShardedBatchLoader,
+                         resume: bool) -> tuple[TrainState, int | None]:
+        """(state, the step restored or None): the latest checkpoint (state and loader) when resuming, else step 0."""
+        start = checkpointer.latest_step() if resume else None
+        if start is None:
+            return self.initial_state(), None
+        state, data_states = checkpointer.restore(ckpt.with_shardings(self.abstract, self.state_shardings), start)
+        loader.restore(data_states)
+        self.log(f"resumed from {checkpointer.step_path(start)}")
+        return state, start
+
+    def _step_values(self, step: int, state: TrainState, step_metrics: dict, seconds: float) -> dict[str, float]:
+        """The metrics record of ``step``: the step's metrics, throughput, MFU, and the evaluations due."""
+        run = self.run
+        values = host_metrics(step_metrics)
+        values["step_time_s"] = seconds
+        values["tokens_per_s"] = run.batch * self.seq_len / seconds
+        if self.peak:
+            values["mfu"] = self.flops * values["tokens_per_s"] / (self.peak * 1e12 * self.mesh.size)
+        if self.evaluators and run.eval_every and (step % run.eval_every == 0 or step == run.steps):
+            for name, evaluate in self.evaluators.items():
+                values.update({f"{name}/{k}": float(v) for k, v in evaluate(state).items()})
+        return values
+
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self, *, resume: bool = False, allow_config_change: bool = False,
             pause_at_step: int | None = None) -> TrainState:
@@ -105,76 +131,61 @@ class Trainer:
         checkpoint are written, print ``PAUSED at step N`` and wait for a signal.
         """
         run, tc = self.run, self.tc
-        changes = check_start(self.workdir, {"model": self.model_cfg, "train": tc, "run": run}, resume=resume,
-                              allow_config_change=allow_config_change)
-        for line in changes:
+        for line in check_start(self.workdir, {"model": self.model_cfg, "train": tc, "run": run}, resume=resume,
+                                allow_config_change=allow_config_change):
             self._say(f"config change accepted: {line}")
         if self.primary:
             os.makedirs(self.workdir, exist_ok=True)
             write_config(self.workdir, model=self.model_cfg, train=tc, run=run)
         checkpointer = ckpt.Checkpointer(checkpoint_dir(self.workdir), max_to_keep=run.keep)
         loader = ShardedBatchLoader(self.source, run.batch, self.batch_sharding)
-        start = checkpointer.latest_step() if resume else None
-        if start is not None:
-            state, data_states = checkpointer.restore(ckpt.with_shardings(self.abstract, self.state_shardings), start)
-            loader.restore(data_states)
-            self.log(f"resumed from {checkpointer.step_path(start)}")
-        else:
-            state = self.initial_state()
+        state, start = self._restore_or_init(checkpointer, loader, resume)
         metrics = MetricsLogger(self.workdir, resume_step=start or 0, wandb=run.wandb, enabled=self.primary,
                                 log=self.log)
         step = int(state.step)
-        flops = train_flops_per_token(self.model_cfg, self.seq_len)
-        peak = run.peak_tflops or peak_tflops()
         counts = self.model_cfg.param_counts()
         self._say(f"model {counts['total']:,} params ({counts['active_with_head']:,} active with head); mesh "
                   f"{dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))} over {jax.process_count()} "
-                  f"process(es); batch {run.batch} x {self.seq_len}; {flops / 1e9:.3f} GFLOP/token")
+                  f"process(es); batch {run.batch} x {self.seq_len}; {self.flops / 1e9:.3f} GFLOP/token")
         last_saved = start
 
-        def save(at_step: int, data_state: dict) -> None:
+        def save(at_step: int, data_state: dict) -> None:  # every process, at the same step
             nonlocal last_saved
             if last_saved != at_step:
                 checkpointer.save(at_step, state, data_state, force=True)
                 last_saved = at_step
 
-        data_state = loader.state()
-        stop = False
-        with PreemptionGuard() as guard:
-            batch = next(loader) if step < run.steps else None
-            while step < run.steps and not stop:
-                t0 = time.perf_counter()
-                state, step_metrics = self.step_fn(state, batch)
-                step += 1
-                data_state = loader.state()  # after this step's batch: where a resume continues
-                batch = next(loader) if step < run.steps else None  # read while the device works
-                values = host_metrics(step_metrics)
-                dt = time.perf_counter() - t0
-                values["step_time_s"] = dt
-                values["tokens_per_s"] = run.batch * self.seq_len / dt
-                if peak:
-                    values["mfu"] = flops * values["tokens_per_s"] / (peak * 1e12 * self.mesh.size)
-                if self.evaluators and run.eval_every and (step % run.eval_every == 0 or step == run.steps):
-                    for name, evaluate in self.evaluators.items():
-                        values.update({f"{name}/{k}": float(v) for k, v in evaluate(state).items()})
-                metrics.write(step, values)
-                if step % run.log_every == 0 or step == run.steps:
-                    self._say(progress_line(step, run.steps, values))
-                if step % run.save_every == 0 or step == run.steps:
+        try:
+            data_state = loader.state()
+            stop = False
+            with PreemptionGuard() as guard:
+                batch = next(loader) if step < run.steps else None
+                while step < run.steps and not stop:
+                    t0 = time.perf_counter()
+                    state, step_metrics = self.step_fn(state, batch)
+                    step += 1
+                    data_state = loader.state()  # after this step's batch: where a resume continues
+                    batch = next(loader) if step < run.steps else None  # read while the device works
+                    values = self._step_values(step, state, step_metrics, time.perf_counter() - t0)
+                    metrics.write(step, values)
+                    if step % run.log_every == 0 or step == run.steps:
+                        self._say(progress_line(step, run.steps, values))
+                    if step % run.save_every == 0 or step == run.steps:
+                        save(step, data_state)
+                    stop = guard.agreed()
+                    if pause_at_step == step and not stop:
+                        checkpointer.wait()
+                        self.log(f"PAUSED at step {step}")
+                        while not stop:
+                            time.sleep(0.05)
+                            stop = guard.agreed()
+                if stop:
+                    self.log(f"stop requested{f' (signal {guard.signal})' if guard.signal else ''}: saving step "
+                             f"{step} and exiting")
                     save(step, data_state)
-                stop = guard.agreed()
-                if pause_at_step == step and not stop:
-                    checkpointer.wait()
-                    self.log(f"PAUSED at step {step}")
-                    while not stop:
-                        time.sleep(0.05)
-                        stop = guard.agreed()
-            if stop:
-                self.log(f"stop requested{f' (signal {guard.signal})' if guard.signal else ''}: saving step {step} "
-                         f"and exiting")
-                save(step, data_state)
-        checkpointer.close()
-        metrics.close()
+        finally:  # an in-flight save completes even when the loop fails
+            checkpointer.close()
+            metrics.close()
         self._say(f"done at step {step}; checkpoints {checkpointer.all_steps()} in {checkpointer.directory}")
         self.state = state
         return state
