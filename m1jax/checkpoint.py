@@ -1,23 +1,25 @@
-"""Orbax checkpoints of the training state: async saves, keep-N, resharding restore, atomicity, preemption.
+"""Orbax checkpoints of the training state: async saves, keep-N, resharding restore, atomicity.
 
-``Checkpointer(directory)`` wraps ``orbax.checkpoint.CheckpointManager`` (the stable v0 API, spec jax-notes 8.6). A step
-holds two items: ``state`` (every array of a ``TrainState``: step, params, optimizer state, rng; flattened to a
+``Checkpointer(directory)`` wraps ``orbax.checkpoint.CheckpointManager`` (the stable v0 API). A step holds two items:
+``state`` (every array of a ``TrainState``: step, params, optimizer state, rng; flattened to a
 ``{"params.embed_tokens.embedding.value": array}`` dict so the on-disk names do not depend on pytree node classes) and
-``data`` (the data iterator's JSON state). ``restore(abstract_state)`` reads onto the shardings carried by the
-abstract state's ``ShapeDtypeStruct.sharding``, so a checkpoint written on one mesh restores on any other mesh or
-device count.
+``data`` (each process's data-loader state, one JSON file per process: ``data/process_<i>.json``). ``restore``
+reads the arrays onto the shardings carried by the abstract state's ``ShapeDtypeStruct.sharding``, so a checkpoint
+written on one mesh restores on any other mesh, device count or process count, and returns the data states of every
+process that saved (a loader keyed by global row picks its rows from them).
 
 Atomicity comes from orbax: a step is written into ``<step>.orbax-checkpoint-tmp-*`` and renamed to ``<step>`` only
-when complete, and temporary directories are never listed as steps. A step whose files are damaged afterwards fails
-to restore with ``CheckpointError`` naming its path.
-
-``PreemptionGuard`` turns SIGTERM (TPU/GPU preemption) into a flag the training loop polls: save, wait, exit 0.
+when every process has finished writing, and temporary directories are never listed as steps. A step whose files are
+damaged afterwards fails to restore with ``CheckpointError`` naming its path.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
+import json
 import os
-import signal
-from typing import Any
+import re
+from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -68,8 +70,58 @@ def with_shardings(abstract_tree, shardings) -> Any:
                                   abstract_tree, shardings)
 
 
+# ------------------------------------------------------------------------------------------------ data states
+class ProcessJsonHandler(ocp.JsonCheckpointHandler):
+    """Every process writes its own JSON mapping (``process_<i>.json``); restore reads all of them, in process order.
+
+    orbax's ``JsonCheckpointHandler`` writes on the primary process only, which would keep one process's data state.
+    """
+
+    async def async_save(self, directory, item=None, args=None):
+        item = args.item if args is not None else item
+        text = json.dumps(dict(item or {}))
+        path = directory / f"process_{jax.process_index()}.json"
+
+        async def write():
+            path.write_text(text)
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="process_json_save")]
+
+    def restore(self, directory, item=None, args=None) -> list[dict]:
+        files = glob.glob(os.path.join(os.fspath(directory), "process_*.json"))
+        index = {int(re.fullmatch(r"process_(\d+)\.json", os.path.basename(f)).group(1)): f for f in files}
+        if sorted(index) != list(range(len(index))):
+            raise CheckpointError(f"{directory}: per-process data states {sorted(index)} are not 0..n-1")
+        states = []
+        for i in range(len(index)):
+            with open(index[i]) as fh:
+                states.append(json.load(fh))
+        return states
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+    item: Mapping[str, Any]
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+    item: Any = None
+
+
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """Complete checkpoint steps in ``directory`` (orbax's ``<step>`` directories), without starting orbax or JAX:
+    entry points call this before the processes are joined."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
 class Checkpointer:
-    """Save/restore ``TrainState`` + data-iterator state under ``directory/<step>/``."""
+    """Save/restore ``TrainState`` + this process's data-loader state under ``directory/<step>/``."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
                  async_save: bool = True):
@@ -79,9 +131,12 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
 
     def save(self, step: int, state, data_state: dict | None = None, *, force: bool = False) -> bool:
-        """Start saving (async); returns whether a save was started (``save_interval_steps`` unless ``force``)."""
+        """Start saving (async); returns whether a save was started (``save_interval_steps`` unless ``force``).
+
+        Every process calls it at the same step (a collective); ``data_state`` is this process's own JSON mapping.
+        """
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(flatten_state(state)),
-                                     DATA: ocp.args.JsonSave(data_state or {})})
+                                     DATA: ProcessJsonSave(data_state or {})})
         return self.manager.save(int(step), args=args, force=force)
 
     def latest_step(self) -> int | None:
@@ -93,8 +148,9 @@ class Checkpointer:
     def step_path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
-        """(state, data_state) of ``step`` (default: the latest), read onto ``abstract_state``'s shardings."""
+    def restore(self, abstract_state, step: int | None = None) -> tuple[Any, list[dict]]:
+        """(state, data states) of ``step`` (default: the latest), the arrays read onto ``abstract_state``'s
+        shardings; the data states are those of every process that saved, in process order."""
         self.manager.wait_until_finished()
         step = self.latest_step() if step is None else step
         if step is None or step not in self.all_steps():
@@ -103,7 +159,7 @@ class Checkpointer:
         target = restore_target(abstract_state)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardRestore(target), DATA: ocp.args.JsonRestore()}))
+                **{STATE: ocp.args.StandardRestore(target), DATA: ProcessJsonRestore()}))
         except Exception as e:  # orbax/tensorstore raise many types; all mean this step cannot be read
             raise CheckpointError(f"checkpoint {path} is truncated, corrupt or does not match the target state: "
                                   f"{type(e).__name__}: {str(e)[:500]}") from e
@@ -115,7 +171,7 @@ class Checkpointer:
             got = flat[name]
             if tuple(got.shape) != tuple(t.shape):
                 raise CheckpointError(f"checkpoint {path}: {name} has shape {tuple(got.shape)}, expected {t.shape}")
-        return unflatten_state(flat, abstract_state), dict(restored[DATA] or {})
+        return unflatten_state(flat, abstract_state), list(restored[DATA] or [])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -149,29 +205,3 @@ def load_params(directory: str | os.PathLike, abstract_params) -> Any:
                 raise CheckpointError(f"parameter checkpoint {path} is truncated, corrupt or mis-shaped: "
                                       f"{type(e).__name__}: {str(e)[:500]}") from e
     return unflatten_state(flat, abstract_params)
-
-
-# ------------------------------------------------------------------------------------------------ preemption
-class PreemptionGuard:
-    """Context manager: while active, SIGTERM (and optionally SIGINT) sets ``requested`` instead of killing the
-    process, so the loop can finish its step, save and exit cleanly. Previous handlers are restored on exit."""
-
-    def __init__(self, signals=(signal.SIGTERM,)):
-        self.signals = tuple(signals)
-        self.requested = False
-        self.signal = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        self.signal = signum
-
-    def __enter__(self):
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        return False

@@ -38,7 +38,7 @@ def test_two_processes_match_one(tmp_path):
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.skip(f"two-process run did not finish in {TIMEOUT_S}s (machine too loaded?)")
+        pytest.fail(f"two-process run did not finish in {TIMEOUT_S}s")
     if any(p.returncode for p in procs):
         text = "\n".join(logs)
         if "UNIMPLEMENTED" in text or "collectives" in text.lower() and "not supported" in text.lower():

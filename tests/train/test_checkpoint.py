@@ -1,4 +1,6 @@
-"""Orbax checkpoints: resharding restore across meshes (8 fake CPU devices), atomicity, damaged files, preemption."""
+"""Orbax checkpoints: resharding restore across meshes (8 fake CPU devices), per-process data states, atomicity,
+damaged files; the preemption guard."""
+import json
 import os
 import shutil
 import signal
@@ -9,6 +11,7 @@ import pytest
 
 from m1jax import checkpoint as C
 from m1jax import train as T
+from m1jax.train.preemption import PreemptionGuard
 from m1jax.config import ModelConfig, m1_layer_types
 from m1jax.safetensors_io import CheckpointError
 from sharding.mesh import make_mesh
@@ -45,8 +48,8 @@ def test_restore_on_another_mesh(saved, mesh_spec, n_devices):
     target, mesh = _target(mesh_spec, devices=jax.devices()[:n_devices])
     ck = C.Checkpointer(directory)
     assert ck.all_steps() == [2, 3]  # keep-2
-    state, data_state = ck.restore(target)
-    assert data_state == {"epoch": 0, "doc": 3, "offset": 5, "seed": 1}
+    state, data_states = ck.restore(target)
+    assert data_states == [{"epoch": 0, "doc": 3, "offset": 5, "seed": 1}]  # one saving process
     for got, want, tgt in zip(jax.tree_util.tree_leaves(state), host, jax.tree_util.tree_leaves(target)):
         np.testing.assert_array_equal(np.asarray(got), want)  # exact
         assert got.sharding == tgt.sharding
@@ -88,8 +91,29 @@ def test_truncated_checkpoint_is_refused(saved, tmp_path):
         C.Checkpointer(work).restore(target, step=7)
 
 
-def test_preemption_guard_turns_sigterm_into_a_flag():
-    with C.PreemptionGuard() as guard:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert guard.requested and guard.signal == signal.SIGTERM
+def test_data_states_of_several_processes_come_back_in_process_order(tmp_path):
+    """Each process writes its own data state (process_<i>.json); restore returns them all, in process order."""
+    directory = tmp_path / "ck" / "4" / "data"
+    directory.mkdir(parents=True)
+    for i, rows in ((1, {"2": {"next_index": 4}}), (0, {"0": {"next_index": 4}})):
+        (directory / f"process_{i}.json").write_text(json.dumps({"rows": rows}))
+    assert C.ProcessJsonHandler().restore(directory) == [{"rows": {"0": {"next_index": 4}}},
+                                                          {"rows": {"2": {"next_index": 4}}}]
+    (directory / "process_3.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"\[0, 1, 3\] are not 0..n-1"):
+        C.ProcessJsonHandler().restore(directory)
+    assert C.saved_steps(tmp_path / "ck") == [4] and C.saved_steps(tmp_path / "none") == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_guard_turns_signals_into_a_flag(signum):
+    with PreemptionGuard() as guard:
+        assert not guard.agreed()
+        os.kill(os.getpid(), signum)
+        assert guard.requested and guard.signal == signum
+        assert guard.agreed()  # one process: its own flag decides
+        if signum == signal.SIGINT:  # a second Ctrl-C does not wait for the save
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from m1jax import train as T
-from m1jax.config import ModelConfig, m1_layer_types
+from m1jax.config import ConfigError, ModelConfig, m1_layer_types
 from m1jax.data import rows_to_batch
 from sharding.mesh import make_mesh
 
@@ -59,7 +59,7 @@ def test_loss_and_accumulation(start):
     no_aux, _ = T.abstract_train_state(CFG.replace(router_aux_loss_coef=0.0), tc)
     results = {}
     for accum in (1, 2):
-        tc_a = T.TrainConfig(**{**tc.__dict__, "grad_accum": accum})
+        tc_a = tc.replace(grad_accum=accum)
         state, m = T.make_train_step(no_aux, tc_a)(jax.device_put(host_state), batch)
         results[accum] = (T.host_metrics(m), jax.device_get(state.params))
     m1, p1 = results[1]
@@ -113,7 +113,7 @@ def test_m1_adamw_defaults_and_schedules():
     assert [float(lin(s)) for s in (0, 5, 10)] == pytest.approx([2.0, 1.0, 0.0])
     const = T.make_schedule(T.TrainConfig(learning_rate=3.0, schedule="constant", warmup_steps=2))
     assert [float(const(s)) for s in (0, 1, 2, 50)] == pytest.approx([0.0, 1.5, 3.0, 3.0])
-    with pytest.raises(ValueError, match="schedule"):
+    with pytest.raises(ConfigError, match=r"TrainConfig.schedule: must be one of \['cosine', 'linear', 'constant'\]"):
         T.TrainConfig(schedule="step")
 
 

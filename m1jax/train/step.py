@@ -1,0 +1,78 @@
+"""One optimizer update as a jitted function: ``(state, batch) -> (state, metrics)`` with the state donated.
+
+A batch is a dict of ``[B, T]`` arrays (``m1jax.data.batch``): ``inputs``, ``targets``, ``loss_mask``,
+``segment_ids`` (packed documents; on GPU the softmax layers then use a segment-masked flash kernel, and without
+them cuDNN's fused attention) and ``positions``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from m1jax.data.batch import BATCH_KEYS
+from m1jax.train.config import TrainConfig
+from m1jax.train.loss import lm_loss
+from m1jax.train.optimizer import make_optimizer, make_schedule
+from m1jax.train.state import TrainState
+from sharding.rules import fsdp_params
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tc: TrainConfig) -> tuple[TrainState, dict]:
+    """One optimizer update over ``tc.grad_accum`` micro-batches (a scan; gradients summed in fp32)."""
+    a = tc.grad_accum
+    b = batch["inputs"].shape[0]
+    if b % a:
+        raise ValueError(f"batch size {b} is not divisible by grad_accum={a}")
+    n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    micro = {k: v.reshape(a, b // a, *v.shape[1:]) for k, v in batch.items()}
+    grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
+
+    def one(grads, mb):
+        (_, (nll_sum, aux)), g = grad_fn(state.params, graphdef, mb, tc, n_tokens)
+        return jax.tree_util.tree_map(jnp.add, grads, g), (nll_sum, aux)
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    grads, (nll_sums, auxes) = jax.lax.scan(one, zeros, micro)
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": jnp.sum(nll_sums) / n_tokens, "aux_loss": jnp.mean(auxes), "grad_norm": optax.tree.norm(grads),
+               "learning_rate": make_schedule(tc)(state.step), "tokens": n_tokens}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+
+
+def batch_shardings(mesh: jax.sharding.Mesh, shape, keys=BATCH_KEYS) -> dict[str, NamedSharding]:
+    """Every batch array [B, T] sharded by the rules' ("batch", "length") mapping."""
+    from sharding.rules import batch_sharding
+
+    sharding = batch_sharding(mesh, tuple(shape))
+    return {k: sharding for k in keys}
+
+
+def make_train_step(graphdef, tc: TrainConfig, state_shardings: Any = None, batch_shardings: Any = None,
+                    fsdp: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """jit(train_step) with the state donated; with shardings, inputs and outputs keep that placement and the
+    metrics come back replicated.
+
+    ``fsdp``: the params are FSDP-sharded (``train_state_shardings(..., fsdp=True)``); the step is then traced under
+    ``sharding.rules.fsdp_params()`` so each weight is cast to the compute dtype on its shard and all-gathered in
+    bf16, not fp32. Entered inside the traced function: the setting is not part of jit's cache key.
+    """
+    def fn(state, batch):
+        with fsdp_params(fsdp):
+            return train_step(state, batch, graphdef=graphdef, tc=tc)
+    if state_shardings is None:
+        return jax.jit(fn, donate_argnums=0)
+    replicated = NamedSharding(jax.tree_util.tree_leaves(state_shardings)[0].mesh, P())
+    return jax.jit(fn, donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated))
+
+
+def host_metrics(metrics: dict) -> dict[str, float]:
+    """Replicated device scalars -> Python floats (blocks until the step that produced them is done)."""
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}
