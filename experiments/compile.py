@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from absl import app, flags
 
@@ -41,26 +40,40 @@ flags.DEFINE_string("out", None, "Write the report as JSON here.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from m1jax.errors import UserError, user_errors
+
+    with user_errors():
+        if len(argv) > 1:
+            raise UserError(f"unexpected arguments: {argv[1:]}")
+        cfg, devices, mesh = _inputs()
+        _compile_all(cfg, devices, mesh)
+
+
+def _inputs():
+    """(model config, slice devices, mesh), every flag checked before any compile."""
     from m1jax import aot
-    from m1jax.config import ConfigError
     from m1jax.config.files import load_model_config
+    from m1jax.errors import UserError
     from sharding.mesh import make_mesh
 
     unknown = sorted(set(FLAGS.workloads) - set(aot.WORKLOADS))
     if unknown:
-        raise app.UsageError(f"unknown workloads {unknown}; choose from {list(aot.WORKLOADS)}")
+        raise UserError(f"unknown workloads {unknown}; choose from {list(aot.WORKLOADS)}")
+    cfg = load_model_config(FLAGS.preset).override(FLAGS.set)
     try:
-        cfg = load_model_config(FLAGS.preset).override(FLAGS.set)
         aot.topology_name(FLAGS.topology)
-    except (ConfigError, ValueError) as e:
-        raise app.UsageError(str(e))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     devices = aot.topology_devices(FLAGS.topology)
     try:
         mesh = make_mesh(FLAGS.mesh, devices=devices)
     except ValueError as e:
-        raise app.UsageError(f"--mesh: {e}")
+        raise UserError(f"--mesh: {e}") from None
+    return cfg, devices, mesh
+
+
+def _compile_all(cfg, devices, mesh):
+    from m1jax import aot
     print(f"{FLAGS.topology}: {len(devices)} x {devices[0].device_kind}; mesh "
           f"{dict(zip(mesh.axis_names, mesh.axis_sizes))}; model {cfg.param_counts()['total']:,} parameters",
           flush=True)
@@ -68,31 +81,9 @@ def main(argv):
               "rl_update": dict(batch=FLAGS.batch, length=FLAGS.seq_len, new_tokens=FLAGS.new_tokens),
               "prefill": dict(batch=FLAGS.prefill_batch, length=FLAGS.prefill_length),
               "decode": dict(batch=FLAGS.decode_batch, length=FLAGS.decode_context)}
-    report = {"topology": FLAGS.topology, "devices": len(devices), "device_kind": devices[0].device_kind,
-              "mesh": dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))), "fsdp": FLAGS.fsdp,
-              "model": cfg.to_dict(), "workloads": {}}
-    failed = []
-    for workload in FLAGS.workloads:
-        t0 = time.perf_counter()
-        try:
-            compiled = aot.lower_workload(workload, cfg, mesh, fsdp=FLAGS.fsdp, **shapes[workload]).compile()
-        except Exception as e:  # noqa: BLE001 -- the compiler's refusal is the answer for this workload
-            text = str(e)
-            if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
-                raise
-            report["workloads"][workload] = {"shape": shapes[workload], "error": text[:4000]}
-            failed.append(f"{workload} does not fit {devices[0].device_kind}: the TPU compiler ran out of memory: "
-                          f"{text.splitlines()[0][:300]}")
-            print(failed[-1], flush=True)
-            continue
-        entry = dict(aot.compile_report(compiled, devices[0]), shape=shapes[workload],
-                     compile_seconds=round(time.perf_counter() - t0, 1))
-        report["workloads"][workload] = entry
-        print(_line(workload, entry), flush=True)
-        if entry.get("fits") is False:
-            failed.append(f"{workload} does not fit {devices[0].device_kind}: peak "
-                          f"{aot.format_bytes(entry['memory']['peak_bytes'])} per device > "
-                          f"{aot.format_bytes(entry['hbm_bytes'])} HBM")
+    report, failed = aot.compile_workloads(cfg, mesh, {w: shapes[w] for w in FLAGS.workloads}, fsdp=FLAGS.fsdp,
+                                           log=lambda line: print(line, flush=True))
+    report["topology"] = FLAGS.topology
     if FLAGS.out:
         with open(FLAGS.out, "w") as fh:
             json.dump(report, fh, indent=1)
@@ -100,16 +91,6 @@ def main(argv):
     if failed:
         print("\n".join(failed))
         raise SystemExit(1)
-
-
-def _line(workload: str, entry: dict) -> str:
-    from m1jax.aot import format_bytes
-    m = entry["memory"]
-    moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in entry["collectives"]["bytes"].items() if v)
-    return (f"{workload:9s} peak {format_bytes(m['peak_bytes'])} (args {format_bytes(m['argument_bytes'])}, "
-            f"temps {format_bytes(m['temp_bytes'])}, out {format_bytes(m['output_bytes'])}, aliased "
-            f"{format_bytes(m['alias_bytes'])})  {entry['flops'] / 1e12:.3f} TFLOP  collectives: {moved or 'none'}  "
-            f"[{entry['compile_seconds']}s]")
 
 
 if __name__ == "__main__":

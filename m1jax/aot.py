@@ -305,3 +305,49 @@ def _cache_sharding(leaf, mesh, batch: int):
     if leaf.ndim == 1 and leaf.shape[0] == batch:
         return NamedSharding(mesh, logical_to_mesh_spec(("batch",), shape=leaf.shape, mesh=mesh))
     return NamedSharding(mesh, P())
+
+
+def compile_workloads(cfg, mesh, shapes: dict[str, dict], *, fsdp: bool = False, log=print) -> tuple[dict, list[str]]:
+    """Compile each workload (``shapes``: workload -> ``lower_workload`` keyword arguments) for ``mesh``'s devices.
+
+    Returns (report, failures): the report has the mesh, the model config and per workload ``compile_report``'s
+    numbers (or the compiler's out-of-memory message); failures name each workload that does not fit the chip.
+    Other compiler errors propagate.
+    """
+    import time
+
+    device = mesh.devices.flat[0]
+    report = {"devices": int(mesh.devices.size), "device_kind": device.device_kind,
+              "mesh": dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))), "fsdp": fsdp, "model": cfg.to_dict(),
+              "workloads": {}}
+    failed = []
+    for workload, shape in shapes.items():
+        t0 = time.perf_counter()
+        try:
+            compiled = lower_workload(workload, cfg, mesh, fsdp=fsdp, **shape).compile()
+        except Exception as e:  # noqa: BLE001 -- the compiler's refusal for memory is this workload's answer
+            text = str(e)
+            if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+                raise
+            report["workloads"][workload] = {"shape": shape, "error": text[:4000]}
+            failed.append(f"{workload} does not fit {device.device_kind}: the TPU compiler ran out of memory: "
+                          f"{text.splitlines()[0][:300]}")
+            log(failed[-1])
+            continue
+        entry = dict(compile_report(compiled, device), shape=shape, compile_seconds=round(time.perf_counter() - t0, 1))
+        report["workloads"][workload] = entry
+        log(summary_line(workload, entry))
+        if entry.get("fits") is False:
+            failed.append(f"{workload} does not fit {device.device_kind}: peak "
+                          f"{format_bytes(entry['memory']['peak_bytes'])} per device > "
+                          f"{format_bytes(entry['hbm_bytes'])} HBM")
+    return report, failed
+
+
+def summary_line(workload: str, entry: dict) -> str:
+    m = entry["memory"]
+    moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in entry["collectives"]["bytes"].items() if v)
+    return (f"{workload:9s} peak {format_bytes(m['peak_bytes'])} (args {format_bytes(m['argument_bytes'])}, "
+            f"temps {format_bytes(m['temp_bytes'])}, out {format_bytes(m['output_bytes'])}, aliased "
+            f"{format_bytes(m['alias_bytes'])})  {entry['flops'] / 1e12:.3f} TFLOP  collectives: {moved or 'none'}  "
+            f"[{entry['compile_seconds']}s]")
