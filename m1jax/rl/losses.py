@@ -62,6 +62,15 @@ def default_knobs(name: str) -> dict[str, Any]:
     return dict(_DEFAULTS[name])
 
 
+def check_knobs(name: str, knobs: dict[str, Any]) -> None:
+    """Raise ValueError, as ``policy_loss`` would, if the static knobs (caps, clip ranges, aggregation) are unknown
+    for the loss or contradictory. The group layout of ``group_token_mean`` is data and is not checked here."""
+    knobs = dict(knobs)
+    if knobs.get("agg", _DEFAULTS.get(name, {}).get("agg")) == "group_token_mean":
+        knobs.setdefault("group_size", 1)
+    _resolve_knobs(name, knobs)
+
+
 def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
     """Policy loss L = -J for one minibatch.
 
