@@ -47,7 +47,7 @@ class RLConfig(Config):
                                    help="advantage norm (None: mean_only for drgrpo, else group_std)")
     dynamic_sampling: bool | None = setting(None, help="DAPO dynamic sampling (None: on for dapo/cispo/cispo_masked)")
     oversample: int = setting(2, help="prompts sampled per kept group under dynamic sampling")
-    steps: int = setting(40, help="RL steps (rollout batches)")
+    steps: int = setting(40, resume=False, help="RL steps (rollout batches); a resumed run may extend it")
     eval_every: int = setting(5, resume=False, help="evaluate every this many steps (and at the last)")
     eval_problems: int = setting(32, help="held-out problems")
     eval_samples: int = setting(8, help="samples per held-out problem at temperature 1")

@@ -7,6 +7,7 @@ host and back.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -18,7 +19,8 @@ from m1jax.rl.advantages import group_advantages, select_mixed_groups
 from m1jax.rl.rollout import Rollout
 from sharding.rules import constrain
 
-UPDATE_KEYS = ("tokens", "start", "mask", "sampler_logp", "advantages", "group_ids")
+# Python-side trace counts of the jitted gather (incremented only while tracing): the no-recompilation test reads it.
+TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,7 @@ def rollout_stats(lengths: np.ndarray, stop_reason: np.ndarray) -> dict:
 
 @jax.jit
 def _gather(rollout: Rollout, rows, weight, advantages, group_ids):
+    TRACE_COUNTS["gather"] += 1
     rows_2d, rows_1d = ("batch", None), ("batch",)
     return {"tokens": constrain(rollout.tokens[rows], rows_2d),
             "start": constrain(rollout.start[rows], rows_1d),

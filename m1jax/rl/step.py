@@ -150,9 +150,9 @@ def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateCo
     batch: tokens [B, P + N] int32, start [B] int32, mask [B, N] float, sampler_logp [B, N] float32, advantages [B]
     float32, group_ids [B] int32; B divisible by mu.
     arm, alternatives: ``alternatives`` are UpdateConfigs that differ from ``ucfg`` only in the loss, its knobs
-    (``KNOB_FIELDS``) and ``learning_rate``; all of them are compiled into this one program (``lax.switch`` over the losses, a table of
-    learning rates) and the traced int ``arm`` picks one: 0 is ``ucfg``, i is ``alternatives[i - 1]``. A grid of
-    loss arms and learning rates then costs one compilation instead of one each.
+    (``KNOB_FIELDS``) and ``learning_rate``; all of them are compiled into this one program (``lax.switch`` over the
+    losses, a table of learning rates) and the traced int ``arm`` picks one: 0 is ``ucfg``, i is
+    ``alternatives[i - 1]``. A grid of loss arms and learning rates then costs one compilation instead of one each.
     Returns (params, opt_state, metrics: dict of [mu] arrays, one entry per minibatch; a metric that the chosen loss
     does not produce is NaN).
     """
@@ -161,8 +161,8 @@ def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateCo
     arm_fields = ("loss", "learning_rate") + KNOB_FIELDS
     for other in alternatives:
         if other.replace(**{k: getattr(ucfg, k) for k in arm_fields}) != ucfg:
-            raise ValueError(f"alternative {other} differs from {ucfg} in more than the loss, its knobs and the "
-                             f"learning rate")
+            raise ValueError(f"alternative {other} differs from {ucfg} in more than loss, loss knobs and "
+                             f"learning_rate")
     b, n = batch["mask"].shape
     mu = ucfg.mu
     if b % mu:
