@@ -58,7 +58,8 @@ def run_experiment(workdir: str, task: Task, *, model: ModelConfig, sft: SFTConf
     else:
         _clear_run_outputs(workdir, checkpointer, primary, log)
 
-    cfg, graphdef, params = _starting_policy(workdir, task, model, sft, mesh, init_checkpoint, resuming, log)
+    cfg, graphdef, params = starting_policy(workdir, task, model, sft, mesh=mesh, init_checkpoint=init_checkpoint,
+                                           reuse_pretrained=resuming, log=log)
     learner = Learner(graphdef, task, config=rl, update=update, rollout=rollout, mesh=mesh)
     if primary:
         write_config(workdir, model=cfg, sft=sft, rollout=rollout, update=update, rl=learner.config,
@@ -78,10 +79,14 @@ def run_experiment(workdir: str, task: Task, *, model: ModelConfig, sft: SFTConf
     return records
 
 
-def _starting_policy(workdir, task, model, sft, mesh, init_checkpoint, resuming, log):
-    """(cfg, graphdef, params): from init_checkpoint, from workdir/pretrained when resuming, else pretrained now."""
-    pretrained = os.path.join(workdir, PRETRAINED)
-    source = init_checkpoint or (pretrained if resuming and os.path.isdir(pretrained) else None)
+def starting_policy(workdir: str, task: Task, model: ModelConfig, sft: SFTConfig, *,
+                    mesh: jax.sharding.Mesh | None = None, init_checkpoint: str | None = None,
+                    reuse_pretrained: bool = False, log=print):
+    """(cfg, graphdef, params) of the policy RL starts from: loaded from ``init_checkpoint`` (with ``model``'s
+    execution settings), or from ``workdir/pretrained`` when ``reuse_pretrained`` and it exists, else pretrained now
+    on the task (``m1jax.rl.pretrain``) and saved to ``workdir/pretrained``."""
+    pretrained = os.path.join(os.path.abspath(workdir), PRETRAINED)
+    source = init_checkpoint or (pretrained if reuse_pretrained and os.path.isdir(pretrained) else None)
     if source:
         cfg, graphdef, params = load_policy(source, mesh=mesh, **model.execution.to_dict())
         log(f"loaded the starting policy from {source}")
