@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from m1jax.config import Config, setting
+from m1jax.config import Config, ConfigError, setting
 from m1jax.rl.advantages import ADVANTAGE_NORMS
 from m1jax.rl.placement import Placement
 from m1jax.rl.rollout import Rollout, RolloutConfig, repeat_rows, sample
@@ -58,9 +58,9 @@ class RLConfig(Config):
     def validate(self) -> None:
         for name in ("prompts", "oversample", "eval_every", "eval_problems", "eval_samples"):
             if getattr(self, name) < 1:
-                raise ValueError(f"RLConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"RLConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.steps < 0 or self.checkpoint_every < 0:
-            raise ValueError("RLConfig.steps and checkpoint_every must be >= 0")
+            raise ConfigError("RLConfig.steps and checkpoint_every must be >= 0")
 
     def resolved(self, loss: str) -> "RLConfig":
         """adv_norm and dynamic_sampling filled in from the loss's recipe where None."""
@@ -191,7 +191,7 @@ class Learner:
         problems, samples = self.held_out, self.config.eval_samples
         subsets = {k: np.asarray(v, bool) for k, v in self.task.eval_subsets(problems).items()}
         out = {}
-        for name, temperature in (("acc", None), ("greedy_acc", 0.0)):
+        for name, temperature in (("acc", 1.0), ("greedy_acc", 0.0)):
             rollout = self.rollout(params, problems, key, group_size=samples, temperature=temperature)
             rewards = self.score_rows(rollout, problems, samples)["rewards"]
             per_problem = rewards.reshape(len(problems), samples).mean(axis=1)

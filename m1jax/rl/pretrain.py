@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from m1jax.config import Config, ModelConfig, setting
+from m1jax.config import Config, ConfigError, ModelConfig, setting
 from m1jax.rl.placement import Placement
 from m1jax.rl.task import Task
 from m1jax.train import TrainConfig, create_train_state, make_train_step
@@ -31,7 +31,7 @@ class SFTConfig(Config):
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch < 1:
-            raise ValueError(f"SFTConfig: steps and batch must be >= 1, got {self.steps}, {self.batch}")
+            raise ConfigError(f"SFTConfig: steps and batch must be >= 1, got {self.steps}, {self.batch}")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(learning_rate=self.learning_rate, schedule="cosine", warmup_steps=max(1, self.steps // 20),

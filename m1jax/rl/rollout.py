@@ -25,7 +25,7 @@ from flax import nnx
 
 from m1jax import generate
 from m1jax.cache import HybridCache
-from m1jax.config import Config, setting
+from m1jax.config import Config, ConfigError, setting
 from sharding.rules import constrain
 
 # Python-side trace counts of the jitted rollout (incremented only while tracing): the no-recompilation test reads it.
@@ -50,7 +50,7 @@ class RolloutConfig(Config):
 
     def validate(self) -> None:
         if self.group_size < 1 or self.chunk_size < 1:
-            raise ValueError(f"RolloutConfig: group_size and chunk_size must be >= 1, got {self.group_size}, "
+            raise ConfigError(f"RolloutConfig: group_size and chunk_size must be >= 1, got {self.group_size}, "
                              f"{self.chunk_size}")
 
 
