@@ -251,16 +251,17 @@ class Learner:
 # ------------------------------------------------------------------------------------------------ checkpoints
 def save_state(checkpointer, state: RLState) -> None:
     """Save ``state`` as checkpoint step ``state.step`` (asynchronously; ``checkpointer.wait()`` to finish)."""
-    checkpointer.save(state.step, state.arrays(), {"rl_step": state.step}, force=True)
+    checkpointer.save(state.step, state.arrays(), force=True)
 
 
 def restore_state(checkpointer, like: RLState, step: int | None = None) -> RLState:
     """The state saved at ``step`` (default: the latest), read onto the shapes and shardings of ``like`` (e.g.
     ``Learner.init_state(params)``)."""
+    step = checkpointer.latest_step() if step is None else step
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                       like.arrays())
-    arrays, data = checkpointer.restore(abstract, step)
-    return RLState(step=int(data["rl_step"]), params=arrays["params"], opt_state=arrays["opt_state"])
+    arrays, _ = checkpointer.restore(abstract, step)
+    return RLState(step=int(step), params=arrays["params"], opt_state=arrays["opt_state"])
 
 
 # ------------------------------------------------------------------------------------------------ metrics
