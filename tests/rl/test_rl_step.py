@@ -202,22 +202,19 @@ def test_old_logp_from_the_trainer(policy):
     batch = _synthetic_batch(samples, seed=3)
     loss, knobs, mu, lr = "cispo_masked", {"ratio_max": 1.28}, 2, 1e-2
     trainer_logp = np.asarray(_plain_logprobs(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["start"])))
-    results = {}
-    for source in ("trainer", "sampler"):
-        ucfg = step.UpdateConfig(loss=loss, **knobs, mu=mu, learning_rate=lr, old_logp=source)
-        fresh = jax.tree_util.tree_map(jnp.copy, params)
-        results[source] = step.make_rl_update(graphdef, ucfg)(fresh, step.init_opt_state(fresh, ucfg), batch)
-    got, _, metrics = results["trainer"]
+    # Had the sampler's (perturbed) log-probs been used, minibatch 0 would cap and mask many tokens.
+    active = batch["mask"] > 0
+    assert np.mean(np.exp(trainer_logp - batch["sampler_logp"])[active] > 1.28) > 0.05
+    ucfg = step.UpdateConfig(loss=loss, **knobs, mu=mu, learning_rate=lr, old_logp="trainer")
+    fresh = jax.tree_util.tree_map(jnp.copy, params)
+    got, _, metrics = step.make_rl_update(graphdef, ucfg)(fresh, step.init_opt_state(fresh, ucfg), batch)
     want, want_norms = _hand_loop(model, dict(batch, sampler_logp=trainer_logp), loss, mu, knobs, lr)
     np.testing.assert_allclose(metrics["grad_norm"], want_norms, rtol=1e-4)
-    # At the pre-update params r = 1 exactly on minibatch 0: nothing is capped or masked there.
+    # At the pre-update params r = 1 on minibatch 0: nothing is capped or masked there.
     assert metrics["is_cap_frac"][0] == 0 and metrics["ppo_clip_frac"][0] == 0, metrics
+    assert metrics["is_cap_frac"][1] > 0 or metrics["ppo_clip_frac"][1] > 0, metrics  # lr 1e-2 moves r off 1
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-3 * lr)
-    sampler_params = jax.tree_util.tree_leaves(results["sampler"][0])
-    apart = max(float(np.max(np.abs(np.asarray(g) - np.asarray(s))))
-                for g, s in zip(jax.tree_util.tree_leaves(got), sampler_params))
-    assert apart > 0.1 * lr, "the source of log pi_old made no difference: the test would not see a wrong one"
 
 
 def test_no_recompilation_across_rl_steps():
