@@ -1,9 +1,10 @@
-"""The CISPO reproduction grid (spec/rl-cispo.md section 5): one pretrained policy, every loss arm, mu = 8 and 1, seeds.
+"""The CISPO reproduction grid (docs/rl.md): one pretrained policy, every loss arm, mu = 8 and 1, seeds.
 
     python -m benchmarks.rl --out=/tmp/bench_rl                      # tiny CPU smoke of the whole pipeline
     python -m benchmarks.rl --out=/tmp/bench_rl --workers=2          # the same jobs in 2 worker processes
 
-Model, task and RL flags are experiments/rl.py's. The H100 reproduction is two device calls:
+Model, task and RL flags are experiments/rl.py's (``--set section.key=value`` included); each job is one run of the
+library's learner (m1jax.rl.learner). The H100 reproduction is two device calls:
 
     # 1. pretrain (no job: --deadline_s=0), diagnostics, fp32/bf16-head mismatch, solo probe; checkpoint in 15 MB parts
     python -m benchmarks.rl --out=$OUT --workdir=/tmp/rl $MODEL $TASK $RL --sft_steps=2500 --sft_batch=256 \
@@ -32,21 +33,20 @@ Stages (all in this process unless --workers > 1):
    loses only its own unfinished jobs. A ~15M-parameter model cannot fill an H100 (one run is bound by host work
    and kernel-launch latency), so independent runs side by side are how the grid fits one device call. The children
    share a persistent compilation cache that stage 3 has filled, so they do not compile the update again.
-   Per mu, all arms share one compiled update (``make_rl_update`` with alternatives: a traced arm index).
+   Per mu, all arms share one compiled update (the learner's ``alternatives``: a traced arm index).
 5. The analysis under --out: results.jsonl (every step record, tagged arm/mu/seed), summary.json and summary.md (the
    table), acc_mu<k>.png. With one worker it is rewritten after every job.
 
 Arms: the names of ARMS, optionally with a learning rate: ``dapo@3e-5`` is dapo at lr 3e-5 (else --lr), its own row
-in the table (spec 5.4's lr tuning on GRPO/DAPO and per-arm lr sweep). All learning rates of one mu still share one
+in the table (the lr tuning on GRPO/DAPO and the per-arm lr sweep). All learning rates of one mu still share one
 compiled update.
 
-The claim statistic (spec 5.5): a_D = DAPO's seed-mean accuracy at the final step S; s_C = the first evaluated step at
+The claim statistic: a_D = DAPO's seed-mean accuracy at the final step S; s_C = the first evaluated step at
 which an arm's seed-mean accuracy reaches a_D; s_C / S <= 0.5 is "CISPO matches DAPO in half the steps". The DAPO
 reference of ``arm@lr`` is ``dapo@lr`` (same mu) when the grid has it, else plain ``dapo``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import queue
@@ -55,11 +55,16 @@ import sys
 import tarfile
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from absl import app, flags, logging
 
 from experiments import rl
+
+if TYPE_CHECKING:  # the jax-importing modules load lazily, after _setup_jax has set the memory options
+    from m1jax.rl.learner import RLConfig
+    from m1jax.rl.step import UpdateConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/m1jax_bench_rl", "Output directory.")
@@ -84,7 +89,7 @@ flags.DEFINE_list("jobs", None, "Internal (workers): run only these jobs, arm:mu
 flags.DEFINE_integer("worker_id", None, "Internal: this process is worker i of a --workers run.")
 flags.DEFINE_float("t0_epoch", None, "Internal: the main process's start (time.time()), the deadline's origin.")
 
-# name -> (loss, knobs, adv_norm, dynamic sampling). Spec 5.4's arms.
+# name -> (loss, knobs, adv_norm, dynamic sampling): the reproduction's arms (docs/rl.md).
 ARMS = {
     "grpo": ("grpo", {}, "group_std", False),
     "dapo": ("dapo", {}, "group_std", True),
@@ -117,12 +122,12 @@ def parse_arm(name: str) -> tuple[str, float | None]:
     return base, rate
 
 
-def arm_settings(base: rl.RLSettings, arm: str, mu: int) -> rl.RLSettings:
+def arm_settings(update: UpdateConfig, config: RLConfig, arm: str, mu: int) -> tuple[UpdateConfig, RLConfig]:
+    """The update and loop configs of ``arm`` at ``mu``, from the base configs of the flags."""
     name, lr = parse_arm(arm)
     loss, knobs, adv_norm, ds = ARMS[name]
-    ucfg = dataclasses.replace(base.update, loss=loss, loss_knobs=tuple(knobs.items()), mu=mu,
-                               learning_rate=base.update.learning_rate if lr is None else lr)
-    return dataclasses.replace(base, update=ucfg, adv_norm=adv_norm, dynamic_sampling=ds)
+    update = update.with_loss(loss, **knobs).replace(mu=mu, learning_rate=update.learning_rate if lr is None else lr)
+    return update, config.replace(adv_norm=adv_norm, dynamic_sampling=ds)
 
 
 def grid_jobs(arms, mu1_arms, mus, seeds: int) -> list[tuple[str, int, int]]:
@@ -194,14 +199,17 @@ def _check_flags() -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------ diagnostics
-def carry_diagnostics(graphdef, params, task, tokenizer, n: int = 256, seed: int = 123) -> dict:
+def carry_diagnostics(graphdef, params, task, n: int = 256, seed: int = 123) -> dict:
     """Teacher-forced exact answers: mean probability of the correct digit at carry-in (fork) positions and
-    elsewhere (spec 5.3's check: about 1 - forget_prob at carries)."""
+    elsewhere (the pretraining check: about 1 - forget_prob at carries)."""
     import jax.numpy as jnp
 
-    from m1jax.rl.rollout import prompt_batch
     from m1jax.rl.step import response_logprobs
-    problems, prompts, start = prompt_batch(task, tokenizer, np.random.default_rng(seed), n)
+    from m1jax.rl.task import encode_prompts
+    from m1jax.rl.tasks import CharTokenizer
+    tokenizer = CharTokenizer()
+    problems = task.sample(np.random.default_rng(seed), n)
+    prompts, start = encode_prompts(task, problems)
     answers = np.full((n, task.max_answer_tokens), tokenizer.PAD, np.int32)
     carry = np.zeros(answers.shape, bool)
     mask = np.zeros(answers.shape, bool)
@@ -217,16 +225,20 @@ def carry_diagnostics(graphdef, params, task, tokenizer, n: int = 256, seed: int
             "p_correct_elsewhere": float(prob[~carry & mask].mean())}
 
 
-def mismatch(cfg, params, task, tokenizer, settings, head_scales=(1.0, 4.0)) -> list[dict]:
+def mismatch(cfg, params, task, base: dict, head_scales=(1.0, 4.0)) -> list[dict]:
     """Sampler vs trainer token-probability Pearson r with an fp32 and a bf16 LM head (both sides alike), on one
     rollout batch; the head kernel scaled by each of head_scales (larger logits, as M1's high-magnitude head)."""
     import jax
     import jax.numpy as jnp
 
     from m1jax.model import abstract_model
-    from m1jax.rl.rollout import prompt_batch, sample_groups
+    from m1jax.rl.rollout import repeat_rows, sample
     from m1jax.rl.step import pearson, response_logprobs
+    from m1jax.rl.task import encode_prompts
     from m1jax.train import split_model
+    rcfg = base["rollout"]
+    prompts, start = repeat_rows(*encode_prompts(task, task.sample(np.random.default_rng(7), base["rl"].prompts)),
+                                 rcfg.group_size)
     logprobs = jax.jit(response_logprobs, static_argnums=(0, 4), static_argnames="fp32_head")
     out = []
     for fp32 in (True, False):
@@ -234,41 +246,31 @@ def mismatch(cfg, params, task, tokenizer, settings, head_scales=(1.0, 4.0)) -> 
         for scale in head_scales:
             scaled = jax.tree_util.tree_map_with_path(
                 lambda path, x, scale=scale: x * scale if "lm_head" in jax.tree_util.keystr(path) else x, params)
-            _, prompts, start = prompt_batch(task, tokenizer, np.random.default_rng(7), settings.prompts)
-            s = sample_groups(graphdef, scaled, prompts, start, jax.random.key(7), settings.rollout)
-            trainer = logprobs(graphdef, scaled, jnp.asarray(s.tokens), jnp.asarray(s.start),
-                               s.sampler_logp.shape[1], fp32_head=fp32)
-            mask = jnp.asarray(s.response_mask)
+            s = sample(graphdef, scaled, prompts, start, jax.random.key(7), rcfg, pad_id=task.pad_id,
+                       stop_ids=task.stop_ids, max_new_tokens=task.max_new_tokens)
+            trainer = logprobs(graphdef, scaled, s.tokens, s.start, s.responses.shape[1], fp32_head=fp32)
+            mask = s.response_mask
             out.append({"head": "fp32" if fp32 else cfg.compute_dtype, "head_scale": scale,
-                        "pearson": float(pearson(jnp.exp(jnp.asarray(s.sampler_logp)), jnp.exp(trainer), mask)),
+                        "pearson": float(pearson(jnp.exp(s.sampler_logp), jnp.exp(trainer), mask)),
                         "max_abs_logp_diff": float(jnp.max(jnp.abs(trainer - s.sampler_logp) * mask)),
                         "tokens": int(mask.sum())})
     return out
 
 
 # ------------------------------------------------------------------------------------------------ running jobs
-class Updates:
-    """The compiled update of each mu, built on first use: every arm of that mu (``arms_for``) in one program."""
-
-    def __init__(self, graphdef, base: rl.RLSettings):
-        self.graphdef, self.base, self._by_mu = graphdef, base, {}
-
-    def __call__(self, mu: int):
-        if mu not in self._by_mu:
-            from m1jax.rl.step import make_rl_update
-            cfgs = [arm_settings(self.base, a, mu).update for a in arms_for(mu)]
-            self._by_mu[mu] = make_rl_update(self.graphdef, cfgs[0], alternatives=tuple(cfgs[1:]))
-        return self._by_mu[mu]
-
-
-def run_job(policy, base, updates: Updates, arm: str, mu: int, seed: int, *, steps: int | None = None,
+def run_job(policy, base: dict, arm: str, mu: int, seed: int, *, steps: int | None = None,
             eval_every: int | None = None, on_record=None) -> list[dict]:
-    """One RL run of `arm` at `mu` from the pretrained policy. policy: (task, tokenizer, graphdef, params, held_out).
+    """One RL run of `arm` at `mu` from the pretrained policy: a learner whose update program holds every arm of
+    this mu (``arms_for``), run at the arm's index. policy: (task, graphdef, params); base: the flags' configs.
     Returns its records (each tagged arm/mu/seed)."""
-    task, tokenizer, graphdef, params, held_out = policy
-    settings = arm_settings(base, arm, mu)
-    settings = dataclasses.replace(settings, steps=settings.steps if steps is None else steps,
-                                   eval_every=settings.eval_every if eval_every is None else eval_every)
+    from m1jax.rl.learner import Learner
+    task, graphdef, params = policy
+    updates = [arm_settings(base["update"], base["rl"], a, mu)[0] for a in arms_for(mu)]
+    _, config = arm_settings(base["update"], base["rl"], arm, mu)
+    config = config.replace(seed=seed, steps=config.steps if steps is None else steps,
+                            eval_every=config.eval_every if eval_every is None else eval_every)
+    learner = Learner(graphdef, task, config=config, update=updates[0], alternatives=updates[1:],
+                      rollout=base["rollout"])
     tag = {"arm": arm, "mu": mu, "seed": seed}
     records = []
 
@@ -277,12 +279,11 @@ def run_job(policy, base, updates: Updates, arm: str, mu: int, seed: int, *, ste
         if on_record is not None:
             on_record(records[-1])
 
-    rl.run_rl(graphdef, params, settings, task, tokenizer, held_out, seed=seed, eval_samples=FLAGS.eval_samples,
-              log=lambda m: None, on_record=keep, update=updates(mu), arm=arms_for(mu).index(arm))
+    learner.run(learner.init_state(params), arm=arms_for(mu).index(arm), on_record=keep, log=lambda m: None)
     return records
 
 
-def run_jobs(policy, base, updates: Updates, jobs, *, deadline_at: float, results, log, after_job=None) -> list:
+def run_jobs(policy, base, jobs, *, deadline_at: float, results, log, after_job=None) -> list:
     """Run `jobs` in order, appending every record to the open file `results` (JSON lines). A job is skipped once
     time.time() > deadline_at, or when this process's previous jobs of its mu (of any mu if none) took longer than
     the time left. Prints JOB_LINE / SKIP_LINE progress lines through `log`. Returns all records."""
@@ -298,7 +299,7 @@ def run_jobs(policy, base, updates: Updates, jobs, *, deadline_at: float, result
             results.flush()
 
         t_run = time.perf_counter()
-        job = run_job(policy, base, updates, arm, mu, seed, on_record=keep)
+        job = run_job(policy, base, arm, mu, seed, on_record=keep)
         took[mu] = max(took.get(mu, 0.0), time.perf_counter() - t_run)
         records += job
         evals = [r for r in job if "acc" in r]
@@ -310,7 +311,7 @@ def run_jobs(policy, base, updates: Updates, jobs, *, deadline_at: float, result
     return records
 
 
-def solo_probe(policy, base, updates: Updates, mus, steps: int, log) -> dict:
+def solo_probe(policy, base, mus, steps: int, log) -> dict:
     """Throughput with nothing else running: `steps` RL steps of PROBE_ARM (else the mu's first arm) at each mu,
     evaluated at the first and last step. Step 0 includes the compilations (first_step_s, first_eval_s); the
     medians are over the later steps. Also fills the persistent compilation cache for the workers."""
@@ -318,7 +319,7 @@ def solo_probe(policy, base, updates: Updates, mus, steps: int, log) -> dict:
     for mu in mus:
         arm = PROBE_ARM if PROBE_ARM in arms_for(mu) else arms_for(mu)[0]
         t = time.perf_counter()
-        records = run_job(policy, base, updates, arm, mu, seed=10_000, steps=steps, eval_every=steps)
+        records = run_job(policy, base, arm, mu, seed=10_000, steps=steps, eval_every=steps)
         wall = time.perf_counter() - t
         timed = [r for r in records if "rollout_s" in r]
         later = timed[1:] or timed
@@ -338,15 +339,15 @@ def solo_probe(policy, base, updates: Updates, mus, steps: int, log) -> dict:
     return out
 
 
-def job_seconds(probe: dict, base: rl.RLSettings):
+def job_seconds(probe: dict, config: RLConfig):
     """job -> its solo duration (s) from the probe: steps x step_s + evaluations x eval_s (None without a probe)."""
     if not probe:
         return None
-    evals = base.steps // base.eval_every + 1 + (base.steps % base.eval_every > 0)
+    evals = config.steps // config.eval_every + 1 + (config.steps % config.eval_every > 0)
 
     def cost(job):
         p = probe.get(f"mu{job[1]}") or next(iter(probe.values()))
-        return base.steps * p["step_s"] + evals * p["eval_s"]
+        return config.steps * p["step_s"] + evals * p["eval_s"]
     return cost
 
 
@@ -562,8 +563,9 @@ def write_outputs(out_dir, summary, records):
                 accs = np.stack([v[1] for v in seeds.values()])
                 plot[f"{arm} (n={len(accs)})"] = (next(iter(seeds.values()))[0], accs.mean(0), accs.min(0),
                                                   accs.max(0))
-        rl.plot_accuracy(plot, os.path.join(out_dir, f"acc_mu{mu}.png"),
-                         f"noisy-carry addition, mu={mu} (seed mean, band = min..max)")
+        from m1jax.rl.plots import plot_accuracy
+        plot_accuracy(plot, os.path.join(out_dir, f"acc_mu{mu}.png"),
+                      f"noisy-carry addition, mu={mu} (seed mean, band = min..max)")
     return "\n".join(lines)
 
 
@@ -594,18 +596,33 @@ def _setup_jax(log):
     return jax
 
 
+def _task_and_configs():
+    """The task and the config sections of experiments/rl.py's flags (--set included)."""
+    from m1jax.config import ConfigError
+    task = rl.make_task()
+    try:
+        return task, rl.configs_from_flags(task)
+    except ConfigError as err:
+        raise app.UsageError(str(err)) from None
+
+
+def _policy(task, base: dict, log):
+    """(cfg, graphdef, params): --init_checkpoint, else pretrained now and saved under --workdir."""
+    from m1jax.rl.experiment import starting_policy
+    return starting_policy(FLAGS.workdir, task, base["model"], base["sft"], init_checkpoint=FLAGS.init_checkpoint,
+                           log=log)
+
+
 def worker_main(jobs, t0_epoch: float):
     """A child of a --workers run: load the policy, run `jobs`, write results_<worker_id>.jsonl. No analysis."""
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
     _setup_jax(log)
-    task, tokenizer = rl.make_task()
-    _, graphdef, params = rl.prepare_policy(task, tokenizer, log)
-    base = rl.settings_from_flags()
-    policy = (task, tokenizer, graphdef, params, rl.eval_set(task, tokenizer, FLAGS.eval_problems, 0))
+    task, base = _task_and_configs()
+    _, graphdef, params = _policy(task, base, log)
     with open(os.path.join(FLAGS.out, f"results_{FLAGS.worker_id}.jsonl"), "w") as results:
-        run_jobs(policy, base, Updates(graphdef, base), jobs, deadline_at=t0_epoch + FLAGS.deadline_s,
-                 results=results, log=log)
+        run_jobs((task, graphdef, params), base, jobs, deadline_at=t0_epoch + FLAGS.deadline_s, results=results,
+                 log=log)
     log("worker done")
 
 
@@ -644,33 +661,32 @@ def main(argv):
     t0_epoch, t0 = time.time(), time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
     jax = _setup_jax(log)
+    from m1jax.rl.experiment import PRETRAINED
+    from m1jax.rl.learner import Learner
+    from m1jax.rl.policy import load_policy
     log(f"devices: {jax.devices()}")
-    task, tokenizer = rl.make_task()
-    cfg, graphdef, params = rl.prepare_policy(task, tokenizer, log)  # orbax checkpoint under --workdir
-    checkpoint = FLAGS.init_checkpoint or os.path.join(FLAGS.workdir, "pretrained")
+    task, base = _task_and_configs()
+    cfg, graphdef, params = _policy(task, base, log)  # orbax checkpoint under --workdir
+    checkpoint = FLAGS.init_checkpoint or os.path.join(FLAGS.workdir, PRETRAINED)
     if not FLAGS.init_checkpoint:  # the policy as one file under --out, to carry to a later call
         with tarfile.open(os.path.join(FLAGS.out, "pretrained.tar"), "w") as tar:
             tar.add(checkpoint, arcname="pretrained")
         # Continue from the saved copy, as the workers do: the same values either way, but arrays restored from the
         # checkpoint compile to the same programs as the workers' (the persistent cache then serves them), and one
         # run of a job gives the same records in this process as in a worker.
-        cfg, graphdef, params = rl.load_policy(checkpoint, compute_dtype=FLAGS.compute_dtype,
-                                               lm_head_fp32=FLAGS.fp32_head)
-    base = rl.settings_from_flags()
-    held_out = rl.eval_set(task, tokenizer, FLAGS.eval_problems, 0)
-    policy = (task, tokenizer, graphdef, params, held_out)
-    extra = {"device": str(jax.devices()[0].device_kind), "config": dataclasses.asdict(cfg),
-             "pretrained": carry_diagnostics(graphdef, params, task, tokenizer)}
-    extra["pretrained"].update(rl.evaluate(graphdef, params, held_out, task, tokenizer, base.rollout,
-                                           FLAGS.eval_samples, jax.random.key(0)))
+        cfg, graphdef, params = load_policy(checkpoint, **base["model"].execution.to_dict())
+    policy = (task, graphdef, params)
+    extra = {"device": str(jax.devices()[0].device_kind), "config": cfg.to_dict(),
+             "pretrained": carry_diagnostics(graphdef, params, task)}
+    evaluator = Learner(graphdef, task, config=base["rl"], update=base["update"], rollout=base["rollout"])
+    extra["pretrained"].update(evaluator.evaluate(params, jax.random.key(0)))
     log(f"pretrained policy: {extra['pretrained']}")
-    mismatch_rows = mismatch(cfg, params, task, tokenizer, base) if FLAGS.mismatch else []
+    mismatch_rows = mismatch(cfg, params, task, base) if FLAGS.mismatch else []
     for row in mismatch_rows:
         log(f"mismatch: {row}")
-    updates = Updates(graphdef, base)
     if FLAGS.probe_steps:
-        extra["throughput_solo"] = solo_probe(policy, base, updates, mus, FLAGS.probe_steps, log)
-    cost = job_seconds(extra.get("throughput_solo"), base)
+        extra["throughput_solo"] = solo_probe(policy, base, mus, FLAGS.probe_steps, log)
+    cost = job_seconds(extra.get("throughput_solo"), base["rl"])
     if cost is not None:
         total = sum(cost(j) for j in jobs)
         extra["projected_solo_s"] = {"per_job": {f"mu{m}": cost(("", m, 0)) for m in mus}, "all_jobs": total}
@@ -679,7 +695,7 @@ def main(argv):
     deadline_at = t0_epoch + FLAGS.deadline_s
     if FLAGS.workers == 1:
         with open(os.path.join(FLAGS.out, "results.jsonl"), "w") as results:
-            records = run_jobs(policy, base, updates, jobs, deadline_at=deadline_at, results=results, log=log,
+            records = run_jobs(policy, base, jobs, deadline_at=deadline_at, results=results, log=log,
                                after_job=lambda recs: write_outputs(FLAGS.out, analyze(recs, mismatch_rows, extra),
                                                                     recs))
     elif time.time() > deadline_at:
@@ -688,7 +704,7 @@ def main(argv):
     else:
         parts = partition_jobs(jobs, FLAGS.workers, cost)
         codes = launch_workers(parts, checkpoint, t0_epoch, log)
-        records, report = merge_results(FLAGS.out, FLAGS.workers, jobs, base.steps)
+        records, report = merge_results(FLAGS.out, FLAGS.workers, jobs, base["rl"].steps)
         report["exit_codes"] = codes
         report["failed_workers"] = {i: c for i, c in codes.items() if c != 0}
         extra["workers_report"] = report

@@ -1,10 +1,10 @@
 """Token-level policy-gradient losses: CISPO (MiniMax-M1), its masked form, PPO-clip, GRPO, DAPO and Dr. GRPO.
 
-Every objective J of spec/rl-cispo.md sections 1-2 is maximised; `policy_loss` returns L = -J. All losses share one
+Every objective J (docs/rl.md) is maximised; `policy_loss` returns L = -J. All losses share one
 surrogate per token and differ in three things: the token coefficient (clipped IS weight under a stop-gradient for the
 CISPO family, PPO's min(r A, clip(r) A) otherwise), the trust-region knobs, and the default aggregation.
 
-Gradient facts the tests check (spec 1.4), per token as coefficient x grad(logp):
+Gradient facts the tests check, per token as coefficient x grad(logp):
   cispo          sg(r_hat) A            for every token (r_hat = r clipped to [ratio_min, ratio_max])
   cispo_masked   sg(r_hat) A M          M = 0 where PPO's trust region is clipped-active (M1 Eq. 7)
   ppo-family     r A M                  (the unclipped r), optionally bounded by dual clip for A < 0
@@ -16,7 +16,7 @@ Aggregation (the normaliser N of the token sum; empty samples/groups, i.e. zero 
   const_norm        sum over all tokens / a constant (Dr. GRPO); the constant defaults to batch * length, i.e.
                     #sequences x max_new_tokens when arrays are padded to the generation limit
 
-Project decision (spec 1.2 asks for one): CISPO and DAPO default to `batch_token_mean`, which needs no group layout
+Project decision (implementations differ here): CISPO and DAPO default to `batch_token_mean`, which needs no group layout
 and matches verl/TRL; M1's own per-group normalisation is `agg="group_token_mean"`.
 """
 from __future__ import annotations
@@ -62,6 +62,15 @@ def default_knobs(name: str) -> dict[str, Any]:
     return dict(_DEFAULTS[name])
 
 
+def check_knobs(name: str, knobs: dict[str, Any]) -> None:
+    """Raise ValueError, as ``policy_loss`` would, if the static knobs (caps, clip ranges, aggregation) are unknown
+    for the loss or contradictory. The group layout of ``group_token_mean`` is data and is not checked here."""
+    knobs = dict(knobs)
+    if knobs.get("agg", _DEFAULTS.get(name, {}).get("agg")) == "group_token_mean":
+        knobs.setdefault("group_size", 1)
+    _resolve_knobs(name, knobs)
+
+
 def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
     """Policy loss L = -J for one minibatch.
 
@@ -78,7 +87,7 @@ def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
         group_ids: [batch] int array naming each row's group (any labels), instead of group_size.
         norm_constant: normaliser for agg="const_norm" (default batch * length): a Python float, or a scalar array
           such as the whole rollout batch's token count / mu, so that every minibatch of one rollout batch shares
-          one normaliser (spec section 6) instead of silently re-normalising per minibatch.
+          one normaliser instead of silently re-normalising per minibatch.
         ratio_max: absolute cap on the CISPO IS weight (default 5.0; None disables the cap).
         eps_is_high: M1-style cap 1 + eps_is_high instead of ratio_max (give at most one of the two).
         ratio_min: lower bound on the CISPO IS weight (default None = no bound; 0 also means none).

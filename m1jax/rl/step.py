@@ -1,7 +1,8 @@
-"""The jitted RL update: mu off-policy minibatch updates per rollout batch (spec/rl-cispo.md section 6, phase 3).
+"""The jitted RL update: mu off-policy minibatch updates per rollout batch (phase 3 of the RL step, docs/rl.md).
 
 ``make_rl_update(graphdef, ucfg)`` returns ``update(params, opt_state, batch) -> (params, opt_state, metrics)``, one
-compiled program per (graphdef, UpdateConfig, batch shapes); params and optimizer state are donated. Inside:
+compiled program per (graphdef, UpdateConfig, batch shapes); params and optimizer state are donated and come back
+with the placement they went in with (sharded on a mesh, or on one device). Inside:
 
 1. ``old_logp``: the sampler's fp32 log-probs (default; M1/ScaleRL: the IS ratio then also absorbs any train/infer
    mismatch), or the trainer's, recomputed once with the pre-update params (``old_logp="trainer"``, verl's layout).
@@ -10,10 +11,13 @@ compiled program per (graphdef, UpdateConfig, batch shapes); params and optimize
    ``policy_loss`` of the chosen loss, its gradient, global-norm clipping and AdamW (M1's betas 0.9 / 0.95).
 3. Metrics per minibatch ([mu] arrays, so the clip fractions can be read against the minibatch index); the first
    minibatch runs at the pre-update params, so its Pearson correlation of sampler vs trainer token probabilities is
-   the train/infer mismatch metric of M1's Figure 3 (``mismatch_pearson``), and its max |trainer - sampler logp| the
-   check of spec 5.4.
+   the train/infer mismatch metric of M1's Figure 3 (``mismatch_pearson``), and its max |trainer - sampler logp|
+   (about 0 when sampler and trainer agree).
 
-Normaliser (spec section 6): with ``shared_normaliser`` a ``batch_token_mean`` loss is evaluated as ``const_norm`` with
+Under ``jax.set_mesh`` the minibatches are spread over the batch axes of the mesh (each minibatch's rows on every
+data-parallel device) whatever the layout of the incoming batch.
+
+Normaliser: with ``shared_normaliser`` a ``batch_token_mean`` loss is evaluated as ``const_norm`` with
 the whole rollout batch's token count / mu, so every minibatch of one rollout batch shares one normaliser and mu
 minibatch gradients add up to the full-batch token mean (instead of each minibatch re-normalising by its own count).
 """
@@ -27,57 +31,78 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from m1jax.config import Config, ConfigError, setting
 from m1jax.layers.embed import lm_logits
 from m1jax.rl import losses
 from m1jax.train import TrainConfig, head_kernel, make_optimizer
+from sharding.rules import constrain, tree_shardings_like
 
 OLD_LOGP_SOURCES = ("sampler", "trainer")
 # Python-side trace counts of the jitted update (incremented only while tracing): the no-recompilation test reads it.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
+# The loss knobs an UpdateConfig carries (None: the loss's default, ``losses.default_knobs``).
+KNOB_FIELDS = ("agg", "ratio_max", "eps_is_high", "ratio_min", "eps_low", "eps_high", "dual_clip")
+
+
 @dataclasses.dataclass(frozen=True)
-class UpdateConfig:
+class UpdateConfig(Config):
     """Static settings of the RL update (hashable: part of the compiled program's identity).
 
-    loss: a name in ``losses.LOSSES``; loss_knobs: its knobs as (name, value) pairs (see ``policy_loss``).
+    loss: a name in ``losses.LOSSES``. Its knobs (``policy_loss``), None meaning the loss's default: agg,
+    ratio_max (CISPO's absolute IS-weight cap; inf: no cap), eps_is_high (M1-style cap 1 + eps_is_high instead),
+    ratio_min, eps_low / eps_high (PPO's trust region, also cispo_masked's mask), dual_clip.
     mu: minibatch updates per rollout batch (the batch's rows are split into mu equal blocks).
     Optimiser: AdamW(b1, b2, eps, weight_decay on matrices) after global-norm clipping, constant lr after a linear
-    warm-up of ``warmup_steps`` optimizer updates. M1's betas are 0.9 / 0.95; spec 5.4 uses eps 1e-8 (M1's 1e-15 is
-    an ablation).
+    warm-up of ``warmup_steps`` optimizer updates. M1's betas are 0.9 / 0.95; eps 1e-8 here (M1's 1e-15 is an
+    ablation).
     fp32_head: trainer LM head with fp32 operands (M1); False uses the model's compute dtype (the mismatch ablation).
+    old_logp: log pi_old from the sampler (M1/ScaleRL) or recomputed by the trainer before the first minibatch.
+    shared_normaliser: one normaliser per rollout batch for batch_token_mean (see the module docstring).
     """
-    loss: str = "cispo"
-    loss_knobs: tuple = ()
-    mu: int = 8
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
+    loss: str = setting("cispo", choices=losses.LOSSES, help="policy loss")
+    agg: str | None = setting(None, choices=losses.AGGREGATIONS, help="loss aggregation (None: the loss's)")
+    ratio_max: float | None = setting(None, help="CISPO absolute IS-weight cap (None: 5.0; inf: no cap)")
+    eps_is_high: float | None = setting(None, help="CISPO cap 1 + eps_is_high instead of ratio_max")
+    ratio_min: float | None = setting(None, help="CISPO lower bound of the IS weight (None: none)")
+    eps_low: float | None = setting(None, help="PPO trust region low (None: the loss's)")
+    eps_high: float | None = setting(None, help="PPO trust region high (None: the loss's)")
+    dual_clip: float | None = setting(None, help="PPO dual clip c > 1 (None: off)")
+    mu: int = setting(8, help="minibatch updates per rollout batch")
+    learning_rate: float = setting(1e-4, help="constant learning rate after the warm-up")
+    warmup_steps: int = setting(0, help="linear warm-up, in optimizer updates")
     b1: float = 0.9
     b2: float = 0.95
-    eps: float = 1e-8
+    eps: float = setting(1e-8, help="AdamW eps")
     weight_decay: float = 0.0
-    clip_norm: float | None = 1.0
-    fp32_head: bool = True
-    old_logp: str = "sampler"
+    clip_norm: float | None = setting(1.0, help="global-norm gradient clipping (None: off)")
+    fp32_head: bool = setting(True, resume=False, help="trainer LM head with fp32 operands")
+    old_logp: str = setting("sampler", choices=OLD_LOGP_SOURCES, help="source of log pi_old")
     shared_normaliser: bool = True
 
-    def __post_init__(self):
-        if self.loss not in losses.LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; expected one of {losses.LOSSES}")
-        if self.old_logp not in OLD_LOGP_SOURCES:
-            raise ValueError(f"old_logp must be one of {OLD_LOGP_SOURCES}, got {self.old_logp!r}")
+    def validate(self) -> None:
         if self.mu < 1:
-            raise ValueError(f"mu must be >= 1, got {self.mu}")
-        object.__setattr__(self, "loss_knobs", tuple(sorted(dict(self.loss_knobs).items())))
+            raise ConfigError(f"UpdateConfig.mu must be >= 1, got {self.mu}")
+        try:
+            losses.check_knobs(self.loss, self.knobs)
+        except ValueError as err:
+            raise ConfigError(f"UpdateConfig: {err}") from None
 
     @property
     def knobs(self) -> dict[str, Any]:
-        return dict(self.loss_knobs)
+        """The loss knobs that are set (not None)."""
+        return {k: getattr(self, k) for k in KNOB_FIELDS if getattr(self, k) is not None}
+
+    def with_loss(self, loss: str, **knobs) -> "UpdateConfig":
+        """This config with another loss and exactly the given knobs (the others back to None)."""
+        return self.replace(loss=loss, **{**dict.fromkeys(KNOB_FIELDS), **knobs})
 
     @property
     def aggregation(self) -> str:
-        return self.knobs.get("agg", losses.default_knobs(self.loss)["agg"])
+        return self.agg or losses.default_knobs(self.loss)["agg"]
 
     def optimizer(self) -> optax.GradientTransformation:
         tc = TrainConfig(learning_rate=self.learning_rate, schedule="constant", warmup_steps=self.warmup_steps,
@@ -124,19 +149,20 @@ def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateCo
 
     batch: tokens [B, P + N] int32, start [B] int32, mask [B, N] float, sampler_logp [B, N] float32, advantages [B]
     float32, group_ids [B] int32; B divisible by mu.
-    arm, alternatives: ``alternatives`` are UpdateConfigs that differ from ``ucfg`` only in ``loss``/``loss_knobs``
-    and ``learning_rate``; all of them are compiled into this one program (``lax.switch`` over the losses, a table of
-    learning rates) and the traced int ``arm`` picks one: 0 is ``ucfg``, i is ``alternatives[i - 1]``. A grid of
-    loss arms and learning rates then costs one compilation instead of one each.
+    arm, alternatives: ``alternatives`` are UpdateConfigs that differ from ``ucfg`` only in the loss, its knobs
+    (``KNOB_FIELDS``) and ``learning_rate``; all of them are compiled into this one program (``lax.switch`` over the
+    losses, a table of learning rates) and the traced int ``arm`` picks one: 0 is ``ucfg``, i is
+    ``alternatives[i - 1]``. A grid of loss arms and learning rates then costs one compilation instead of one each.
     Returns (params, opt_state, metrics: dict of [mu] arrays, one entry per minibatch; a metric that the chosen loss
     does not produce is NaN).
     """
     TRACE_COUNTS["rl_update"] += 1
     arms = (ucfg,) + tuple(alternatives)
+    arm_fields = ("loss", "learning_rate") + KNOB_FIELDS
     for other in alternatives:
-        if dataclasses.replace(other, loss=ucfg.loss, loss_knobs=ucfg.loss_knobs,
-                               learning_rate=ucfg.learning_rate) != ucfg:
-            raise ValueError(f"alternative {other} differs from {ucfg} in more than loss/loss_knobs/learning_rate")
+        if other.replace(**{k: getattr(ucfg, k) for k in arm_fields}) != ucfg:
+            raise ValueError(f"alternative {other} differs from {ucfg} in more than loss, loss knobs and "
+                             f"learning_rate")
     b, n = batch["mask"].shape
     mu = ucfg.mu
     if b % mu:
@@ -151,7 +177,8 @@ def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateCo
     # One normaliser per rollout batch (see the module docstring), shared by every minibatch.
     batch_norm = jnp.maximum(jnp.sum(mask), 1.0) / mu
     data = dict(batch, mask=mask, old_logp=old_logp)
-    minibatches = jax.tree_util.tree_map(lambda x: x.reshape(mu, b // mu, *x.shape[1:]), data)
+    minibatches = jax.tree_util.tree_map(
+        lambda x: constrain(x.reshape(mu, b // mu, *x.shape[1:]), (None, "batch") + (None,) * (x.ndim - 1)), data)
     tx, lr_scale = _optimizer_and_lr_scale(arms, arm)
     branches = [_policy_loss_fn(c, batch_norm) for c in arms]
     if len(branches) > 1:
@@ -228,14 +255,34 @@ def make_rl_update(graphdef, ucfg: UpdateConfig, alternatives: tuple = ()):
     """jit(rl_update) for this model and config, with params and optimizer state donated.
 
     Returns ``update(params, opt_state, batch, arm=0) -> (params, opt_state, metrics)``; ``arm`` selects among
-    ``(ucfg,) + alternatives`` without recompiling (see ``rl_update``).
+    ``(ucfg,) + alternatives`` without recompiling (see ``rl_update``). Params and optimizer state come back with the
+    shardings they were passed with (the first call's; place them once, e.g. ``sharding.rules.state_shardings`` on a
+    mesh, and every later call reuses the program); the metrics are replicated. Call it under ``jax.set_mesh`` when
+    the arrays live on a mesh.
     """
     def fn(params, opt_state, batch, arm):
         return rl_update(params, opt_state, batch, arm, graphdef=graphdef, ucfg=ucfg, alternatives=alternatives)
 
-    jitted = jax.jit(fn, donate_argnums=(0, 1))
-    return lambda params, opt_state, batch, arm=0: jitted(params, opt_state, batch, jnp.int32(arm))
+    compiled = {}
+
+    def update(params, opt_state, batch, arm=0):
+        if "fn" not in compiled:
+            placement = jax.tree_util.tree_map(lambda x: x.sharding, (params, opt_state))
+            first = jax.tree_util.tree_leaves(placement)[0]
+            replicated = (NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first)
+            compiled["fn"] = jax.jit(fn, donate_argnums=(0, 1), out_shardings=(*placement, replicated))
+        return compiled["fn"](params, opt_state, batch, jnp.int32(arm))
+    return update
 
 
 def init_opt_state(params, ucfg: UpdateConfig):
-    return ucfg.optimizer().init(params)
+    """The optimizer state of ``params``, placed like them (its moments take their parameter's sharding)."""
+    tx = ucfg.optimizer()
+    abstract = jax.eval_shape(tx.init, params)
+    first = jax.tree_util.tree_leaves(params)[0].sharding
+    if isinstance(first, NamedSharding):
+        shardings = tree_shardings_like(abstract, params, jax.tree_util.tree_map(lambda x: x.sharding, params),
+                                        first.mesh)
+    else:
+        shardings = first
+    return jax.jit(tx.init, out_shardings=shardings)(params)

@@ -1,4 +1,4 @@
-"""experiments/bench_rl.py: the job partition, arm@lr names, the analysis, the merge of worker results, and a
+"""benchmarks/rl.py: the job partition, arm@lr names, the analysis, the merge of worker results, and a
 two-worker end-to-end run on a tiny model whose merged records equal a one-process run of the same job.
 """
 import io
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from experiments import bench_rl as br
+from benchmarks import rl as br
 
 ARMS = ["dapo", "cispo_5", "grpo", "drgrpo", "cispo_1.28", "cispo_2", "cispo_masked"]
 MU1 = ["dapo", "cispo_5", "grpo", "drgrpo", "cispo_masked"]
@@ -49,17 +49,15 @@ def test_arm_names_with_learning_rates_and_job_specs():
     with pytest.raises(ValueError, match="arm:mu:seed"):
         br.parse_jobs(["dapo:8"])
 
-    from experiments import rl
-    from m1jax.rl.rollout import RolloutConfig
+    from m1jax.rl.learner import RLConfig
     from m1jax.rl.step import UpdateConfig
-    base = rl.RLSettings(update=UpdateConfig(loss="cispo", learning_rate=1e-4), rollout=RolloutConfig())
-    s = br.arm_settings(base, "cispo_2@3e-5", 8)
-    assert (s.update.loss, s.update.knobs, s.update.mu, s.update.learning_rate) == ("cispo", {"ratio_max": 2.0}, 8,
-                                                                                    3e-5)
-    assert s.dynamic_sampling and s.adv_norm == "group_std"
-    s = br.arm_settings(base, "drgrpo", 1)
-    assert (s.update.loss, s.update.learning_rate, s.adv_norm, s.dynamic_sampling) == ("drgrpo", 1e-4, "mean_only",
-                                                                                       False)
+    update, config = UpdateConfig(loss="cispo", eps_is_high=0.3, learning_rate=1e-4), RLConfig(prompts=8)
+    u, c = br.arm_settings(update, config, "cispo_2@3e-5", 8)
+    assert (u.loss, u.knobs, u.mu, u.learning_rate) == ("cispo", {"ratio_max": 2.0}, 8, 3e-5)  # eps_is_high dropped
+    assert c.dynamic_sampling and c.adv_norm == "group_std" and c.prompts == 8
+    u, c = br.arm_settings(update, config, "drgrpo", 1)
+    assert (u.loss, u.knobs, u.learning_rate, c.adv_norm, c.dynamic_sampling) == ("drgrpo", {}, 1e-4, "mean_only",
+                                                                                  False)
 
 
 def _run(arm, mu, seed, accs, greedy=None, every=5):
@@ -106,7 +104,7 @@ def test_merge_keeps_complete_runs_of_surviving_workers(tmp_path):
 
 def test_no_job_starts_after_the_deadline():
     lines, out = [], io.StringIO()
-    records = br.run_jobs(None, None, None, [("dapo", 8, 0), ("grpo", 1, 1)], deadline_at=time.time() - 1,
+    records = br.run_jobs(None, None, [("dapo", 8, 0), ("grpo", 1, 1)], deadline_at=time.time() - 1,
                           results=out, log=lines.append)
     assert records == [] and out.getvalue() == ""
     assert lines == ["SKIP dapo mu=8 seed=0 (deadline; expected 0s)", "SKIP grpo mu=1 seed=1 (deadline; expected 0s)"]
@@ -123,10 +121,10 @@ def _jsonl(path):
         return [json.loads(line) for line in fh]
 
 
-def _bench(*flags, timeout=240):
+def _bench(*flags, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench_rl", *TINY, *flags], capture_output=True,
-                          check=False, text=True, timeout=timeout, env=env, cwd=os.path.dirname(os.path.dirname(br.__file__)))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.rl", *TINY, *flags], capture_output=True, check=False,
+                          text=True, timeout=timeout, env=env, cwd=os.path.dirname(os.path.dirname(br.__file__)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

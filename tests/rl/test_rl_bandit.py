@@ -1,4 +1,4 @@
-"""Fork-token bandit (spec/rl-cispo.md 5.5): one softmax over 10 actions, the rewarded action at probability 0.1.
+"""Fork-token bandit (docs/rl.md): one softmax over 10 actions, the rewarded action at probability 0.1.
 
 Per rollout batch, N actions are sampled from pi_old and mu = 8 off-policy minibatch SGD steps follow. Once the
 rewarded (positively advantaged) action's ratio r passes 1 + eps_high, PPO/DAPO give its samples zero gradient, so its
@@ -48,7 +48,7 @@ def _ratio_trajectories(name, batches, seed=0):
 
 
 def test_first_minibatch_is_identical_across_losses():
-    """At theta = theta_old (r = 1) CISPO, PPO and DAPO have the same gradient (spec 1.4): mu = 1 cannot separate them."""
+    """At theta = theta_old (r = 1) CISPO, PPO and DAPO have the same gradient: mu = 1 cannot separate them."""
     first = [_ratio_trajectories(name, 1)[0][1][0] for name in ("cispo", "ppo", "dapo")]
     np.testing.assert_allclose(first, first[0], rtol=1e-6)
     assert first[0] > 1.0

@@ -1,8 +1,8 @@
-"""Policy losses against closed forms (spec/rl-cispo.md 1.4-1.5).
+"""Policy losses against closed forms (the gradient facts of m1jax/rl/losses.py).
 
 The 'policy' is tabular: its parameters are the logits z [B, T, V] and logp = log_softmax(z)[token], so for a loss
 L = sum_{i,t} -w_{i,t} c_{i,t} logp_{i,t} the exact gradient is dL/dz_{i,t} = -w_{i,t} c_{i,t} (e_token - softmax(z)).
-Expected coefficients c are written by hand from the spec's table; weights w are computed here from the definition of
+Expected coefficients c are written by hand from the table below; weights w are computed here from the definition of
 each aggregation mode.
 """
 import functools
@@ -16,7 +16,7 @@ from m1jax.rl.losses import aggregate, policy_loss
 
 V = 5
 
-# (A, r) per token, spec 1.4 plus extra cases around each bound; ratio factors f with coefficient c = f * A.
+# (A, r) per token: the standard cases plus extra cases around each bound; ratio factors f with coefficient c = f * A.
 #            A     r     cispo  cispo  cispo   dapo  ppo    cispo   ppo
 #                        cap 5  eps.28 min.6   .2/.28 .2/.2 masked  dual 2.5
 CASES = np.array([
@@ -162,7 +162,7 @@ def test_grpo_k3_kl_gradient():
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("agg", ["batch_token_mean", "sample_mean", "group_token_mean", "const_norm"])
 def test_cispo_masked_without_is_clipping_equals_ppo(seed, agg):
-    """M1 Eq. 6-7 with r_hat = r and PPO's mask has exactly PPO-clip's gradient (spec 1.5 check 1)."""
+    """M1 Eq. 6-7 with r_hat = r and PPO's mask has exactly PPO-clip's gradient."""
     rng = np.random.default_rng(seed)
     b, t = 6, 7
     z = rng.normal(size=(b, t, V)).astype(np.float32)

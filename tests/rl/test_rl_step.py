@@ -2,11 +2,10 @@
 
 * trainer log-probs of left-padded rows == the model run on each row without padding (float64 head);
 * the FP32 LM head is the default, and turning it off is what moves the trainer away from an fp32 sampler;
-* the mu-minibatch scan == a hand-written loop of single optax updates on the model's own forward pass;
-* no recompilation across RL steps (new params, new rollouts, same shapes).
+* the mu-minibatch scan == a hand-written loop of single optax updates on the model's own forward pass, with
+  log pi_old from the sampler and (old_logp="trainer") from a plain forward of the pre-update params;
+* no recompilation across RL steps of the learner (new params, new rollouts, same shapes, switching arms).
 """
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,10 +16,13 @@ from flax import nnx
 from m1jax import generate
 from m1jax.config import ModelConfig, m1_layer_types
 from m1jax.model import init_model
-from m1jax.rl import rollout, step
+from m1jax.rl import rollout, scoring, step
+from m1jax.rl.learner import Learner
 from m1jax.rl.losses import policy_loss
+from m1jax.rl.task import encode_prompts
 from m1jax.rl.tasks import ArithmeticTask, CharTokenizer
 from m1jax.train import split_model
+from tests.rl import toy
 
 TOKENIZER = CharTokenizer()
 TASK = ArithmeticTask(min_digits=1, max_digits=2)
@@ -37,19 +39,25 @@ def _config(**overrides):
 
 
 def _rollout_batch(graphdef, params, seed, num_groups=4, group_size=4):
-    problems, tokens, start = rollout.prompt_batch(TASK, TOKENIZER, np.random.default_rng(seed), num_groups)
-    rcfg = rollout.RolloutConfig(group_size=group_size, max_new_tokens=N_NEW)
-    samples = rollout.sample_groups(graphdef, params, tokens, start, jax.random.key(seed), rcfg)
-    return samples, problems
+    """A rollout of the arithmetic task as host arrays: tokens [R, P + N], start, response_mask, sampler_logp."""
+    problems = TASK.sample(np.random.default_rng(seed), num_groups)
+    tokens, start = rollout.repeat_rows(*encode_prompts(TASK, problems), group_size)
+    out = rollout.sample(graphdef, params, tokens, start, jax.random.key(seed),
+                         rollout.RolloutConfig(group_size=group_size), pad_id=TASK.pad_id, stop_ids=TASK.stop_ids,
+                         max_new_tokens=N_NEW)
+    host = jax.device_get({"tokens": out.tokens, "start": out.start, "response_mask": out.response_mask,
+                           "sampler_logp": out.sampler_logp})
+    return host, problems
 
 
 def _synthetic_batch(samples, seed):
-    """An UpdateBatch from real samples with random advantages (an untrained model earns no reward) and a sampler
+    """An update batch from real samples with random advantages (an untrained model earns no reward) and a sampler
     log-prob perturbed away from the trainer's, so that the ratios are off 1 and clipping is exercised."""
     rng = np.random.default_rng(seed)
-    b = samples.tokens.shape[0]
-    return {"tokens": samples.tokens, "start": samples.start, "mask": samples.response_mask,
-            "sampler_logp": samples.sampler_logp + rng.normal(0, 0.3, samples.sampler_logp.shape).astype(np.float32),
+    b = samples["tokens"].shape[0]
+    return {"tokens": samples["tokens"], "start": samples["start"], "mask": samples["response_mask"],
+            "sampler_logp": samples["sampler_logp"] + rng.normal(0, 0.3, samples["sampler_logp"].shape).astype(
+                np.float32),
             "advantages": rng.normal(size=b).astype(np.float32),
             "group_ids": np.repeat(np.arange(b // 4, dtype=np.int32), 4)}
 
@@ -80,15 +88,15 @@ def policy():
 
 def test_trainer_logprobs_match_unpadded_rows_and_sampler(policy):
     model, graphdef, params, samples, _ = policy
-    assert len(set(samples.start.tolist())) > 1, "want prompts of different lengths (different left padding)"
-    got = np.asarray(step.response_logprobs(graphdef, params, jnp.asarray(samples.tokens),
-                                            jnp.asarray(samples.start), N_NEW))
-    ref = _reference_logprobs(model, samples.tokens, samples.start, N_NEW)
-    mask = samples.response_mask > 0
+    assert len(set(samples["start"].tolist())) > 1, "want prompts of different lengths (different left padding)"
+    got = np.asarray(step.response_logprobs(graphdef, params, jnp.asarray(samples["tokens"]),
+                                            jnp.asarray(samples["start"]), N_NEW))
+    ref = _reference_logprobs(model, samples["tokens"], samples["start"], N_NEW)
+    mask = samples["response_mask"] > 0
     np.testing.assert_allclose(got[mask], ref[mask], atol=2e-5)
     # The sampler (cached decode) recorded the same probabilities: train/infer agree in fp32.
-    np.testing.assert_allclose(samples.sampler_logp[mask], ref[mask], atol=2e-5)
-    assert np.all(samples.sampler_logp[~mask] == 0)
+    np.testing.assert_allclose(samples["sampler_logp"][mask], ref[mask], atol=2e-5)
+    assert np.all(samples["sampler_logp"][~mask] == 0)
 
 
 def test_fp32_head_is_the_default():
@@ -126,8 +134,17 @@ def _fixed_rows():
     return np.concatenate([prompts, responses], 1), start
 
 
+def _plain_logprobs(model, tokens, start):
+    """[B, N] log-probs of the response tokens by the model's own forward (segment ids mask the left padding)."""
+    p = tokens.shape[1] - N_NEW
+    seg = (jnp.arange(tokens.shape[1])[None] >= start[:, None]).astype(jnp.int32)
+    logp_all = jax.nn.log_softmax(model(tokens, segment_ids=seg).logits[:, p - 1:-1], axis=-1)
+    return jnp.take_along_axis(logp_all, tokens[:, p:, None], axis=-1)[..., 0]
+
+
 def _hand_loop(model, batch, loss, mu, knobs, lr):
-    """mu single updates written out: the model's own forward, policy_loss on one minibatch, clip + AdamW.
+    """mu single updates written out: the model's own forward, policy_loss on one minibatch (log pi_old =
+    batch["sampler_logp"]), clip + AdamW.
 
     Returns (params, [mu] gradient global norms before clipping)."""
     graphdef, params = split_model(model)
@@ -135,15 +152,10 @@ def _hand_loop(model, batch, loss, mu, knobs, lr):
     opt_state = tx.init(params)
     b = batch["tokens"].shape[0]
     rows = b // mu
-    p = batch["tokens"].shape[1] - N_NEW
     total_tokens = float(batch["mask"].sum())
 
     def loss_fn(params, mb):
-        m = nnx.merge(graphdef, params)
-        seg = (jnp.arange(mb["tokens"].shape[1])[None] >= mb["start"][:, None]).astype(jnp.int32)
-        logits = m(mb["tokens"], segment_ids=seg).logits
-        logp_all = jax.nn.log_softmax(logits[:, p - 1:-1], axis=-1)
-        logp = jnp.take_along_axis(logp_all, mb["tokens"][:, p:, None], axis=-1)[..., 0]
+        logp = _plain_logprobs(nnx.merge(graphdef, params), mb["tokens"], mb["start"])
         # One normaliser for the whole rollout batch: total tokens / mu per minibatch.
         return policy_loss(loss, logp, mb["sampler_logp"], mb["advantages"], mb["mask"], agg="const_norm",
                            norm_constant=total_tokens / mu, **knobs)[0]
@@ -164,9 +176,9 @@ def test_mu_minibatch_scan_equals_loop_of_single_updates(policy):
     # The masked CISPO exercises both the IS-weight cap and PPO's token mask; the perturbed sampler log-probs put
     # tokens on both sides of each bound.
     loss, knobs, mu, lr = "cispo_masked", {"ratio_max": 1.28}, 2, 1e-2
-    ucfg = step.UpdateConfig(loss=loss, loss_knobs=tuple(knobs.items()), mu=mu, learning_rate=lr)
+    ucfg = step.UpdateConfig(loss=loss, **knobs, mu=mu, learning_rate=lr)
     # Compiled as the second arm of a multi-loss program (lax.switch), the path the reproduction grid uses.
-    grpo = dataclasses.replace(ucfg, loss="grpo", loss_knobs=())
+    grpo = ucfg.with_loss("grpo")
     update = step.make_rl_update(graphdef, grpo, alternatives=(ucfg,))
     fresh = jax.tree_util.tree_map(jnp.copy, params)
     got, _, metrics = update(fresh, step.init_opt_state(fresh, ucfg), batch, arm=1)
@@ -183,20 +195,40 @@ def test_mu_minibatch_scan_equals_loop_of_single_updates(policy):
     assert metrics["loss"].shape == (mu,)
 
 
-def test_no_recompilation_across_rl_steps(policy):
-    _, graphdef, params, _, _ = policy
-    ucfg = step.UpdateConfig(loss="cispo", mu=2, learning_rate=1e-3)
-    update = step.make_rl_update(graphdef, ucfg, alternatives=(dataclasses.replace(ucfg, loss="dapo"),))
-    params = jax.tree_util.tree_map(jnp.copy, params)
-    opt_state = step.init_opt_state(params, ucfg)
+def test_old_logp_from_the_trainer(policy):
+    """old_logp="trainer": log pi_old recomputed by the trainer before the first minibatch == the hand loop with
+    log pi_old from a plain forward of the pre-update params; the perturbed sampler log-probs are then ignored."""
+    model, graphdef, params, samples, _ = policy
+    batch = _synthetic_batch(samples, seed=3)
+    loss, knobs, mu, lr = "cispo_masked", {"ratio_max": 1.28}, 2, 1e-2
+    trainer_logp = np.asarray(_plain_logprobs(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["start"])))
+    # Had the sampler's (perturbed) log-probs been used, minibatch 0 would cap and mask many tokens.
+    active = batch["mask"] > 0
+    assert np.mean(np.exp(trainer_logp - batch["sampler_logp"])[active] > 1.28) > 0.05
+    ucfg = step.UpdateConfig(loss=loss, **knobs, mu=mu, learning_rate=lr, old_logp="trainer")
+    fresh = jax.tree_util.tree_map(jnp.copy, params)
+    got, _, metrics = step.make_rl_update(graphdef, ucfg)(fresh, step.init_opt_state(fresh, ucfg), batch)
+    want, want_norms = _hand_loop(model, dict(batch, sampler_logp=trainer_logp), loss, mu, knobs, lr)
+    np.testing.assert_allclose(metrics["grad_norm"], want_norms, rtol=1e-4)
+    # At the pre-update params r = 1 on minibatch 0: nothing is capped or masked there.
+    assert metrics["is_cap_frac"][0] == 0 and metrics["ppo_clip_frac"][0] == 0, metrics
+    assert metrics["is_cap_frac"][1] > 0 or metrics["ppo_clip_frac"][1] > 0, metrics  # lr 1e-2 moves r off 1
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-3 * lr)
+
+
+def test_no_recompilation_across_rl_steps():
+    learner, params = toy.learner()
+    dapo = learner.arms[0].with_loss("dapo")
+    learner = Learner(learner.graphdef, learner.task, config=learner.config, update=learner.arms[0],
+                          rollout=learner.rollout_config, alternatives=(dapo,))
+    state = learner.init_state(params)
     counts = []
-    for i in range(3):
-        samples, problems = _rollout_batch(graphdef, params, seed=10 + i)
-        batch, _ = rollout.score_groups(samples, problems, TASK, TOKENIZER, group_size=4, num_groups=4)
-        arrays = dataclasses.replace(batch, advantages=np.random.default_rng(i).normal(size=16).astype(np.float32))
-        params, opt_state, _ = update(params, opt_state, arrays.arrays(), arm=i % 2)  # switching arms too
-        counts.append((step.TRACE_COUNTS["rl_update"], generate.TRACE_COUNTS["decode"],
-                       generate.TRACE_COUNTS["prefill_chunk"]))
+    for i in range(3):  # new params, new rollouts, switching arms
+        state, record = learner.step(state, arm=i % 2)
+        counts.append((step.TRACE_COUNTS["rl_update"], rollout.TRACE_COUNTS["sample"],
+                       scoring.TRACE_COUNTS["gather"]))
+        assert record["kept_groups"] > 0, record
     assert counts[0] == counts[1] == counts[2], counts
 
 
@@ -205,7 +237,7 @@ def test_alternative_learning_rates_in_one_program_match_single_arm_updates(poli
     _, graphdef, params, samples, _ = policy
     batch = _synthetic_batch(samples, seed=2)
     base = step.UpdateConfig(loss="dapo", mu=2, learning_rate=1e-2, warmup_steps=1)
-    slow = dataclasses.replace(base, loss="cispo", loss_knobs=(("ratio_max", 2.0),), learning_rate=1e-3)
+    slow = base.with_loss("cispo", ratio_max=2.0).replace(learning_rate=1e-3)
     update = step.make_rl_update(graphdef, base, alternatives=(slow,))
     for arm, ucfg in enumerate((base, slow)):
         fresh = jax.tree_util.tree_map(jnp.copy, params)
@@ -219,5 +251,5 @@ def test_alternative_learning_rates_in_one_program_match_single_arm_updates(poli
         for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4 * ucfg.learning_rate)
     with pytest.raises(ValueError, match="more than loss"):
-        step.make_rl_update(graphdef, base, alternatives=(dataclasses.replace(slow, mu=1),))(
+        step.make_rl_update(graphdef, base, alternatives=(slow.replace(mu=1),))(
             jax.tree_util.tree_map(jnp.copy, params), step.init_opt_state(params, base), batch)

@@ -1,4 +1,4 @@
-"""Arithmetic tasks: tokenizer, verifier and the imperfect teacher (spec/rl-cispo.md 5.2)."""
+"""Arithmetic tasks: tokenizer, verifier and the imperfect teacher (m1jax/rl/tasks/arithmetic.py)."""
 import numpy as np
 import pytest
 

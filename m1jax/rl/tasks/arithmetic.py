@@ -1,4 +1,4 @@
-"""Program-verified arithmetic tasks for the CISPO reproduction (spec/rl-cispo.md section 5.2), generated on the fly.
+"""Program-verified arithmetic tasks for the CISPO reproduction (docs/rl.md), generated on the fly.
 
 Two tasks share one column-arithmetic core (`ArithmeticTask(op=...)`):
   op="+"  noisy-carry addition: `a+b=` with a, b uniform K-digit integers
@@ -12,13 +12,16 @@ carry with probability `forget_prob`: it writes the column's digit without the c
 at the final position, whose digit is the carry itself, it writes nothing (a leading zero is never written). Its carry
 state stays correct, so errors are local. P(teacher correct) = (1 - forget_prob) ** (#carry-in positions).
 
-Everything is numpy/python and deterministic given a `numpy.random.Generator`.
+Everything is numpy/python and deterministic given a `numpy.random.Generator`. `ArithmeticTask` implements the RL
+learner's task interface (`m1jax.rl.task.Task`) with the character vocabulary of `CharTokenizer`.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+
+from m1jax.rl.task import Task
 
 
 class CharTokenizer:
@@ -53,6 +56,9 @@ class CharTokenizer:
         return "".join(out)
 
 
+_TOKENIZER = CharTokenizer()
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     a: int
@@ -71,7 +77,7 @@ class Problem:
 
 
 @dataclasses.dataclass(frozen=True)
-class ArithmeticTask:
+class ArithmeticTask(Task):
     op: str = "+"
     min_digits: int = 3
     max_digits: int = 8
@@ -97,6 +103,29 @@ class ArithmeticTask:
         """The longest answer (max_digits + 1 digits) + EOS: the rollout's max_new_tokens."""
         return self.max_digits + 2
 
+    # The learner's task interface (m1jax.rl.task.Task), in CharTokenizer's vocabulary.
+    pad_id = CharTokenizer.PAD
+    stop_ids = (CharTokenizer.EOS,)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.max_answer_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        return _TOKENIZER.vocab_size
+
+    def prompt(self, problem: Problem) -> list[int]:
+        """BOS + the prompt's characters."""
+        return [CharTokenizer.BOS] + _TOKENIZER.encode(problem.prompt)
+
+    def eval_subsets(self, problems) -> dict[str, np.ndarray]:
+        """``carry``: the problems whose exact answer has a carry (the ones with fork tokens)."""
+        return {"carry": np.array([self.carry_in(p).any() for p in problems], bool)}
+
+    def sft_batch(self, rng: np.random.Generator, n: int):
+        return teacher_sft_batch(self, _TOKENIZER, rng, n)
+
     def sample(self, rng: np.random.Generator, n: int) -> list[Problem]:
         digits = rng.integers(self.min_digits, self.max_digits + 1, size=n)
         problems = []
@@ -114,8 +143,9 @@ class ArithmeticTask:
         """[len(answer)] bool: answer positions with an incoming carry (the fork positions)."""
         return np.array([carry for _, carry in self._written_digits(problem, None)], bool)
 
-    def reward(self, problem: Problem, completion, tokenizer: CharTokenizer) -> float:
+    def reward(self, problem: Problem, completion, tokenizer: CharTokenizer | None = None) -> float:
         """Reward of one completion: token ids [T] that follow the prompt (EOS-terminated, then anything)."""
+        tokenizer = _TOKENIZER if tokenizer is None else tokenizer
         ids = np.asarray(completion).tolist()
         if tokenizer.EOS not in ids:
             return 0.0
