@@ -21,7 +21,8 @@ from typing import Mapping
 
 import jax
 
-from m1jax.checkpoint import Checkpointer, PreemptionGuard
+from m1jax.checkpoint import Checkpointer
+from m1jax.train.preemption import PreemptionGuard
 from m1jax.config import ConfigError, ModelConfig
 from m1jax.config.files import read_config, resume_conflicts, write_config
 from m1jax.metrics import JSONL, RUN_FILE, MetricsLogger, read_metrics

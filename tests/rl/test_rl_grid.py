@@ -1,4 +1,4 @@
-"""benchmarks/rl.py: the job partition, arm@lr names, the analysis, the merge of worker results, and a
+"""experiments/rl_grid.py: the job partition, arm@lr names, the analysis, the merge of worker results, and a
 two-worker end-to-end run on a tiny model whose merged records equal a one-process run of the same job.
 """
 import io
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks import rl as br
+from experiments import rl_grid as br
 
 ARMS = ["dapo", "cispo_5", "grpo", "drgrpo", "cispo_1.28", "cispo_2", "cispo_masked"]
 MU1 = ["dapo", "cispo_5", "grpo", "drgrpo", "cispo_masked"]
@@ -123,7 +123,7 @@ def _jsonl(path):
 
 def _bench(*flags, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.rl", *TINY, *flags], capture_output=True, check=False,
+    proc = subprocess.run([sys.executable, "-m", "experiments.rl_grid", *TINY, *flags], capture_output=True, check=False,
                           text=True, timeout=timeout, env=env, cwd=os.path.dirname(os.path.dirname(br.__file__)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout

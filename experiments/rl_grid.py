@@ -1,17 +1,17 @@
 """The CISPO reproduction grid (docs/rl.md): one pretrained policy, every loss arm, mu = 8 and 1, seeds.
 
-    python -m benchmarks.rl --out=/tmp/bench_rl                      # tiny CPU smoke of the whole pipeline
-    python -m benchmarks.rl --out=/tmp/bench_rl --workers=2          # the same jobs in 2 worker processes
+    python -m experiments.rl_grid --out=/tmp/bench_rl                      # tiny CPU smoke of the whole pipeline
+    python -m experiments.rl_grid --out=/tmp/bench_rl --workers=2          # the same jobs in 2 worker processes
 
 Model, task and RL flags are experiments/rl.py's (``--set section.key=value`` included); each job is one run of the
 library's learner (m1jax.rl.learner). The H100 reproduction is two device calls:
 
     # 1. pretrain (no job: --deadline_s=0), diagnostics, fp32/bf16-head mismatch, solo probe; checkpoint in 15 MB parts
-    python -m benchmarks.rl --out=$OUT --workdir=/tmp/rl $MODEL $TASK $RL --sft_steps=2500 --sft_batch=256 \
+    python -m experiments.rl_grid --out=$OUT --workdir=/tmp/rl $MODEL $TASK $RL --sft_steps=2500 --sft_batch=256 \
         --sft_lr=1e-3 --deadline_s=0 --workers=1 && split -b 15m $OUT/pretrained.tar $OUT/pretrained.tar.part_ \
         && rm $OUT/pretrained.tar
     # 2. the grid from that checkpoint (cat pretrained.tar.part_* > p.tar; tar -xf p.tar -C /tmp/rl)
-    python -m benchmarks.rl --out=$OUT --workdir=/tmp/rl --init_checkpoint=/tmp/rl/pretrained $MODEL $TASK $RL \
+    python -m experiments.rl_grid --out=$OUT --workdir=/tmp/rl --init_checkpoint=/tmp/rl/pretrained $MODEL $TASK $RL \
         --nomismatch --workers=8 --deadline_s=400 --hard_deadline_s=520
     MODEL="--layers=8 --period=8 --hidden=256 --heads=4 --head_dim=64 --experts=8 --ffn=256 --compute_dtype=bfloat16"
     TASK="--min_digits=4 --max_digits=4"
@@ -354,7 +354,7 @@ def job_seconds(probe: dict, config: RLConfig):
 # ------------------------------------------------------------------------------------------------ workers
 def worker_command(worker_id: int, jobs, init_checkpoint: str, t0_epoch: float) -> list[str]:
     """The child's command line: this process's flags, then the overrides (absl keeps the last value)."""
-    return [sys.executable, "-m", "benchmarks.rl", *sys.argv[1:], f"--jobs={format_jobs(jobs)}",
+    return [sys.executable, "-m", "experiments.rl_grid", *sys.argv[1:], f"--jobs={format_jobs(jobs)}",
             f"--worker_id={worker_id}", f"--init_checkpoint={init_checkpoint}", f"--t0_epoch={t0_epoch!r}",
             "--workers=1", "--probe_steps=0", "--nomismatch", f"--compile_cache={FLAGS.compile_cache}"]
 
