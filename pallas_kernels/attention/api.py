@@ -37,7 +37,8 @@ FALLBACK_ORDER = (*KERNELS, "xla", "xla_blockwise")
 # Without a fused kernel, attention over more keys than this runs blockwise: the einsum's [B, H, Tq, Tk] fp32 scores
 # are 1 GiB per sequence at 64 heads and 2048 x 2048.
 BLOCKWISE_MIN_KEYS = 2048
-HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# The input dtypes for which the default takes a fused kernel; fp32 stays on the XLA paths, whose matmuls are fp32.
+KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _check_inputs(q, k, v, mask: Mask):
@@ -60,7 +61,7 @@ def _check_inputs(q, k, v, mask: Mask):
 
 def default_implementation(target: str, q, k, mask: Mask) -> str:
     """The backend ``implementation=None`` uses when lowering for platform ``target`` (see the module docstring)."""
-    if q.shape[1] > 1 and jnp.dtype(q.dtype) in HALF:
+    if q.shape[1] > 1 and jnp.dtype(q.dtype) in KERNEL_DTYPES:
         for name in KERNELS:
             backend = BACKENDS[name]
             if target in backend.native_platforms() and backend.unsupported(q, k, mask) is None:

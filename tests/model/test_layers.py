@@ -1,4 +1,5 @@
-"""Layers against NumPy implementations of the spec (RoPE, decays, routing, aux loss) and the dense MoE oracle."""
+"""Layers against NumPy implementations of M1's definitions (RoPE, decays, routing, aux loss) and the dense MoE
+oracle."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ from m1jax.layers.norms import RMSNorm
 
 
 def rope_numpy(x, positions, rotary_dim, theta):
-    """Spec section 4 written out: pairs (i, i + r/2) inside the first r dims, inv_freq_i = theta^(-2i/r)."""
+    """NeoX partial RoPE written out: pairs (i, i + r/2) inside the first r dims, inv_freq_i = theta^(-2i/r)."""
     x = np.asarray(x, np.float64)
     out = x.copy()
     half = rotary_dim // 2
@@ -41,7 +42,7 @@ def test_m1_decay_constants_match_spec():
     slopes = np.array(alibi_slopes(64))
     np.testing.assert_allclose(slopes, 2.0 ** (-(np.arange(64) + 1) / 8), rtol=1e-12)
     lam0 = np.exp(-np.asarray(decay_rates(64, 0, 80)))
-    assert abs(lam0.min() - 0.3997) < 1e-4 and abs(lam0.max() - 0.9961) < 1e-4  # spec 3.2, layer 0
+    assert abs(lam0.min() - 0.3997) < 1e-4 and abs(lam0.max() - 0.9961) < 1e-4  # M1's layer-0 decay range
     assert abs(np.exp(-np.asarray(decay_rates(64, 40, 80)))[0] - 0.636) < 1e-3
     lam78 = np.exp(-np.asarray(decay_rates(64, 78, 80)))
     assert abs(lam78.min() - 0.988) < 1e-3 and abs(lam78.max() - 0.99995) < 1e-5
