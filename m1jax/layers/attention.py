@@ -11,6 +11,7 @@ from flax import nnx
 from m1jax.config import ModelConfig
 from m1jax.layers.common import matmul, param, param_value
 from pallas_kernels.attention import Mask, attention
+from sharding.kernel_parallel import attention_batch_head_parallel
 from sharding.sequence_parallel import attention_sequence_parallel, sequence_shards
 
 
@@ -62,14 +63,17 @@ class SoftmaxAttention(nnx.Module):
         v = matmul(h, param_value(self.v_proj, cdt), cdt).reshape(b, t, nkv, hd)
         attend = functools.partial(attention, implementation=cfg.attention_implementation)
         new_cache = None
+        # Under a mesh the kernel runs per device on its batch rows and heads (no-op without a mesh); the sequence-
+        # sharded path below has its own shard_map.
+        local = functools.partial(attention_batch_head_parallel, attention=attend)
         if kv_cache is not None:
             k_cache, v_cache = (jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, cache_index, 0, 0))
                                 for c, x in zip(kv_cache, (k, v)))
             new_cache = (k_cache, v_cache)
             mask = Mask.cache(cache_index, t, k_cache.shape[1], cache_start)
-            out = attend(q, k_cache.astype(cdt), v_cache.astype(cdt), mask)
+            out = local(q, k_cache.astype(cdt), v_cache.astype(cdt), mask)
         elif sequence_shards(t) > 1:  # mesh with sequence > 1: K/V all-gathered over it
             out = attention_sequence_parallel(q, k, v, segment_ids, attention_mask=Mask, attention=attend)
         else:
-            out = attend(q, k, v, Mask.causal(b, t, segment_ids))
+            out = local(q, k, v, Mask.causal(b, t, segment_ids))
         return matmul(out.reshape(b, t, nh * hd), param_value(self.o_proj, cdt), cdt), new_cache
