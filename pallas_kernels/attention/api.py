@@ -22,6 +22,8 @@ backend runs compiled on its platform and in interpret mode (cudnn: jax's XLA st
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -69,6 +71,14 @@ def default_implementation(target: str, q, k, mask: Mask) -> str:
     return "xla" if q.shape[1] == 1 or k.shape[1] <= BLOCKWISE_MIN_KEYS else "xla_blockwise"
 
 
+@functools.cache
+def _function(name: str):
+    """The backend's attention, jitted once (a model's layers and the per-platform branches reuse its traces)."""
+    if name in KERNELS:
+        return jax.jit(BACKENDS[name].attention, static_argnames="interpret")
+    return jax.jit(BACKENDS[name].attention)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *,
               implementation: str | None = None) -> jax.Array:
     """Masked GQA softmax attention (the contract in the module docstring).
@@ -84,9 +94,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *,
     _check_inputs(q, k, v, mask)
     if implementation is None:
         chosen = {p: default_implementation(p, q, k, mask) for p in platform.PLATFORMS}
-        functions = {name: BACKENDS[name].attention for name in set(chosen.values())}
-        return platform.select({p: functions[name] for p, name in chosen.items()}, q, k, v, mask,
-                               fallback=functions[chosen["cpu"]])
+        return platform.select({p: _function(name) for p, name in chosen.items()}, q, k, v, mask,
+                               fallback=_function(chosen["cpu"]))
     if implementation not in BACKENDS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
     backend = BACKENDS[implementation]
@@ -94,5 +103,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *,
     if reason is not None:
         raise ValueError(f"attention implementation {implementation!r} cannot compute this call: it {reason}")
     if implementation in KERNELS:
-        return platform.kernel(backend.attention, backend.native_platforms(), q, k, v, mask)
-    return backend.attention(q, k, v, mask)
+        return platform.kernel(_function(implementation), backend.native_platforms(), q, k, v, mask)
+    return _function(implementation)(q, k, v, mask)

@@ -51,21 +51,24 @@ def default_implementation(target: str, k: int, n: int, tiling: Tiling | None = 
     return "ragged_dot"
 
 
+@functools.cache
 def _implementation(name: str, out_dtype, tiling: Tiling | None):
-    """name -> fn(lhs, rhs, group_sizes, **kernel options) -> [M, N]."""
+    """name -> jitted fn(lhs, rhs, group_sizes[, interpret]) -> [M, N]. One object per arguments, so that the many
+    calls of a model (and the per-platform branches, all traced) reuse one trace per shape."""
     if name == "pallas_triton":
         def triton(lhs, rhs, group_sizes, interpret=False):
             # Triton's dot needs one operand dtype; the backward runs in it too.
             dtype = jnp.result_type(lhs.dtype, rhs.dtype)
             return pallas_triton.grouped_matmul(lhs.astype(dtype), rhs.astype(dtype), group_sizes, out_dtype,
                                                 tiling or Tiling(), interpret)
-        return triton
+        return jax.jit(triton, static_argnames="interpret")
     if name == "megablox":
-        return functools.partial(backends.megablox, out_dtype=out_dtype, tiling=tiling)
+        return jax.jit(functools.partial(backends.megablox, out_dtype=out_dtype, tiling=tiling),
+                       static_argnames="interpret")
     if name == "tokamax":
-        return functools.partial(backends.tokamax, out_dtype=out_dtype, tiling=tiling)
+        return jax.jit(functools.partial(backends.tokamax, out_dtype=out_dtype, tiling=tiling))
     if name == "ragged_dot":
-        return functools.partial(backends.ragged_dot, out_dtype=out_dtype, tiling=tiling)
+        return jax.jit(functools.partial(backends.ragged_dot, out_dtype=out_dtype, tiling=tiling))
     raise ValueError(f"unknown grouped-matmul implementation {name!r}; choose from {IMPLEMENTATIONS}")
 
 
@@ -89,9 +92,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
     args = (lhs, rhs, group_sizes)
     if implementation is None:
         chosen = {p: default_implementation(p, rhs.shape[1], rhs.shape[2], tiling) for p in platform.PLATFORMS}
-        functions = {name: _implementation(name, out_dtype, tiling) for name in set(chosen.values())}
-        return platform.select({p: functions[name] for p, name in chosen.items()}, *args,
-                               fallback=functions[chosen["cpu"]])
+        return platform.select({p: _implementation(name, out_dtype, tiling) for p, name in chosen.items()}, *args,
+                               fallback=_implementation(chosen["cpu"], out_dtype, tiling))
     if implementation in _NATIVE_PLATFORMS:
         return platform.kernel(_implementation(implementation, out_dtype, tiling), _NATIVE_PLATFORMS[implementation],
                                *args)

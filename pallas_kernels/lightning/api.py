@@ -51,8 +51,10 @@ def default_implementation(target: str, dk: int, dv: int) -> str:
     return "xla_chunked"
 
 
+@functools.cache
 def _implementation(name: str, block_size: int):
-    """name -> fn(q, k, v, decay, initial_state, segment_ids, **kernel options) -> (o, final state)."""
+    """name -> jitted fn(q, k, v, decay, initial_state, segment_ids[, interpret]) -> (o, final state). One object per
+    arguments, so that the layers of a model (and the per-platform branches, all traced) reuse one trace per shape."""
     if name in _PALLAS_BACKENDS:
         # Imported here so the pure-JAX paths never import Pallas.
         from pallas_kernels.lightning import pallas  # noqa: PLC0415
@@ -61,11 +63,11 @@ def _implementation(name: str, block_size: int):
             return pallas.lightning_attention_pallas(q, k, v, decay, initial_state=initial_state,
                                                      segment_ids=segment_ids, backend=_PALLAS_BACKENDS[name],
                                                      interpret=interpret)
-        return kernel
+        return jax.jit(kernel, static_argnames="interpret")
     if name == "xla_chunked":
-        return functools.partial(_chunked, block_size=block_size)
+        return jax.jit(functools.partial(_chunked, block_size=block_size))
     if name == "recurrent":
-        return _recurrent
+        return jax.jit(_recurrent)
     raise ValueError(f"unknown lightning implementation {name!r}; choose from {IMPLEMENTATIONS}")
 
 
@@ -102,9 +104,8 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Arr
     args = (q, k, v, jnp.asarray(decay, jnp.float32), initial_state, segment_ids)
     if implementation is None:
         chosen = {p: default_implementation(p, q.shape[-1], v.shape[-1]) for p in platform.PLATFORMS}
-        functions = {name: _implementation(name, block_size) for name in set(chosen.values())}
-        o, state = platform.select({p: functions[name] for p, name in chosen.items()}, *args,
-                                   fallback=functions[chosen["cpu"]])
+        o, state = platform.select({p: _implementation(name, block_size) for p, name in chosen.items()}, *args,
+                                   fallback=_implementation(chosen["cpu"], block_size))
     elif implementation in _PALLAS_BACKENDS:
         o, state = platform.kernel(_implementation(implementation, block_size), _NATIVE_PLATFORMS[implementation],
                                    *args)
