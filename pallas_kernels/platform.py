@@ -8,7 +8,8 @@ made just before compilation). The op families' ``api.py`` use the two functions
 to read ``jax.default_backend()``.
 
 All branches are traced, so each must trace for the given shapes on any host; a branch that could not (a kernel's
-shape constraints, a library the host lacks) must not be offered for that call.
+shape constraints, a library the host lacks) must not be offered for that call. Tracing them all costs time: the
+families pass functions jitted once per configuration, so a model's repeated calls reuse their traces.
 """
 from __future__ import annotations
 
