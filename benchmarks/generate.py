@@ -52,11 +52,9 @@ def _check_chunk_attention():
     import jax.numpy as jnp
     import numpy as np
 
-    from m1jax.layers.attention import (attention_mask, chunk_attention, fused_attention_implementation,
-                                        grouped_query_attention)
-    impl = fused_attention_implementation(jnp.bfloat16)
-    if impl is None:
-        return {"skipped": "no fused attention on this backend"}
+    from pallas_kernels.attention import Mask, attention, cudnn
+    if "cuda" not in cudnn.native_platforms() or jax.default_backend() != "gpu":
+        return {"skipped": "no cuDNN attention on this backend"}
     rng = np.random.default_rng(0)
     b, s, h, hkv, d, t = 2, 3 * 256, 16, 2, 64, 256
     start = jnp.asarray([0, 300])
@@ -66,12 +64,10 @@ def _check_chunk_attention():
     for index in range(0, s, t):
         filled = (slots < index + t)[..., None, None]
         k_cache, v_cache = jnp.where(filled, k, 0), jnp.where(filled, v, 0)
-        got = jax.jit(lambda *a: chunk_attention(*a, implementation=impl))(
-            q[:, index:index + t], k[:, index:index + t], v[:, index:index + t], k_cache, v_cache, jnp.int32(index),
-            start)
-        mask = attention_mask(slots[:, index:index + t], slots, k_valid=slots >= start[:, None])
-        want = grouped_query_attention(*(x.astype(jnp.float32) for x in (q[:, index:index + t], k_cache, v_cache)),
-                                       mask)
+        mask = Mask.cache(jnp.int32(index), t, s, start)
+        got = jax.jit(lambda *a: attention(*a, implementation="cudnn"))(q[:, index:index + t], k_cache, v_cache, mask)
+        want = attention(*(x.astype(jnp.float32) for x in (q[:, index:index + t], k_cache, v_cache)), mask,
+                         implementation="xla")
         valid = np.asarray(slots[:, index:index + t] >= start[:, None])
         g, w = np.asarray(got, np.float32)[valid], np.asarray(want)[valid]
         errors.append(float(np.linalg.norm(g - w) / np.linalg.norm(w)))

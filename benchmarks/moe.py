@@ -141,7 +141,7 @@ def check_small_case(rec: Recorder, tiling: Tiling):
     impls = [i for i in ("pallas_triton", "tokamax", "ragged_dot") if i in FLAGS.impls and available(i)]
     for impl in impls:
         fwd = lambda x, w, impl=impl: grouped_matmul(x, w, sizes, implementation=impl, tiling=tiling,
-                                                     preferred_element_type=jnp.float32, interpret=FLAGS.interpret)
+                                                     preferred_element_type=jnp.float32)
         try:
             got = jax.jit(with_backward(fwd))(lhs, rhs, dout.astype(jnp.float32))
         except Exception as e:  # noqa: BLE001  (record and go on to the timings)
@@ -212,13 +212,11 @@ def implementations(tiling: Tiling | None, sizes):
         fns["dense"] = lambda x, w: jnp.dot(x, w[0])   # [M, K] x [K, N]: the same 2*M*K*N FLOPs
     for impl in FLAGS.impls:
         if impl != "dense" and available(impl):
-            fns[impl] = lambda x, w, impl=impl: grouped_matmul(x, w, sizes, implementation=impl, tiling=tiling,
-                                                               interpret=FLAGS.interpret)
+            fns[impl] = lambda x, w, impl=impl: grouped_matmul(x, w, sizes, implementation=impl, tiling=tiling)
         if impl == "tokamax" and available(impl):
             fns["tokamax_raw"] = lambda x, w: backends.tokamax_module().ragged_dot(x, w, sizes)
         if impl == "pallas_triton" and tiling != Tiling():
-            fns["pallas_triton_untuned"] = lambda x, w: grouped_matmul(x, w, sizes, implementation="pallas_triton",
-                                                                       interpret=FLAGS.interpret)
+            fns["pallas_triton_untuned"] = lambda x, w: grouped_matmul(x, w, sizes, implementation="pallas_triton")
     return fns
 
 

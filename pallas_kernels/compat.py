@@ -1,8 +1,8 @@
 """The one place that imports Pallas (jax 0.11.2).
 
 Kernel modules import ``pl``, ``pltriton``, ``pltpu`` and ``plgpu`` from here, never from ``jax.experimental`` directly,
-so that an API move between jax releases is fixed in one file. Aliases follow spec/jax-notes.md 3.1: ``pltriton`` is the
-Triton backend, ``plgpu`` is Mosaic GPU (optional: ``None`` where it does not import).
+so that an API move between jax releases is fixed in one file. ``pltriton`` is the Triton backend, ``plgpu`` is Mosaic
+GPU (optional: ``None`` where it does not import).
 
 Do not use ``pl.dot``/``pl.load``/``pl.store`` (removed); use ``jnp.dot``/``lax.dot_general`` and ref indexing.
 """
@@ -25,7 +25,7 @@ TPU_CALL_TARGET = "tpu_custom_call"
 HAS_GPU_INTERPRET: bool = plgpu is not None and hasattr(plgpu, "InterpretGPUParams")
 
 # jax 0.11 warns on every Triton pallas_call ("The Pallas Triton backend is deprecated"); we use it on purpose
-# (spec/jax-notes.md section 0), so the warning carries no information for our users.
+# (it is the GPU backend these kernels are written for), so the warning carries no information for our users.
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
 __all__ = ["pl", "pltpu", "pltriton", "plgpu", "TRITON_CALL_TARGET", "TPU_CALL_TARGET", "HAS_GPU_INTERPRET"]

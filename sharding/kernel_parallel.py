@@ -1,9 +1,10 @@
-"""Run the lightning kernel per device under a mesh: ``jax.shard_map`` over the batch and head axes.
+"""Run the attention kernels per device under a mesh: ``jax.shard_map`` over the batch and head axes.
 
 A ``pallas_call`` has no partitioning rule, so under GSPMD the partitioner would gather its operands onto every device
-and run the whole kernel there (correct, but every device does all the work). Lightning attention is independent per
-(batch row, head), so splitting those axes as the sharding rules place them needs no communication at all.
-The sequence axis is not split here: ``sharding.sequence_parallel`` handles that case (it needs the state hand-off).
+and run the whole kernel there (correct, but every device does all the work). Lightning and softmax attention are
+independent per (batch row, head), so splitting those axes as the sharding rules place them needs no communication at
+all. The sequence axis is not split here: ``sharding.sequence_parallel`` handles that case (it needs the state
+hand-off, or the all-gathered keys).
 """
 from __future__ import annotations
 
@@ -53,3 +54,24 @@ def lightning_batch_head_parallel(q, k, v, decay, *, initial_state=None, segment
         q, k, v, decay, initial_state if has_init else jax.numpy.zeros(()),
         segment_ids if has_seg else jax.numpy.zeros(()))
     return (o, final) if return_final_state else o
+
+
+def attention_batch_head_parallel(q, k, v, mask, *, attention):
+    """``attention(q, k, v, mask)`` with its batch and head axes split over the mesh (call under jax.set_mesh).
+
+    q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh]; ``mask`` a pytree of [B, ...] arrays (split with the batch) and scalars
+    (replicated), ``pallas_kernels.attention.Mask``; ``attention`` the local function (its api with the
+    implementation bound). Heads are split only where query and KV heads split alike, so that each device's query
+    heads read its own KV heads (GQA). Falls back to the plain call when nothing is split.
+    """
+    q_spec = batch_head_specs(q.shape)
+    if q_spec is None:
+        return attention(q, k, v, mask)
+    kv_heads = logical_to_mesh_spec((None, None, "kv", None), shape=k.shape, mesh=jax.sharding.get_abstract_mesh())[2]
+    batch_axes, head_axes = q_spec[0], q_spec[2] if q_spec[2] == kv_heads else None
+    if batch_axes is None and head_axes is None:
+        return attention(q, k, v, mask)
+    x_spec = P(batch_axes, None, head_axes, None)
+    mask_spec = jax.tree.map(lambda a: P(batch_axes) if a.ndim else P(), mask)
+    return jax.shard_map(attention, in_specs=(x_spec, x_spec, x_spec, mask_spec), out_specs=x_spec,
+                         check_vma=False)(q, k, v, mask)

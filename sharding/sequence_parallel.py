@@ -91,11 +91,12 @@ def lightning_sequence_parallel(q, k, v, decay, *, initial_state=None, segment_i
     return (o, final) if return_final_state else o
 
 
-def attention_sequence_parallel(q, k, v, segment_ids, *, attention_mask, grouped_query_attention):
+def attention_sequence_parallel(q, k, v, segment_ids, *, attention_mask, attention):
     """Causal GQA with the length axis split over ``sequence``: K/V all-gathered, masks on global slots.
 
-    q [B, T, H, Dh], k/v [B, T, Hkv, Dh], segment_ids [B, T] or None -> [B, T, H, Dh]. ``attention_mask`` and
-    ``grouped_query_attention`` are m1jax.layers.attention's (the unsharded code, applied to the shard's rows).
+    q [B, T, H, Dh], k/v [B, T, Hkv, Dh], segment_ids [B, T] or None -> [B, T, H, Dh]. ``attention_mask(q_slot [B, t],
+    k_slot [B, T], q_segment, k_segment)`` builds the mask and ``attention(q, k, v, mask)`` applies it (in the model:
+    ``pallas_kernels.attention``'s ``Mask`` and ``attention``); each shard runs them on its rows against all keys.
     """
     q_spec, bt_spec, _ = _specs(q.shape, "heads")
     kv_spec = P(q_spec[0], q_spec[1], logical_to_mesh_spec(("kv",), shape=(k.shape[2],),
@@ -110,7 +111,7 @@ def attention_sequence_parallel(q, k, v, segment_ids, *, attention_mask, grouped
         k_slot = jnp.broadcast_to(jnp.arange(k_all.shape[1], dtype=jnp.int32)[None], (b, k_all.shape[1]))
         seg_all = jax.lax.all_gather(seg, SEQUENCE_AXIS, axis=1, tiled=True) if has_seg else None
         mask = attention_mask(q_slot, k_slot, seg if has_seg else None, seg_all)
-        return grouped_query_attention(q, k_all, v_all, mask)
+        return attention(q, k_all, v_all, mask)
 
     seg = segment_ids if has_seg else jnp.zeros((), jnp.int32)
     return jax.shard_map(body, in_specs=(q_spec, kv_spec, kv_spec, bt_spec if has_seg else P()), out_specs=q_spec,

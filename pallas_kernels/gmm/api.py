@@ -1,9 +1,18 @@
-"""Public entry point for the grouped matmul of the MoE layers: ``grouped_matmul(lhs, rhs, group_sizes)``."""
+"""Public entry point for the grouped matmul of the MoE layers: ``grouped_matmul(lhs, rhs, group_sizes)``.
+
+``implementation=None`` decides per platform the program is lowered for (``pallas_kernels.platform``): cuda/rocm:
+the first available of ``GPU_PREFERENCE``; tpu: megablox when K and N fit its tiles, else ragged_dot; cpu:
+ragged_dot. An explicit Pallas backend (pallas_triton, megablox) runs compiled on its platform and in Pallas
+interpret mode when lowered for cpu.
+"""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import platform
 from pallas_kernels.gmm import backends, pallas_triton
 from pallas_kernels.gmm.tiling import Tiling
 
@@ -11,6 +20,7 @@ IMPLEMENTATIONS = ("pallas_triton", "tokamax", "megablox", "ragged_dot")
 
 # GPU preference, best measured first (benchmarks/RESULTS.md, "Grouped matmul"); the first available one wins.
 GPU_PREFERENCE = ("pallas_triton", "tokamax")
+_NATIVE_PLATFORMS = {"pallas_triton": platform.GPU, "megablox": ("tpu",)}  # the Pallas kernels, where they compile
 
 
 def _check_inputs(lhs, rhs, group_sizes):
@@ -29,47 +39,62 @@ def _check_inputs(lhs, rhs, group_sizes):
             raise TypeError(f"{name} must be a floating-point array; got {x.dtype}")
 
 
-def default_implementation(platform: str | None = None) -> str:
-    """GPU: the first available of ``GPU_PREFERENCE``; TPU: megablox; otherwise ragged_dot."""
-    platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm"):
+def default_implementation(target: str, k: int, n: int, tiling: Tiling | None = None) -> str:
+    """The implementation ``implementation=None`` uses when lowering for platform ``target`` with rhs [G, K, N]
+    (see the module docstring)."""
+    if target in platform.GPU:
         for name in GPU_PREFERENCE:
             if name != "tokamax" or backends.tokamax_module() is not None:
                 return name
-    if platform == "tpu":
+    if target == "tpu" and backends.megablox_fits(k, n, tiling):
         return "megablox"
     return "ragged_dot"
 
 
+@functools.cache
+def _implementation(name: str, out_dtype, tiling: Tiling | None):
+    """name -> jitted fn(lhs, rhs, group_sizes[, interpret]) -> [M, N]. One object per arguments, so that the many
+    calls of a model (and the per-platform branches, all traced) reuse one trace per shape."""
+    if name == "pallas_triton":
+        def triton(lhs, rhs, group_sizes, interpret=False):
+            # Triton's dot needs one operand dtype; the backward runs in it too.
+            dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+            return pallas_triton.grouped_matmul(lhs.astype(dtype), rhs.astype(dtype), group_sizes, out_dtype,
+                                                tiling or Tiling(), interpret)
+        return jax.jit(triton, static_argnames="interpret")
+    if name == "megablox":
+        return jax.jit(functools.partial(backends.megablox, out_dtype=out_dtype, tiling=tiling),
+                       static_argnames="interpret")
+    if name == "tokamax":
+        return jax.jit(functools.partial(backends.tokamax, out_dtype=out_dtype, tiling=tiling))
+    if name == "ragged_dot":
+        return jax.jit(functools.partial(backends.ragged_dot, out_dtype=out_dtype, tiling=tiling))
+    raise ValueError(f"unknown grouped-matmul implementation {name!r}; choose from {IMPLEMENTATIONS}")
+
+
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, implementation: str | None = None,
-                   preferred_element_type=None, tiling: Tiling | None = None,
-                   interpret: bool = False) -> jax.Array:
+                   preferred_element_type=None, tiling: Tiling | None = None) -> jax.Array:
     """Per-group matmul ``out[m] = lhs[m] @ rhs[g(m)]`` for rows sorted by group (the MoE expert matmul).
 
     Args:
       lhs: [M, K] rows sorted by group: group g owns rows ``offset_g .. offset_g + group_sizes[g]``.
       rhs: [G, K, N] one weight matrix per group.
       group_sizes: [G] int32, non-negative, summing to at most M; rows past the sum give zeros.
-      implementation: None (best for the backend), or one of ``IMPLEMENTATIONS``.
+      implementation: None (per target platform, see the module docstring), or one of ``IMPLEMENTATIONS``.
       preferred_element_type: output dtype (default: the promoted input dtype); accumulation is float32.
       tiling: ``Tiling`` for pallas_triton (per kernel) and megablox (its ``fwd`` tile); others ignore it.
-      interpret: run Pallas kernels (pallas_triton, megablox) in interpret mode, for CPU tests.
 
     Returns:
       [M, N]; differentiable in lhs and rhs (d_lhs = dout @ rhs[g].T, d_rhs[g] = lhs[g rows].T @ dout[g rows]).
     """
     _check_inputs(lhs, rhs, group_sizes)
-    impl = implementation or default_implementation()
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
-    if impl == "pallas_triton":
-        # Triton's dot needs one operand dtype; the backward runs in it too.
-        dtype = jnp.result_type(lhs.dtype, rhs.dtype)
-        return pallas_triton.grouped_matmul(lhs.astype(dtype), rhs.astype(dtype), group_sizes, out_dtype,
-                                            tiling or Tiling(), interpret)
-    if impl == "megablox":
-        return backends.megablox(lhs, rhs, group_sizes, out_dtype, tiling, interpret=interpret)
-    if impl == "tokamax":
-        return backends.tokamax(lhs, rhs, group_sizes, out_dtype, tiling)
-    if impl == "ragged_dot":
-        return backends.ragged_dot(lhs, rhs, group_sizes, out_dtype, tiling)
-    raise ValueError(f"unknown grouped-matmul implementation {impl!r}; choose from {IMPLEMENTATIONS}")
+    args = (lhs, rhs, group_sizes)
+    if implementation is None:
+        chosen = {p: default_implementation(p, rhs.shape[1], rhs.shape[2], tiling) for p in platform.PLATFORMS}
+        return platform.select({p: _implementation(name, out_dtype, tiling) for p, name in chosen.items()}, *args,
+                               fallback=_implementation(chosen["cpu"], out_dtype, tiling))
+    if implementation in _NATIVE_PLATFORMS:
+        return platform.kernel(_implementation(implementation, out_dtype, tiling), _NATIVE_PLATFORMS[implementation],
+                               *args)
+    return _implementation(implementation, out_dtype, tiling)(*args)

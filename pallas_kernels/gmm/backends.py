@@ -49,16 +49,27 @@ def tokamax(lhs, rhs, group_sizes, out_dtype, tiling: Tiling | None):
     return _zero_rows_past_groups(out, group_sizes)
 
 
+MEGABLOX_TILE = 128  # megablox's default tile (rows, contraction, columns), capped at each size
+
+
+def _megablox_tiles(m: int, k: int, n: int, tiling: Tiling | None) -> tuple[int, int, int]:
+    if tiling is None:
+        return min(MEGABLOX_TILE, m), min(MEGABLOX_TILE, k), min(MEGABLOX_TILE, n)
+    return tiling.fwd.block_m, tiling.fwd.block_k, tiling.fwd.block_n
+
+
+def megablox_fits(k: int, n: int, tiling: Tiling | None) -> bool:
+    """Whether megablox's tiles divide K and N (it is given M padded to its tile, but not K or N)."""
+    _, tk, tn = _megablox_tiles(1, k, n, tiling)
+    return k % tk == 0 and n % tn == 0
+
+
 def megablox(lhs, rhs, group_sizes, out_dtype, tiling: Tiling | None, *, interpret: bool = False):
     """jax's Mosaic-TPU grouped matmul (custom VJP with gmm + tgmm)."""
     from jax.experimental.pallas.ops.tpu.megablox import ops  # noqa: PLC0415  (TPU-only module)
 
     m, k = lhs.shape
-    n = rhs.shape[2]
-    if tiling is None:
-        tiles = (min(128, m), min(128, k), min(128, n))
-    else:
-        tiles = (tiling.fwd.block_m, tiling.fwd.block_k, tiling.fwd.block_n)
+    tiles = _megablox_tiles(m, k, rhs.shape[2], tiling)
     # megablox needs M divisible by its row tile: pad with rows that belong to no group, and cut them off after.
     padded = lhs if m % tiles[0] == 0 else jnp.pad(lhs, ((0, -m % tiles[0]), (0, 0)))
     # Positional: megablox's custom_vjp marks (preferred_element_type, tiling, transpose_rhs, interpret) static.

@@ -1,13 +1,23 @@
-"""Public entry point for lightning attention (the contract in DESIGN.md)."""
+"""Public entry point for lightning attention: ``lightning_attention`` (prefill/training) and ``lightning_decode``.
+
+``implementation=None`` decides per platform the program is lowered for (``pallas_kernels.platform``): tpu: the
+Mosaic kernel (pallas_tpu); cuda/rocm: the Triton kernel (pallas_triton) when Dk and Dv are powers of two; otherwise
+(cpu, other dims) the XLA chunked scan. An explicit Pallas backend runs compiled on its platform and in Pallas
+interpret mode when lowered for cpu.
+"""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import platform
 from pallas_kernels.lightning import reference
 
 IMPLEMENTATIONS = ("xla_chunked", "recurrent", "pallas_triton", "pallas_tpu")
 _PALLAS_BACKENDS = {"pallas_triton": "triton", "pallas_tpu": "tpu"}
+_NATIVE_PLATFORMS = {"pallas_triton": platform.GPU, "pallas_tpu": ("tpu",)}  # where each kernel runs compiled
 
 
 def _check_inputs(q, k, v, decay, initial_state, segment_ids):
@@ -31,17 +41,44 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def default_implementation(dk: int | None = None, dv: int | None = None) -> str:
-    """Best implementation for the default backend: the Pallas kernels on GPU/TPU, the XLA chunked scan elsewhere.
-
-    The Triton kernel needs power-of-two head dims; other sizes fall back to the XLA scan on GPU.
-    """
-    platform = jax.default_backend()
-    if platform == "tpu":
+def default_implementation(target: str, dk: int, dv: int) -> str:
+    """The implementation ``implementation=None`` uses when lowering for platform ``target`` (see the module
+    docstring); the Triton kernel needs power-of-two head dims."""
+    if target == "tpu":
         return "pallas_tpu"
-    if platform == "gpu" and (dk is None or (_is_power_of_two(dk) and _is_power_of_two(dv))):
+    if target in platform.GPU and _is_power_of_two(dk) and _is_power_of_two(dv):
         return "pallas_triton"
     return "xla_chunked"
+
+
+@functools.cache
+def _implementation(name: str, block_size: int):
+    """name -> jitted fn(q, k, v, decay, initial_state, segment_ids[, interpret]) -> (o, final state). One object per
+    arguments, so that the layers of a model (and the per-platform branches, all traced) reuse one trace per shape."""
+    if name in _PALLAS_BACKENDS:
+        # Imported here so the pure-JAX paths never import Pallas.
+        from pallas_kernels.lightning import pallas  # noqa: PLC0415
+
+        def kernel(q, k, v, decay, initial_state, segment_ids, interpret=False):
+            return pallas.lightning_attention_pallas(q, k, v, decay, initial_state=initial_state,
+                                                     segment_ids=segment_ids, backend=_PALLAS_BACKENDS[name],
+                                                     interpret=interpret)
+        return jax.jit(kernel, static_argnames="interpret")
+    if name == "xla_chunked":
+        return jax.jit(functools.partial(_chunked, block_size=block_size))
+    if name == "recurrent":
+        return jax.jit(_recurrent)
+    raise ValueError(f"unknown lightning implementation {name!r}; choose from {IMPLEMENTATIONS}")
+
+
+def _chunked(q, k, v, decay, initial_state, segment_ids, *, block_size):
+    return reference.lightning_attention_chunked(q, k, v, decay, initial_state=initial_state,
+                                                 segment_ids=segment_ids, block_size=block_size)
+
+
+def _recurrent(q, k, v, decay, initial_state, segment_ids):
+    return reference.lightning_attention_recurrent(q, k, v, decay, initial_state=initial_state,
+                                                   segment_ids=segment_ids)
 
 
 def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array, *,
@@ -56,7 +93,7 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Arr
       initial_state: optional [B, H, Dk, Dv] float32 state before token 0.
       segment_ids: optional [B, T] ints; the state resets wherever the id changes (packed documents).
       return_final_state: also return the [B, H, Dk, Dv] float32 state after the last token.
-      implementation: None (best for the backend), or one of ``IMPLEMENTATIONS``.
+      implementation: None (per target platform, see the module docstring), or one of ``IMPLEMENTATIONS``.
       block_size: block length of the XLA chunked scan (results do not depend on it); the Pallas kernels use their
         tuned ``pallas.DEFAULT_CONFIGS``.
 
@@ -64,24 +101,16 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Arr
       o [B, T, H, Dv] in v's dtype, and the final state when ``return_final_state``.
     """
     _check_inputs(q, k, v, decay, initial_state, segment_ids)
-    impl = implementation or default_implementation(q.shape[-1], v.shape[-1])
-    decay = jnp.asarray(decay, jnp.float32)
-    if impl in _PALLAS_BACKENDS:
-        # Imported here so the pure-JAX paths never import Pallas.
-        from pallas_kernels.lightning import pallas
-        # Asked for explicitly off its hardware (CPU tests), a kernel runs in Pallas interpret mode.
-        interpret = jax.default_backend() not in ("gpu", "tpu")
-        o, state = pallas.lightning_attention_pallas(q, k, v, decay, initial_state=initial_state,
-                                                     segment_ids=segment_ids, backend=_PALLAS_BACKENDS[impl],
-                                                     interpret=interpret)
-    elif impl == "xla_chunked":
-        o, state = reference.lightning_attention_chunked(q, k, v, decay, initial_state=initial_state,
-                                                         segment_ids=segment_ids, block_size=block_size)
-    elif impl == "recurrent":
-        o, state = reference.lightning_attention_recurrent(q, k, v, decay, initial_state=initial_state,
-                                                           segment_ids=segment_ids)
+    args = (q, k, v, jnp.asarray(decay, jnp.float32), initial_state, segment_ids)
+    if implementation is None:
+        chosen = {p: default_implementation(p, q.shape[-1], v.shape[-1]) for p in platform.PLATFORMS}
+        o, state = platform.select({p: _implementation(name, block_size) for p, name in chosen.items()}, *args,
+                                   fallback=_implementation(chosen["cpu"], block_size))
+    elif implementation in _PALLAS_BACKENDS:
+        o, state = platform.kernel(_implementation(implementation, block_size), _NATIVE_PLATFORMS[implementation],
+                                   *args)
     else:
-        raise ValueError(f"unknown lightning implementation {impl!r}; choose from {IMPLEMENTATIONS}")
+        o, state = _implementation(implementation, block_size)(*args)
     return (o, state) if return_final_state else o
 
 

@@ -62,7 +62,8 @@ def lightning_attention_recurrent(q, k, v, decay, *, initial_state=None, segment
 
 
 def lightning_attention_chunked(q, k, v, decay, *, initial_state=None, segment_ids=None, block_size: int = 256):
-    """Block algorithm (spec 3.4) as a ``lax.scan`` over blocks carrying the float32 state.
+    """The block algorithm (masked products within a block, the carried state across blocks) as a ``lax.scan`` over
+    blocks carrying the float32 state.
 
     Same arguments and returns as ``lightning_attention_recurrent`` plus ``block_size``. ``T`` need not be a multiple
     of the block: the tail is zero-padded and the padded tokens are excluded from the state.

@@ -34,8 +34,8 @@ def _rel_err(x, ref):
 
 
 def _impl_fn(impl):
-    return functools.partial(grouped_matmul, implementation=impl, tiling=SMALL if impl != "megablox" else None,
-                             interpret=True)
+    # Asked for explicitly, a Pallas kernel runs in Pallas interpret mode on CPU.
+    return functools.partial(grouped_matmul, implementation=impl, tiling=SMALL if impl != "megablox" else None)
 
 
 IMPLS = ["ragged_dot", "pallas_triton"]
@@ -73,8 +73,7 @@ def test_megablox_in_interpret_mode():
     case = ("megablox", 40, 128, 128, (13, 0, 27))
     lhs, rhs, sizes, dout = _inputs(case)
     fn = lambda x, w: grouped_matmul(x, w, sizes, implementation="megablox", preferred_element_type=jnp.float32,
-                                     tiling=Tiling.uniform(TileConfig(block_m=16, block_k=128, block_n=128)),
-                                     interpret=True)
+                                     tiling=Tiling.uniform(TileConfig(block_m=16, block_k=128, block_n=128)))
     out, vjp = jax.vjp(fn, lhs, rhs)
     ref, ref_vjp = jax.vjp(lambda x, w: reference.grouped_matmul(x, w, sizes), lhs, rhs)
     assert _rel_err(out, ref) < 1e-5
@@ -131,8 +130,14 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_default_implementation_per_platform(monkeypatch):
-    assert api.default_implementation("cpu") == "ragged_dot"
-    assert api.default_implementation("tpu") == "megablox"
-    assert api.default_implementation("gpu") == api.GPU_PREFERENCE[0] or backends.tokamax_module() is None
+    assert api.default_implementation("cpu", 256, 384) == "ragged_dot"
+    assert api.default_implementation("tpu", 256, 384) == "megablox"
+    assert api.default_implementation("tpu", 256, 200) == "ragged_dot"  # N not a multiple of megablox's tile
+    assert api.default_implementation("cuda", 256, 384) == api.GPU_PREFERENCE[0] or backends.tokamax_module() is None
     monkeypatch.setattr(backends, "tokamax_module", lambda: None)
-    assert api.default_implementation("gpu") == "pallas_triton"
+    assert api.default_implementation("cuda", 256, 200) == "pallas_triton"
+
+
+def test_implementations_equal_the_config_choices():
+    from m1jax.config import GMM_IMPLEMENTATIONS
+    assert api.IMPLEMENTATIONS == GMM_IMPLEMENTATIONS

@@ -1,18 +1,20 @@
 """The real (non-interpret) lowerings of the lightning kernels, checked on CPU with ``jax.export``.
 
 Interpret mode does not enforce Triton's power-of-two / no-scratch rules or Mosaic TPU's (8, 128) block tiling; the
-export runs the Pallas lowering for the target (spec/jax-notes.md 3.6). Forward and backward (custom VJP), with an
-initial state and segment ids, a sequence split, and a length that is not a multiple of the chunk.
+export runs the Pallas lowering for the target. Forward and backward (custom VJP), with an initial state and segment
+ids, a sequence split, and a length that is not a multiple of the chunk. ``implementation=None`` lowers the kernel of
+the platform exported for (not the host's), and the same jitted function run here (cpu) is the XLA scan.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import export
 
 from pallas_kernels.compat import TPU_CALL_TARGET, TRITON_CALL_TARGET
-from pallas_kernels.lightning import pallas
+from pallas_kernels.lightning import lightning_attention, pallas
 from pallas_kernels.lightning.config import KernelConfig
 
 B, T, H, D = 1, 200, 2, 128
@@ -39,12 +41,48 @@ def _args():
 @pytest.mark.parametrize("backend,config", [("triton", KernelConfig(chunk=64, block_v=64, groups=2)),
                                             ("triton", KernelConfig(chunk=64, block_v=128, groups=1))])
 def test_triton_lowering_exports_for_cuda(backend, config):
+    calls = _export_text(_fwd_and_grad(backend, config), "cuda").count(TRITON_CALL_TARGET)
+    assert calls == (EXPECTED_CALLS if config.groups > 1 else EXPECTED_CALLS // 2)
+
+
+def _export_text(fn, target_platform, args=None) -> str:
+    args = _args() if args is None else args
+    checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL_TARGET)]
+    if target_platform != "cuda":
+        return export.export(fn, platforms=(target_platform,), disabled_checks=checks)(*args).mlir_module()
+    # Triton's lowering asks for the GPU model; an abstract one stands in.
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
-        exported = export.export(_fwd_and_grad(backend, config), platforms=("cuda",),
-                                 disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL_TARGET)])(*_args())
-    calls = exported.mlir_module().count(TRITON_CALL_TARGET)
-    assert calls == (EXPECTED_CALLS if config.groups > 1 else EXPECTED_CALLS // 2)
+        return export.export(fn, platforms=(target_platform,), disabled_checks=checks)(*args).mlir_module()
+
+
+def _default(forward_only: bool):
+    """implementation=None: loss = sum(o * w) + sum(final state), jitted; forward, or value and gradients."""
+    def loss(q, k, v, s, init, seg):
+        o, final = lightning_attention(q, k, v, s, initial_state=init, segment_ids=seg, return_final_state=True)
+        w = jnp.cos(jnp.arange(o.size, dtype=jnp.float32)).reshape(o.shape)
+        return jnp.sum(o.astype(jnp.float32) * w) + jnp.sum(final)
+    return jax.jit(loss if forward_only else jax.value_and_grad(loss, argnums=(0, 1, 2, 4)))
+
+
+@pytest.mark.parametrize("target_platform,target", [("cuda", TRITON_CALL_TARGET), ("tpu", TPU_CALL_TARGET)])
+def test_default_lowers_the_kernel_of_the_target_platform(target_platform, target):
+    forward = _export_text(_default(forward_only=True), target_platform).count(target)
+    both = _export_text(_default(forward_only=False), target_platform).count(target)
+    assert forward >= 1 and both > forward  # the forward kernels, then the backward's too
+
+
+def test_default_jitted_function_runs_the_xla_scan_on_cpu(lt):
+    prob = lt.random_problem(5, 1, 40, 2, 16, 16, segments=True, init=True)
+    q, k, v, s, init = (jnp.asarray(prob[n]) for n in ("q", "k", "v", "decay", "initial_state"))
+    seg = jnp.asarray(prob["segment_ids"])
+    w = np.cos(np.arange(q.size, dtype=np.float32)).reshape(q.shape)
+    want = lt.oracle(prob["q"], prob["k"], prob["v"], prob["decay"], initial_state=prob["initial_state"],
+                     segment_ids=prob["segment_ids"], d_o=w, d_final=np.ones_like(prob["initial_state"]))
+    value, (dq, dk, dv, d_init) = _default(forward_only=False)(q, k, v, s, init, seg)
+    assert abs(float(value) - (np.sum(want["o"] * w) + np.sum(want["final"]))) < 1e-4 * np.sum(np.abs(want["o"]))
+    for got, name in ((dq, "dq"), (dk, "dk"), (dv, "dv"), (d_init, "d_init")):
+        assert lt.rel_err(got, want[name]) < 1e-4, name
 
 
 def test_tpu_lowering_exports_for_tpu():

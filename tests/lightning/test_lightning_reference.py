@@ -55,8 +55,16 @@ def test_decode_step_matches_oracle_one_token_on(lt):
     assert lt.rel_err(o, want["o"][:, 0]) < 1e-5 and lt.rel_err(state, want["final"]) < 1e-5
 
 
-def test_default_implementation_on_cpu_is_the_xla_scan():
-    assert api.default_implementation(128, 128) == "xla_chunked"
+def test_default_implementation_per_platform():
+    assert api.default_implementation("cpu", 128, 128) == "xla_chunked"
+    assert api.default_implementation("cuda", 128, 128) == "pallas_triton"
+    assert api.default_implementation("cuda", 96, 128) == "xla_chunked"  # Triton needs power-of-two head dims
+    assert api.default_implementation("tpu", 96, 128) == "pallas_tpu"
+
+
+def test_implementations_equal_the_config_choices():
+    from m1jax.config import LIGHTNING_IMPLEMENTATIONS
+    assert api.IMPLEMENTATIONS == LIGHTNING_IMPLEMENTATIONS
 
 
 @pytest.mark.parametrize("bad", ["qk", "v", "decay", "init", "segments", "impl"])

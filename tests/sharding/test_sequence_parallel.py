@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from m1jax.layers.attention import attention_mask, grouped_query_attention
+from pallas_kernels.attention import Mask, reference
 from pallas_kernels.lightning import lightning_attention
 from sharding.mesh import make_mesh
 from sharding.sequence_parallel import attention_sequence_parallel, lightning_sequence_parallel
@@ -64,10 +64,9 @@ def test_softmax_values_and_grads(cuts):
     slots = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
 
     def unsharded(q, k, v, seg):
-        return grouped_query_attention(q, k, v, attention_mask(slots, slots, seg, seg))
+        return reference.attention(q, k, v, Mask(slots, slots, seg, seg))
 
-    sharded = functools.partial(attention_sequence_parallel, attention_mask=attention_mask,
-                                grouped_query_attention=grouped_query_attention)
+    sharded = functools.partial(attention_sequence_parallel, attention_mask=Mask, attention=reference.attention)
 
     def run(fn):
         loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, seg)))
