@@ -50,7 +50,7 @@ def lightning_batch_head_parallel(q, k, v, decay, *, initial_state=None, segment
     o, final = jax.shard_map(
         body, in_specs=(x_spec, x_spec, x_spec, P(head_axes), state_spec if has_init else P(),
                         P(batch_axes, None) if has_seg else P()),
-        out_specs=(x_spec, state_spec), check_vma=False)(  # check_vma=False: Pallas kernels (jax-notes 9.7)
+        out_specs=(x_spec, state_spec), check_vma=False)(  # check_vma=False: pallas_call under shard_map fails the check (interpret mode too)
         q, k, v, decay, initial_state if has_init else jax.numpy.zeros(()),
         segment_ids if has_seg else jax.numpy.zeros(()))
     return (o, final) if return_final_state else o

@@ -1,4 +1,4 @@
-"""Lightning attention layer (70 of M1's 80 layers): spec section 3."""
+"""Lightning attention layer (70 of M1's 80 layers): docs/model.md §3."""
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,4 @@
-"""Mixture of Experts (every M1 layer): fp32 router, top-k with renormalised weights, SwiGLU experts (spec 5).
+"""Mixture of Experts (every M1 layer): fp32 router, top-k with renormalised weights, SwiGLU experts (docs/model.md §5).
 
 Two dispatch paths compute the same function:
 * ``sorted`` (default): the N*k token-expert assignments are sorted by expert and run as grouped matmuls
