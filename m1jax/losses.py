@@ -6,7 +6,7 @@ logit, so only ``[N, chunk]`` fp32 logits exist at a time; the backward (``jax.c
 logits from the saved ``logsumexp`` and accumulates ``dh += dZ_c W_cᵀ`` and ``dW_c = hᵀ dZ_c``. For M1 (V = 200064)
 at 16K tokens the full fp32 logits would be 13 GB; the chunked form keeps ``N * chunk * 4`` bytes.
 
-With ``fp32=True`` (M1's FP32 LM head, spec rl-cispo.md section 3) both matmul operands are fp32, multiplied at
+With ``fp32=True`` (M1's FP32 LM head, docs/model.md §6) both matmul operands are fp32, multiplied at
 ``fp32_precision`` ("float32": HIGHEST; "bf16_3x": three bf16 passes), exactly as ``m1jax.layers.embed.lm_logits``;
 otherwise they are in ``hidden``'s dtype with fp32 accumulation.
 ``implementation="full"`` is the plain fp32-logits form (the baseline the chunked one is tested and timed against).
