@@ -1,0 +1,1 @@
+"""Serving: engines that turn requests into streamed tokens (``types`` is the contract every engine keeps)."""
