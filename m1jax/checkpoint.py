@@ -205,3 +205,18 @@ def load_params(directory: str | os.PathLike, abstract_params) -> Any:
                 raise CheckpointError(f"parameter checkpoint {path} is truncated, corrupt or mis-shaped: "
                                       f"{type(e).__name__}: {str(e)[:500]}") from e
     return unflatten_state(flat, abstract_params)
+
+
+def restore_params(directory: str | os.PathLike, step: int, abstract_params) -> Any:
+    """Only the parameters of checkpoint ``step`` in ``directory`` (a ``Checkpointer`` directory whose state holds a
+    ``params`` subtree: a training or RL state), read onto ``abstract_params``' shardings; the optimizer state is
+    not read."""
+    path = os.path.join(os.path.abspath(os.fspath(directory)), str(step), STATE)
+    targets = {f"params.{k}": v for k, v in restore_target(abstract_params).items()}
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+            item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets), partial_restore=True))
+    except Exception as e:  # orbax/tensorstore raise many types; all mean this step cannot be read as these params
+        raise CheckpointError(f"checkpoint {path} does not hold these parameters, or is damaged: "
+                              f"{type(e).__name__}: {str(e)[:500]}") from e
+    return unflatten_state({k[len("params."):]: v for k, v in restored.items()}, abstract_params)

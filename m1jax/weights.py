@@ -99,3 +99,102 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overrides: Seq
 def params_dir_config(directory: str | os.PathLike) -> ModelConfig:
     """The ModelConfig stored in a parameter directory (or run directory)."""
     return config_files.load_model_config(os.fspath(directory))
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """What ``path`` holds: "hf" (config.json in an HF dialect + safetensors), "params" (a parameter directory),
+    "run" (a training or RL run directory: config.json + checkpoints/<step>/), "checkpoints" (a checkpoint
+    directory with its own config.json, e.g. an RL policy). Raises CheckpointError naming what is missing."""
+    import json
+
+    from m1jax.checkpoint import saved_steps
+    from m1jax.config.hf import is_hf_config
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    config = os.path.join(path, config_files.CONFIG_FILE)
+    if not os.path.exists(config):
+        raise CheckpointError(f"{path} has no config.json: not an HF checkpoint, parameter directory or run directory")
+    with open(config) as fh:
+        try:
+            doc = json.load(fh)
+        except ValueError as e:
+            raise CheckpointError(f"{config} is not valid JSON: {e}") from None
+    if is_hf_config(doc):
+        return "hf"
+    if os.path.isdir(os.path.join(path, PARAMS)):
+        return "params"
+    if saved_steps(os.path.join(path, "checkpoints")):
+        return "run"
+    if saved_steps(path):
+        return "checkpoints"
+    raise CheckpointError(f"{path} holds no weights: no safetensors config, no params/, no checkpoints/<step>/")
+
+
+def load_weights(path: str | os.PathLike, *, mesh=None, overrides: Sequence[str] = ()):
+    """(cfg, graphdef, params) from any checkpoint m1jax writes or reads (``checkpoint_kind``): an HF directory, a
+    converted parameter directory, a training or RL run directory (its latest checkpoint; only the parameters are
+    read), or a policy directory. The stored config says what the model is; ``overrides`` (``key=value``) change
+    execution settings only (an architecture change is refused). Parameters land on ``mesh`` by the sharding rules,
+    or on the first local device."""
+    import jax
+
+    from m1jax.checkpoint import load_params, restore_params, saved_steps, with_shardings
+    from m1jax.model import abstract_model
+    from m1jax.train import split_model
+    from sharding.rules import state_shardings
+
+    path = os.fspath(path)
+    kind = checkpoint_kind(path)
+    if kind == "hf":
+        from flax import nnx
+
+        from m1jax.convert import from_hf
+        cfg, model = from_hf(path)
+        new = cfg.override(overrides)
+        _refuse_architecture_change(cfg, new)
+        graphdef, params = split_model(model)
+        graphdef = nnx.graphdef(abstract_model(new))
+        if mesh is not None:
+            params = jax.device_put(params, state_shardings(params, mesh))
+        return new, graphdef, params
+    stored = config_files.load_model_config(path)
+    cfg = stored.override(overrides)
+    _refuse_architecture_change(stored, cfg)
+    graphdef, abstract = split_model(abstract_model(cfg))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, abstract)
+    else:
+        shardings = state_shardings(abstract, mesh)
+    target = with_shardings(abstract, shardings)
+    if kind == "params":
+        return cfg, graphdef, load_params(os.path.join(path, PARAMS), target)
+    root = os.path.join(path, "checkpoints") if kind == "run" else path
+    step = max(saved_steps(root))
+    return cfg, graphdef, restore_params(root, step, target)
+
+
+def _refuse_architecture_change(before: ModelConfig, after: ModelConfig) -> None:
+    changed = [n for n in before.architecture.field_names() if getattr(before, n) != getattr(after, n)]
+    if changed:
+        raise CheckpointError(f"overrides change the stored architecture ({changed}); only execution settings "
+                              f"(e.g. compute_dtype) may change when loading weights")
+
+
+def export_to_hf(path: str | os.PathLike, out: str | os.PathLike, *, dialect: str = "minimax", dtype=None,
+                 max_shard_bytes: int | None = None, overwrite: bool = False) -> ModelConfig:
+    """Write the weights at ``path`` (anything ``load_weights`` reads) as an HF checkpoint directory ``out``
+    (config.json + safetensors, MiniMax's or transformers' names; ``dtype`` e.g. bfloat16, the published format)."""
+    from flax import nnx
+
+    from m1jax.convert import export_hf
+
+    out = os.fspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise OutputExists(f"{out} already exists; pass overwrite (--overwrite) to replace it")
+    cfg, graphdef, params = load_weights(path)
+    export_hf(nnx.merge(graphdef, params), out, dialect=dialect, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return cfg
