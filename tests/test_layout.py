@@ -90,3 +90,31 @@ def test_nothing_refers_outside_the_repository():
             if OUTSIDE.search(line):
                 bad.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()[:120]}")
     assert not bad, "references outside the repository (write what is needed into docs/):\n" + "\n".join(bad)
+
+
+def _readme_commands():
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text.split("## Fresh machine: two commands", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", section, re.S)
+
+
+def test_readme_gives_two_commands_and_ci_runs_the_test_command():
+    commands = _readme_commands()
+    assert len(commands) == 2 and all("\n" not in c for c in commands), commands
+    main_job, tests = commands
+    assert "experiments.rl" in main_job and "pytest" in tests and "'.[test]'" in tests
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().splitlines()
+    assert tests in ci, "the CI script must run the README's test command verbatim"
+
+
+def test_readme_commands_refuse_an_old_python_at_once(tmp_path):
+    """The commands' first step stops an interpreter older than 3.12 with one line, before a venv is made."""
+    import subprocess
+    import sys
+    check = _readme_commands()[0].split(" && ")[0]
+    code = check.split("-c ", 1)[1].strip("'")
+    old = code.replace("sys.version_info >= (3, 12)", "(3, 11) >= (3, 12)")
+    proc = subprocess.run([sys.executable, "-c", old], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.startswith("m1jax needs Python >= 3.12")
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == 0
+    assert not os.listdir(tmp_path)
