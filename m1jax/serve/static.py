@@ -163,7 +163,8 @@ class StaticEngine(Engine):
             return {"queued": len(self._queue), "running": len(self._running),
                     "generated_tokens": self._counts["generated_tokens"],
                     "prompt_tokens": self._counts["prompt_tokens"], "cached_prompt_tokens": 0,
-                    "finished_requests": self._counts["finished"], "cancelled_requests": self._counts["cancelled"],
+                    "submitted_requests": self._counts["submitted"], "finished_requests": self._counts["finished"],
+                    "cancelled_requests": self._counts["cancelled"],
                     "ttft_s": list(self._ttft), "itl_s": list(self._itl),
                     "uptime_s": time.monotonic() - self._started}
 
