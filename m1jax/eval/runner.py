@@ -9,12 +9,15 @@ A *completer* maps prompts to answers: ``complete(samples, vocab) -> list[str]``
   ``m1jax.serve.types.Engine`` and decodes the tokens (``text.decode``).
 * ``GenerateCompleter(model_or_split, text)``: ``m1jax.generate`` in batches.
 
+All three answer greedily and stop at the tokenizer's end-of-sequence ids, as the server does.
+
 ``evaluate(completer, vocab, tasks, lengths, samples, seed)`` generates the samples, runs them and scores them:
 ``{task: {length: {"score": mean, "scores": [...], "answers": [...]}}}``.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import urllib.error
 import urllib.request
@@ -22,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from m1jax.eval.tasks import Sample, get_task, score
+from m1jax.eval.tasks import Sample, Task, get_task, score
 from m1jax.eval.vocab import Vocabulary
 
 
@@ -56,7 +59,8 @@ class EngineCompleter:
         from m1jax.serve.types import SamplingParams
         self.engine.start()
         handles = [self.engine.submit(self.text.encode(s.prompt(vocab)),
-                                      SamplingParams(max_tokens=s.max_new_tokens, temperature=0.0))
+                                      SamplingParams(max_tokens=s.max_new_tokens, temperature=0.0,
+                                                     stop_token_ids=self.text.eos_token_ids))
                    for s in samples]
         return [self.text.decode(h.result().token_ids) for h in handles]
 
@@ -74,7 +78,8 @@ class GenerateCompleter:
             batch = samples[at:at + self.batch_size]
             out = gen.generate(self.split, [self.text.encode(s.prompt(vocab)) for s in batch],
                                max_new_tokens=max(s.max_new_tokens for s in batch), sampling=gen.Sampling.greedy(),
-                               stop=gen.StopRules.make(truncate_after=0), chunk_size=self.chunk_size,
+                               stop=gen.StopRules.make(self.text.eos_token_ids, truncate_after=0),
+                               chunk_size=self.chunk_size,
                                kv_dtype=self.kv_dtype)
             tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
             answers += [self.text.decode(tokens[i, :min(int(lengths[i]), s.max_new_tokens)].tolist())
@@ -82,14 +87,18 @@ class GenerateCompleter:
         return answers
 
 
-def evaluate(completer, vocab: Vocabulary, tasks: Sequence[str], lengths: Sequence[int], samples: int = 4,
-             seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
-    """Scores of every task at every length (module docstring)."""
+def evaluate(completer, vocab: Vocabulary, tasks: Sequence[str | Task], lengths: Sequence[int], samples: int = 4,
+             seed: int = 0, max_new_tokens: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Scores of every task (a name or a ``Task``) at every length (module docstring); ``max_new_tokens`` caps the
+    tasks' own answer lengths."""
     results: dict = {}
-    for name in tasks:
-        task = get_task(name)
+    for task in tasks:
+        task = get_task(task) if isinstance(task, str) else task
+        name = task.name
         for length in lengths:
             batch = task.samples(vocab, length, samples, seed)
+            if max_new_tokens is not None:
+                batch = [dataclasses.replace(s, max_new_tokens=min(s.max_new_tokens, max_new_tokens)) for s in batch]
             answers = completer.complete(batch, vocab)
             scores = [score(s, a, vocab) for s, a in zip(batch, answers)]
             results.setdefault(name, {})[length] = {"score": float(np.mean(scores)), "scores": scores,
