@@ -35,6 +35,7 @@ def define_flags():
     flags.DEFINE_list("tasks", ["niah_multikey", "variable_tracking", "frequent_words"], "Tasks.")
     flags.DEFINE_list("lengths", ["1k"], "Prompt lengths in tokens (4096, 4k, 1m).")
     flags.DEFINE_integer("samples", 4, "Samples per task and length.")
+    flags.DEFINE_integer("max_new_tokens", None, "Cap on the tokens generated per answer (default: the task's).")
     flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
 
@@ -75,7 +76,8 @@ def main(argv):
                 completer = runner.GenerateCompleter(source.model, text, engine_config.max_batch_size,
                                                      engine_config.chunk_size, engine_config.kv_dtype)
         try:
-            results = runner.evaluate(completer, vocab, FLAGS.tasks, lengths, FLAGS.samples, FLAGS.seed, log=print)
+            results = runner.evaluate(completer, vocab, FLAGS.tasks, lengths, FLAGS.samples, FLAGS.seed,
+                                          FLAGS.max_new_tokens, log=print)
         finally:
             if engine is not None:
                 engine.stop()
