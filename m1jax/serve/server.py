@@ -396,7 +396,7 @@ class OpenAIServer:
         finally:
             self.finish(generations)
 
-    def _error_of(self, generations: list[_Generation]) -> api.APIError | None:
+    def error_of(self, generations: list[_Generation]) -> api.APIError | None:
         for g in generations:
             if g.finish_reason == "error":
                 return api.APIError(f"generation failed: {g.error}", status=500, type="server_error")
@@ -538,7 +538,7 @@ def create_app(engine: Engine, model: ServedModel):
             disconnected.cancel()
         if not finished:  # nobody to answer
             return PlainTextResponse("client disconnected", status_code=499)
-        error = server._error_of(generations)
+        error = server.error_of(generations)
         if error is not None:
             return error_response(error)
         if kind == "completion":

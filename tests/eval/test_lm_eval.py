@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from m1jax.serve.loading import load_served_model
 from tests.parity import hf_runner as hr

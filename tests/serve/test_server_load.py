@@ -17,7 +17,6 @@ import pytest
 
 from m1jax import generate as gen
 from m1jax.model import init_model
-from m1jax.serve.loading import ServedModelSource
 from m1jax.serve.server import ServedModel, create_app
 from m1jax.serve.static import StaticEngine
 from m1jax.serve.text import TokenIdText
