@@ -13,7 +13,7 @@ Cancellation: a queued request is dropped; a running one ends its stream at once
 its batch still computes for it are discarded.
 
 Statistics (``stats``): ``ttft_s`` is the time from submission to the batch's end (when the first token reaches the
-client); ``itl_s`` is the batch's decode time per step, one sample per request.
+client); ``itl_s`` is the batch's time (prefill included) divided by its decode steps, one sample per request.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import uuid
 
 import numpy as np
 
-from m1jax.config import Config, setting
+from m1jax.config import Config, ConfigError, setting
 from m1jax.serve.types import Engine, RequestHandle, SamplingParams, TokenEvent
 
 STOP_SLOTS = 8  # stop token ids per request (a fixed count keeps the compiled programs' shapes static)
@@ -45,7 +45,6 @@ class StaticEngineConfig(Config):
     stats_window: int = setting(1000, help="recent latency samples kept for stats()")
 
     def validate(self) -> None:
-        from m1jax.config import ConfigError
         if self.max_batch_size < 1 or self.chunk_size < 1 or self.min_new_tokens_bucket < 1:
             raise ConfigError("max_batch_size, chunk_size and min_new_tokens_bucket must be >= 1")
         if self.batch_timeout_s < 0 or self.stats_window < 1:
