@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # Create (idempotently) the Python 3.11 environment that runs the transformers/PyTorch parity reference
-# (tests/parity/hf_reference.py). CPU torch wheels exist here only for Python 3.11, so this is separate from the
-# project's 3.12 environment.
+# (tests/parity/hf_reference.py) and lm-eval against the OpenAI-compatible server (tests/eval/test_lm_eval.py).
+# CPU torch wheels exist here only for Python 3.11, so this is separate from the project's 3.12 environment.
 #
 #   scripts/setup_parity_env.sh [VENV_DIR]        default VENV_DIR: <repo>/.venv-parity
 #
 # Base interpreter: $M1JAX_PARITY_BASE_PYTHON if set, else the first Python 3.11 that can create a venv among
 # python3.11 on PATH, ~/.pyenv/versions/3.11*/bin/python, python3. Installs the pinned
-# torch==2.13.0 transformers==5.24.0 plus safetensors and numpy, checks the imports, and writes a marker file
-# (.m1jax-parity-ok) holding the pins; a venv with a matching marker is left alone. Prints the interpreter path last.
+# torch==2.13.0 transformers==5.24.0 plus safetensors and numpy, and lm-eval[api]==0.4.13 in the same pip call (so
+# the torch pin holds: lm-eval never brings a CUDA torch), checks the imports and that torch is the CPU build, and
+# writes marker files holding the pins (.m1jax-parity-ok: the parity pins; .m1jax-lm-eval-ok: lm-eval's); a venv
+# with matching markers is left alone. Prints the interpreter path last.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-$REPO/.venv-parity}"
 PINS="torch==2.13.0 transformers==5.24.0 safetensors numpy"
+EVAL_PINS="lm-eval[api]==0.4.13"
 MARKER="$VENV/.m1jax-parity-ok"
+EVAL_MARKER="$VENV/.m1jax-lm-eval-ok"
 
 die() { echo "setup_parity_env: ERROR: $*" >&2; exit 1; }
 
-if [[ -x "$VENV/bin/python" && -f "$MARKER" && "$(cat "$MARKER")" == "$PINS" ]]; then
+if [[ -x "$VENV/bin/python" && -f "$MARKER" && "$(cat "$MARKER")" == "$PINS" && -f "$EVAL_MARKER" \
+      && "$(cat "$EVAL_MARKER")" == "$EVAL_PINS" ]]; then
     echo "$VENV/bin/python"
     exit 0
 fi
@@ -52,9 +57,12 @@ if [[ ! -x "$VENV/bin/python" ]] || ! is_py311 "$VENV/bin/python"; then
 fi
 
 # shellcheck disable=SC2086
-"$VENV/bin/python" -m pip install --disable-pip-version-check -q $PINS >&2 \
-    || die "pip install $PINS into $VENV failed (torch 2.13.0 CPU wheels exist for Python 3.11 only)."
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q $PINS "$EVAL_PINS" >&2 \
+    || die "pip install $PINS $EVAL_PINS into $VENV failed (torch 2.13.0 CPU wheels exist for Python 3.11 only)."
 "$VENV/bin/python" -c 'import torch, transformers, safetensors, numpy; from transformers import MiniMaxForCausalLM' \
     || die "imports failed in $VENV after install."
+"$VENV/bin/python" -c 'import torch, lm_eval, aiohttp, tenacity; assert torch.version.cuda is None, torch.version.cuda' \
+    || die "lm-eval imports failed in $VENV, or torch is not the CPU build."
 echo "$PINS" > "$MARKER"
+echo "$EVAL_PINS" > "$EVAL_MARKER"
 echo "$VENV/bin/python"
