@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from m1jax.checkpoint import Checkpointer, flatten_state
-from m1jax.config import ConfigError
+
 from m1jax.config.files import write_config
 from m1jax.convert import from_hf
 from m1jax.model import init_model
