@@ -47,7 +47,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp

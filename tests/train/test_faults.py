@@ -142,7 +142,7 @@ def test_skip_nonfinite_step_leaves_params_and_moments_unchanged():
     assert int(skipped.step) == 1  # the step (schedule, data) moves on; the update does not
     assert _leaves_equal(skipped.params, host.params) and _leaves_equal(skipped.opt_state, host.opt_state)
 
-    # a finite step is the same update with or without the guard, bit for bit
+    # a finite step is the same update with or without the guard, exactly
     want, want_metrics = plain(jax.device_put(host), good)
     got, got_metrics = skip(jax.device_put(host), good)
     assert float(got_metrics["finite"]) == 1.0
