@@ -14,9 +14,16 @@ continues from the latest checkpoint in ``--workdir/checkpoints`` with the store
 settings fixed for the run unless ``--allow_config_change``. SIGTERM or SIGINT on any process saves the current
 step on all of them and exits 0. Several processes: ``--coordinator_address``, ``--num_processes``,
 ``--process_id`` (or JAX's own cluster detection).
+
+Exit status: 0 done or stopped on request; 2 a problem with the input (flags, configs, work directory, data, mesh,
+no intact checkpoint to resume), printed as one ``error:`` line; 3 a step's loss or gradient norm was not finite
+(the run stopped without saving it); 130 a second Ctrl-C (or one before training started) aborted the run; the
+checkpoints already complete are intact.
+Any other failure is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -86,13 +93,16 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    from m1jax.checkpoint import CheckpointError, NonFiniteError
     from m1jax.config import ConfigError
     from m1jax.data import DataError
     from m1jax.train import Trainer, resolve_configs
+    from m1jax.train.run_dir import check_workdir
 
     try:
         sections = resolve_configs(FLAGS.workdir, resume=FLAGS.resume, model_spec=FLAGS.config,
                                    overrides=field_overrides(FLAGS.set))
+        check_workdir(FLAGS.workdir)
         import jax
 
         if FLAGS.compilation_cache:
@@ -109,9 +119,23 @@ def main(argv):
                           log=lambda line: print(line, flush=True))
         trainer.fit(resume=FLAGS.resume, allow_config_change=FLAGS.allow_config_change,
                     pause_at_step=FLAGS.pause_at_step)
-    except (ConfigError, DataError) as e:  # the user's input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except (ConfigError, DataError, CheckpointError) as e:  # the user's input: one line, no traceback
+        _fail(e, 2)
+    except NonFiniteError as e:
+        _fail(e, 3)
+    except KeyboardInterrupt:
+        # os._exit: Python's own exit would wait for orbax's writer threads, that is for the save the user aborts.
+        # An abandoned save stays a temporary directory, which is never taken for a step.
+        _fail("interrupted (Ctrl-C): a save in progress, if any, was abandoned; --resume continues from the last "
+              "complete checkpoint", 130, now=True)
+
+
+def _fail(message, status: int, now: bool = False) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if now:
+        sys.stdout.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,21 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 class DataError(ValueError):
-    """A data source is missing, inconsistent, truncated or does not fit the requested batch."""
+    """A data source is missing, inconsistent, truncated or does not fit the requested batch or model."""
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    """DataError naming ``where``, the first offending id and its position unless every id is in [0, vocab_size).
+
+    Ids are checked where they enter (a document read from a token file, a synthetic row): past that point they are
+    cast to int32 and used as embedding indices, where an id past the table reads garbage (NaN losses) and a negative
+    one wraps around to the end of the table.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        position = int(np.flatnonzero((tokens < 0) | (tokens >= vocab_size))[0])
+        raise DataError(f"{where} holds token id {int(tokens.flat[position])} at position {position}, outside the "
+                        f"vocabulary [0, {vocab_size})")
 
 
 def rows_to_batch(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:

@@ -24,16 +24,19 @@ from sharding.multihost import global_array, local_rows
 SYNTHETIC_PREFIX = "synthetic:"
 
 
-def make_source(spec: str, seq_len: int | None, seed: int = 0):
-    """``synthetic:add`` / ``synthetic:mul`` (arithmetic tasks) or a token-file prefix -> a row source."""
+def make_source(spec: str, seq_len: int | None, seed: int = 0, max_position: int | None = None):
+    """``synthetic:add`` / ``synthetic:mul`` (arithmetic tasks) or a token-file prefix -> a row source.
+
+    ``max_position``: the model's ``max_position_embeddings``, which the rows' positions must fit.
+    """
     if spec.startswith(SYNTHETIC_PREFIX):
-        return arithmetic_source(spec[len(SYNTHETIC_PREFIX):], seq_len, seed)
+        return arithmetic_source(spec[len(SYNTHETIC_PREFIX):], seq_len, seed, max_position)
     if seq_len is None:
         raise DataError(f"data {spec!r} is a token file: it needs a sequence length (run.seq_len, --seq_len)")
     if not os.path.exists(os.fspath(spec) + ".json"):
         raise DataError(f"data {spec!r} is neither synthetic:add, synthetic:mul nor a token file prefix "
                         f"(no {spec}.json)")
-    return PackedTokenSource(spec, seq_len, seed)
+    return PackedTokenSource(spec, seq_len, seed, max_position=max_position)
 
 
 class BatchLoader:

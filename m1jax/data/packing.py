@@ -6,7 +6,8 @@ documents at positions ``r, r + B, r + 2B, ...`` of that endless order and packs
 ``T + 1`` tokens: a document that does not fit continues in the row's next step (its positions continue too). So
 step ``s``, row ``r`` is a function of ``(seed, B, r, s)`` alone, whichever process reads it.
 
-Within a row, segment ids count the documents 1, 2, ...; a target counts only inside one document.
+Within a row, segment ids count the documents 1, 2, ...; a target counts only inside one document. Positions count
+inside a document, so with ``max_position`` (the model's ``max_position_embeddings``) a longer document is an error.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import grain
 import numpy as np
 
 from m1jax.data.batch import DataError, rows_to_batch
-from m1jax.data.rows import READ_OPTIONS, check_row, check_seed
+from m1jax.data.rows import READ_OPTIONS, check_row, check_seed, check_seq_len
 from m1jax.data.token_file import TokenFile
 
 
@@ -84,18 +85,30 @@ class _PackedRows(grain.IterDataset):
 class PackedTokenSource:
     """Packed rows of ``seq_len`` next-token pairs from a token file (see the module docstring).
 
-    ``shuffle=False`` keeps the file's document order (epochs then repeat it).
+    ``shuffle=False`` keeps the file's document order (epochs then repeat it). ``max_position``: the model's
+    position table; ``seq_len`` and every document must fit in it (DataError naming the document otherwise).
     """
 
-    def __init__(self, source: TokenFile | str | os.PathLike, seq_len: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, source: TokenFile | str | os.PathLike, seq_len: int, seed: int = 0, shuffle: bool = True,
+                 max_position: int | None = None):
         self.file = source if isinstance(source, TokenFile) else TokenFile(source)
         if self.file.n_docs == 0 or self.file.header["n_tokens"] == 0:
             raise DataError(f"token file {self.file.prefix} holds no tokens")
         if seq_len < 1:
             raise DataError(f"seq_len must be >= 1, got {seq_len}")
         check_seed(seed)
-        self.seq_len, self.seed, self.shuffle = seq_len, seed, shuffle
+        check_seq_len(seq_len, max_position)
+        self.seq_len, self.seed, self.shuffle, self.max_position = seq_len, seed, shuffle, max_position
         self.vocab_size = self.file.vocab_size
+
+    def document(self, i: int) -> np.ndarray:
+        """Document ``i`` of the file, checked (ids by the file; its length against ``max_position``)."""
+        doc = self.file.doc(i)
+        if self.max_position is not None and len(doc) > self.max_position:
+            raise DataError(f"token file {self.file.prefix}: document {i} has {len(doc)} tokens, more than the "
+                            f"model's max_position_embeddings {self.max_position} (positions count inside a "
+                            f"document): split it")
+        return doc
 
     def row_iterator(self, row: int, num_rows: int) -> grain.DatasetIterator:
         """Row ``row`` of every batch of ``num_rows`` rows: examples of ``[seq_len]`` arrays, one per step."""
@@ -103,5 +116,5 @@ class PackedTokenSource:
         docs = grain.MapDataset.range(self.file.n_docs)
         if self.shuffle:
             docs = docs.shuffle(seed=self.seed)
-        docs = docs.repeat().slice(slice(row, None, num_rows)).map(self.file.doc)
+        docs = docs.repeat().slice(slice(row, None, num_rows)).map(self.document)
         return iter(_PackedRows(docs.to_iter_dataset(READ_OPTIONS), self.seq_len + 1))

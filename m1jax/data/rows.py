@@ -23,6 +23,12 @@ def check_row(row: int, num_rows: int) -> None:
         raise DataError(f"row {row} is outside a batch of {num_rows} rows")
 
 
+def check_seq_len(seq_len: int, max_position: int | None) -> None:
+    """A row's positions run up to ``seq_len - 1``: they must fit the model's position table."""
+    if max_position is not None and seq_len > max_position:
+        raise DataError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_position}")
+
+
 def check_seed(seed: int) -> None:
     if not 0 <= seed <= MAX_SEED:
         raise DataError(f"data seed must be in [0, {MAX_SEED}], got {seed}")

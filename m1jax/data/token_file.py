@@ -3,6 +3,9 @@
 ``<prefix>.tokens`` is a flat little-endian array of token ids (uint16 when the vocabulary fits, else uint32);
 ``<prefix>.docs.npy`` holds int64 document boundaries ``[n_docs + 1]`` (document i is ``tokens[b[i]:b[i+1]]``);
 ``<prefix>.json`` records dtype and counts and is written last, so its presence marks a complete file set.
+
+Every document is checked when it is read: its ids must lie in ``[0, vocab_size)`` of the header (a header that
+understates the vocabulary, or ids written by another tool, fail there with the file, document and id named).
 """
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from typing import Iterable
 
 import numpy as np
 
-from m1jax.data.batch import DataError
+from m1jax.data.batch import DataError, check_token_ids
+
+TOKEN_DTYPES = ("uint16", "uint32")
 
 
 def write_token_file(prefix: str | os.PathLike, docs: Iterable[Iterable[int]], vocab_size: int) -> dict:
@@ -53,6 +58,9 @@ class TokenFile:
             self.bounds = np.load(prefix + ".docs.npy")
         except FileNotFoundError as e:
             raise DataError(f"token file {prefix}: missing {e.filename}") from None
+        if self.header.get("dtype") not in TOKEN_DTYPES:
+            raise DataError(f"token file {prefix}.json: dtype {self.header.get('dtype')!r}; token ids are stored as "
+                            f"one of {TOKEN_DTYPES}")
         dtype = np.dtype(self.header["dtype"]).newbyteorder("<")
         expected = self.header["n_tokens"] * dtype.itemsize
         size = os.path.getsize(prefix + ".tokens") if os.path.exists(prefix + ".tokens") else -1
@@ -68,4 +76,7 @@ class TokenFile:
         return len(self.bounds) - 1
 
     def doc(self, i: int) -> np.ndarray:
-        return self.tokens[self.bounds[i]:self.bounds[i + 1]]
+        """Document ``i``'s token ids (checked against the header's vocabulary)."""
+        tokens = self.tokens[self.bounds[i]:self.bounds[i + 1]]
+        check_token_ids(tokens, self.vocab_size, f"token file {self.prefix}: document {i}")
+        return tokens

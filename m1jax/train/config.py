@@ -13,6 +13,7 @@ from m1jax.config import Config, ConfigError, setting
 from m1jax.losses import IMPLEMENTATIONS as CE_IMPLEMENTATIONS
 
 SCHEDULES = ("cosine", "linear", "constant")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,9 @@ class RunConfig(Config):
     peak_tflops: float | None = setting(None, resume=False,
                                         help="MFU denominator per device (default: the device's datasheet peak)")
     wandb: bool = setting(False, resume=False, help="also log to Weights & Biases when it is installed")
+    on_nonfinite: str = setting("stop", choices=NONFINITE_POLICIES, resume=False,
+                                help="a step whose loss or gradient norm is NaN or inf: stop the run (nothing of it "
+                                     "is saved) or skip its update")
 
     def validate(self) -> None:
         for name in ("batch", "save_every", "log_every", "eval_batches"):

@@ -14,6 +14,7 @@ metrics.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Mapping, Sequence
 
 from m1jax.checkpoint import saved_steps
@@ -32,6 +33,22 @@ class ResumeConflict(ConfigError):
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
     return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINTS)
+
+
+def check_workdir(workdir: str | os.PathLike) -> None:
+    """ConfigError (one line) unless ``workdir`` is, or can be created as, a directory this process can write in
+    (creates it)."""
+    workdir = os.path.abspath(os.fspath(workdir))
+    for path in (workdir, checkpoint_dir(workdir)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"work directory: {path} is a file, not a directory; give a directory (new or a run's)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"work directory {workdir} cannot be written ({e.strerror or e}); give a directory you "
+                          f"can write in") from None
 
 
 def is_resuming(workdir: str | os.PathLike, resume: bool) -> bool:
@@ -67,7 +84,8 @@ def resolve_configs(workdir: str | os.PathLike, *, resume: bool, model_spec: str
 def check_start(workdir: str | os.PathLike, sections: Mapping[str, Config], *, resume: bool,
                 allow_config_change: bool = False) -> list[str]:
     """Raise (ConfigError / ResumeConflict, one line) unless a run with ``sections`` may start in ``workdir``;
-    returns the fixed fields an allowed resume changes (``section.field: old -> new``)."""
+    returns the fixed fields an allowed resume changes (``section.field: old -> new``). Creates ``workdir``."""
+    check_workdir(workdir)
     steps = saved_steps(checkpoint_dir(workdir))
     if not steps:
         return []

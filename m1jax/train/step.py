@@ -1,5 +1,10 @@
 """One optimizer update as a jitted function: ``(state, batch) -> (state, metrics)`` with the state donated.
 
+The metrics hold ``finite`` (1.0 when the loss, the balance loss and the gradient norm are all finite, else 0.0).
+With ``skip_nonfinite`` the step decides inside the jitted function to drop a non-finite update: params and optimizer
+state come back unchanged (only ``step`` advances, so the schedule and the data move on), with no host round trip
+beyond the metrics the loop fetches anyway.
+
 A batch is a dict of ``[B, T]`` arrays (``m1jax.data.batch``): ``inputs``, ``targets``, ``loss_mask``,
 ``segment_ids`` (packed documents; on GPU the softmax layers then use a segment-masked flash kernel, and without
 them cuDNN's fused attention) and ``positions``.
@@ -22,8 +27,10 @@ from m1jax.train.state import TrainState
 from sharding.rules import fsdp_params
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tc: TrainConfig) -> tuple[TrainState, dict]:
-    """One optimizer update over ``tc.grad_accum`` micro-batches (a scan; gradients summed in fp32)."""
+def train_step(state: TrainState, batch: dict, *, graphdef, tc: TrainConfig,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+    """One optimizer update over ``tc.grad_accum`` micro-batches (a scan; gradients summed in fp32); with
+    ``skip_nonfinite``, no update at all when the loss or the gradient norm is not finite."""
     a = tc.grad_accum
     b = batch["inputs"].shape[0]
     if b % a:
@@ -41,8 +48,14 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tc: TrainConfig) -> 
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": jnp.sum(nll_sums) / n_tokens, "aux_loss": jnp.mean(auxes), "grad_norm": optax.tree.norm(grads),
-               "learning_rate": make_schedule(tc)(state.step), "tokens": n_tokens}
+    loss, aux, grad_norm = jnp.sum(nll_sums) / n_tokens, jnp.mean(auxes), optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(aux) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree_util.tree_map(keep, params, state.params)
+        opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+    metrics = {"loss": loss, "aux_loss": aux, "grad_norm": grad_norm, "learning_rate": make_schedule(tc)(state.step),
+               "tokens": n_tokens, "finite": finite.astype(jnp.float32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
 
@@ -55,9 +68,10 @@ def batch_shardings(mesh: jax.sharding.Mesh, shape, keys=BATCH_KEYS) -> dict[str
 
 
 def make_train_step(graphdef, tc: TrainConfig, state_shardings: Any = None, batch_shardings: Any = None,
-                    fsdp: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    fsdp: bool = False, skip_nonfinite: bool = False) -> Callable[[TrainState, dict],
+                                                                                tuple[TrainState, dict]]:
     """jit(train_step) with the state donated; with shardings, inputs and outputs keep that placement and the
-    metrics come back replicated.
+    metrics come back replicated. ``skip_nonfinite``: see the module docstring.
 
     ``fsdp``: the params are FSDP-sharded (``train_state_shardings(..., fsdp=True)``); the step is then traced under
     ``sharding.rules.fsdp_params()`` so each weight is cast to the compute dtype on its shard and all-gathered in
@@ -65,7 +79,7 @@ def make_train_step(graphdef, tc: TrainConfig, state_shardings: Any = None, batc
     """
     def fn(state, batch):
         with fsdp_params(fsdp):
-            return train_step(state, batch, graphdef=graphdef, tc=tc)
+            return train_step(state, batch, graphdef=graphdef, tc=tc, skip_nonfinite=skip_nonfinite)
     if state_shardings is None:
         return jax.jit(fn, donate_argnums=0)
     replicated = NamedSharding(jax.tree_util.tree_leaves(state_shardings)[0].mesh, P())

@@ -1,6 +1,5 @@
 """Orbax checkpoints: resharding restore across meshes (8 fake CPU devices), per-process data states, atomicity,
 damaged files; the preemption guard."""
-import json
 import os
 import shutil
 import signal
@@ -69,6 +68,7 @@ def test_interrupted_save_is_never_restored(saved, tmp_path):
     os.remove(work / "9.orbax-checkpoint-tmp-1234" / "commit_success.txt")
     ck = C.Checkpointer(work)
     assert ck.latest_step() == 3
+    assert ck.interrupted_saves == [str(work / "9.orbax-checkpoint-tmp-1234")]  # named, then removed by orbax
     target, _ = _target("data=8")
     state, _ = ck.restore(target)
     np.testing.assert_array_equal(np.asarray(jax.tree_util.tree_leaves(state)[-1]), host[-1])
@@ -96,10 +96,10 @@ def test_data_states_of_several_processes_come_back_in_process_order(tmp_path):
     directory = tmp_path / "ck" / "4" / "data"
     directory.mkdir(parents=True)
     for i, rows in ((1, {"2": {"next_index": 4}}), (0, {"0": {"next_index": 4}})):
-        (directory / f"process_{i}.json").write_text(json.dumps({"rows": rows}))
+        (directory / f"process_{i}.json").write_text(C.encode_data_state({"rows": rows}))
     assert C.ProcessJsonHandler().restore(directory) == [{"rows": {"0": {"next_index": 4}}},
                                                           {"rows": {"2": {"next_index": 4}}}]
-    (directory / "process_3.json").write_text("{}")
+    (directory / "process_3.json").write_text(C.encode_data_state({}))
     with pytest.raises(CheckpointError, match=r"\[0, 1, 3\] are not 0..n-1"):
         C.ProcessJsonHandler().restore(directory)
     assert C.saved_steps(tmp_path / "ck") == [4] and C.saved_steps(tmp_path / "none") == []

@@ -2,13 +2,12 @@
 with 8 devices on the same data=4,expert=2 mesh: the same per-step losses; a SIGTERM to one process stops both after
 the same step with that step saved by both (each process its own rows' data state); resuming both, or resuming as
 one process, continues with the losses of the uninterrupted run."""
-import json
 import shutil
 import signal
 
 import pytest
 
-from m1jax.checkpoint import saved_steps
+from m1jax.checkpoint import decode_data_state, saved_steps
 from tests.train import launch
 
 ARGS = [*launch.TINY, "--batch=8", "--steps=6", "--save_every=100", "--mesh=data=4,expert=2",
@@ -35,8 +34,8 @@ def test_two_processes_match_one_and_resume(tmp_path):
     outs = launch.finish(procs)
     assert all("saving step 3" in out for out in outs), outs[0][-2000:]
     assert saved_steps(work / "checkpoints") == [3]
-    rows = [json.loads((work / "checkpoints" / "3" / "data" / f"process_{i}.json").read_text())["rows"]
-            for i in range(2)]
+    files = [work / "checkpoints" / "3" / "data" / f"process_{i}.json" for i in range(2)]
+    rows = [decode_data_state(f.read_text(), f)["rows"] for f in files]
     assert sorted(rows[0]) == ["0", "1", "2", "3"] and sorted(rows[1]) == ["4", "5", "6", "7"]
     shutil.copytree(work, tmp_path / "mixed")
 
