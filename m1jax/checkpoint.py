@@ -510,16 +510,24 @@ def load_params(directory: str | os.PathLike, abstract_params, *, verify: bool =
     return unflatten_state(flat, abstract_params)
 
 
-def restore_params(directory: str | os.PathLike, step: int, abstract_params) -> Any:
+def restore_params(directory: str | os.PathLike, step: int, abstract_params, *, verify: bool = True) -> Any:
     """Only the parameters of checkpoint ``step`` in ``directory`` (a ``Checkpointer`` directory whose state holds a
-    ``params`` subtree: a training or RL state), read onto ``abstract_params``' shardings; the optimizer state is
-    not read."""
-    path = os.path.join(os.path.abspath(os.fspath(directory)), str(step), STATE)
-    targets = {f"params.{k}": v for k, v in restore_target(abstract_params).items()}
+    ``params`` subtree: a training or RL state), read onto ``abstract_params``' shardings and dtypes and checked
+    against the step's digest; the optimizer state is not read."""
+    step_path = os.path.join(os.path.abspath(os.fspath(directory)), str(step))
+    where = f"checkpoint {step_path}"
+    wanted = {f"params.{k}": v for k, v in restore_target(abstract_params).items()}
+    saved = _read_digest(os.path.join(step_path, DIGEST, DIGEST_FILE), where) if verify else None
+    target = _as_saved(wanted, saved, where)
     try:
-        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-            item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets), partial_restore=True))
+        with _quiet_asyncio():
+            flat = ocp.PyTreeCheckpointer().restore(os.path.join(step_path, STATE), args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
     except Exception as e:  # orbax/tensorstore raise many types; all mean this step cannot be read as these params
-        raise CheckpointError(f"checkpoint {path} does not hold these parameters, or is damaged: "
+        raise CheckpointError(f"{where} does not hold these parameters, or is damaged: "
                               f"{type(e).__name__}: {str(e)[:500]}") from e
-    return unflatten_state({k[len("params."):]: v for k, v in restored.items()}, abstract_params)
+    if saved is not None:
+        _verify(where, flat, saved)
+    flat = {n[len("params."):]: x if x.dtype == wanted[n].dtype else x.astype(wanted[n].dtype)
+            for n, x in flat.items()}
+    return unflatten_state(flat, abstract_params)

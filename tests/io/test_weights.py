@@ -134,3 +134,20 @@ def test_generate_entry_point_user_errors(args, message):
     proc = subprocess.run([sys.executable, "-m", "experiments.generate", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_run_directory_parameters_are_verified(trained_run, tmp_path):
+    """A flipped byte in a saved parameter chunk is refused when only the parameters are read."""
+    import shutil
+    workdir, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    from m1jax.checkpoint import saved_steps
+    step_dir = copy / "checkpoints" / str(max(saved_steps(copy / "checkpoints"))) / "state"
+    chunks = sorted(p for p in step_dir.rglob("*") if p.is_file() and "d" in p.parts[-2:-1] and p.stat().st_size > 64)
+    assert chunks, list(step_dir.rglob("*"))[:10]
+    data = bytearray(chunks[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunks[0].write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="differ from the digest|damaged"):
+        weights.load_weights(copy)
