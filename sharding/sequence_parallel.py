@@ -9,10 +9,27 @@ o_t += exp(-s*(t+1)) * alive_t * q_t . S_in(i) for its local position t, where a
 segment change on. Everything is differentiable JAX, so gradients come from the same code (all_gather transposes to
 a reduce-scatter).
 
-Softmax: K, V and the segment ids are all-gathered over ``sequence``; queries keep their global slots, so the
-causal and segment masks are the unsharded ones restricted to the shard's rows.
+Softmax (ring attention): no device ever holds more than two shards' K/V. Shard i keeps its queries and passes
+its K/V block (with its segment ids) around the ring of ``sequence`` devices with ``jax.lax.ppermute``: at step s
+it holds the block of shard (i - s) mod P, attends to it with the queries at their global slots (so the causal and
+segment masks are the unsharded ones restricted to this pair of blocks), and merges the partial result into its
+running output by the two logsumexps (online softmax over blocks). Blocks wholly in the future (s > i) are skipped.
+The transfer of the next block is issued before the current block's attention, so the two can overlap. The
+backward (a custom VJP) runs the same ring again: each block's attention is recomputed and differentiated, dq stays
+home, and dk, dv travel with their K/V block (one hop behind it) and reach its owner after the last hop. Memory per device: O(T/P) (the
+local q, out, logsumexp, two K/V blocks and their dk, dv accumulators), against O(T) for all-gathered K/V.
+
+Ring rather than all-to-all over heads (Ulysses): an all-to-all needs the KV heads to split over ``sequence``
+(M1 has 8 KV heads, and a 1M-token prefill wants sequence = 16), and it would hold whole-sequence K/V for the local
+heads. The causal ring leaves shard i idle for P - 1 - i steps (shard 0 attends to one block, shard P-1 to all);
+a zig-zag token layout would balance that, at the price of re-laying out the sequence sharding the other layers
+use.
 """
 from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -91,27 +108,122 @@ def lightning_sequence_parallel(q, k, v, decay, *, initial_state=None, segment_i
     return (o, final) if return_final_state else o
 
 
-def attention_sequence_parallel(q, k, v, segment_ids, *, attention_mask, attention):
-    """Causal GQA with the length axis split over ``sequence``: K/V all-gathered, masks on global slots.
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """The static part of a ring-attention call (hashable, for ``nondiff_argnums``)."""
+    attention_mask: Callable
+    attention: Callable
+    size: int  # P, the ``sequence`` axis size
 
-    q [B, T, H, Dh], k/v [B, T, Hkv, Dh], segment_ids [B, T] or None -> [B, T, H, Dh]. ``attention_mask(q_slot [B, t],
-    k_slot [B, T], q_segment, k_segment)`` builds the mask and ``attention(q, k, v, mask)`` applies it (in the model:
-    ``pallas_kernels.attention``'s ``Mask`` and ``attention``); each shard runs them on its rows against all keys.
+    def perm(self):
+        return [(j, (j + 1) % self.size) for j in range(self.size)]
+
+    def block(self, q, k, v, q_seg, k_seg, source):
+        """Attention of the local queries to the K/V block of shard ``source``: (out [B, L, H, Dh], lse [B, L, H])."""
+        b, length = q.shape[:2]
+        here = jax.lax.axis_index(SEQUENCE_AXIS)
+        local = jnp.arange(length, dtype=jnp.int32)[None]
+        q_slot = jnp.broadcast_to(here * length + local, (b, length))
+        k_slot = jnp.broadcast_to(source * length + local, (b, length))
+        return self.attention(q, k, v, self.attention_mask(q_slot, k_slot, q_seg, k_seg), return_lse=True)
+
+
+def _merge(acc, part):
+    """Two partial attentions over disjoint keys -> their union: (out fp32 [B, L, H, Dh], lse [B, L, H])."""
+    (o_a, lse_a), (o_b, lse_b) = acc, part
+    lse = jnp.logaddexp(lse_a, lse_b)
+    w_a, w_b = jnp.exp(lse_a - lse)[..., None], jnp.exp(lse_b - lse)[..., None]
+    return w_a * o_a + w_b * o_b.astype(jnp.float32), lse
+
+
+def _ring_forward(ring: _Ring, q, k, v, seg):
+    here = jax.lax.axis_index(SEQUENCE_AXIS)
+    o, lse = ring.block(q, k, v, seg, seg, here)  # the diagonal block: always visible
+    acc = (o.astype(jnp.float32), lse)
+
+    def step(carry, s):
+        kv, acc = carry
+        nxt = jax.lax.ppermute(kv, SEQUENCE_AXIS, ring.perm())  # issued first: it overlaps this step's attention
+        source = (here - s) % ring.size
+        acc = jax.lax.cond(s <= here, lambda a: _merge(a, ring.block(q, *kv[:2], seg, kv[2], source)),
+                           lambda a: a, acc)
+        return (nxt, acc), None
+
+    first = jax.lax.ppermute((k, v, seg), SEQUENCE_AXIS, ring.perm())
+    if ring.size > 2:
+        (last, acc), _ = jax.lax.scan(step, (first, acc), jnp.arange(1, ring.size - 1))
+    else:
+        last = first
+    source = (here + 1) % ring.size  # the block held after P - 1 hops
+    acc = jax.lax.cond(here == ring.size - 1,
+                       lambda a: _merge(a, ring.block(q, *last[:2], seg, last[2], source)), lambda a: a, acc)
+    return acc[0].astype(q.dtype), acc[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_attention(ring: _Ring, q, k, v, seg):
+    return _ring_forward(ring, q, k, v, seg)[0]
+
+
+def _ring_attention_fwd(ring, q, k, v, seg):
+    out, lse = _ring_forward(ring, q, k, v, seg)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _ring_attention_bwd(ring, residuals, d_out):
+    """Per block: recompute its (out_j, lse_j), and pull back the cotangents the merge gives them,
+    d out_j = w_j dO and d lse_j = w_j <dO, out_j - out> with w_j = exp(lse_j - lse)."""
+    q, k, v, seg, out, lse = residuals
+    here = jax.lax.axis_index(SEQUENCE_AXIS)
+    d_out32 = d_out.astype(jnp.float32)
+    delta = jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1)  # [B, L, H]
+
+    def pullback(kv, dkv, dq, source):
+        kb, vb, k_seg = kv
+        (o_j, lse_j), vjp = jax.vjp(lambda q, kb, vb: ring.block(q, kb, vb, seg, k_seg, source), q, kb, vb)
+        w = jnp.exp(lse_j - lse)
+        d_o = (w[..., None] * d_out32).astype(o_j.dtype)
+        d_lse = w * (jnp.sum(d_out32 * o_j.astype(jnp.float32), axis=-1) - delta)
+        dq_j, dk_j, dv_j = vjp((d_o, d_lse))
+        return (dkv[0] + dk_j.astype(jnp.float32), dkv[1] + dv_j.astype(jnp.float32)), dq + dq_j.astype(jnp.float32)
+
+    def visit(kv, dkv, dq, s):
+        source = (here - s) % ring.size
+        return jax.lax.cond(s <= here, lambda a: pullback(kv, *a, source), lambda a: a, (dkv, dq))
+
+    def step(carry, s):
+        kv, dkv, dq = carry
+        nxt = jax.lax.ppermute(kv, SEQUENCE_AXIS, ring.perm())  # the next block, while this one is differentiated
+        dkv, dq = visit(kv, dkv, dq, s)
+        return (nxt, jax.lax.ppermute(dkv, SEQUENCE_AXIS, ring.perm()), dq), None
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+    (kv, dkv, dq), _ = jax.lax.scan(step, ((k, v, seg), (zeros(k), zeros(v)), zeros(q)), jnp.arange(ring.size - 1))
+    dkv, dq = visit(kv, dkv, dq, ring.size - 1)
+    # The accumulators travelled with their block; after P visits and one more hop they are back with its owner.
+    dk, dv = jax.lax.ppermute(dkv, SEQUENCE_AXIS, ring.perm())
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
+
+
+def attention_sequence_parallel(q, k, v, segment_ids, *, attention_mask, attention):
+    """Causal GQA with the length axis split over ``sequence``: ring attention (the module docstring).
+
+    q [B, T, H, Dh], k/v [B, T, Hkv, Dh], segment_ids [B, T] or None -> [B, T, H, Dh]. ``attention_mask(q_slot
+    [B, L], k_slot [B, L], q_segment, k_segment)`` builds the mask of a pair of shards (L = T / P) at global slots,
+    and ``attention(q, k, v, mask, return_lse=True)`` returns that pair's (out, logsumexp [B, L, H] fp32) (in the
+    model: ``pallas_kernels.attention``'s ``Mask`` and ``attention`` with the implementation bound).
     """
     q_spec, bt_spec, _ = _specs(q.shape, "heads")
-    kv_spec = P(q_spec[0], q_spec[1], logical_to_mesh_spec(("kv",), shape=(k.shape[2],),
-                                                          mesh=jax.sharding.get_abstract_mesh())[0], None)
+    mesh = jax.sharding.get_abstract_mesh()
+    kv_spec = P(q_spec[0], q_spec[1], logical_to_mesh_spec(("kv",), shape=(k.shape[2],), mesh=mesh)[0], None)
     has_seg = segment_ids is not None
+    ring = _Ring(attention_mask, attention, mesh.shape[SEQUENCE_AXIS])
 
     def body(q, k, v, seg):
-        b, t = q.shape[:2]
-        idx = jax.lax.axis_index(SEQUENCE_AXIS)
-        k_all, v_all = (jax.lax.all_gather(a, SEQUENCE_AXIS, axis=1, tiled=True) for a in (k, v))
-        q_slot = jnp.broadcast_to(idx * t + jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-        k_slot = jnp.broadcast_to(jnp.arange(k_all.shape[1], dtype=jnp.int32)[None], (b, k_all.shape[1]))
-        seg_all = jax.lax.all_gather(seg, SEQUENCE_AXIS, axis=1, tiled=True) if has_seg else None
-        mask = attention_mask(q_slot, k_slot, seg if has_seg else None, seg_all)
-        return attention(q, k_all, v_all, mask)
+        return _ring_attention(ring, q, k, v, seg if has_seg else None)
 
     seg = segment_ids if has_seg else jnp.zeros((), jnp.int32)
     return jax.shard_map(body, in_specs=(q_spec, kv_spec, kv_spec, bt_spec if has_seg else P()), out_specs=q_spec,
