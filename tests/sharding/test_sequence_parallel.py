@@ -55,8 +55,9 @@ def test_lightning_values_and_grads(spec, cuts):
     assert_close_tree(got, want)  # (o, final state) and d(q, k, v, initial_state)
 
 
-SOFTMAX_CASES = [("sequence=8", "none"), ("sequence=8", "boundary"), ("sequence=8", "inside"),
-                 ("data=4,sequence=2", "dense"), ("data=4,sequence=2", "none")]
+# (mesh, segment cuts, queries per block call): L = T / P = 4 on sequence=8 and 16 on sequence=2
+SOFTMAX_CASES = [("sequence=8", "none", 4), ("sequence=8", "boundary", 4), ("sequence=8", "inside", 2),
+                 ("data=4,sequence=2", "dense", 16), ("data=4,sequence=2", "none", 4)]
 
 
 def _softmax_case(cuts, batch=4):
@@ -67,18 +68,20 @@ def _softmax_case(cuts, batch=4):
     return q, k, v, seg
 
 
-@pytest.mark.parametrize("spec,cuts", SOFTMAX_CASES)
+@pytest.mark.parametrize("spec,cuts,query_chunk", SOFTMAX_CASES)
 @pytest.mark.parametrize("implementation", ["xla", "xla_blockwise"])
-def test_softmax_ring_values_and_grads(spec, cuts, implementation):
+def test_softmax_ring_values_and_grads(spec, cuts, query_chunk, implementation):
     """Ring attention == the unsharded causal layer (values and d q, k, v), with packed documents, on sequence=8 and
-    data=4 x sequence=2; the attention function is the api's, as the model passes it."""
+    data=4 x sequence=2, with the shard's queries in one or several chunks; the attention function is the api's,
+    as the model passes it."""
     q, k, v, seg = _softmax_case(cuts)
     attend = functools.partial(attention, implementation=implementation)
 
     def unsharded(q, k, v, seg):
         return attend(q, k, v, Mask.causal(q.shape[0], T, seg))
 
-    sharded = functools.partial(attention_sequence_parallel, attention_mask=Mask, attention=attend)
+    sharded = functools.partial(attention_sequence_parallel, attention_mask=Mask, attention=attend,
+                                query_chunk=query_chunk)
 
     def run(fn):
         loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, seg)))  # noqa: E731
