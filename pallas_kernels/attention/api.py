@@ -19,6 +19,11 @@ are one row per head, and the step is a memory-bound read of the cache). fp32 in
 
 An explicit ``implementation`` is that backend or a one-line error saying why it cannot take the call; a kernel
 backend runs compiled on its platform and in interpret mode (cudnn: jax's XLA stand-in) when lowered for cpu.
+
+``return_lse=True`` also returns each row's logsumexp (fp32 [B, Tq, H], natural log of the sum of exp(scaled score)
+over the visible keys; ``reference.MASKED`` for a row with none), differentiable like the output: what merging
+partial attentions over disjoint key sets needs (ring attention, ``sharding.sequence_parallel``). Only the XLA
+paths return it; the default then picks among them.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ FALLBACK_ORDER = (*KERNELS, "xla", "xla_blockwise")
 BLOCKWISE_MIN_KEYS = 2048
 # The input dtypes for which the default takes a fused kernel; fp32 stays on the XLA paths, whose matmuls are fp32.
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+LSE_BACKENDS = ("xla", "xla_blockwise")  # the backends that return the logsumexp
 
 
 def _check_inputs(q, k, v, mask: Mask):
@@ -61,9 +67,9 @@ def _check_inputs(q, k, v, mask: Mask):
             raise ValueError(f"mask.{name} must be {shape} for q {q.shape} and k {k.shape}; got {x.shape}")
 
 
-def default_implementation(target: str, q, k, mask: Mask) -> str:
+def default_implementation(target: str, q, k, mask: Mask, return_lse: bool = False) -> str:
     """The backend ``implementation=None`` uses when lowering for platform ``target`` (see the module docstring)."""
-    if q.shape[1] > 1 and jnp.dtype(q.dtype) in KERNEL_DTYPES:
+    if q.shape[1] > 1 and jnp.dtype(q.dtype) in KERNEL_DTYPES and not return_lse:
         for name in KERNELS:
             backend = BACKENDS[name]
             if target in backend.native_platforms() and backend.unsupported(q, k, mask) is None:
@@ -72,36 +78,41 @@ def default_implementation(target: str, q, k, mask: Mask) -> str:
 
 
 @functools.cache
-def _function(name: str):
+def _function(name: str, return_lse: bool = False):
     """The backend's attention, jitted once (a model's layers and the per-platform branches reuse its traces)."""
     if name in KERNELS:
         return jax.jit(BACKENDS[name].attention, static_argnames="interpret")
+    if return_lse:
+        return jax.jit(functools.partial(BACKENDS[name].attention, return_lse=True))
     return jax.jit(BACKENDS[name].attention)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *,
-              implementation: str | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *, implementation: str | None = None,
+              return_lse: bool = False):
     """Masked GQA softmax attention (the contract in the module docstring).
 
     Args:
       q: [B, Tq, H, Dh]; k, v: [B, Tk, Hkv, Dh] with H a multiple of Hkv.
       mask: ``Mask`` (``Mask.causal(B, T, segment_ids)``, ``Mask.cache(index, Tq, Tk, start)``, or any slots).
       implementation: None (per target platform), or one of ``IMPLEMENTATIONS``.
+      return_lse: also return the rows' logsumexp (the XLA paths only).
 
     Returns:
-      [B, Tq, H, Dh] in q's dtype.
+      [B, Tq, H, Dh] in q's dtype; with ``return_lse``, (that, logsumexp [B, Tq, H] fp32).
     """
     _check_inputs(q, k, v, mask)
     if implementation is None:
-        chosen = {p: default_implementation(p, q, k, mask) for p in platform.PLATFORMS}
-        return platform.select({p: _function(name) for p, name in chosen.items()}, q, k, v, mask,
-                               fallback=_function(chosen["cpu"]))
+        chosen = {p: default_implementation(p, q, k, mask, return_lse) for p in platform.PLATFORMS}
+        return platform.select({p: _function(name, return_lse) for p, name in chosen.items()}, q, k, v, mask,
+                               fallback=_function(chosen["cpu"], return_lse))
     if implementation not in BACKENDS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
     backend = BACKENDS[implementation]
     reason = backend.unsupported(q, k, mask)
+    if reason is None and return_lse and implementation not in LSE_BACKENDS:
+        reason = "returns no logsumexp (return_lse: xla and xla_blockwise only)"
     if reason is not None:
         raise ValueError(f"attention implementation {implementation!r} cannot compute this call: it {reason}")
     if implementation in KERNELS:
         return platform.kernel(_function(implementation), backend.native_platforms(), q, k, v, mask)
-    return _function(implementation)(q, k, v, mask)
+    return _function(implementation, return_lse)(q, k, v, mask)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.attention.mask import Mask, slot_mask
-from pallas_kernels.attention.reference import MASKED
+from pallas_kernels.attention.reference import MASKED, logsumexp
 
 BLOCK = 512  # default query and key block
 
@@ -33,8 +33,9 @@ def _to_blocks(x, block: int, fill):
     return jnp.moveaxis(x.reshape(b, -1, block, *x.shape[2:]), 1, 0)
 
 
-def attention(q, k, v, mask: Mask, *, block_q: int = BLOCK, block_k: int = BLOCK):
-    """q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh] -> [B, Tq, H, Dh] (the api contract)."""
+def attention(q, k, v, mask: Mask, *, block_q: int = BLOCK, block_k: int = BLOCK, return_lse: bool = False):
+    """q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh] -> [B, Tq, H, Dh] (the api contract), and with ``return_lse`` the fp32
+    logsumexp [B, Tq, H] of each row's visible scores."""
     b, tq, nh, hd = q.shape
     tk, nkv = k.shape[1], k.shape[2]
     bq, bk = min(block_q, tq), min(block_k, tk)
@@ -48,7 +49,7 @@ def attention(q, k, v, mask: Mask, *, block_q: int = BLOCK, block_k: int = BLOCK
 
     @jax.checkpoint
     def query_block(qb, q_slot, q_segment):
-        """qb [B, bq, Hkv, G, Dh] -> [B, bq, Hkv, G, Dh]."""
+        """qb [B, bq, Hkv, G, Dh] -> (out [B, bq, Hkv, G, Dh], logsumexp [B, bq, Hkv, G])."""
 
         def update(carry, kb, vb, block_mask):
             o, m, l = carry  # [B, Hkv, G, bq, Dh] fp32, [B, Hkv, G, bq] running max, [B, Hkv, G, bq] running sum
@@ -71,9 +72,10 @@ def attention(q, k, v, mask: Mask, *, block_q: int = BLOCK, block_k: int = BLOCK
         stats = (b, nkv, nh // nkv, qb.shape[1])
         init = (jnp.zeros((*stats, hd), jnp.float32), jnp.full(stats, MASKED, jnp.float32),
                 jnp.zeros(stats, jnp.float32))
-        (o, _, l), _ = jax.lax.scan(key_step, init, kv_blocks)
+        (o, m, l), _ = jax.lax.scan(key_step, init, kv_blocks)
         o = o / jnp.where(l > 0, l, 1.0)[..., None]  # rows with no valid key: l = 0, o = 0
-        return jnp.transpose(o, (0, 3, 1, 2, 4)).astype(q.dtype)
+        return jnp.transpose(o, (0, 3, 1, 2, 4)).astype(q.dtype), jnp.transpose(logsumexp(m, l), (0, 3, 1, 2))
 
-    out = jax.lax.map(lambda blocks: query_block(*blocks), q_blocks)  # [nq, B, bq, Hkv, G, Dh]
-    return jnp.moveaxis(out, 0, 1).reshape(b, -1, nh, hd)[:, :tq]
+    out, lse = jax.lax.map(lambda blocks: query_block(*blocks), q_blocks)  # [nq, B, bq, Hkv, G(, Dh)]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, -1, nh, hd)[:, :tq]
+    return (out, jnp.moveaxis(lse, 0, 1).reshape(b, -1, nh)[:, :tq]) if return_lse else out

@@ -10,6 +10,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import platform
+from pallas_kernels.gmm import tpu_tiles
 from pallas_kernels.gmm.tiling import Tiling
 
 
@@ -49,19 +51,24 @@ def tokamax(lhs, rhs, group_sizes, out_dtype, tiling: Tiling | None):
     return _zero_rows_past_groups(out, group_sizes)
 
 
-MEGABLOX_TILE = 128  # megablox's default tile (rows, contraction, columns), capped at each size
-
-
-def _megablox_tiles(m: int, k: int, n: int, tiling: Tiling | None) -> tuple[int, int, int]:
-    if tiling is None:
-        return min(MEGABLOX_TILE, m), min(MEGABLOX_TILE, k), min(MEGABLOX_TILE, n)
-    return tiling.fwd.block_m, tiling.fwd.block_k, tiling.fwd.block_n
+def _megablox_tiling(m: int, k: int, n: int, lhs_dtype, rhs_dtype, out_dtype, tiling: Tiling | None):
+    """(megablox's ``tiling`` argument, rows per tile): an explicit ``tiling.fwd`` tile, or the lookup that fits each
+    kernel's tile to the scoped VMEM of the TPU being compiled for (``tpu_tiles``)."""
+    if tiling is not None:
+        tile = (tiling.fwd.block_m, tiling.fwd.block_k, tiling.fwd.block_n)
+        return tile, tile[0]
+    in_bytes = max(jnp.dtype(lhs_dtype).itemsize, jnp.dtype(rhs_dtype).itemsize)
+    # The backward kernels write in the operands' dtypes, the forward in out_dtype.
+    lookup = tpu_tiles.MegabloxTiling(platform.tpu_scoped_vmem_bytes(), in_bytes,
+                                      max(in_bytes, jnp.dtype(out_dtype).itemsize))
+    return lookup, lookup(m, k, n)[0]
 
 
 def megablox_fits(k: int, n: int, tiling: Tiling | None) -> bool:
-    """Whether megablox's tiles divide K and N (it is given M padded to its tile, but not K or N)."""
-    _, tk, tn = _megablox_tiles(1, k, n, tiling)
-    return k % tk == 0 and n % tn == 0
+    """Whether megablox can tile K and N (it is given M padded to its row tile, but not K or N)."""
+    if tiling is not None:
+        return k % tiling.fwd.block_k == 0 and n % tiling.fwd.block_n == 0
+    return bool(tpu_tiles.candidates(k)) and bool(tpu_tiles.candidates(n))
 
 
 def megablox(lhs, rhs, group_sizes, out_dtype, tiling: Tiling | None, *, interpret: bool = False):
@@ -69,9 +76,12 @@ def megablox(lhs, rhs, group_sizes, out_dtype, tiling: Tiling | None, *, interpr
     from jax.experimental.pallas.ops.tpu.megablox import ops  # noqa: PLC0415  (TPU-only module)
 
     m, k = lhs.shape
-    tiles = _megablox_tiles(m, k, rhs.shape[2], tiling)
+    tiles, rows = _megablox_tiling(m, k, rhs.shape[2], lhs.dtype, rhs.dtype, out_dtype, tiling)
+    # megablox's d_lhs leaves rows past the groups unwritten too: selecting zeros for them here makes their
+    # gradient the select's zero, whatever the kernel left there.
+    lhs = _zero_rows_past_groups(lhs, group_sizes)
     # megablox needs M divisible by its row tile: pad with rows that belong to no group, and cut them off after.
-    padded = lhs if m % tiles[0] == 0 else jnp.pad(lhs, ((0, -m % tiles[0]), (0, 0)))
+    padded = lhs if m % rows == 0 else jnp.pad(lhs, ((0, -m % rows), (0, 0)))
     # Positional: megablox's custom_vjp marks (preferred_element_type, tiling, transpose_rhs, interpret) static.
     out = ops.gmm(padded, rhs, group_sizes, jnp.dtype(out_dtype), tiles, None, None, False, interpret)
     return _zero_rows_past_groups(out[:m], group_sizes)

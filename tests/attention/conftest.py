@@ -4,8 +4,8 @@ Independent of every implementation under test (no JAX, no autodiff). Per row b 
 g = h // (H / Hkv)), with M the boolean mask (query i sees key j):
     s_ij = q_i . k_j / sqrt(Dh)          p_i = softmax_j(s_ij over M_ij)   (p_i = 0 when row i sees no key)
     o_i  = sum_j p_ij v_j
-adjoint for a cotangent dO:
-    dp_ij = dO_i . v_j                    ds_ij = p_ij (dp_ij - sum_l p_il dp_il)
+and the row's logsumexp lse_i = log sum_j exp(s_ij) over M_ij; adjoint for cotangents dO (and dlse):
+    dp_ij = dO_i . v_j                    ds_ij = p_ij (dp_ij - sum_l p_il dp_il + dlse_i)
     dq_i  = sum_j ds_ij k_j / sqrt(Dh)    dk_j = sum_i ds_ij q_i / sqrt(Dh)    dv_j = sum_i p_ij dO_i
 (dk, dv summed over the query heads sharing a KV head).
 """
@@ -27,8 +27,9 @@ def oracle_mask(q_slot, k_slot, q_segment=None, k_segment=None, k_valid=None):
     return mask
 
 
-def attention_oracle(q, k, v, mask, d_out=None):
-    """q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh], mask [B, Tq, Tk] bool -> dict(o[, dq, dk, dv]) in float64."""
+def attention_oracle(q, k, v, mask, d_out=None, d_lse=None):
+    """q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh], mask [B, Tq, Tk] bool -> dict(o, lse[, dq, dk, dv]) in float64;
+    lse [B, Tq, H] is -inf for a row with no visible key; d_lse [B, Tq, H] (optional) is its cotangent."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, tq, nh, hd = q.shape
     group = nh // k.shape[2]
@@ -41,12 +42,15 @@ def attention_oracle(q, k, v, mask, d_out=None):
     e = np.where(m, np.exp(s - np.where(np.isfinite(top), top, 0.0)), 0.0)
     total = np.sum(e, axis=-1, keepdims=True)
     p = e / np.where(total > 0, total, 1.0)                            # [B, H, Tq, Tk]
-    result = {"o": np.einsum("bhqk,bkhd->bqhd", p, vh)}
+    with np.errstate(divide="ignore"):
+        lse = np.where(total > 0, np.log(np.where(total > 0, total, 1.0)) + top, -np.inf)[..., 0]  # [B, H, Tq]
+    result = {"o": np.einsum("bhqk,bkhd->bqhd", p, vh), "lse": np.transpose(lse, (0, 2, 1))}
     if d_out is None:
         return result
     d_out = np.asarray(d_out, np.float64)
     dp = np.einsum("bqhd,bkhd->bhqk", d_out, vh)
-    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    extra = 0.0 if d_lse is None else np.transpose(np.asarray(d_lse, np.float64), (0, 2, 1))[..., None]
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True) + extra)
     dkh = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
     dvh = np.einsum("bhqk,bqhd->bkhd", p, d_out)
     fold = lambda x: x.reshape(b, x.shape[1], nh // group, group, hd).sum(axis=3)  # noqa: E731

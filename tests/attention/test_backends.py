@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.attention import IMPLEMENTATIONS, Mask, attention
+from pallas_kernels.attention.api import LSE_BACKENDS
+from pallas_kernels.attention.reference import MASKED
 
 H, HKV, DH = 4, 2, 16
 
@@ -106,3 +108,31 @@ def test_backend_matches_oracle(impl, case, at):
     for name, got in zip(("dq", "dk", "dv"), grads):
         assert got.dtype == dtype, name
         assert at.rel_err(got.astype(jnp.float32), want[name]) < tol, name
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_logsumexp_matches_oracle(impl, case, at):
+    """``return_lse``: the rows' logsumexp (MASKED where a row sees no key) and the gradients of a loss on both
+    outputs; the kernels refuse it in one line."""
+    q, k, v, mask, terms = CASES[case]()
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+    if impl not in LSE_BACKENDS:
+        with pytest.raises(ValueError, match="returns no logsumexp|cannot compute this call"):
+            attention(q, k, v, mask, implementation=impl, return_lse=True)
+        return
+    run = jax.jit(lambda q, k, v, mask: attention(q, k, v, mask, implementation=impl, return_lse=True))
+    (out, lse), vjp = jax.vjp(lambda q, k, v: run(q, k, v, mask), q, k, v)
+    rng = np.random.default_rng(1)
+    d_out, d_lse = rng.standard_normal(out.shape), rng.standard_normal(lse.shape)
+    dense = at.mask(*terms)
+    empty = ~dense.any(axis=-1)  # [B, Tq]
+    d_lse[empty] = 0.0  # MASKED is a constant: no gradient flows from those rows
+    grads = vjp((jnp.asarray(d_out, jnp.float32), jnp.asarray(d_lse, jnp.float32)))
+    want = at.oracle(np.asarray(q, np.float64), np.asarray(k, np.float64), np.asarray(v, np.float64), dense, d_out,
+                     d_lse)
+    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:3]
+    assert at.rel_err(lse[~empty], want["lse"][~empty]) < 1e-5
+    np.testing.assert_array_equal(np.asarray(lse)[empty], np.float32(MASKED))
+    for name, got in zip(("dq", "dk", "dv"), grads):
+        assert at.rel_err(got, want[name]) < 1e-5, name

@@ -68,8 +68,9 @@ def test_blockwise_memory_is_linear_in_length():
 
 
 def test_sequence_parallel_blockwise_equals_einsum():
-    """The 1M-prefill path: K/V all-gathered over ``sequence`` (8 shards), each shard's queries blockwise against the
-    gathered keys with its global slots (``Mask`` is the mask builder there)."""
+    """The 1M-prefill path: ring attention over ``sequence`` (8 shards), each shard's queries blockwise against each
+    K/V block passed around the ring, at their global slots (``Mask`` is the mask builder there), merged by their
+    logsumexps."""
     q, k, v = _inputs(4, tq=64, tk=64)
     mask = _packed(2, 64)
     want = _values_and_grads(lambda q, k, v: reference.attention(q, k, v, mask), q, k, v)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pallas_kernels.attention import Mask, reference
+from pallas_kernels.attention import Mask, attention
 from pallas_kernels.lightning import lightning_attention
 from sharding.mesh import make_mesh
 from sharding.sequence_parallel import attention_sequence_parallel, lightning_sequence_parallel
@@ -55,24 +55,54 @@ def test_lightning_values_and_grads(spec, cuts):
     assert_close_tree(got, want)  # (o, final state) and d(q, k, v, initial_state)
 
 
-@pytest.mark.parametrize("cuts", ["none", "boundary"])
-def test_softmax_values_and_grads(cuts):
+# (mesh, segment cuts, queries per block call): L = T / P = 4 on sequence=8 and 16 on sequence=2
+SOFTMAX_CASES = [("sequence=8", "none", 4), ("sequence=8", "boundary", 4), ("sequence=8", "inside", 2),
+                 ("data=4,sequence=2", "dense", 16), ("data=4,sequence=2", "none", 4)]
+
+
+def _softmax_case(cuts, batch=4):
     ks = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(ks[0], (B, T, 4, D), jnp.float32)
-    k, v = (jax.random.normal(kk, (B, T, 2, D), jnp.float32) for kk in ks[1:])
-    seg = None if CUTS[cuts] is None else _segments(CUTS[cuts])
-    slots = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
+    q = jax.random.normal(ks[0], (batch, T, 4, D), jnp.float32)
+    k, v = (jax.random.normal(kk, (batch, T, 2, D), jnp.float32) for kk in ks[1:])
+    seg = None if CUTS[cuts] is None else jnp.tile(_segments(CUTS[cuts]), (batch // B, 1))
+    return q, k, v, seg
+
+
+@pytest.mark.parametrize("spec,cuts,query_chunk", SOFTMAX_CASES)
+@pytest.mark.parametrize("implementation", ["xla", "xla_blockwise"])
+def test_softmax_ring_values_and_grads(spec, cuts, query_chunk, implementation):
+    """Ring attention == the unsharded causal layer (values and d q, k, v), with packed documents, on sequence=8 and
+    data=4 x sequence=2, with the shard's queries in one or several chunks; the attention function is the api's,
+    as the model passes it."""
+    q, k, v, seg = _softmax_case(cuts)
+    attend = functools.partial(attention, implementation=implementation)
 
     def unsharded(q, k, v, seg):
-        return reference.attention(q, k, v, Mask(slots, slots, seg, seg))
+        return attend(q, k, v, Mask.causal(q.shape[0], T, seg))
 
-    sharded = functools.partial(attention_sequence_parallel, attention_mask=Mask, attention=reference.attention)
+    sharded = functools.partial(attention_sequence_parallel, attention_mask=Mask, attention=attend,
+                                query_chunk=query_chunk)
 
     def run(fn):
-        loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, seg)))
+        loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, seg)))  # noqa: E731
         return jax.jit(lambda *a: (fn(*a, seg), jax.grad(loss, argnums=(0, 1, 2))(*a)))(q, k, v)
 
     want = run(unsharded)
-    with jax.set_mesh(make_mesh("sequence=8")):
-        got = run(sharded)
+    mesh = make_mesh(spec)
+    with jax.set_mesh(mesh):
+        x_sh = NamedSharding(mesh, P("data", "sequence"))
+        got = run(lambda *a: sharded(*(jax.device_put(x, x_sh) for x in a[:3]), a[3]))
     assert_close_tree(got, want)
+
+
+def test_softmax_ring_passes_blocks_instead_of_gathering_them():
+    """The compiled forward and backward move K/V with collective-permutes only: no all-gather of K or V."""
+    q, k, v, seg = _softmax_case("inside")
+    attend = functools.partial(attention, implementation="xla")
+    sharded = functools.partial(attention_sequence_parallel, attention_mask=Mask, attention=attend)
+    mesh = make_mesh("sequence=8")
+    with jax.set_mesh(mesh):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(sharded(q, k, v, seg)))  # noqa: E731
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+    assert "collective-permute" in hlo
+    assert "all-gather" not in hlo
