@@ -119,7 +119,7 @@ def collective_bytes(hlo: str) -> dict[str, Any]:
 
     An instruction inside a while loop counts once per iteration (trip counts from the loop conditions, multiplied
     through nested loops and calls); ``unknown_trip_counts`` says how many loops had a condition of another form
-    (counted once). Async pairs count at their ``-start``.
+    (counted once). Async pairs count at their ``-done``, whose result is the collective's output alone.
     """
     computations = _parse_computations(hlo)
     entry = next((m.group(1) for m in re.finditer(r"^ENTRY %?([\w.\-]+)", hlo, re.MULTILINE)), None)
@@ -157,7 +157,9 @@ def collective_bytes(hlo: str) -> dict[str, Any]:
             if not m:
                 continue
             opcode = m.group(3)
-            kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+            if opcode.endswith("-start"):
+                continue  # an async pair counts at its -done: the start's result also holds the operands
+            kind = opcode[:-len("-done")] if opcode.endswith("-done") else opcode
             if kind in totals:
                 totals[kind] += _type_bytes(m.group(2)) * max(multiplier.get(name, 1), 1)
                 counts[kind] += 1
