@@ -12,7 +12,8 @@ Request (JSON)
 
     {
       "config": {...},                 # MiniMaxConfig kwargs (transformers dialect). Always give layer_types,
-                                       # power-of-two heads, block_size, rope_parameters, the *_alpha/beta_factor
+                                       # power-of-two heads, block_size, rope_parameters, the *_alpha/beta_factor.
+                                       # null: no model is built (only forward_pretrained jobs then)
       "seed": 0,                       # everything below is deterministic from this
       "init": {"weight_std": 0.2, "norm_mean": 1.0, "norm_std": 0.1,
                "overrides": [{"pattern": REGEX, "mean": m, "std": s}, ...]},   # all optional
@@ -70,6 +71,12 @@ Jobs (each has a unique "name" and a "kind"; arrays are written as ``OUT/<name>.
   ``hf_saved``, ``hf_sharded``: via ``from_pretrained``; ``minimax_names``: read here with safetensors and renamed
   back by this file's inverse mapping, then ``load_state_dict(strict=True)`` with the buffers recomputed by
   transformers). Needs an earlier ``save`` job in the same request.
+- ``forward_pretrained``: like ``forward`` on ``MiniMaxForCausalLM.from_pretrained(checkpoint)``, ``checkpoint`` an
+  absolute path to a directory written elsewhere (e.g. by m1jax's exporter), loaded with ``dtype`` "float32" (default;
+  bf16 files are upcast exactly), "float64" (a rounding-free forward on the same weights) or "bfloat16". Records
+  ``loading_info`` (transformers' missing / unexpected / mismatched keys: it silently initialises missing weights, so
+  callers must check it) and ``param_dtypes``. ``checkpoint_digest`` (any string, e.g. a hash of the files) only
+  keys the cache.
 
 What transformers 5.24.0 ``save_pretrained`` writes for this model (found empirically, see job ``save``)
 --------------------------------------------------------------------------------------------------------
@@ -178,7 +185,8 @@ class Writer:
 
     def arr(self, job: str, key: str, value, files: dict) -> None:
         if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
+            value = value.detach().cpu()
+            value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()  # numpy has no bf16
         value = np.asarray(value)
         if value.dtype.kind == "f":
             value = value.astype(np.float32)
@@ -465,12 +473,26 @@ def job_forward_from_checkpoint(model, job, w: Writer, entry: dict) -> None:
     job_forward(fresh, sub, w, entry)
 
 
+def job_forward_pretrained(model, job, w: Writer, entry: dict) -> None:
+    dtypes = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+    dtype = dtypes[job.get("dtype", "float32")]
+    fresh, info = MiniMaxForCausalLM.from_pretrained(job["checkpoint"], attn_implementation="eager", dtype=dtype,
+                                                     output_loading_info=True)
+    fresh.set_experts_implementation("eager")
+    fresh.eval()
+    entry["loading_info"] = {k: sorted(map(str, v)) for k, v in info.items() if isinstance(v, (list, set, tuple))}
+    entry["param_dtypes"] = sorted({str(p.dtype) for p in fresh.parameters()})
+    sub = {k: v for k, v in job.items() if k != "param_overrides"}
+    job_forward(fresh, sub, w, entry)
+
+
 JOBS = {
     "forward": job_forward,
     "decode": job_decode,
     "generate": job_generate,
     "save": job_save,
     "forward_from_checkpoint": job_forward_from_checkpoint,
+    "forward_pretrained": job_forward_pretrained,
 }
 
 
@@ -484,19 +506,19 @@ def main(argv: list[str]) -> int:
     out_dir = argv[2]
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    model = make_model(req)
+    model = make_model(req) if req.get("config") is not None else None
     t_build = time.time() - t0
     w = Writer(out_dir)
     manifest = {
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": transformers.__version__, "numpy": np.__version__},
-        "hf_config": model.config.to_dict(),
-        "attn_implementation": model.config._attn_implementation,
-        "experts_implementation": model.config._experts_implementation,
+        "hf_config": model.config.to_dict() if model is not None else None,
+        "attn_implementation": model.config._attn_implementation if model is not None else None,
+        "experts_implementation": model.config._experts_implementation if model is not None else None,
         "jobs": {},
         "timings": {"import_s": round(T_IMPORT, 3), "build_s": round(t_build, 3)},
     }
-    if req.get("dump_state_dict", True):
+    if model is not None and req.get("dump_state_dict", True):
         np.savez(os.path.join(out_dir, "state_dict.npz"),
                  **{k: v.detach().numpy() for k, v in model.state_dict().items()})
         manifest["state_dict"] = "state_dict.npz"
@@ -508,6 +530,8 @@ def main(argv: list[str]) -> int:
         names.add(name)
         if kind not in JOBS:
             raise ValueError(f"unknown job kind {kind!r}; known: {sorted(JOBS)}")
+        if model is None and kind != "forward_pretrained":
+            raise ValueError(f"job {name!r} ({kind}) needs the request's config (it is null)")
         entry = {"kind": kind, "files": {}, "_seed": int(req.get("seed", 0)), "_init": req.get("init", {})}
         tj = time.time()
         JOBS[kind](model, job, w, entry)

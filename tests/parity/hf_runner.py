@@ -203,12 +203,31 @@ def forward_from_checkpoint_job(name: str, checkpoint: str, input_ids, **kw) -> 
     return job
 
 
-def make_request(config: dict, jobs: Sequence[dict], *, seed: int = 0, weight_std: float = 0.2,
+def pretrained_job(name: str, checkpoint: str | os.PathLike, input_ids, *, dtype: str = "float32", **kw) -> dict:
+    """Forward of ``MiniMaxForCausalLM.from_pretrained(checkpoint)`` (a directory written outside the reference, e.g.
+    by ``m1jax.convert.export_hf``). The files' hash goes into the request, so the cache never serves a stale result
+    for rewritten files. Use with ``make_request(None, ...)`` when no model of the reference's own is needed."""
+    job = forward_job(name, input_ids, **kw)
+    job.update(kind="forward_pretrained", checkpoint=str(Path(checkpoint).resolve()), dtype=dtype,
+               checkpoint_digest=directory_digest(checkpoint))
+    return job
+
+
+def directory_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(path).iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def make_request(config: dict | None, jobs: Sequence[dict], *, seed: int = 0, weight_std: float = 0.2,
                  norm_mean: float = 1.0, norm_std: float = 0.1, overrides: list | None = None,
                  attn_implementation: str = "eager", experts_implementation: str = "eager",
                  dump_state_dict: bool = True) -> dict:
     return {
-        "config": dict(config), "seed": int(seed),
+        "config": dict(config) if config is not None else None, "seed": int(seed),
         "init": {"weight_std": weight_std, "norm_mean": norm_mean, "norm_std": norm_std,
                  "overrides": list(overrides or [])},
         "attn_implementation": attn_implementation, "experts_implementation": experts_implementation,
