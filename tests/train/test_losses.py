@@ -33,20 +33,28 @@ def _oracle(h, w, targets, g):
     return nll, dz @ w64.T, h64.T @ dz, np.abs(dz) @ np.abs(w64).T, np.abs(h64).T @ np.abs(dz)
 
 
-def _problem(h_dtype, vocab=100, n=24, d=16, seed=0):
+def _problem(h_dtype, vocab=100, n=24, d=16, seed=0, chunk=32):
     rng = np.random.default_rng(seed)
     h = jnp.asarray(rng.normal(size=(n, d)) * 2.0, h_dtype)  # logits of a few units: a non-trivial softmax
     w = jnp.asarray(rng.normal(size=(d, vocab)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, vocab, n), jnp.int32)
+    targets = rng.integers(0, vocab, n)
+    # the first and last column of every chunk (and of the vocabulary) among the targets: off-by-one at a chunk
+    # boundary would otherwise only show for the few random targets that happen to land there
+    edges = sorted({c for start in range(0, vocab, chunk) for c in (start, min(start + chunk, vocab) - 1)})[:n // 2]
+    targets[:len(edges)] = edges
+    targets = jnp.asarray(targets, jnp.int32)
     g = jnp.asarray(rng.uniform(size=n) * (rng.uniform(size=n) > 0.3), jnp.float32)  # a loss mask times weights
     return h, w, targets, g
 
 
 def _loss_and_grads(h, w, targets, g, **kw):
+    """(nll, dh, dw) of sum_n g_n nll_n. The loss value returned next to the gradients (value_and_grad: the custom
+    VJP's forward rule, what a train step reports) must equal the plain forward's."""
     def loss(h, w):
         return jnp.sum(g * linear_cross_entropy(h, w, targets, **kw))
     nll = jax.jit(lambda h, w: linear_cross_entropy(h, w, targets, **kw))(h, w)
-    dh, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(h, w)
+    value, (dh, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, w)
+    np.testing.assert_allclose(float(value), float(jnp.sum(g * nll)), rtol=1e-6)  # same fp32 sums, other order
     return nll, dh, dw
 
 
@@ -82,7 +90,7 @@ def test_values_and_grads_match_float64(h_dtype, fp32, precision, implementation
 def test_chunking_does_not_change_the_result(vocab, chunk):
     """Chunked against the full-logits form on the same inputs: only the fp32 summation order of the running
     logsumexp differs (a few ulps), and the backward writes every column exactly once."""
-    h, w, targets, g = _problem("float32", vocab=vocab)
+    h, w, targets, g = _problem("float32", vocab=vocab, chunk=chunk)
     nll, dh, dw = _loss_and_grads(h, w, targets, g, chunk_size=chunk, implementation="chunked")
     nll_f, dh_f, dw_f = _loss_and_grads(h, w, targets, g, implementation="full")
     np.testing.assert_allclose(np.asarray(nll), np.asarray(nll_f), rtol=1e-6, atol=1e-6)
@@ -95,6 +103,9 @@ def test_chunking_does_not_change_the_result(vocab, chunk):
 
 
 def test_bad_shapes():
+    for h, w, t in [((2, 1, 4), (4, 5), (2,)), ((2, 4), (4,), (2,)), ((2, 4), (4, 5), (3,))]:
+        with pytest.raises(ValueError, match=r"expected hidden \[N, D\]"):
+            linear_cross_entropy(jnp.zeros(h), jnp.zeros(w), jnp.zeros(t, jnp.int32))
     with pytest.raises(ValueError, match="hidden width"):
         linear_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((4, 5)), jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="implementation"):
