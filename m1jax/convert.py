@@ -1,4 +1,4 @@
-"""HF checkpoint -> m1jax model: ``from_hf(path)`` and the name mapping behind it (spec section 7).
+"""HF checkpoint -> m1jax model: ``from_hf(path)`` and the name mapping behind it.
 
 Two naming dialects are read:
 * ``minimax``: MiniMax's on-disk names (``block_sparse_moe.gate``, ``experts.{e}.w1/w2/w3``), the published checkpoint;

@@ -25,7 +25,7 @@ Request (JSON)
 
 Weights: after construction every parameter (sorted by in-memory name) is redrawn with
 ``numpy.random.default_rng(seed)``: >=2-D parameters ~ N(0, weight_std^2), 1-D (norm weights) ~ norm_mean +
-norm_std*N(0,1) (spec section 8; the default init std 0.02 gives near-constant logits). An override whose regex
+norm_std*N(0,1) (the default init std 0.02 gives near-constant logits). An override whose regex
 ``re.search``-es the in-memory name replaces mean/std for that parameter (draws are still made, so the other
 parameters do not change). The derived lightning decay buffers are left as transformers computes them.
 
@@ -45,7 +45,7 @@ Jobs (each has a unique "name" and a "kind"; arrays are written as ``OUT/<name>.
 - ``decode``: ``input_ids`` [B, P+N] and ``prefill`` P: one prefill forward over the first P tokens, then N
   single-token forwards through ``MiniMaxCache``. Positions are always passed explicitly (prefill: arange or
   from_mask if ``attention_mask`` [B,P+N] is given; step i: last position + 1), because transformers otherwise derives
-  them from the layer-0 cache length, which is 0 when layer 0 is a lightning layer (spec pitfall 2). Set
+  them from the layer-0 cache length, which is 0 when layer 0 is a lightning layer. Set
   ``explicit_positions: false`` to reproduce that bug. Writes ``logits`` [B, P+N, V] (rows < P from the prefill,
   rows >= P from the single-token steps) and ``positions`` [B, P+N] (what was passed).
 - ``generate``: greedy decoding of ``max_new_tokens`` after ``input_ids`` [B,P] (optional left-padding
@@ -60,9 +60,9 @@ Jobs (each has a unique "name" and a "kind"; arrays are written as ``OUT/<name>.
     * ``hf_sharded/``: ``save_pretrained(max_shard_size=...)`` (default "200KB"): shards +
       ``model.safetensors.index.json``;
     * ``minimax_names/``: the in-memory tensors renamed here (independently of transformers' conversion code) to
-      MiniMax's on-disk names (spec 7.1), ``gate_up_proj`` split into per-expert w1/w3, ``down_proj`` into w2,
-      derived decay buffers dropped, ``minimax_shards`` files named like the official checkpoint
-      (``model-00000-of-00002.safetensors``, 0-based) + ``model.safetensors.index.json`` with
+      MiniMax's on-disk names (those of the published checkpoint's index), ``gate_up_proj`` split into per-expert
+      w1/w3, ``down_proj`` into w2, derived decay buffers dropped, ``minimax_shards`` files named like the official
+      checkpoint (``model-00000-of-00002.safetensors``, 0-based) + ``model.safetensors.index.json`` with
       ``metadata.total_size``, and a MiniMax-dialect ``config.json`` (``attn_type_list`` 0/1,
       ``layernorm_*_alpha/beta``, ``rotary_dim`` = head_dim because transformers rotates the whole head,
       ``postnorm: true``, ``rope_theta``, model_type ``minimax_m1``). ``minimax_dtype`` "bfloat16" stores everything in
@@ -122,10 +122,12 @@ DERIVED_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
 def build_config(cfg_dict: dict) -> MiniMaxConfig:
     cfg = dict(cfg_dict)
     if "layer_types" not in cfg:
-        raise ValueError("request config must give layer_types explicitly (spec 8 pitfall 3)")
+        # transformers' default alternates full/linear from layer 0, which is not M1's pattern
+        raise ValueError("request config must give layer_types explicitly")
     heads = int(cfg["num_attention_heads"])
     if heads & (heads - 1):
-        raise ValueError(f"num_attention_heads={heads} is not a power of two (spec 8 pitfall 4)")
+        raise ValueError(f"num_attention_heads={heads} is not a power of two (only then do transformers' slopes "
+                         "equal ALiBi's)")
     return MiniMaxConfig(**cfg)
 
 
@@ -312,7 +314,7 @@ _EXPERTS_RE = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|do
 
 
 def to_minimax_names(state_dict: dict, intermediate_size: int) -> dict:
-    """In-memory (transformers) names -> MiniMax on-disk names (spec 7.1); derived buffers dropped."""
+    """In-memory (transformers) names -> MiniMax on-disk names; derived buffers dropped."""
     out = {}
     for name, t in state_dict.items():
         if name.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
