@@ -42,7 +42,7 @@ from pathlib import Path
 # module -> the tests that specify it (used when no tests are given on the command line)
 DEFAULT_TESTS = {
     "m1jax/losses.py": ["tests/train/test_losses.py", "tests/model/test_lm_head.py"],
-    "m1jax/rl/losses.py": ["tests/rl/test_rl_losses.py"],
+    "m1jax/rl/losses.py": ["tests/rl/test_rl_losses.py", "tests/rl/test_rl_losses_edges.py"],
     "m1jax/layers/embed.py": ["tests/model/test_lm_head.py", "tests/train/test_losses.py"],
 }
 
