@@ -208,7 +208,8 @@ def export_hf(model: MiniMaxM1, path: str | os.PathLike, *, dialect: str = "mini
             value = flat[t.path][t.index] if t.index else flat[t.path]
             parts.append(_t(value) if t.transform is not _identity else value)
         array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)  # fused gate_up_proj: w1 then w3
-        if dtype is not None and "gate.weight" not in name:  # the router stays fp32
+        # the router stays fp32, as in the published checkpoint (not self_attn.output_gate, which is bf16 there)
+        if dtype is not None and not name.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight")):
             array = array.astype(dtype)
         tensors[name] = np.ascontiguousarray(array)
     with open(os.path.join(path, "config.json.tmp"), "w") as fh:

@@ -12,7 +12,8 @@ Request (JSON)
 
     {
       "config": {...},                 # MiniMaxConfig kwargs (transformers dialect). Always give layer_types,
-                                       # power-of-two heads, block_size, rope_parameters, the *_alpha/beta_factor
+                                       # power-of-two heads, block_size, rope_parameters, the *_alpha/beta_factor.
+                                       # null: no model is built (only forward_pretrained jobs then)
       "seed": 0,                       # everything below is deterministic from this
       "init": {"weight_std": 0.2, "norm_mean": 1.0, "norm_std": 0.1,
                "overrides": [{"pattern": REGEX, "mean": m, "std": s}, ...]},   # all optional
@@ -24,7 +25,7 @@ Request (JSON)
 
 Weights: after construction every parameter (sorted by in-memory name) is redrawn with
 ``numpy.random.default_rng(seed)``: >=2-D parameters ~ N(0, weight_std^2), 1-D (norm weights) ~ norm_mean +
-norm_std*N(0,1) (spec section 8; the default init std 0.02 gives near-constant logits). An override whose regex
+norm_std*N(0,1) (the default init std 0.02 gives near-constant logits). An override whose regex
 ``re.search``-es the in-memory name replaces mean/std for that parameter (draws are still made, so the other
 parameters do not change). The derived lightning decay buffers are left as transformers computes them.
 
@@ -44,7 +45,7 @@ Jobs (each has a unique "name" and a "kind"; arrays are written as ``OUT/<name>.
 - ``decode``: ``input_ids`` [B, P+N] and ``prefill`` P: one prefill forward over the first P tokens, then N
   single-token forwards through ``MiniMaxCache``. Positions are always passed explicitly (prefill: arange or
   from_mask if ``attention_mask`` [B,P+N] is given; step i: last position + 1), because transformers otherwise derives
-  them from the layer-0 cache length, which is 0 when layer 0 is a lightning layer (spec pitfall 2). Set
+  them from the layer-0 cache length, which is 0 when layer 0 is a lightning layer. Set
   ``explicit_positions: false`` to reproduce that bug. Writes ``logits`` [B, P+N, V] (rows < P from the prefill,
   rows >= P from the single-token steps) and ``positions`` [B, P+N] (what was passed).
 - ``generate``: greedy decoding of ``max_new_tokens`` after ``input_ids`` [B,P] (optional left-padding
@@ -59,9 +60,9 @@ Jobs (each has a unique "name" and a "kind"; arrays are written as ``OUT/<name>.
     * ``hf_sharded/``: ``save_pretrained(max_shard_size=...)`` (default "200KB"): shards +
       ``model.safetensors.index.json``;
     * ``minimax_names/``: the in-memory tensors renamed here (independently of transformers' conversion code) to
-      MiniMax's on-disk names (spec 7.1), ``gate_up_proj`` split into per-expert w1/w3, ``down_proj`` into w2,
-      derived decay buffers dropped, ``minimax_shards`` files named like the official checkpoint
-      (``model-00000-of-00002.safetensors``, 0-based) + ``model.safetensors.index.json`` with
+      MiniMax's on-disk names (those of the published checkpoint's index), ``gate_up_proj`` split into per-expert
+      w1/w3, ``down_proj`` into w2, derived decay buffers dropped, ``minimax_shards`` files named like the official
+      checkpoint (``model-00000-of-00002.safetensors``, 0-based) + ``model.safetensors.index.json`` with
       ``metadata.total_size``, and a MiniMax-dialect ``config.json`` (``attn_type_list`` 0/1,
       ``layernorm_*_alpha/beta``, ``rotary_dim`` = head_dim because transformers rotates the whole head,
       ``postnorm: true``, ``rope_theta``, model_type ``minimax_m1``). ``minimax_dtype`` "bfloat16" stores everything in
@@ -70,6 +71,12 @@ Jobs (each has a unique "name" and a "kind"; arrays are written as ``OUT/<name>.
   ``hf_saved``, ``hf_sharded``: via ``from_pretrained``; ``minimax_names``: read here with safetensors and renamed
   back by this file's inverse mapping, then ``load_state_dict(strict=True)`` with the buffers recomputed by
   transformers). Needs an earlier ``save`` job in the same request.
+- ``forward_pretrained``: like ``forward`` on ``MiniMaxForCausalLM.from_pretrained(checkpoint)``, ``checkpoint`` an
+  absolute path to a directory written elsewhere (e.g. by m1jax's exporter), loaded with ``dtype`` "float32" (default;
+  bf16 files are upcast exactly), "float64" (a rounding-free forward on the same weights) or "bfloat16". Records
+  ``loading_info`` (transformers' missing / unexpected / mismatched keys: it silently initialises missing weights, so
+  callers must check it) and ``param_dtypes``. ``checkpoint_digest`` (any string, e.g. a hash of the files) only
+  keys the cache.
 
 What transformers 5.24.0 ``save_pretrained`` writes for this model (found empirically, see job ``save``)
 --------------------------------------------------------------------------------------------------------
@@ -115,10 +122,12 @@ DERIVED_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
 def build_config(cfg_dict: dict) -> MiniMaxConfig:
     cfg = dict(cfg_dict)
     if "layer_types" not in cfg:
-        raise ValueError("request config must give layer_types explicitly (spec 8 pitfall 3)")
+        # transformers' default alternates full/linear from layer 0, which is not M1's pattern
+        raise ValueError("request config must give layer_types explicitly")
     heads = int(cfg["num_attention_heads"])
     if heads & (heads - 1):
-        raise ValueError(f"num_attention_heads={heads} is not a power of two (spec 8 pitfall 4)")
+        raise ValueError(f"num_attention_heads={heads} is not a power of two (only then do transformers' slopes "
+                         "equal ALiBi's)")
     return MiniMaxConfig(**cfg)
 
 
@@ -178,7 +187,8 @@ class Writer:
 
     def arr(self, job: str, key: str, value, files: dict) -> None:
         if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
+            value = value.detach().cpu()
+            value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()  # numpy has no bf16
         value = np.asarray(value)
         if value.dtype.kind == "f":
             value = value.astype(np.float32)
@@ -304,7 +314,7 @@ _EXPERTS_RE = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|do
 
 
 def to_minimax_names(state_dict: dict, intermediate_size: int) -> dict:
-    """In-memory (transformers) names -> MiniMax on-disk names (spec 7.1); derived buffers dropped."""
+    """In-memory (transformers) names -> MiniMax on-disk names; derived buffers dropped."""
     out = {}
     for name, t in state_dict.items():
         if name.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
@@ -465,12 +475,26 @@ def job_forward_from_checkpoint(model, job, w: Writer, entry: dict) -> None:
     job_forward(fresh, sub, w, entry)
 
 
+def job_forward_pretrained(model, job, w: Writer, entry: dict) -> None:
+    dtypes = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+    dtype = dtypes[job.get("dtype", "float32")]
+    fresh, info = MiniMaxForCausalLM.from_pretrained(job["checkpoint"], attn_implementation="eager", dtype=dtype,
+                                                     output_loading_info=True)
+    fresh.set_experts_implementation("eager")
+    fresh.eval()
+    entry["loading_info"] = {k: sorted(map(str, v)) for k, v in info.items() if isinstance(v, (list, set, tuple))}
+    entry["param_dtypes"] = sorted({str(p.dtype) for p in fresh.parameters()})
+    sub = {k: v for k, v in job.items() if k != "param_overrides"}
+    job_forward(fresh, sub, w, entry)
+
+
 JOBS = {
     "forward": job_forward,
     "decode": job_decode,
     "generate": job_generate,
     "save": job_save,
     "forward_from_checkpoint": job_forward_from_checkpoint,
+    "forward_pretrained": job_forward_pretrained,
 }
 
 
@@ -484,19 +508,19 @@ def main(argv: list[str]) -> int:
     out_dir = argv[2]
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    model = make_model(req)
+    model = make_model(req) if req.get("config") is not None else None
     t_build = time.time() - t0
     w = Writer(out_dir)
     manifest = {
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": transformers.__version__, "numpy": np.__version__},
-        "hf_config": model.config.to_dict(),
-        "attn_implementation": model.config._attn_implementation,
-        "experts_implementation": model.config._experts_implementation,
+        "hf_config": model.config.to_dict() if model is not None else None,
+        "attn_implementation": model.config._attn_implementation if model is not None else None,
+        "experts_implementation": model.config._experts_implementation if model is not None else None,
         "jobs": {},
         "timings": {"import_s": round(T_IMPORT, 3), "build_s": round(t_build, 3)},
     }
-    if req.get("dump_state_dict", True):
+    if model is not None and req.get("dump_state_dict", True):
         np.savez(os.path.join(out_dir, "state_dict.npz"),
                  **{k: v.detach().numpy() for k, v in model.state_dict().items()})
         manifest["state_dict"] = "state_dict.npz"
@@ -508,6 +532,8 @@ def main(argv: list[str]) -> int:
         names.add(name)
         if kind not in JOBS:
             raise ValueError(f"unknown job kind {kind!r}; known: {sorted(JOBS)}")
+        if model is None and kind != "forward_pretrained":
+            raise ValueError(f"job {name!r} ({kind}) needs the request's config (it is null)")
         entry = {"kind": kind, "files": {}, "_seed": int(req.get("seed", 0)), "_init": req.get("init", {})}
         tj = time.time()
         JOBS[kind](model, job, w, entry)

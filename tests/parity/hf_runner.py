@@ -4,7 +4,7 @@ No torch here: numpy + subprocess only. Typical use in a test::
 
     from tests.parity import hf_runner as hr      # or: import hf_runner (tests/parity on sys.path)
 
-    cfg = hr.tiny_hf_config()                       # spec-8 tiny config, layer_types [lin, lin, lin, full]
+    cfg = hr.tiny_hf_config()                       # the tiny reference config, layer_types [lin, lin, lin, full]
     ids = hr.random_ids(2, 11, cfg["vocab_size"], seed=1)
     req = hr.make_request(cfg, [hr.forward_job("fwd", ids), hr.save_job()], seed=0)
     ref = hr.run_reference(req, cache_dir)          # cached per request hash under cache_dir
@@ -113,7 +113,7 @@ def m1_layer_types(num_layers: int, full_every: int | None = None) -> list[str]:
     """M1's hybrid pattern: layer i is softmax ("full_attention") iff i % full_every == full_every - 1.
 
     ``full_every`` defaults to 8 (M1: 7 lightning + 1 softmax) when num_layers >= 8, else num_layers
-    (4 layers -> spec-8 pattern [linear, linear, linear, full])."""
+    (4 layers -> the tiny pattern [linear, linear, linear, full])."""
     if full_every is None:
         full_every = 8 if num_layers >= 8 else num_layers
     return ["full_attention" if i % full_every == full_every - 1 else "linear_attention" for i in range(num_layers)]
@@ -126,9 +126,10 @@ def tiny_hf_config(*, num_layers: int = 4, num_heads: int = 4, num_kv_heads: int
                    alpha: float = M1_ALPHA, beta: float = 1.0, rms_norm_eps: float = 1e-5,
                    output_router_logits: bool = False, router_aux_loss_coef: float = 0.001,
                    **extra: Any) -> dict:
-    """transformers ``MiniMaxConfig`` kwargs for the spec-8 tiny model (defaults = spec section 8 exactly)."""
+    """transformers ``MiniMaxConfig`` kwargs for a tiny model (defaults: 4 layers [lin, lin, lin, full], H=4, KV=2,
+    d=16, E=4, top-2, block 4: the parity tests' base case)."""
     if num_heads & (num_heads - 1):
-        raise ValueError("num_heads must be a power of two (HF slopes differ from ALiBi's otherwise; spec 8)")
+        raise ValueError("num_heads must be a power of two (HF slopes differ from ALiBi's otherwise)")
     if num_heads % num_kv_heads:
         raise ValueError("num_heads must be a multiple of num_kv_heads")
     lt = list(layer_types) if layer_types is not None else m1_layer_types(num_layers, full_every)
@@ -203,12 +204,31 @@ def forward_from_checkpoint_job(name: str, checkpoint: str, input_ids, **kw) -> 
     return job
 
 
-def make_request(config: dict, jobs: Sequence[dict], *, seed: int = 0, weight_std: float = 0.2,
+def pretrained_job(name: str, checkpoint: str | os.PathLike, input_ids, *, dtype: str = "float32", **kw) -> dict:
+    """Forward of ``MiniMaxForCausalLM.from_pretrained(checkpoint)`` (a directory written outside the reference, e.g.
+    by ``m1jax.convert.export_hf``). The files' hash goes into the request, so the cache never serves a stale result
+    for rewritten files. Use with ``make_request(None, ...)`` when no model of the reference's own is needed."""
+    job = forward_job(name, input_ids, **kw)
+    job.update(kind="forward_pretrained", checkpoint=str(Path(checkpoint).resolve()), dtype=dtype,
+               checkpoint_digest=directory_digest(checkpoint))
+    return job
+
+
+def directory_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(path).iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def make_request(config: dict | None, jobs: Sequence[dict], *, seed: int = 0, weight_std: float = 0.2,
                  norm_mean: float = 1.0, norm_std: float = 0.1, overrides: list | None = None,
                  attn_implementation: str = "eager", experts_implementation: str = "eager",
                  dump_state_dict: bool = True) -> dict:
     return {
-        "config": dict(config), "seed": int(seed),
+        "config": dict(config) if config is not None else None, "seed": int(seed),
         "init": {"weight_std": weight_std, "norm_mean": norm_mean, "norm_std": norm_std,
                  "overrides": list(overrides or [])},
         "attn_implementation": attn_implementation, "experts_implementation": experts_implementation,

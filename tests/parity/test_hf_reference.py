@@ -11,7 +11,7 @@ import pytest
 
 from . import hf_runner as hr
 
-CFG = hr.tiny_hf_config()  # spec section 8: 4 layers [lin, lin, lin, full], H=4, KV=2, d=16, E=4, top-2, block 4
+CFG = hr.tiny_hf_config()  # 4 layers [lin, lin, lin, full], H=4, KV=2, d=16, E=4, top-2, block 4
 IDS = np.asarray(hr.random_ids(2, 11, CFG["vocab_size"], seed=1))
 PAD = 3
 PADDED_IDS = np.concatenate([np.zeros((1, PAD), int), IDS[:1, :11 - PAD]], axis=1)
@@ -68,7 +68,7 @@ def test_prefill_plus_decode_equals_full_forward(ref):
 
 
 def test_hf_default_decode_positions_are_wrong(ref):
-    """Spec pitfall 2: without explicit position_ids the softmax layer sees position 0 at every decode step."""
+    """Without explicit position_ids the softmax layer sees position 0 at every decode step."""
     full, bad = ref.array("fwd"), ref.array("decode_hf_positions")
     assert _maxdiff(bad[:, :7], full[:, :7]) <= 1e-5  # the prefill is fine
     assert _maxdiff(bad[:, 7:], full[:, 7:]) > 1e-2  # the decode steps are not (about 1.8 here)
@@ -128,7 +128,7 @@ def test_weights_follow_the_requested_init(ref):
 
 
 def test_decay_buffers_match_spec_formula(ref):
-    """Spec 3.2 (HF form): slope_h = 2^(-8(h+1)/H) * (1 - l/(L-1+1e-5) + 1e-5)."""
+    """Lightning decay slopes (transformers' form): slope_h = 2^(-8(h+1)/H) * (1 - l/(L-1+1e-5) + 1e-5)."""
     sd, H, L = ref.state_dict(), CFG["num_attention_heads"], CFG["num_hidden_layers"]
     for l, kind in enumerate(CFG["layer_types"]):
         key = f"model.layers.{l}.self_attn.slope_rate"

@@ -17,7 +17,7 @@ from . import hf_runner as hr
 TOL = 1e-4  # max |logit difference| in fp32 (the bar)
 
 CASES = {
-    # spec section 8 exactly: 4 layers [lin, lin, lin, full], H=4, KV=2, d=16, E=4, top-2, block 4; T=11 (3 blocks)
+    # the base case: 4 layers [lin, lin, lin, full], H=4, KV=2, d=16, E=4, top-2, block 4; T=11 (3 blocks)
     "spec8": dict(config=hr.tiny_hf_config(), seed=0, length=11),
     # one M1 period (7 lightning + 1 softmax), 8 heads of 8 dims, GQA 4:1, odd length over block 8
     "m1_period": dict(config=hr.tiny_hf_config(num_layers=8, num_heads=8, num_kv_heads=2, head_dim=8,

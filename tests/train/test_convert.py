@@ -18,11 +18,10 @@ from tests.parity import hf_runner as hr
 def reference(tmp_path_factory):
     cfg = hr.tiny_hf_config()
     ids = np.asarray(hr.random_ids(2, 11, cfg["vocab_size"], seed=5))
-    try:
-        result = hr.run_reference(hr.make_request(cfg, [hr.forward_job("fwd", ids), hr.save_job()], seed=4),
-                                  tmp_path_factory.mktemp("hf"))
-    except hr.ParityEnvError as e:
-        pytest.skip(f"transformers reference environment unavailable: {e}")
+    # No skip when the transformers environment is missing: hr.ParityEnvError makes these tests ERROR, because this
+    # module is the only test of experiments.convert and checkpoint.load_params and a skip would hide their failures.
+    result = hr.run_reference(hr.make_request(cfg, [hr.forward_job("fwd", ids), hr.save_job()], seed=4),
+                              tmp_path_factory.mktemp("hf"))
     return result, ids
 
 

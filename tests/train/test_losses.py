@@ -1,4 +1,11 @@
-"""Chunked LM-head cross-entropy against the plain full-logits form and a float64 NumPy oracle (values and grads)."""
+"""Fused LM-head cross-entropy (``linear_cross_entropy``) against a float64 NumPy oracle: per-token NLL and the
+gradients w.r.t. the hidden states and the head weight, for fp32 and bf16 activations, ``fp32=True/False`` and both
+``fp32_precision`` values, chunked (custom VJP) and full (autodiff) implementations.
+
+Tolerances are element-wise bounds on the rounding each configuration is allowed, scaled by the magnitudes that
+enter each gradient element: ``S_W = |h|ᵀ|dZ|`` for dW and ``S_h = |dZ||W|ᵀ`` for dh (dZ the float64 logit
+gradient), so a bound means the same thing for every element whatever its size.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,64 +13,104 @@ import pytest
 
 from m1jax.losses import linear_cross_entropy
 
+U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits): |round(x) - x| <= U_BF16 * |x|
+# fp32 logits + fp32 accumulation over D = 16 and N = 24 terms: a few hundred fp32 ulps of the summed magnitudes at
+# most (2^-24 * ~170); a bf16 rounding anywhere on the fp32 path is 2^-8 relative, 400x larger.
+FP32_REL = 1e-5
 
-def _oracle(h, w, targets):
-    """float64 NumPy: per-token NLL and its gradients wrt h and w for the loss sum_n g_n * nll_n."""
+
+def _oracle(h, w, targets, g):
+    """float64: per-token NLL, and the gradients of sum_n g_n * nll_n w.r.t. h and w, plus the scales S_h, S_W."""
     h64, w64 = np.asarray(h, np.float64), np.asarray(w, np.float64)
     z = h64 @ w64
     z = z - z.max(-1, keepdims=True)
     p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-    nll = -np.log(p[np.arange(len(targets)), targets])
-    return nll, p
+    rows = np.arange(len(targets))
+    nll = -np.log(p[rows, targets])
+    dz = p.copy()
+    dz[rows, targets] -= 1.0
+    dz *= np.asarray(g, np.float64)[:, None]
+    return nll, dz @ w64.T, h64.T @ dz, np.abs(dz) @ np.abs(w64).T, np.abs(h64).T @ np.abs(dz)
 
 
-# "bf16_3x" is XLA's three-pass bf16 algorithm on GPU; XLA:CPU runs it as fp32, so the oracle bound is the same here
-# (this checks that the precision reaches the forward and the custom backward of both implementations).
-@pytest.mark.parametrize("precision", ["float32", "bf16_3x"])
-@pytest.mark.parametrize("vocab,chunk", [(96, 32), (100, 32), (50, 64)])  # exact chunks, a tail chunk, one chunk
-def test_chunked_matches_oracle_and_full(vocab, chunk, precision):
-    rng = np.random.default_rng(0)
-    n, d = 24, 16
-    h = jnp.asarray(rng.normal(size=(n, d)) * 2.0, jnp.float32)
+def _problem(h_dtype, vocab=100, n=24, d=16, seed=0, chunk=32):
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.normal(size=(n, d)) * 2.0, h_dtype)  # logits of a few units: a non-trivial softmax
     w = jnp.asarray(rng.normal(size=(d, vocab)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, vocab, n), jnp.int32)
-    g = jnp.asarray(rng.uniform(size=n) * (rng.uniform(size=n) > 0.3), jnp.float32)  # a loss mask / weights
-
-    nll = linear_cross_entropy(h, w, targets, chunk_size=chunk, fp32_precision=precision)
-    ref_nll, p = _oracle(h, w, np.asarray(targets))
-    np.testing.assert_allclose(np.asarray(nll), ref_nll, rtol=1e-5, atol=1e-5)
-
-    def loss(impl):
-        return lambda h, w: jnp.sum(g * linear_cross_entropy(h, w, targets, chunk_size=chunk, implementation=impl,
-                                                                     fp32_precision=precision))
-
-    dh, dw = jax.jit(jax.grad(loss("chunked"), argnums=(0, 1)))(h, w)
-    dh_full, dw_full = jax.grad(loss("full"), argnums=(0, 1))(h, w)
-    onehot = np.eye(vocab)[np.asarray(targets)]
-    dz = (p - onehot) * np.asarray(g, np.float64)[:, None]
-    np.testing.assert_allclose(np.asarray(dh), dz @ np.asarray(w, np.float64).T, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dw), np.asarray(h, np.float64).T @ dz, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dh), np.asarray(dh_full), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_full), rtol=1e-5, atol=1e-6)
+    targets = rng.integers(0, vocab, n)
+    # the first and last column of every chunk (and of the vocabulary) among the targets: off-by-one at a chunk
+    # boundary would otherwise only show for the few random targets that happen to land there
+    edges = sorted({c for start in range(0, vocab, chunk) for c in (start, min(start + chunk, vocab) - 1)})[:n // 2]
+    targets[:len(edges)] = edges
+    targets = jnp.asarray(targets, jnp.int32)
+    g = jnp.asarray(rng.uniform(size=n) * (rng.uniform(size=n) > 0.3), jnp.float32)  # a loss mask times weights
+    return h, w, targets, g
 
 
-def test_bf16_hidden_fp32_head():
-    """bf16 activations with fp32=True: the head runs on fp32 operands; dh comes back in bf16, dW in fp32."""
-    rng = np.random.default_rng(1)
-    h = jnp.asarray(rng.normal(size=(8, 16)), jnp.bfloat16)
-    w = jnp.asarray(rng.normal(size=(16, 40)), jnp.float32)
-    t = jnp.asarray(rng.integers(0, 40, 8), jnp.int32)
-    nll = linear_cross_entropy(h, w, t, chunk_size=16)
-    ref, _ = _oracle(np.asarray(h.astype(jnp.float32)), w, np.asarray(t))
-    np.testing.assert_allclose(np.asarray(nll), ref, rtol=1e-5, atol=1e-5)
-    dh, dw = jax.grad(lambda h, w: linear_cross_entropy(h, w, t, chunk_size=16).sum(), argnums=(0, 1))(h, w)
-    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+def _loss_and_grads(h, w, targets, g, **kw):
+    """(nll, dh, dw) of sum_n g_n nll_n. The loss value returned next to the gradients (value_and_grad: the custom
+    VJP's forward rule, what a train step reports) must equal the plain forward's."""
+    def loss(h, w):
+        return jnp.sum(g * linear_cross_entropy(h, w, targets, **kw))
+    nll = jax.jit(lambda h, w: linear_cross_entropy(h, w, targets, **kw))(h, w)
+    value, (dh, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, w)
+    np.testing.assert_allclose(float(value), float(jnp.sum(g * nll)), rtol=1e-6)  # same fp32 sums, other order
+    return nll, dh, dw
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "full"])
+@pytest.mark.parametrize("precision", ["float32", "bf16_3x"])
+@pytest.mark.parametrize("fp32", [True, False])
+@pytest.mark.parametrize("h_dtype", ["float32", "bfloat16"])
+def test_values_and_grads_match_float64(h_dtype, fp32, precision, implementation):
+    h, w, targets, g = _problem(h_dtype)
+    nll, dh, dw = _loss_and_grads(h, w, targets, g, chunk_size=32, fp32=fp32, fp32_precision=precision,
+                                  implementation=implementation)
+    assert nll.dtype == jnp.float32 and dh.dtype == h.dtype and dw.dtype == w.dtype
+    low = h_dtype == "bfloat16" and not fp32  # the one configuration whose head runs on bf16 operands
+    # The oracle multiplies the operands the head is specified to use: fp32=True -> h as given (bf16 values are exact
+    # in fp32) and W in fp32; fp32=False -> both in h's dtype, so W rounded to bf16 when h is bf16.
+    w_op = w.astype(h.dtype) if not fp32 else w
+    ref_nll, ref_dh, ref_dw, s_h, s_w = _oracle(h, w_op, np.asarray(targets), g)
+    # fp32 logits from exact (bf16 x bf16 or fp32) products: a relative 1e-6-ish error on logits of a few units
+    np.testing.assert_allclose(np.asarray(nll), ref_nll, rtol=FP32_REL, atol=FP32_REL)
+    # bf16-operand backward: dZ is rounded to bf16 before both matmuls (U_BF16 per element, bounded by U_BF16 * S).
+    rel = FP32_REL + (U_BF16 if low else 0.0)
+    # the full form's autodiff returns dW as the cotangent of W's cast to bf16: one more rounding (U_BF16 * |dW|)
+    w_round = U_BF16 * np.abs(ref_dw) if low and implementation == "full" else 0.0
+    err_w = np.abs(np.asarray(dw, np.float64) - ref_dw)
+    assert np.all(err_w <= rel * s_w + w_round + 1e-7), f"dW error {err_w.max():.3g}, bound {(rel * s_w).max():.3g}"
+    # dh is returned in h's dtype: one more rounding of the result when h is bf16 (U_BF16 * |dh|)
+    out_round = U_BF16 * np.abs(ref_dh) if h_dtype == "bfloat16" else 0.0
+    err_h = np.abs(np.asarray(dh, np.float64) - ref_dh)
+    assert np.all(err_h <= rel * s_h + out_round + 1e-7), f"dh error {err_h.max():.3g}"
+
+
+@pytest.mark.parametrize("vocab,chunk", [(96, 32), (100, 32), (50, 64), (100, 1)])  # exact, tail, one, per-column
+def test_chunking_does_not_change_the_result(vocab, chunk):
+    """Chunked against the full-logits form on the same inputs: only the fp32 summation order of the running
+    logsumexp differs (a few ulps), and the backward writes every column exactly once."""
+    h, w, targets, g = _problem("float32", vocab=vocab, chunk=chunk)
+    nll, dh, dw = _loss_and_grads(h, w, targets, g, chunk_size=chunk, implementation="chunked")
+    nll_f, dh_f, dw_f = _loss_and_grads(h, w, targets, g, implementation="full")
+    np.testing.assert_allclose(np.asarray(nll), np.asarray(nll_f), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dh), np.asarray(dh_f), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_f), rtol=1e-5, atol=1e-6)
+    ref_nll, ref_dh, ref_dw, s_h, s_w = _oracle(h, w, np.asarray(targets), g)
+    np.testing.assert_allclose(np.asarray(nll), ref_nll, rtol=FP32_REL, atol=FP32_REL)
+    assert np.all(np.abs(np.asarray(dw, np.float64) - ref_dw) <= FP32_REL * s_w + 1e-7)
+    assert np.all(np.abs(np.asarray(dh, np.float64) - ref_dh) <= FP32_REL * s_h + 1e-7)
 
 
 def test_bad_shapes():
+    for h, w, t in [((2, 1, 4), (4, 5), (2,)), ((2, 4), (4,), (2,)), ((2, 4), (4, 5), (3,))]:
+        with pytest.raises(ValueError, match=r"expected hidden \[N, D\]"):
+            linear_cross_entropy(jnp.zeros(h), jnp.zeros(w), jnp.zeros(t, jnp.int32))
     with pytest.raises(ValueError, match="hidden width"):
         linear_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((4, 5)), jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="implementation"):
         linear_cross_entropy(jnp.zeros((2, 4)), jnp.zeros((4, 5)), jnp.zeros((2,), jnp.int32), implementation="x")
     with pytest.raises(ValueError, match="precision"):
         linear_cross_entropy(jnp.zeros((2, 4)), jnp.zeros((4, 5)), jnp.zeros((2,), jnp.int32), fp32_precision="tf16")
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(jnp.zeros((2, 4)), jnp.zeros((4, 5)), jnp.zeros((2,), jnp.int32), chunk_size=0)
