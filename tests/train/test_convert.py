@@ -1,17 +1,23 @@
 """HF checkpoint -> experiments.convert (streaming orbax) -> load_params onto a mesh -> logits equal transformers'."""
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.convert import convert
 from m1jax import checkpoint as C
 from m1jax import train as T
-from m1jax.config import ModelConfig
+from m1jax.config.files import load_model_config
+from m1jax.weights import convert_hf
 from m1jax.model import MiniMaxM1
 from sharding.mesh import make_mesh
 from sharding.rules import state_shardings
 from tests.parity import hf_runner as hr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +35,22 @@ def reference(tmp_path_factory):
 def test_convert_restore_logits_match_transformers(reference, which, tmp_path):
     result, ids = reference
     out = tmp_path / "orbax"
-    stats = convert(str(result.checkpoint_dir(which)), str(out), log=lambda _: None)
-    cfg = ModelConfig.from_hf_config(out / "config.json")
+    if which == "hf_sharded":  # the entry point, as a user runs it
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "-m", "experiments.convert", f"--hf_dir={result.checkpoint_dir(which)}",
+                               f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr[-2000:]
+        again = subprocess.run([sys.executable, "-m", "experiments.convert", f"--hf_dir={result.checkpoint_dir(which)}",
+                                f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    else:
+        stats = convert_hf(str(result.checkpoint_dir(which)), str(out), log=lambda _: None)
+    assert not (tmp_path / "orbax.partial").exists()
+    cfg = load_model_config(str(out))
     abstract = nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(params=0)))
     graphdef, abstract_params = T.split_model(abstract)
-    # the largest host buffer is one parameter, far below the whole model
-    assert stats["peak_buffer_bytes"] == max(x.size * 4 for x in jax.tree_util.tree_leaves(abstract_params))
+    if which != "hf_sharded":  # the largest host buffer is one parameter, far below the whole model
+        assert stats["peak_buffer_bytes"] == max(x.size * 4 for x in jax.tree_util.tree_leaves(abstract_params))
     mesh = make_mesh("data=2,expert=2,tensor=2")
     params = C.load_params(out / "params", C.with_shardings(abstract_params, state_shardings(abstract_params, mesh)))
     experts_w1 = params["periods"]["layers"][0]["block_sparse_moe"]["w1"][...]
@@ -58,4 +74,4 @@ def test_convert_refuses_incomplete_checkpoint(reference, tmp_path):
         f.unlink()
     save_file(tensors, work / "model.safetensors")
     with pytest.raises(CheckpointError, match="model.norm.weight"):
-        convert(str(work), str(tmp_path / "out"), log=lambda _: None)
+        convert_hf(str(work), str(tmp_path / "out"), log=lambda _: None)
