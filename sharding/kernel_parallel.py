@@ -15,15 +15,20 @@ from sharding.rules import logical_to_mesh_spec
 
 
 def batch_head_specs(shape_bthd) -> P | None:
-    """PartitionSpec [B, T, H, D] of the kernel operands under the current mesh, or None when nothing is split
-    (no mesh, axes already manual, or no mesh axis divides batch/heads)."""
+    """PartitionSpec [B, T, H, D] of the kernel operands under the current mesh, or None for the plain call (no mesh,
+    or inside a shard_map already).
+
+    Where no mesh axis divides batch or heads (a single long prefill row, say) the spec is all-replicated: every
+    device runs the whole kernel, which is what GSPMD would do too, but a Mosaic ``pallas_call`` cannot be handed to
+    the partitioner at all, so it still needs the ``shard_map``.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
     spec = logical_to_mesh_spec(("batch", None, "heads", None), shape=shape_bthd, mesh=mesh)
     manual = set(mesh.manual_axes)
     used = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
-    if not used or used & manual:
+    if used & manual or (manual and not used):
         return None
     return spec
 
@@ -33,7 +38,7 @@ def lightning_batch_head_parallel(q, k, v, decay, *, initial_state=None, segment
     """``lightning_attention`` with its batch and head axes split over the mesh (call under jax.set_mesh).
 
     Same arguments and returns as ``pallas_kernels.lightning.lightning_attention`` (q, k [B, T, H, Dk], v [B, T, H, Dv],
-    decay [H], initial_state [B, H, Dk, Dv], segment_ids [B, T]); falls back to the plain call when nothing is split.
+    decay [H], initial_state [B, H, Dk, Dv], segment_ids [B, T]); falls back to the plain call without a mesh.
     """
     x_spec = batch_head_specs(q.shape)
     if x_spec is None:
@@ -62,15 +67,13 @@ def attention_batch_head_parallel(q, k, v, mask, *, attention):
     q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh]; ``mask`` a pytree of [B, ...] arrays (split with the batch) and scalars
     (replicated), ``pallas_kernels.attention.Mask``; ``attention`` the local function (its api with the
     implementation bound). Heads are split only where query and KV heads split alike, so that each device's query
-    heads read its own KV heads (GQA). Falls back to the plain call when nothing is split.
+    heads read its own KV heads (GQA). Falls back to the plain call without a mesh.
     """
     q_spec = batch_head_specs(q.shape)
     if q_spec is None:
         return attention(q, k, v, mask)
     kv_heads = logical_to_mesh_spec((None, None, "kv", None), shape=k.shape, mesh=jax.sharding.get_abstract_mesh())[2]
     batch_axes, head_axes = q_spec[0], q_spec[2] if q_spec[2] == kv_heads else None
-    if batch_axes is None and head_axes is None:
-        return attention(q, k, v, mask)
     x_spec = P(batch_axes, None, head_axes, None)
     mask_spec = jax.tree.map(lambda a: P(batch_axes) if a.ndim else P(), mask)
     return jax.shard_map(attention, in_specs=(x_spec, x_spec, x_spec, mask_spec), out_specs=x_spec,

@@ -181,9 +181,13 @@ class Trainer:
                 metrics = MetricsLogger(self.workdir, resume_step=start or 0, wandb=run.wandb, enabled=self.primary,
                                         log=self.log)
                 state, step = self._loop(state, start, checkpointer, loader, metrics, guard, pause_at_step)
-            finally:  # an in-flight save completes even when the loop fails (a second Ctrl-C aborts the wait)
+            except KeyboardInterrupt:  # a second Ctrl-C: the user abandons the save in flight, so do not wait for it
+                checkpointer = None
+                raise
+            finally:  # otherwise an in-flight save completes even when the loop fails
                 try:
-                    checkpointer.close()
+                    if checkpointer is not None:
+                        checkpointer.close()
                 finally:
                     if metrics is not None:
                         metrics.close()
