@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m1jax.cache import PagedKV, gather_pages
 from m1jax.config import ModelConfig
 from m1jax.layers.common import matmul, param, param_value
 from pallas_kernels.attention import Mask, attention
@@ -33,8 +34,39 @@ def apply_rope(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float
     return rotated.astype(x.dtype)
 
 
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,
+                    page_indices: jax.Array, *, implementation: str | None = None) -> jax.Array:
+    """Decode attention over a paged KV cache: one query per row against its first ``lengths[b]`` cached tokens.
+
+    q [B, H, Dh]; k_pages, v_pages [Hkv, total_pages, page_size, Dh]; lengths [B] int32 filled slots including the
+    new token; page_indices [B, pages_per_sequence] int32 (token i of row b is at page page_indices[b, i // page_size],
+    offset i % page_size). Returns [B, H, Dh] in q's dtype.
+
+    This is the contract of the paged flash-decoding entry point of ``pallas_kernels.attention``; until that lands,
+    this reference gathers each row's pages into a contiguous cache and calls ``attention`` with a mask over the cache
+    slots (it reads the gathered pages twice: the kernel reads each page once). The engine reaches paged decode
+    attention only through this function.
+    """
+    k, v = gather_pages(k_pages, page_indices), gather_pages(v_pages, page_indices)
+    b, s = k.shape[:2]
+    mask = Mask(q_slot=(lengths - 1)[:, None].astype(jnp.int32),
+                k_slot=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s)))
+    return attention(q[:, None], k.astype(q.dtype), v.astype(q.dtype), mask, implementation=implementation)[:, 0]
+
+
+def _chunk_mask(lengths: jax.Array, t: int, s: int) -> Mask:
+    """Queries at positions lengths[b] .. lengths[b] + t - 1 against s cache slots. One row is a KV-cache mask (which
+    the fused kernels take); several rows at different positions need the general slot mask."""
+    if lengths.shape[0] == 1:
+        return Mask.cache(lengths[0], t, s, jnp.zeros((1,), jnp.int32))
+    b = lengths.shape[0]
+    q_slot = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    return Mask(q_slot, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s)))
+
+
 class SoftmaxAttention(nnx.Module):
-    """h [B, T, D] -> [B, T, D]; optional KV cache (k, v: [B, S, Hkv, Dh]) written at slots index .. index+T-1."""
+    """h [B, T, D] -> [B, T, D]; optional KV cache (k, v: [B, S, Hkv, Dh]) written at slots index .. index+T-1, or a
+    paged cache (``PagedKV``)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -49,8 +81,10 @@ class SoftmaxAttention(nnx.Module):
         """Args:
           h: [B, T, D]; positions: [B, T] RoPE positions; segment_ids: [B, T] or None (no cache).
           kv_cache: (k, v) each [B, S, Hkv, Dh] or None; cache_index: int32 scalar slot of the first new token;
-          cache_start: [B] first valid slot per row (left padding).
-        Returns (out [B, T, D], updated (k, v) or None).
+          cache_start: [B] first valid slot per row (left padding). Or the layer's ``PagedKV``: the new keys and
+          values are written into the rows' pages, then one token per row attends through ``paged_attention`` and
+          a chunk through its pages gathered into a contiguous cache.
+        Returns (out [B, T, D], updated (k, v), or the updated ``PagedKV``, or None).
         """
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
@@ -66,7 +100,15 @@ class SoftmaxAttention(nnx.Module):
         # Under a mesh the kernel runs per device on its batch rows and heads (no-op without a mesh); the sequence-
         # sharded path below has its own shard_map.
         local = functools.partial(attention_batch_head_parallel, attention=attend)
-        if kv_cache is not None:
+        if isinstance(kv_cache, PagedKV):
+            new_cache = kv_cache.write(k, v)
+            if t == 1:
+                out = paged_attention(q[:, 0], new_cache.k_pages, new_cache.v_pages,
+                                      new_cache.lengths + new_cache.num_new, new_cache.layer_pages())[:, None]
+            else:
+                k_ctx, v_ctx = new_cache.gather()
+                out = local(q, k_ctx.astype(cdt), v_ctx.astype(cdt), _chunk_mask(new_cache.lengths, t, k_ctx.shape[1]))
+        elif kv_cache is not None:
             k_cache, v_cache = (jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, cache_index, 0, 0))
                                 for c, x in zip(kv_cache, (k, v)))
             new_cache = (k_cache, v_cache)
