@@ -121,7 +121,7 @@ class MiniMaxM1(nnx.Module):
                              f"{cfg.max_position_embeddings}")
         if isinstance(cache, PagedCache):
             if segment_ids is not None or positions is not None:
-                raise ValueError("a paged cache sets positions from its lengths; segment_ids and positions must be None")
+                raise ValueError("a paged cache sets positions from its lengths: give no segment_ids or positions")
             for name in ("slots", "lengths", "num_new"):
                 if getattr(cache, name).shape != (tokens.shape[0],):
                     raise ValueError(f"paged cache {name} must be [batch]=({tokens.shape[0]},); got "
