@@ -60,7 +60,8 @@ class HybridCache:
     def kv_bytes(self) -> int:
         return sum(e["k"].nbytes + e["v"].nbytes for e in self.layers if "k" in e)
 
-    def layer_values(self, entries: tuple) -> tuple:
+    @staticmethod
+    def layer_values(entries: tuple) -> tuple:
         """One repeat's entries -> what each layer takes: the state [B, H, Dk, Dv] or the (k, v) pair."""
         return tuple(e["state"] if "state" in e else (e["k"], e["v"]) for e in entries)
 

@@ -44,12 +44,21 @@ class ContinuousEngine(EngineLoop):
                          seed=config.seed)
         self.config = config
         self.device = DevicePrograms(graphdef, params, model_cfg, config)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: dict[str, Request] = {}
+        self._reset_bookkeeping()
+
+    def _recover(self) -> None:
+        """Fresh pools after a failed step (the step may have consumed the donated pools), and empty bookkeeping."""
+        self.device.reset_pools()
+        self._reset_bookkeeping()
+
+    def _reset_bookkeeping(self) -> None:
+        config = self.config
         self.pages = PagePool(config.total_pages)
         self.prefix_cache = PrefixCache(config.snapshot_interval, config.prefix_cache_bytes, self.device.page_bytes,
                                         self.device.snapshot_bytes, self.pages)
         self._free_slots = list(range(config.max_batch, 0, -1))  # slot 0 is scratch
-        self._waiting: collections.deque[Request] = collections.deque()
-        self._active: dict[str, Request] = {}
 
     def warmup(self) -> None:
         """Compile every bucketed program now (serving then compiles nothing)."""

@@ -57,6 +57,9 @@ class EngineLoop(Engine, abc.ABC):
     def _check_capacity(self, prompt: np.ndarray, params: SamplingParams) -> None:
         """Raise ValueError if this engine can never run the (already checked) request."""
 
+    def _recover(self) -> None:
+        """Make the engine usable again after a step failed (every request has been ended with an error)."""
+
     def _idle_timeout(self) -> float | None:
         """How long the thread may sleep when a step did nothing (None: until a request arrives)."""
         return None
@@ -166,6 +169,7 @@ class EngineLoop(Engine, abc.ABC):
             for request in list(self._live.values()):
                 self._release(request)
                 self._finish(request, "error", error=message)
+            self._recover()
 
     # ------------------------------------------------------------------------------------------------ events
     def _apply_cancels(self) -> None:

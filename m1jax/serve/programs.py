@@ -134,8 +134,14 @@ class DevicePrograms:
         self.model_cfg, self.config = model_cfg, config
         self.repeats = model_cfg.num_hidden_layers // model_cfg.layer_period
         self.kv_dtype = config.kv_dtype or model_cfg.compute_dtype
-        self.pools = PagedCache.init_pools(model_cfg, num_slots=config.max_batch + 1, num_pages=config.total_pages,
-                                           page_size=config.page_size, kv_dtype=self.kv_dtype)
+        self.pools = None
+        self.reset_pools()
+
+    def reset_pools(self) -> None:
+        self.pools = None  # the old pools go before the new ones are allocated
+        self.pools = PagedCache.init_pools(self.model_cfg, num_slots=self.config.max_batch + 1,
+                                           num_pages=self.config.total_pages, page_size=self.config.page_size,
+                                           kv_dtype=self.kv_dtype)
 
     # ---- sizes
     @property

@@ -141,6 +141,27 @@ def test_engine_thread_streams_to_threads_and_asyncio(split):
     assert handles[0].time_to_first_token_s > 0 and len(engine.stats()["itl_s"]) == 2 * (REFERENCE_NEW - 1)
 
 
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_recovers(split, monkeypatch):
+    prompts = random_prompts(6, (9, 15))
+    engine = make_engine(split)
+    decode = engine.device.decode
+
+    def fail_once(*args):
+        monkeypatch.setattr(engine.device, "decode", decode)
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.device, "decode", fail_once)
+    engine.start()
+    try:
+        failed = engine.submit(prompts[0], GREEDY).result()
+        assert failed.finish_reason == "error" and len(failed.token_ids) == 1  # the first token came from prefill
+        assert engine.stats()["free_slots"] == 4 and engine.stats()["free_pages"] == engine.pages.num_pages - 1
+        after = engine.submit(prompts[1], GREEDY).result()
+    finally:
+        engine.stop()
+    assert list(after.token_ids) == generate_greedy(split, prompts[1:])[0][0]
+
+
 def test_no_recompilation_once_every_bucket_is_compiled(split):
     """Several buckets of each kind (rows 1/2/4, chunks 4/8, contexts of 8/16 pages); after ``warmup`` a workload
     of mixed lengths, arrivals and sampling settings traces nothing."""
