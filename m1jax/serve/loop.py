@@ -159,17 +159,20 @@ class EngineLoop(Engine, abc.ABC):
                 busy = self.step()
             except Exception as e:  # noqa: BLE001  (a failed step ends the requests it touched, not the thread)
                 traceback.print_exc()
-                self._fail_all(f"{type(e).__name__}: {e}")
+                self._fail_running(f"{type(e).__name__}: {e}")
                 busy = False
             if not busy and not self._stopping:
                 self._wake.wait(self._idle_timeout())
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_running(self, message: str) -> None:
         with self._state_lock:
-            for request in list(self._live.values()):
+            with self._inbox_lock:  # requests submitted during the failed step were not part of it
+                failed = [r for r in self._live.values() if r not in self._inbox]
+            for request in failed:
                 self._release(request)
+            self._recover()  # before the streams end: a client that sees the error finds the engine usable
+            for request in failed:
                 self._finish(request, "error", error=message)
-            self._recover()
 
     # ------------------------------------------------------------------------------------------------ events
     def _apply_cancels(self) -> None:
