@@ -35,7 +35,8 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Sampling knobs as traced scalars (changing them does not recompile).
+    """Sampling knobs as traced values (changing them does not recompile): scalars for the whole batch, or [B] arrays
+    with one setting per row (``rows``; the serving engine batches requests with different settings).
 
     temperature 0 means greedy (argmax); top_k 0 disables top-k; top_p 1 disables nucleus filtering (``make``
     checks the domains).
@@ -60,11 +61,18 @@ class Sampling:
     def greedy(cls) -> "Sampling":
         return cls.make(temperature=0.0)
 
+    @classmethod
+    def rows(cls, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float]) -> "Sampling":
+        """One setting per row ([B] arrays), each checked as ``make`` checks it."""
+        checked = [cls.make(t, k, p) for t, k, p in zip(temperature, top_k, top_p, strict=True)]
+        return cls(*(jnp.stack(x) for x in zip(*((s.temperature, s.top_k, s.top_p) for s in checked))))
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StopRules:
-    """stop_tokens [S] int32 (-1 entries are unused slots: a fixed S keeps shapes static).
+    """stop_tokens [S] int32 (-1 entries are unused slots: a fixed S keeps shapes static), or [B, S] with
+    ``truncate_after`` and ``truncate_prob`` [B] for one rule per row (``rows``).
 
     Early truncation (M1's RL): a row stops once ``truncate_after`` consecutive sampled tokens each had model
     probability (temperature 1) above ``truncate_prob``; ``truncate_after = 0`` disables it.
@@ -87,6 +95,15 @@ class StopRules:
             raise ValueError(f"at most {slots} stop tokens (pass slots=...), got {len(ids)}")
         return cls(jnp.asarray(ids + [-1] * (slots - len(ids)), jnp.int32), jnp.int32(truncate_after),
                    jnp.float32(truncate_prob))
+
+    @classmethod
+    def rows(cls, stop_tokens: Sequence[Sequence[int]], truncate_after: Sequence[int],
+             truncate_prob: Sequence[float], slots: int = 8) -> "StopRules":
+        """One rule per row ([B, slots] stop tokens, [B] truncation settings), each checked as ``make`` checks it."""
+        checked = [cls.make(s, a, p, slots) for s, a, p in zip(stop_tokens, truncate_after, truncate_prob,
+                                                                strict=True)]
+        return cls(*(jnp.stack(x) for x in zip(*((r.stop_tokens, r.truncate_after, r.truncate_prob)
+                                                    for r in checked))))
 
 
 @jax.tree_util.register_dataclass
@@ -111,38 +128,56 @@ class GenerateOutput:
 
 
 # ------------------------------------------------------------------------------------------------ sampling
+def _column(x: jax.Array) -> jax.Array:
+    """A scalar knob or a [B] per-row knob as a column that broadcasts against [B, V]."""
+    return jnp.reshape(x, (-1, 1))
+
+
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     """logits [B, V] f32 -> logits / temperature with tokens outside top-k / top-p set to -inf.
 
-    One descending sort serves both filters (temperature does not change the order); the sort is skipped when
-    neither filter is on. Ties at a threshold are kept.
+    One descending sort serves both filters (temperature does not change the order); the sort is skipped when no
+    row filters. Ties at a threshold are kept. The knobs are scalars or [B] (``Sampling``).
     """
-    temperature = jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)
+    temperature = _column(jnp.where(sampling.temperature > 0, sampling.temperature, 1.0))
     scaled = logits / temperature
 
     def filtered(scaled):
         vocab = scaled.shape[-1]
         ranked = -jnp.sort(-scaled, axis=-1)  # [B, V] descending
-        k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, vocab), vocab)
+        k = _column(jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, vocab), vocab))
         ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
         probs = jax.nn.softmax(ranked, axis=-1)
         # keep the smallest prefix whose mass reaches top_p: token i stays if the mass before it is < top_p
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < _column(sampling.top_p)
         keep = keep.at[:, 0].set(True) & (jnp.arange(vocab) < k)
         threshold = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
-    active = (sampling.top_k > 0) | (sampling.top_p < 1)
+    active = jnp.any((sampling.top_k > 0) | (sampling.top_p < 1))
     return jax.lax.cond(active, filtered, lambda s: s, scaled)
+
+
+def _is_key_batch(key: jax.Array) -> bool:
+    """True for one PRNG key per row: typed keys [B], raw uint32 keys [B, 2]."""
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return key.ndim == (1 if typed else 2)
 
 
 def sample_tokens(key: jax.Array, logits: jax.Array, sampling: Sampling):
     """logits [B, V] f32 -> (tokens [B] int32, logp under the sampling distribution [B], raw-model logp [B],
-    raw-model max probability [B])."""
+    raw-model max probability [B]).
+
+    ``key`` is one PRNG key for the batch, or one per row ([B]: a row's draws then depend only on its own key, so a
+    request samples the same tokens whatever it is batched with). ``sampling`` knobs are scalars or [B].
+    """
     model_logp = jax.nn.log_softmax(logits, axis=-1)
     filtered = filter_logits(logits, sampling)
     greedy = sampling.temperature <= 0
-    sampled = jax.random.categorical(key, filtered, axis=-1)
+    if _is_key_batch(key):
+        sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row, axis=-1))(key, filtered)
+    else:
+        sampled = jax.random.categorical(key, filtered, axis=-1)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     sample_logp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)[:, 0]
     sample_logp = jnp.where(greedy, 0.0, sample_logp)
@@ -204,11 +239,13 @@ def update_stop_state(stop: StopRules, tokens, model_logp, done, run, reason):
     done [B] bool, run [B] int32 current run of confident tokens, reason [B] int32 -> (done, run, reason).
 
     M1's early truncation counts consecutive tokens whose model probability exceeds ``truncate_prob``; the row stops
-    on the token that makes the run ``truncate_after`` long. A stop token takes precedence over truncation.
+    on the token that makes the run ``truncate_after`` long. A stop token takes precedence over truncation. The
+    rules are the batch's or one per row (``StopRules``).
     """
     live = ~done
     run = jnp.where(jnp.exp(model_logp) > stop.truncate_prob, run + 1, 0)
-    is_stop = jnp.any(tokens[:, None] == stop.stop_tokens[None, :], axis=-1)
+    stop_tokens = stop.stop_tokens if stop.stop_tokens.ndim == 2 else stop.stop_tokens[None, :]
+    is_stop = jnp.any(tokens[:, None] == stop_tokens, axis=-1)
     is_trunc = (stop.truncate_after > 0) & (run >= stop.truncate_after)
     reason = jnp.where(live & is_stop, STOP_TOKEN, jnp.where(live & is_trunc, TRUNCATED, reason))
     return done | is_stop | is_trunc, run, reason

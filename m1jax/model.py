@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m1jax.cache import HybridCache
+from m1jax.cache import HybridCache, PagedCache
 from m1jax.config import ModelConfig
 from m1jax.layers.decoder import DecoderLayer
 from m1jax.layers.embed import Embed, LMHead, lm_logits
@@ -30,7 +30,7 @@ _ACTIVATION = ("batch", "length", "embed")
 class ModelOutput:
     logits: jax.Array | None       # [B, T, V] float32 (None from ``backbone``)
     aux_loss: jax.Array            # scalar: Switch load-balancing loss, unscaled (multiply by router_aux_loss_coef)
-    cache: HybridCache | None = None
+    cache: HybridCache | PagedCache | None = None
     hidden: jax.Array | None = None  # [B, T, D] final-norm output (``return_hidden=True``)
 
 
@@ -42,13 +42,14 @@ class Period(nnx.Module):
 
     def __call__(self, x, repeat_index, stats, *, positions, segment_ids, cache_layers, cache_index, cache_start,
                  valid, remat_layers: bool = False):
-        """remat_layers: each layer rematerialised (the backward keeps its input and recomputes it, one at a time)."""
+        """cache_layers: None, or per layer what it takes as its cache (``HybridCache.layer_values`` or
+        ``PagedCache.layer_values``); the layers' new cache values come back in the same order.
+        remat_layers: each layer rematerialised (the backward keeps its input and recomputes it, one at a time)."""
         period = len(self.layers)
-        new_entries = []
+        new_values = []
         f_sum, p_sum = stats
         for pos, layer in enumerate(self.layers):
-            entry = None if cache_layers is None else cache_layers[pos]
-            entry_value = None if entry is None else (entry["state"] if "state" in entry else (entry["k"], entry["v"]))
+            value = None if cache_layers is None else cache_layers[pos]
             layer_graph, layer_state = nnx.split(layer)
 
             def run_layer(state, x, layer_index, positions, segment_ids, cache, cache_index, cache_start, valid,
@@ -60,15 +61,13 @@ class Period(nnx.Module):
             if remat_layers:  # prevent_cse=True: with False, XLA hoisted all 8 layers' recomputations (see docs)
                 run_layer = jax.checkpoint(run_layer)
             x, router_logits, experts, new_value = run_layer(
-                layer_state, x, repeat_index * period + pos, positions, segment_ids, entry_value, cache_index,
+                layer_state, x, repeat_index * period + pos, positions, segment_ids, value, cache_index,
                 cache_start, valid)
             f, p = load_balancing_stats(router_logits, experts, layer.cfg.num_local_experts,
                                         None if valid is None else valid.reshape(-1))
             f_sum, p_sum = f_sum + f, p_sum + p
-            if entry is not None:
-                new_entries.append({"state": new_value} if "state" in entry else {"k": new_value[0],
-                                                                                  "v": new_value[1]})
-        return x, (f_sum, p_sum), (None if cache_layers is None else tuple(new_entries))
+            new_values.append(new_value)
+        return x, (f_sum, p_sum), (None if cache_layers is None else tuple(new_values))
 
 
 def _document_positions(segment_ids: jax.Array) -> jax.Array:
@@ -120,7 +119,14 @@ class MiniMaxM1(nnx.Module):
         elif positions is None and cache is None and tokens.shape[1] > cfg.max_position_embeddings:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
-        if cache is not None:
+        if isinstance(cache, PagedCache):
+            if segment_ids is not None or positions is not None:
+                raise ValueError("a paged cache sets positions from its lengths: give no segment_ids or positions")
+            for name in ("slots", "lengths", "num_new"):
+                if getattr(cache, name).shape != (tokens.shape[0],):
+                    raise ValueError(f"paged cache {name} must be [batch]=({tokens.shape[0]},); got "
+                                     f"{getattr(cache, name).shape}")
+        elif cache is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids cannot be combined with a cache: left-pad the batch and set cache.start")
             if cache.start.shape != (tokens.shape[0],):
@@ -132,14 +138,22 @@ class MiniMaxM1(nnx.Module):
                                  f"cache length {max_len}")
 
     # ------------------------------------------------------------------------------------------------ forward
-    def backbone(self, tokens, positions=None, segment_ids=None, cache: HybridCache | None = None):
-        """tokens [B, T] -> ModelOutput(logits=None, aux_loss, cache, hidden=[B, T, D] after the final norm)."""
+    def backbone(self, tokens, positions=None, segment_ids=None, cache: HybridCache | PagedCache | None = None):
+        """tokens [B, T] -> ModelOutput(logits=None, aux_loss, cache, hidden=[B, T, D] after the final norm).
+
+        With a ``PagedCache``, row b's tokens sit at positions lengths[b] .. (its pools are threaded through the
+        layer scan as carried state, updated in place; ``HybridCache`` entries are scanned per repeat)."""
         cfg = self.cfg
         self._check_inputs(tokens, positions, segment_ids, cache)
         b, t = tokens.shape
         cdt = jnp.dtype(cfg.compute_dtype)
         valid = cache_index = cache_start = cache_layers = None
-        if cache is not None:
+        paged = isinstance(cache, PagedCache)
+        if paged:
+            steps = jnp.arange(t, dtype=jnp.int32)[None]
+            positions = cache.lengths[:, None] + steps
+            valid = steps < cache.num_new[:, None]
+        elif cache is not None:
             cache_index, cache_start, cache_layers = cache.index, cache.start, cache.layers
             slots = cache.index + jnp.arange(t, dtype=jnp.int32)[None]
             valid = slots >= cache.start[:, None]
@@ -156,13 +170,21 @@ class MiniMaxM1(nnx.Module):
         repeats = cfg.num_hidden_layers // cfg.layer_period
 
         def run_period(carry, xs):
-            x, stats = carry
+            x, stats, pools = carry
             state, r, layers = xs
             period = nnx.merge(graphdef, state)
-            x, stats, new_layers = period(x, r, stats, positions=positions, segment_ids=segment_ids,
-                                          cache_layers=layers, cache_index=cache_index, cache_start=cache_start,
+            if paged:
+                values = cache.layer_values(pools, r)
+            else:
+                values = None if layers is None else cache.layer_values(layers)
+            x, stats, new_values = period(x, r, stats, positions=positions, segment_ids=segment_ids,
+                                          cache_layers=values, cache_index=cache_index, cache_start=cache_start,
                                           valid=valid, remat_layers=remat_layers)
-            return (constrain(x, _ACTIVATION), stats), new_layers
+            if paged:
+                pools, new_layers = PagedCache.pools_from(new_values), None
+            else:
+                new_layers = None if layers is None else HybridCache.entries_from(new_values)
+            return (constrain(x, _ACTIVATION), stats, pools), new_layers
 
         # remat_granularity: "period" checkpoints the scanned period (its backward recomputes and holds all of its
         # layers), "layer" each layer (the scan keeps every layer's input), "nested" both (one input per period
@@ -171,18 +193,21 @@ class MiniMaxM1(nnx.Module):
         if cfg.remat and cfg.remat_granularity in ("period", "nested"):
             run_period = jax.checkpoint(run_period, prevent_cse=False)
         xs = (period_state, jnp.arange(repeats, dtype=jnp.int32), cache_layers)
+        carry = (x, stats0, cache.layers if paged else None)
         if cfg.scan_layers:
-            (x, stats), new_layers = jax.lax.scan(run_period, (x, stats0), xs)
+            (x, stats, pools), new_layers = jax.lax.scan(run_period, carry, xs)
         else:
-            carry, outs = (x, stats0), []
+            outs = []
             for r in range(repeats):
                 carry, out = run_period(carry, jax.tree_util.tree_map(lambda a: a[r], xs))
                 outs.append(out)
-            (x, stats) = carry
-            new_layers = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+            (x, stats, pools) = carry
+            new_layers = None if cache_layers is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
         aux = aux_loss_from_stats(*stats, cfg.num_hidden_layers, e)
         new_cache = None
-        if cache is not None:
+        if paged:
+            new_cache = dataclasses.replace(cache, layers=pools)
+        elif cache is not None:
             new_cache = HybridCache(layers=tuple(new_layers), index=cache.index + t, start=cache.start)
         return ModelOutput(logits=None, aux_loss=aux, cache=new_cache, hidden=constrain(self.norm(x), _ACTIVATION))
 
@@ -193,7 +218,7 @@ class MiniMaxM1(nnx.Module):
                            precision=self.cfg.lm_head_precision)
         return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: HybridCache | None = None,
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: HybridCache | PagedCache | None = None,
                  return_hidden: bool = False) -> ModelOutput:
         out = self.backbone(tokens, positions, segment_ids, cache)
         return ModelOutput(logits=self.logits(out.hidden), aux_loss=out.aux_loss, cache=out.cache,

@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m1jax.cache import PagedKV
 from m1jax.config import ModelConfig
 from m1jax.layers.common import matmul, param, param_value
 from pallas_kernels.attention import Mask, attention
+from pallas_kernels.attention.paged import paged_attention
 from sharding.kernel_parallel import attention_batch_head_parallel
 from sharding.sequence_parallel import attention_sequence_parallel, sequence_shards
 
@@ -33,8 +35,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float
     return rotated.astype(x.dtype)
 
 
+def _chunk_mask(lengths: jax.Array, t: int, s: int) -> Mask:
+    """Queries at positions lengths[b] .. lengths[b] + t - 1 against s cache slots. One row is a KV-cache mask (which
+    the fused kernels take); several rows at different positions need the general slot mask."""
+    if lengths.shape[0] == 1:
+        return Mask.cache(lengths[0], t, s, jnp.zeros((1,), jnp.int32))
+    b = lengths.shape[0]
+    q_slot = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    return Mask(q_slot, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s)))
+
+
 class SoftmaxAttention(nnx.Module):
-    """h [B, T, D] -> [B, T, D]; optional KV cache (k, v: [B, S, Hkv, Dh]) written at slots index .. index+T-1."""
+    """h [B, T, D] -> [B, T, D]; optional KV cache (k, v: [B, S, Hkv, Dh]) written at slots index .. index+T-1, or a
+    paged cache (``PagedKV``)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -49,8 +62,10 @@ class SoftmaxAttention(nnx.Module):
         """Args:
           h: [B, T, D]; positions: [B, T] RoPE positions; segment_ids: [B, T] or None (no cache).
           kv_cache: (k, v) each [B, S, Hkv, Dh] or None; cache_index: int32 scalar slot of the first new token;
-          cache_start: [B] first valid slot per row (left padding).
-        Returns (out [B, T, D], updated (k, v) or None).
+          cache_start: [B] first valid slot per row (left padding). Or the layer's ``PagedKV``: the new keys and
+          values are written into the rows' pages, then one token per row attends through ``paged_attention`` and
+          a chunk through its pages gathered into a contiguous cache.
+        Returns (out [B, T, D], updated (k, v), or the updated ``PagedKV``, or None).
         """
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
@@ -66,7 +81,15 @@ class SoftmaxAttention(nnx.Module):
         # Under a mesh the kernel runs per device on its batch rows and heads (no-op without a mesh); the sequence-
         # sharded path below has its own shard_map.
         local = functools.partial(attention_batch_head_parallel, attention=attend)
-        if kv_cache is not None:
+        if isinstance(kv_cache, PagedKV):
+            new_cache = kv_cache.write(k, v)
+            if t == 1:
+                out = paged_attention(q[:, 0], new_cache.k_pages, new_cache.v_pages,
+                                      new_cache.lengths + new_cache.num_new, new_cache.layer_pages())[:, None]
+            else:
+                k_ctx, v_ctx = new_cache.gather()
+                out = local(q, k_ctx.astype(cdt), v_ctx.astype(cdt), _chunk_mask(new_cache.lengths, t, k_ctx.shape[1]))
+        elif kv_cache is not None:
             k_cache, v_cache = (jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, cache_index, 0, 0))
                                 for c, x in zip(kv_cache, (k, v)))
             new_cache = (k_cache, v_cache)

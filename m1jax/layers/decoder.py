@@ -35,7 +35,9 @@ class DecoderLayer(nnx.Module):
                  cache_start=None, valid=None):
         """Returns (x, router_logits [B*T, E], experts [B*T, k], new cache entry or None).
 
-        ``cache`` is this layer's entry: the fp32 state [B, H, Dk, Dv] (lightning) or (k, v) (softmax).
+        ``cache`` is this layer's entry: the fp32 state [B, H, Dk, Dv] (lightning) or (k, v) (softmax) of a
+        ``HybridCache``, or the layer's view of a ``PagedCache`` (``LightningSlots`` / ``PagedKV``), which the
+        attention modules dispatch on.
         """
         h = self.input_layernorm(x)
         if self.layer_type == LIGHTNING:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m1jax.cache import LightningSlots
 from m1jax.config import ModelConfig
 from m1jax.layers.common import matmul, param, param_value
 from m1jax.layers.norms import RMSNorm
@@ -61,10 +62,15 @@ class LightningAttention(nnx.Module):
           h: [B, T, D] normalised layer input (compute dtype).
           layer_index: global layer index (int or traced scalar).
           segment_ids: [B, T] packed-document ids (state resets at changes), or None.
-          state: [B, H, Dk, Dv] fp32 state before the first token (decoding); the new state is returned.
+          state: [B, H, Dk, Dv] fp32 state before the first token (decoding); the new state is returned. Or the
+            layer's ``LightningSlots`` of a paged cache: the rows' states are read from their slots, their first
+            ``num_new`` tokens are real (the rest right padding), and the pool with the new states is returned.
           valid: [B, T] bool; False tokens (left padding) contribute nothing to the state.
-        Returns (out [B, T, D], new state or None).
+        Returns (out [B, T, D], new state, or the updated ``LightningSlots``, or None).
         """
+        slots = state if isinstance(state, LightningSlots) else None
+        if slots is not None:
+            state = slots.read()
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
         b, t, _ = h.shape
@@ -91,4 +97,26 @@ class LightningAttention(nnx.Module):
         o = self.norm(o.reshape(b, t, heads * hd).astype(jnp.float32))  # one norm over all heads, eps 1e-6
         gate = jax.nn.sigmoid(matmul(h, param_value(self.output_gate, cdt), cdt, jnp.float32))
         out = matmul((gate * o).astype(cdt), param_value(self.out_proj, cdt), cdt)
+        if slots is not None:
+            # Right padding would decay the kernel's final state past the last real token: recompute it per row.
+            # (Decode rows feed one real token, or none: then the state stays.)
+            new_state = (state_after(state, k, v, decay, slots.num_new) if t > 1
+                         else jnp.where((slots.num_new > 0)[:, None, None, None], new_state, state))
+            return out, slots.write(new_state)
         return out, (new_state if state is not None else None)
+
+
+def state_after(state: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array, num_new: jax.Array) -> jax.Array:
+    """The state after each row's first ``num_new[b]`` tokens (docs/model.md §3.4 with m = num_new[b]):
+    ``lambda^m S + sum_{j<m} lambda^(m-1-j) k_j^T v_j``.
+
+    state [B, H, Dk, Dv] f32 before the chunk; k [B, T, H, Dk], v [B, T, H, Dv]; decay [H] rates; num_new [B] int.
+    The tokens past num_new (right padding) are ignored whatever they hold. Exact fp32 products.
+    """
+    t = k.shape[1]
+    m = num_new.astype(jnp.float32)[:, None]  # [B, 1]
+    age = m - 1.0 - jnp.arange(t, dtype=jnp.float32)[None]  # [B, T]: decay steps from token j to the last real one
+    weight = jnp.where((age >= 0)[..., None], jnp.exp(-decay[None, None] * jnp.maximum(age, 0.0)[..., None]), 0.0)
+    k_scaled = k.astype(jnp.float32) * weight[..., None]  # [B, T, H, Dk]
+    added = jnp.einsum("bthk,bthv->bhkv", k_scaled, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return jnp.exp(-decay[None] * m)[:, :, None, None] * state + added

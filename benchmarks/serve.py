@@ -1,0 +1,336 @@
+"""Serving: the continuous-batching engine against static batches of m1jax.generate, the prefix cache, and the
+paged decode step against the memory-traffic floor.
+
+    python -m benchmarks.serve --out=/tmp/serve.json      # the full plan: m1-1b, bf16, one GPU (~6-8 minutes)
+    python -m benchmarks.serve --smoke --out=/tmp/s.json  # tiny scale on CPU (the test suite runs this)
+
+Parts (``--parts``; each records its numbers or its error, and the run goes on):
+* workload: the same requests (Poisson arrivals at --rate, prompt lengths log-uniform in [--prompt_min,
+  --prompt_max], output lengths uniform in [--output_min, --output_max], greedy, no stop tokens) through the
+  continuous engine and the static engine (batches of --static_batch, padded to the longest prompt and output
+  allowed). Per engine: output tokens/s over the run, TTFT, inter-token latency and end-to-end latency percentiles
+  measured by the client (time stamps of streamed events). The static engine streams a batch's tokens when the batch
+  ends, so its inter-token latency is not meaningful (n/a). Both engines compile everything before the clock starts
+  (``ContinuousEngine.warmup``, one batch for the static engine).
+* prefix: TTFT of a request whose first --prefix_tokens tokens an earlier request shared (warm) against a request
+  with a new prefix of that length (cold), on an idle engine whose programs are compiled (by a cold and a warm
+  request on another prefix first); target >= 10x.
+* decode: one engine decode step at --decode_batch rows of --decode_context tokens each (pools filled with a
+  constant), against the time to read the KV cache, the lightning states (read and written) and the weights without
+  the embedding table once, at the copy bandwidth measured in the same run and at the card's nominal bandwidth
+  (--nominal_bandwidth_gbs); target within 2x.
+A table is printed last; --out gets the JSON (rewritten after every part).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import time
+import traceback
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("smoke", False, "Tiny model and sizes (CPU); overrides the size flags.")
+flags.DEFINE_string("preset", "m1-1b", "Model preset.")
+flags.DEFINE_list("parts", ["workload", "prefix", "decode"], "What to run.")
+flags.DEFINE_integer("requests", 192, "Requests in the workload.")
+flags.DEFINE_float("rate", 16.0, "Poisson arrival rate of the workload (requests/s).")
+flags.DEFINE_integer("prompt_min", 128, "Shortest workload prompt.")
+flags.DEFINE_integer("prompt_max", 4096, "Longest workload prompt.")
+flags.DEFINE_integer("output_min", 32, "Shortest workload output.")
+flags.DEFINE_integer("output_max", 512, "Longest workload output.")
+flags.DEFINE_integer("max_batch", 64, "Continuous engine: sequence slots.")
+flags.DEFINE_integer("page_size", 128, "Continuous engine: tokens per KV page.")
+flags.DEFINE_integer("chunk", 512, "Prefill chunk of both engines in the workload.")
+flags.DEFINE_integer("min_decode_rows", 16, "Continuous engine: smallest decode row bucket.")
+flags.DEFINE_integer("static_batch", 64, "Static engine: rows per batch.")
+flags.DEFINE_float("static_timeout", 1.0, "Static engine: run a partial batch after this many seconds.")
+flags.DEFINE_integer("prefix_tokens", 32768, "Shared prefix length of the prefix-cache measurement.")
+flags.DEFINE_integer("prefix_suffix", 64, "Tokens after the shared prefix.")
+flags.DEFINE_integer("prefix_chunk", 2048, "Prefill chunk (and snapshot interval) of the prefix measurement.")
+flags.DEFINE_integer("decode_batch", 64, "Rows of the decode-step measurement.")
+flags.DEFINE_integer("decode_context", 131072, "Tokens per row of the decode-step measurement.")
+flags.DEFINE_integer("decode_reps", 20, "Timed decode steps.")
+flags.DEFINE_float("nominal_bandwidth_gbs", 4800.0, "The card's HBM bandwidth (H200: 4.8 TB/s).")
+flags.DEFINE_integer("seed", 0, "Workload seed.")
+flags.DEFINE_string("out", None, "JSON output path.")
+
+SMOKE = dict(preset="tiny", requests=6, rate=50.0, prompt_min=4, prompt_max=40, output_min=2, output_max=8,
+             max_batch=4, page_size=8, chunk=16, min_decode_rows=4, static_batch=4, static_timeout=0.05,
+             prefix_tokens=64, prefix_suffix=8, prefix_chunk=16, decode_batch=4, decode_context=256, decode_reps=2)
+
+
+def _settings() -> dict:
+    names = ["preset", "parts", "requests", "rate", "prompt_min", "prompt_max", "output_min", "output_max",
+             "max_batch", "page_size", "chunk", "min_decode_rows", "static_batch", "static_timeout", "prefix_tokens",
+             "prefix_suffix", "prefix_chunk", "decode_batch", "decode_context", "decode_reps", "nominal_bandwidth_gbs",
+             "seed"]
+    s = {n: FLAGS[n].value for n in names}
+    if FLAGS.smoke:
+        s.update(SMOKE)
+    return s
+
+
+def _model(s):
+    from flax import nnx
+
+    from m1jax.config import ModelConfig
+    from m1jax.model import init_model
+    cfg = ModelConfig.preset(s["preset"], compute_dtype="bfloat16", param_dtype="bfloat16")
+    return cfg, nnx.split(init_model(cfg, seed=0))
+
+
+def _percentiles(values) -> dict:
+    if not len(values):
+        return {}
+    v = np.asarray(values) * 1e3
+    return {f"p{q}_ms": float(np.percentile(v, q)) for q in (50, 90, 99)}
+
+
+# ------------------------------------------------------------------------------------------------ workload
+def _workload(s, cfg):
+    """[(arrival offset s, prompt ids, max_tokens)] for the Poisson workload."""
+    rng = np.random.default_rng(s["seed"])
+    arrivals = np.cumsum(rng.exponential(1.0 / s["rate"], s["requests"]))
+    lengths = np.exp(rng.uniform(np.log(s["prompt_min"]), np.log(s["prompt_max"]), s["requests"])).astype(int)
+    outputs = rng.integers(s["output_min"], s["output_max"] + 1, s["requests"])
+    return [(float(t), rng.integers(0, cfg.vocab_size, int(n)).tolist(), int(m))
+            for t, n, m in zip(arrivals, lengths, outputs)]
+
+
+async def _drive(engine, requests):
+    """Submit at the arrival times, time-stamp every streamed event -> per-request records."""
+    from m1jax.serve.types import SamplingParams
+    start = time.perf_counter()
+
+    async def one(arrival, prompt, max_tokens):
+        await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
+        submitted = time.perf_counter()
+        handle = engine.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        stamps = [time.perf_counter() async for event in handle.stream() if event.token_id is not None]
+        return {"submitted": submitted, "stamps": stamps, "cached": handle.cached_prompt_tokens}
+
+    return await asyncio.gather(*(one(*r) for r in requests))
+
+
+def _summarise_run(records, streamed: bool) -> dict:
+    first = min(r["submitted"] for r in records)
+    last = max(r["stamps"][-1] for r in records)
+    tokens = sum(len(r["stamps"]) for r in records)
+    itl = [b - a for r in records for a, b in zip(r["stamps"], r["stamps"][1:])]
+    return {"requests": len(records), "output_tokens": tokens, "wall_s": last - first,
+            "output_tokens_per_s": tokens / (last - first),
+            "ttft": _percentiles([r["stamps"][0] - r["submitted"] for r in records]),
+            "itl": _percentiles(itl) if streamed else "n/a (a batch's tokens arrive together)",
+            "e2e": _percentiles([r["stamps"][-1] - r["submitted"] for r in records])}
+
+
+def _run_engine(engine, requests, streamed):
+    engine.start()
+    try:
+        records = asyncio.run(_drive(engine, requests))
+    finally:
+        engine.stop()
+    return _summarise_run(records, streamed)
+
+
+def part_workload(s, cfg, split, results):
+    from m1jax.serve.config import EngineConfig
+    from m1jax.serve.engine import ContinuousEngine
+    from m1jax import generate as gen
+    from m1jax.serve.static import StaticEngine, StaticEngineConfig
+    requests = _workload(s, cfg)
+    context = s["prompt_max"] + s["output_max"]
+    results["workload"] = {"prompt_tokens": sum(len(p) for _, p, _ in requests),
+                           "max_output_tokens": sum(m for _, _, m in requests)}
+    config = EngineConfig(max_batch=s["max_batch"], max_context=context, page_size=s["page_size"],
+                          chunk_size=s["chunk"], token_budget=s["max_batch"] + 2 * s["chunk"],
+                          snapshot_interval=s["chunk"] * 4, min_decode_rows=s["min_decode_rows"],
+                          min_chunk=s["chunk"], min_context_bucket=context)
+    engine = ContinuousEngine(split, config)
+    t0 = time.perf_counter()
+    engine.warmup()
+    results["workload"]["continuous_compile_s"] = time.perf_counter() - t0
+    results["workload"]["continuous"] = _run_engine(engine, requests, streamed=True)
+    results["workload"]["continuous"]["prefilled_tokens"] = engine.stats()["prefilled_tokens"]
+    del engine
+    _save(results)
+
+    # One decode-length bucket (the static engine rounds max_tokens up to a power of two, at least this), and one
+    # warm-up batch per prompt bucket of the workload, so that no compilation falls inside the measured run.
+    new_bucket = 1 << (s["output_max"] - 1).bit_length()
+    static = StaticEngine(split, StaticEngineConfig(max_batch_size=s["static_batch"],
+                                                    batch_timeout_s=s["static_timeout"], chunk_size=s["chunk"],
+                                                    min_new_tokens_bucket=new_bucket))
+    t0 = time.perf_counter()
+    for length in sorted({gen.bucket_length(len(p), s["chunk"]) for _, p, _ in requests}):
+        _run_engine(static, [(0.0, [1] * length, s["output_max"])] * s["static_batch"], streamed=False)
+    results["workload"]["static_compile_s"] = time.perf_counter() - t0
+    results["workload"]["static"] = _run_engine(static, requests, streamed=False)
+
+
+# ------------------------------------------------------------------------------------------------ prefix
+def part_prefix(s, cfg, split, results):
+    from m1jax.serve.config import EngineConfig
+    from m1jax.serve.engine import ContinuousEngine
+    from m1jax.serve.types import SamplingParams
+    n, chunk, suffix = s["prefix_tokens"], s["prefix_chunk"], s["prefix_suffix"]
+    context = n + suffix + 16
+    engine = ContinuousEngine(split, EngineConfig(
+        max_batch=2, max_context=context, page_size=s["page_size"], chunk_size=chunk, token_budget=2 + chunk,
+        snapshot_interval=chunk, min_chunk=min(64, chunk), min_context_bucket=context))
+    rng = np.random.default_rng(s["seed"] + 1)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+
+    def ttft(prompt):
+        handle = engine.submit(prompt, params)
+        t0 = time.perf_counter()
+        engine.run_until_idle()
+        handle.result()
+        return handle.time_to_first_token_s, handle.cached_prompt_tokens, time.perf_counter() - t0
+
+    def prompt(prefix):
+        return prefix + rng.integers(0, cfg.vocab_size, suffix).tolist()
+
+    t0 = time.perf_counter()
+    first = rng.integers(0, cfg.vocab_size, n).tolist()
+    ttft(prompt(first))  # compiles the cold path's programs
+    ttft(prompt(first))  # and the warm path's (restoring a snapshot)
+    compile_s = time.perf_counter() - t0
+    shared = rng.integers(0, cfg.vocab_size, n).tolist()
+    cold, cold_cached, _ = ttft(prompt(shared))
+    before = engine.stats()["prefilled_tokens"]
+    warm, warm_cached, _ = ttft(prompt(shared))
+    results["prefix"] = {"prefix_tokens": n, "suffix_tokens": suffix, "chunk": chunk, "first_run_s": compile_s,
+                         "cold_ttft_ms": 1e3 * cold, "warm_ttft_ms": 1e3 * warm, "speedup": cold / warm,
+                         "cold_cached_tokens": cold_cached, "warm_cached_tokens": warm_cached,
+                         "warm_prefilled_tokens": engine.stats()["prefilled_tokens"] - before,
+                         "prefix_cache_bytes": engine.stats()["prefix_cache_bytes"]}
+
+
+# ------------------------------------------------------------------------------------------------ decode
+def _copy_bandwidth_gbs() -> float:
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((256 * 2 ** 20,), jnp.float32)  # 1 GiB
+    f = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    return 2 * x.nbytes / min(times) / 1e9
+
+
+def part_decode(s, cfg, split, results):
+    import jax
+    import jax.numpy as jnp
+
+    from m1jax.serve.config import EngineConfig
+    from m1jax.serve.programs import DevicePrograms, row_settings
+    batch, context = s["decode_batch"], s["decode_context"]
+    config = EngineConfig(max_batch=batch, max_context=context + s["page_size"], page_size=s["page_size"],
+                          min_decode_rows=batch, min_context_bucket=context + s["page_size"],
+                          token_budget=batch + 512)
+    device = DevicePrograms(*split, cfg, config)
+    device.pools = jax.tree_util.tree_map(lambda a: jnp.full_like(a, 0.01), device.pools)
+    per_seq = config.pages_per_sequence
+    pages = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, batch).tolist()  # distinct tokens: the rows spread over the experts
+    rows = row_settings([], batch, config.max_stop_tokens)
+    args = (tokens, list(range(1, batch + 1)), pages, [context] * batch, rows)
+    t0 = time.perf_counter()
+    device.decode(*args)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(s["decode_reps"]):
+        t0 = time.perf_counter()
+        device.decode(*args)
+        times.append(time.perf_counter() - t0)
+    step = float(np.median(times))
+    embedding = cfg.vocab_size * cfg.hidden_size
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(split[1])) - embedding * 2
+    kv_bytes = sum(2 * cfg.num_key_value_heads * cfg.head_dim * 2 for t in cfg.layer_types if t == "softmax")
+    kv_bytes *= batch * context
+    state_bytes = 2 * batch * device.snapshot_bytes
+    floor = weight_bytes + kv_bytes + state_bytes
+    bandwidth = _copy_bandwidth_gbs()
+    results["decode"] = {"batch": batch, "context": context, "step_ms": 1e3 * step, "first_call_s": compile_s,
+                         "kv_bytes": kv_bytes, "weight_bytes": weight_bytes, "lightning_state_bytes": state_bytes,
+                         "copy_bandwidth_gbs": bandwidth,
+                         "floor_ms_measured_bw": 1e3 * floor / (bandwidth * 1e9),
+                         "floor_ms_nominal_bw": 1e3 * floor / (s["nominal_bandwidth_gbs"] * 1e9)}
+    results["decode"]["ratio_to_floor"] = results["decode"]["step_ms"] / results["decode"]["floor_ms_measured_bw"]
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _save(results):
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+def _table(results) -> str:
+    lines = [f"serving benchmark: {results['settings']['preset']} bf16 on {results['device_kind']}"]
+    w = results.get("workload", {})
+    for name in ("continuous", "static"):
+        r = w.get(name)
+        if isinstance(r, dict):
+            itl = r["itl"].get("p50_ms") if isinstance(r["itl"], dict) else None
+            lines.append(f"  {name:10s} {r['output_tokens_per_s']:9.1f} tok/s  TTFT p50/p90/p99 "
+                         f"{r['ttft']['p50_ms']:.0f}/{r['ttft']['p90_ms']:.0f}/{r['ttft']['p99_ms']:.0f} ms  "
+                         f"ITL p50 {'n/a' if itl is None else f'{itl:.1f} ms'}  "
+                         f"e2e p50 {r['e2e']['p50_ms']:.0f} ms")
+    if isinstance(w.get("continuous"), dict) and isinstance(w.get("static"), dict):
+        lines.append(f"  throughput continuous/static: "
+                     f"{w['continuous']['output_tokens_per_s'] / w['static']['output_tokens_per_s']:.2f}x")
+    p = results.get("prefix")
+    if isinstance(p, dict) and "speedup" in p:
+        lines.append(f"  prefix {p['prefix_tokens']} tokens: TTFT cold {p['cold_ttft_ms']:.1f} ms, warm "
+                     f"{p['warm_ttft_ms']:.1f} ms ({p['speedup']:.1f}x, target >= 10x; warm prefilled "
+                     f"{p['warm_prefilled_tokens']} tokens)")
+    d = results.get("decode")
+    if isinstance(d, dict) and "step_ms" in d:
+        lines.append(f"  decode step {d['batch']} x {d['context']}: {d['step_ms']:.2f} ms; floor "
+                     f"{d['floor_ms_measured_bw']:.2f} ms at {d['copy_bandwidth_gbs']:.0f} GB/s "
+                     f"({d['ratio_to_floor']:.2f}x, target <= 2x; {d['floor_ms_nominal_bw']:.2f} ms at nominal)")
+    for part in results["settings"]["parts"]:
+        if isinstance(results.get(part), dict) and "error" in results[part]:
+            lines.append(f"  {part}: {results[part]['error']}")
+    return "\n".join(lines)
+
+
+PARTS = {"workload": part_workload, "prefix": part_prefix, "decode": part_decode}
+
+
+def main(argv):
+    del argv
+    import jax
+    s = _settings()
+    unknown = set(s["parts"]) - set(PARTS)
+    if unknown:
+        raise app.UsageError(f"unknown parts {sorted(unknown)}; choose from {sorted(PARTS)}")
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "jax": jax.__version__,
+               "device_kind": jax.devices()[0].device_kind, "python": platform.python_version(), "settings": s}
+    t0 = time.perf_counter()
+    cfg, split = _model(s)
+    results["model_init_s"] = time.perf_counter() - t0
+    for name in s["parts"]:
+        t0 = time.perf_counter()
+        try:
+            PARTS[name](s, cfg, split, results)
+        except Exception as e:  # record and go on (out of memory, say)
+            results[name] = {**results.get(name, {}), "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            traceback.print_exc()
+        print(f"{name}: {time.perf_counter() - t0:.1f}s {json.dumps(results.get(name))}", flush=True)
+        _save(results)
+    print(_table(results))
+
+
+if __name__ == "__main__":
+    app.run(main)

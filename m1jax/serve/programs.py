@@ -1,0 +1,264 @@
+"""The continuous engine's device side: the paged pools and the jitted programs that run on them.
+
+Programs (each jitted once per bucketed shape; ``TRACE_COUNTS`` counts traces, so tests can see that a steady
+state compiles nothing):
+* ``prefill``: one prompt chunk [1, L] (L a chunk bucket, right-padded) -> next-token logits after its last real
+  token; writes the chunk's keys and values into the sequence's pages and its lightning state into its slot.
+* ``decode``: one token for each of R rows (R a row bucket; padding rows use scratch slot 0 and page 0), then per-row
+  sampling and stop rules (``m1jax.generate``'s functions with per-row settings and keys).
+* ``sample``: the first token of a request from its last prefill logits (the same sampling code).
+* ``snapshot`` / ``restore``: a slot's lightning states out to the prefix cache and back into a slot.
+* ``copy_page``: copy-on-write of a partly filled shared page, in every softmax layer.
+The page-table width of a call is a context bucket (a power of two of pages), so short sequences do not gather pages
+for the longest context. The pools are donated to every program that writes them: XLA updates them in place.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m1jax.cache import PagedCache
+from m1jax.config import ModelConfig
+from m1jax.generate import Sampling, StopRules, sample_tokens, update_stop_state
+from m1jax.serve.config import EngineConfig
+
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def power_of_two_bucket(n: int, low: int, high: int) -> int:
+    """The smallest power of two >= n, clipped to [low, high] (n <= high)."""
+    return min(high, max(low, 1 << max(n - 1, 0).bit_length()))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+    """Per-row sampling and stop settings of a call ([R] arrays; stop tokens [R, S]).
+
+    seeds: each request's seed; counters: tokens it generated before this one (the key of a row's draw is
+    fold_in(key(seed), counter), so a request's samples do not depend on what it is batched with); run: its current
+    run of confident tokens (M1's truncation).
+    """
+    sampling: Sampling
+    stop: StopRules
+    seeds: jax.Array
+    counters: jax.Array
+    run: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    """Per-row outputs of a sampling step: tokens [R] int32, model_logprobs [R] (raw model, temperature 1), done
+    [R] bool (stop token or truncation), run [R] int32, stop_reason [R] int32 (``m1jax.generate``'s codes)."""
+    tokens: jax.Array
+    model_logprobs: jax.Array
+    done: jax.Array
+    run: jax.Array
+    stop_reason: jax.Array
+
+
+def sample_rows(logits: jax.Array, rows: RowSettings) -> Sampled:
+    """logits [R, V] f32 -> one token per row with its own settings and key, and the stop rules applied."""
+    keys = jax.vmap(lambda seed, counter: jax.random.fold_in(jax.random.key(seed), counter))(rows.seeds,
+                                                                                            rows.counters)
+    tokens, _, model_logp, _ = sample_tokens(keys, logits, rows.sampling)
+    zeros = jnp.zeros_like(rows.run)
+    done, run, reason = update_stop_state(rows.stop, tokens, model_logp, jnp.zeros(zeros.shape, bool), rows.run, zeros)
+    return Sampled(tokens, model_logp, done, run, reason)
+
+
+def _prefill(graphdef, params, pools, tokens, slots, page_table, lengths, num_new, repeats):
+    TRACE_COUNTS["prefill"] += 1
+    model = nnx.merge(graphdef, params)
+    cache = PagedCache(pools, slots, page_table, lengths, num_new, repeats)
+    out = model.backbone(tokens, cache=cache)
+    last = jnp.take_along_axis(out.hidden, (num_new - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    return model.logits(last), out.cache.layers
+
+
+def _decode(graphdef, params, pools, tokens, slots, page_table, lengths, rows, repeats):
+    TRACE_COUNTS["decode"] += 1
+    model = nnx.merge(graphdef, params)
+    cache = PagedCache(pools, slots, page_table, lengths, jnp.ones_like(lengths), repeats)
+    out = model.backbone(tokens[:, None], cache=cache)
+    return sample_rows(model.logits(out.hidden[:, 0]), rows), out.cache.layers
+
+
+def _sample(logits, rows):
+    TRACE_COUNTS["sample"] += 1
+    return sample_rows(logits, rows)
+
+
+def _snapshot(pools, slot):
+    TRACE_COUNTS["snapshot"] += 1
+    return tuple(e["state"][:, slot] for e in pools if "state" in e)
+
+
+def _restore(pools, slot, snapshot):
+    TRACE_COUNTS["restore"] += 1
+    states = iter(snapshot)
+    return tuple({"state": e["state"].at[:, slot].set(next(states))} if "state" in e else e for e in pools)
+
+
+def _copy_page(pools, src, dst, repeats):
+    TRACE_COUNTS["copy_page"] += 1
+    per_layer = next(e["k"].shape[1] for e in pools if "k" in e) // repeats
+    offsets = jnp.arange(repeats, dtype=jnp.int32) * per_layer
+    return tuple({name: a.at[:, offsets + dst].set(a[:, offsets + src]) for name, a in e.items()} if "k" in e
+                 else e for e in pools)
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 8), donate_argnums=2)
+_decode_jit = jax.jit(_decode, static_argnums=(0, 8), donate_argnums=2)
+_sample_jit = jax.jit(_sample)
+_snapshot_jit = jax.jit(_snapshot)
+_restore_jit = jax.jit(_restore, donate_argnums=0)
+_copy_page_jit = jax.jit(_copy_page, static_argnums=3, donate_argnums=0)
+
+
+class DevicePrograms:
+    """The model's parameters, the pools, and the programs above with the engine's buckets applied.
+
+    Host arrays in, host arrays out (``decode`` and ``sample`` return ``Sampled`` as NumPy arrays, which also waits
+    for the step to finish). Slot 0 and page 0 are scratch; sequences use slots 1..max_batch and pages 1...
+    """
+
+    def __init__(self, graphdef, params, model_cfg: ModelConfig, config: EngineConfig):
+        self.graphdef, self.params = graphdef, params
+        self.model_cfg, self.config = model_cfg, config
+        self.repeats = model_cfg.num_hidden_layers // model_cfg.layer_period
+        self.kv_dtype = config.kv_dtype or model_cfg.compute_dtype
+        self.pools = None
+        self.reset_pools()
+
+    def reset_pools(self) -> None:
+        self.pools = None  # the old pools go before the new ones are allocated
+        self.pools = PagedCache.init_pools(self.model_cfg, num_slots=self.config.max_batch + 1,
+                                           num_pages=self.config.total_pages, page_size=self.config.page_size,
+                                           kv_dtype=self.kv_dtype)
+
+    # ---- sizes
+    @property
+    def page_bytes(self) -> int:
+        """One page of every softmax layer, K and V."""
+        return sum(e["k"].nbytes + e["v"].nbytes for e in self.pools if "k" in e) // self.config.total_pages
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """One sequence's lightning states (every lightning layer)."""
+        return sum(e["state"].nbytes for e in self.pools if "state" in e) // (self.config.max_batch + 1)
+
+    # ---- buckets
+    def row_bucket(self, rows: int) -> int:
+        return power_of_two_bucket(rows, self.config.min_decode_rows, self.config.max_batch)
+
+    def chunk_bucket(self, tokens: int) -> int:
+        return power_of_two_bucket(tokens, min(self.config.min_chunk, self.config.chunk_size), self.config.chunk_size)
+
+    def table_width(self, tokens: int) -> int:
+        """Page-table width for sequences of up to ``tokens`` tokens: a power of two of pages (context bucket)."""
+        c = self.config
+        pages = -(-tokens // c.page_size)
+        low = min(-(-c.min_context_bucket // c.page_size), c.pages_per_sequence)
+        return power_of_two_bucket(pages, low, c.pages_per_sequence)
+
+    def buckets(self) -> dict[str, list[int]]:
+        """Every row bucket, chunk bucket and page-table width a call can have."""
+        c = self.config
+        return {"rows": sorted({self.row_bucket(n) for n in range(1, c.max_batch + 1)}),
+                "chunks": sorted({self.chunk_bucket(n) for n in range(1, c.chunk_size + 1)}),
+                "widths": sorted({self.table_width(n) for n in range(1, c.max_context + 1, c.page_size)})}
+
+    def warmup(self) -> None:
+        """Compile every program for every bucket (on scratch slot 0 and page 0, which no sequence uses), so that
+        serving afterwards compiles nothing."""
+        b = self.buckets()
+        s = self.config.max_stop_tokens
+        for width in b["widths"]:
+            for length in b["chunks"]:
+                zeros = np.zeros((1, length), np.int32)
+                logits, self.pools = _prefill_jit(self.graphdef, self.params, self.pools, zeros,
+                                                  np.zeros(1, np.int32), np.zeros((1, width), np.int32),
+                                                  np.zeros(1, np.int32), np.asarray([length], np.int32),
+                                                  self.repeats)
+            for rows in b["rows"]:
+                zeros = np.zeros(rows, np.int32)
+                _, self.pools = _decode_jit(self.graphdef, self.params, self.pools, zeros, zeros,
+                                            np.zeros((rows, width), np.int32), zeros, row_settings([], rows, s),
+                                            self.repeats)
+        self.sample(logits, row_settings([], 1, s))
+        self.restore(0, self.snapshot(0))
+        self.copy_page(0, 0)
+        jax.block_until_ready(self.pools)
+
+    def _table(self, page_lists, rows: int, width: int) -> np.ndarray:
+        table = np.zeros((rows, width), np.int32)
+        for i, pages in enumerate(page_lists):
+            n = min(len(pages), width)
+            table[i, :n] = pages[:n]
+        return table
+
+    # ---- programs
+    def prefill(self, tokens: np.ndarray, slot: int, pages, start: int) -> jax.Array:
+        """Prompt tokens [n] at positions start .. start + n - 1 of the sequence in ``slot`` with page table
+        ``pages`` -> next-token logits [1, V] (device)."""
+        n = tokens.size
+        padded = np.zeros((1, self.chunk_bucket(n)), np.int32)
+        padded[0, :n] = tokens
+        table = self._table([pages], 1, self.table_width(start + n))
+        logits, self.pools = _prefill_jit(self.graphdef, self.params, self.pools, padded, np.asarray([slot], np.int32),
+                                          table, np.asarray([start], np.int32), np.asarray([n], np.int32),
+                                          self.repeats)
+        return logits
+
+    def decode(self, tokens, slots, page_lists, lengths, rows: RowSettings) -> Sampled:
+        """Feed one token per row (the sequences' lengths before it) and sample the next; arrays are padded here to
+        the row bucket (``rows`` must already be padded: see ``pad_rows``)."""
+        r = self.row_bucket(len(tokens))
+        pad = r - len(tokens)
+        table = self._table(page_lists, r, self.table_width(max(lengths) + 1))
+        sampled, self.pools = _decode_jit(
+            self.graphdef, self.params, self.pools, np.pad(np.asarray(tokens, np.int32), (0, pad)),
+            np.pad(np.asarray(slots, np.int32), (0, pad)), table, np.pad(np.asarray(lengths, np.int32), (0, pad)),
+            rows, self.repeats)
+        return jax.tree_util.tree_map(np.asarray, sampled)
+
+    def sample(self, logits: jax.Array, rows: RowSettings) -> Sampled:
+        return jax.tree_util.tree_map(np.asarray, _sample_jit(logits, rows))
+
+    def snapshot(self, slot: int) -> tuple:
+        return _snapshot_jit(self.pools, np.int32(slot))
+
+    def restore(self, slot: int, snapshot: tuple) -> None:
+        self.pools = _restore_jit(self.pools, np.int32(slot), snapshot)
+
+    def copy_page(self, src: int, dst: int) -> None:
+        self.pools = _copy_page_jit(self.pools, np.int32(src), np.int32(dst), self.repeats)
+
+
+def row_settings(requests, rows: int, max_stop_tokens: int) -> RowSettings:
+    """The settings of ``requests`` (``m1jax.serve.requests.Request``) padded to ``rows`` rows with greedy,
+    never-stopping rows."""
+    temperature = np.zeros(rows, np.float32)
+    top_k = np.zeros(rows, np.int32)
+    top_p = np.ones(rows, np.float32)
+    stops = np.full((rows, max_stop_tokens), -1, np.int32)
+    truncate_after = np.zeros(rows, np.int32)
+    truncate_prob = np.ones(rows, np.float32)
+    seeds = np.zeros(rows, np.uint32)
+    counters = np.zeros(rows, np.int32)
+    run = np.zeros(rows, np.int32)
+    for i, r in enumerate(requests):
+        p = r.params
+        temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+        stops[i, :len(p.stop_token_ids)] = p.stop_token_ids
+        truncate_after[i], truncate_prob[i] = p.truncate_after, p.truncate_prob
+        seeds[i], counters[i], run[i] = r.seed, len(r.tokens), r.run
+    return RowSettings(Sampling(temperature, top_k, top_p), StopRules(stops, truncate_after, truncate_prob), seeds,
+                       counters, run)

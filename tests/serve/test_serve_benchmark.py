@@ -1,0 +1,27 @@
+"""benchmarks.serve runs end to end at tiny scale on CPU, and its numbers agree with the workload it defines."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_serving_benchmark_smoke(tmp_path):
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--smoke", f"--out={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    workload = results["workload"]
+    for engine in ("continuous", "static"):  # greedy, no stop tokens: every request runs to its max_tokens
+        assert workload[engine]["requests"] == 6, workload[engine]
+        assert workload[engine]["output_tokens"] == workload["max_output_tokens"]
+    assert workload["continuous"]["prefilled_tokens"] == workload["prompt_tokens"]
+    prefix = results["prefix"]
+    assert prefix["cold_cached_tokens"] == 0 and prefix["warm_cached_tokens"] == prefix["prefix_tokens"] == 64
+    assert prefix["warm_prefilled_tokens"] == prefix["suffix_tokens"]
+    # 4 rows x 256 tokens x one softmax layer's K and V (2 heads x 16 dims, bf16)
+    assert results["decode"]["step_ms"] > 0 and results["decode"]["kv_bytes"] == 4 * 256 * (2 * 2 * 16 * 2)
+    assert "throughput continuous/static" in proc.stdout and "decode step 4 x 256" in proc.stdout
