@@ -190,6 +190,8 @@ def mechanism(records: Iterable[dict]) -> dict[tuple[str, int], dict]:
             with warnings.catch_warnings():  # an all-NaN column is an undefined metric, not an error
                 warnings.simplefilter("ignore", RuntimeWarning)
                 m = np.nanmean(v, axis=0)
+            if np.isnan(m).all():  # a metric this arm's loss does not produce
+                continue
             row[k] = [float(x) for x in m] if k.endswith("_by_minibatch") else float(m)
         out[key] = row
     return out

@@ -192,29 +192,46 @@ class Scheduler:
     def __init__(self, jobs: Sequence[Job], *, deadline_at: float, lrs: Sequence[float] = (),
                  sweep_mu: int | None = None, done: Sequence[Job] = (), default_estimate: Callable | None = None,
                  log=print):
-        done = set(done)
-        self.pending = [j for j in jobs if j not in done]
-        self.skipped: list[Job] = [j for j in jobs if j in done]
-        self.running: dict[Job, Job] = {}  # job as dispatched (rate resolved) -> job as listed
-        self.durations: dict[int, list[float]] = {}
         self.deadline_at, self.lrs, self.sweep_mu = deadline_at, tuple(lrs), sweep_mu
         self.default_estimate, self.log = default_estimate, log
         self.results: dict[Job, list[dict]] = {}
+        self.running: dict[Job, Job] = {}  # job as dispatched (rate resolved) -> job as listed
+        self.durations: dict[int, list[float]] = {}
+        done = set(done)
+        is_done = [j in done or self._used_rate(j, done) is not None for j in jobs]
+        self.pending = [j for j, d in zip(jobs, is_done) if not d]
+        self.skipped: list[Job] = [j for j, d in zip(jobs, is_done) if d]
+
+    def _used_rate(self, job: Job, runs, any_seed: bool = False) -> str | None:
+        """For an '@best' job: the run name of its arm at one of the sweep rates among ``runs`` at its mu (and
+        seed, unless any_seed), else None."""
+        base, lr = parse_arm(job.arm)
+        if lr != BEST:
+            return None
+        candidates = {arm_name(base, r) for r in self.lrs}
+        return next((j.arm for j in runs if j.arm in candidates and j.mu == job.mu
+                     and (any_seed or j.seed == job.seed)), None)
 
     def estimate(self, mu: int) -> float | None:
+        """A job's expected seconds: the median of the finished jobs of its mu, else ``default_estimate``, else the
+        median of all finished jobs, else None (unknown)."""
         if self.durations.get(mu):
             return float(np.median(self.durations[mu]))
+        if self.default_estimate is not None:
+            return self.default_estimate(mu)
         known = [d for ds in self.durations.values() for d in ds]
-        if known:
-            return float(np.median(known))
-        return self.default_estimate(mu) if self.default_estimate is not None else None
+        return float(np.median(known)) if known else None
 
     def resolve(self, job: Job) -> Job | str:
-        """The job with '@best' replaced by the best rate among the finished sweep runs; "wait" while runs that
-        decide it are pending or running; "none" if no sweep run of its arm finished."""
+        """The job with '@best' replaced by a rate: the one its arm already ran at at this mu (all seeds of one
+        (arm, mu) share a rate), else the best among the finished sweep runs; "wait" while sweep runs that decide
+        it are pending or running; "none" if no sweep run of its arm finished."""
         base, lr = parse_arm(job.arm)
         if lr != BEST:
             return job
+        used = self._used_rate(job, list(self.results) + list(self.running), any_seed=True)
+        if used is not None:
+            return Job(used, job.mu, job.seed)
         candidates = [arm_name(base, r) for r in self.lrs]
         undecided = [j for j in self.pending + list(self.running.values())
                      if j.mu == self.sweep_mu and j.arm in candidates]
@@ -295,8 +312,9 @@ def job_line(job: Job, records: Sequence[dict], seconds: float) -> str:
     evals = [r for r in records if "acc" in r]
     if not evals:
         return f"{job} ({seconds:.1f}s, no evaluation)"
-    return (f"{job}: acc {evals[0]['acc']:.3f} -> {evals[-1]['acc']:.3f}, greedy {evals[0]['greedy_acc']:.3f} -> "
-            f"{evals[-1]['greedy_acc']:.3f} ({seconds:.1f}s)")
+    first, last = evals[0], evals[-1]
+    greedy = (f", greedy {first['greedy_acc']:.3f} -> {last['greedy_acc']:.3f}" if "greedy_acc" in last else "")
+    return f"{job}: acc {first['acc']:.3f} -> {last['acc']:.3f}{greedy} ({seconds:.1f}s)"
 
 
 def run_in_process(policy, base: dict, scheduler: Scheduler, *, compiled: Callable[[int], Sequence[str]],

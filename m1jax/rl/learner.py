@@ -299,6 +299,8 @@ def summarise(metrics: dict, decisions: bool = True) -> dict:
     out = {}
     for k, v in metrics.items():
         v = np.asarray(v, np.float64)
+        if np.isnan(v).all():  # not produced by this loss (another arm's metric in a shared program)
+            continue
         out[k] = float(np.mean(v[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")
     for k in ("mismatch_pearson", "mismatch_max_abs_logp"):
         out[k] = float(metrics[k][0])
