@@ -55,6 +55,8 @@ flags.DEFINE_string("compile_cache", "auto", "Persistent JAX compilation cache d
                     "when --workers > 1; '': off.")
 flags.DEFINE_bool("diagnose", True, "Measure the policy's accuracy and fork statistics first.")
 flags.DEFINE_integer("diag_problems", 512, "Held-out problems of the diagnostics.")
+flags.DEFINE_list("start_acc_range", None, "lo,hi: run no job unless the diagnosed sampled accuracy of the policy is "
+                  "in [lo, hi] (a pretraining that failed, or a task too easy, costs no grid time).")
 flags.DEFINE_bool("mismatch", False, "Measure the fp32 vs compute-dtype head sampler/trainer mismatch.")
 flags.DEFINE_integer("probe_steps", 0, "RL steps of a solo throughput probe per mu (0: none).")
 flags.DEFINE_string("primary", "cispo_5", "The CISPO arm whose ratio at --sweep_mu decides the claim.")
@@ -191,6 +193,12 @@ def main(argv):
         extra["pretrained"] = policy_diagnostics(graphdef, params, task, problems=FLAGS.diag_problems,
                                                  samples=base["rl"].eval_samples, rollout=base["rollout"])
         log(f"pretrained policy ({time.perf_counter() - t:.1f}s): {json.dumps(extra['pretrained'])}")
+        if FLAGS.start_acc_range:
+            lo, hi = (float(x) for x in FLAGS.start_acc_range)
+            if not lo <= extra["pretrained"]["acc"] <= hi:
+                log(f"the policy's sampled accuracy {extra['pretrained']['acc']:.3f} is outside --start_acc_range "
+                    f"[{lo}, {hi}]: no job runs")
+                jobs = []
     if FLAGS.mismatch:
         from m1jax.model import abstract_model
         from m1jax.rl.diagnostics import head_mismatch
