@@ -116,23 +116,28 @@ def auc(steps: np.ndarray, values: np.ndarray) -> float:
     return float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(steps)) / (steps[-1] - steps[0]))
 
 
-def claim_statistics(arm: Curves, ref: Curves, window: int, arm_rows=None, ref_rows=None) -> dict[str, float]:
-    """a_D (the reference's final accuracy), s_arm, s_D and their ratio for the given seed rows (default: all)."""
+def claim_statistics(arm: Curves, ref: Curves, window: int, arm_rows=None, ref_rows=None,
+                     fraction: float = 1.0) -> dict[str, float]:
+    """a_D (the reference's final accuracy), s_arm and s_D (the steps to reach the target: a_D itself, or with
+    fraction f < 1 the level f of the way from the reference's start to a_D) and their ratio, for the given seed
+    rows (default: all)."""
     if not np.array_equal(arm.steps, ref.steps):
         raise ValueError("the arm and the reference were evaluated at different steps")
     ref_mean, arm_mean = ref.mean(ref_rows), arm.mean(arm_rows)
     a_d = final_value(ref_mean, window)
-    s_arm, s_d = first_reach(arm.steps, arm_mean, a_d), first_reach(ref.steps, ref_mean, a_d)
+    target = ref_mean[0] + fraction * (a_d - ref_mean[0])
+    s_arm, s_d = first_reach(arm.steps, arm_mean, target), first_reach(ref.steps, ref_mean, target)
     ratio = s_arm / s_d if s_d > 0 else math.nan  # s_D = 0: the reference never rose above its start
     return {"a_D": a_d, "s": s_arm, "s_D": s_d, "ratio": ratio}
 
 
-def bootstrap(arm: Curves, ref: Curves, window: int, *, samples: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
+def bootstrap(arm: Curves, ref: Curves, window: int, *, samples: int = 2000, seed: int = 0,
+              fraction: float = 1.0) -> dict[str, np.ndarray]:
     """``claim_statistics`` on ``samples`` resamples of the seeds (arm and reference independently, with
     replacement): {name: [samples]}."""
     rng = np.random.default_rng(seed)
     na, nr = len(arm.seeds), len(ref.seeds)
-    rows = [claim_statistics(arm, ref, window, rng.integers(na, size=na), rng.integers(nr, size=nr))
+    rows = [claim_statistics(arm, ref, window, rng.integers(na, size=na), rng.integers(nr, size=nr), fraction)
             for _ in range(samples)]
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
@@ -199,10 +204,15 @@ def mechanism(records: Iterable[dict]) -> dict[tuple[str, int], dict]:
 
 def analyze(records: Sequence[dict], *, main_mu: int = 8, reference: str = REFERENCE,
             primary: str = "cispo_5", window: int = 3, samples: int = 2000, level: float = 0.95,
-            seed: int = 0) -> dict:
+            seed: int = 0, fractions: Sequence[float] = (0.5, 0.9)) -> dict:
     """The grid's summary (module docstring): {"table": one row per (base arm, mu) at its best rate, "sweep": every
     (arm, mu) with its seeds, AUC and final accuracy, "claim": the decision for ``primary`` at ``main_mu``, plus the
-    verdict of every CISPO-family arm at every mu, "mechanism": per (arm, mu), "base_acc"}."""
+    verdict of every CISPO-family arm at every mu, "mechanism": per (arm, mu), "base_acc"}.
+
+    ``fractions``: the same ratio for the targets f of the way from DAPO's start to a_D (``ratio_f50``,
+    ``ratio_f90`` and their intervals). When DAPO has plateaued long before its last step, reaching a_D itself is
+    decided by the noise of the plateau (the first reproduction's failure); the ratios at 50% and 90% of DAPO's
+    gain still measure speed. They are reported beside the claim statistic, which stays the decision rule's."""
     curves = eval_curves(records)
     best = best_rates(curves)
     mech = mechanism(records)
@@ -232,6 +242,11 @@ def analyze(records: Sequence[dict], *, main_mu: int = 8, reference: str = REFER
             row["s_ci"], row["s_D_ci"], row["ratio_ci"] = (interval(boot[k], level) for k in ("s", "s_D", "ratio"))
             if name.startswith("cispo"):
                 row["verdict"] = verdict(point["ratio"], row["ratio_ci"][1])
+            for f in fractions:
+                key = f"ratio_f{int(round(f * 100))}"
+                row[key] = claim_statistics(c, ref, window, fraction=f)["ratio"]
+                row[key + "_ci"] = interval(bootstrap(c, ref, window, samples=samples, seed=seed, fraction=f)["ratio"],
+                                            level)
         row.update({k: v for k, v in mech.get((arm, mu), {}).items() if not k.endswith("_by_minibatch")})
         table.append(row)
     claim = next((dict(r) for r in table if r["arm"] == primary and r["mu"] == main_mu and "verdict" in r), None)
@@ -243,7 +258,8 @@ def analyze(records: Sequence[dict], *, main_mu: int = 8, reference: str = REFER
 # ------------------------------------------------------------------------------------------------ report
 TABLE_COLUMNS = (("arm", "arm"), ("lr", "best lr"), ("mu", "mu"), ("seeds", "seeds"), ("final_acc", "final acc"),
                  ("final_acc_sd", "sd"), ("auc", "AUC"), ("s", "steps to a_D"), ("s_ci", "CI"),
-                 ("ratio", "s / s_DAPO"), ("ratio_ci", "CI"), ("verdict", "verdict"),
+                 ("ratio", "s / s_DAPO"), ("ratio_ci", "CI"), ("verdict", "verdict"), ("ratio_f90", "ratio at 90%"),
+                 ("ratio_f90_ci", "CI"), ("ratio_f50", "ratio at 50%"), ("ratio_f50_ci", "CI"),
                  ("ppo_clip_frac", "PPO-clipped"), ("ppo_clip_frac_decision", "at decisions"),
                  ("trust_region_frac", "outside DAPO's region"), ("trust_region_frac_decision", "at decisions"),
                  ("is_cap_frac", "IS-capped"), ("grad_share_decision", "grad share of decisions"))

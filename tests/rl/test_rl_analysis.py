@@ -50,6 +50,9 @@ def test_cispo_in_half_the_steps_is_reproduced():
     assert rows["dapo"]["a_D"] == pytest.approx(0.9) and rows["dapo"]["s_D"] == pytest.approx(100)
     assert rows["cispo_5"]["ratio"] == pytest.approx(0.5) and rows["cispo_5"]["ratio_ci"] == pytest.approx((0.5, 0.5))
     assert rows["cispo_5"]["verdict"] == "reproduced"
+    # 50% and 90% of DAPO's gain (0.5 and 0.82): DAPO at steps 50 and 90, cispo_5 at 25 and 45.
+    assert rows["cispo_5"]["ratio_f50"] == pytest.approx(0.5) and rows["cispo_5"]["ratio_f90"] == pytest.approx(0.5)
+    assert rows["cispo_1.28"]["ratio_f90_ci"] == pytest.approx((0.8, 0.8))
     assert rows["cispo_1.28"]["ratio"] == pytest.approx(0.8)
     assert rows["cispo_1.28"]["verdict"] == "faster than DAPO, by less than the claim"
     assert rows["cispo_masked"]["ratio"] == pytest.approx(1.0) and rows["cispo_masked"]["verdict"] == "refuted"

@@ -22,6 +22,7 @@ probability of the rare correct digits. Three operands carry up to 2 into almost
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -130,7 +131,7 @@ class ColumnAdditionTask(Task):
 
     def carry_in(self, problem: ColumnSum) -> np.ndarray:
         """[len(answer)] bool: answer positions with an incoming carry (the decision points)."""
-        return np.array([carry for _, carry in self._written_digits(problem, None)], bool)
+        return np.array(_exact_carries(self, problem), bool)
 
     def _written_digits(self, problem: ColumnSum, rng: np.random.Generator | None):
         """(digit, had_carry_in) per written position, LSD first. rng=None writes the exact answer."""
@@ -146,3 +147,9 @@ class ColumnAdditionTask(Task):
         if rng is None and "".join(str(d) for d, _ in out) != problem.answer:
             raise AssertionError(f"column arithmetic disagrees with the exact answer for {problem}")
         return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _exact_carries(task: ColumnAdditionTask, problem: ColumnSum) -> tuple[bool, ...]:
+    """Cached: the G responses of a group, and every evaluation sample, share their problem's carries."""
+    return tuple(carry for _, carry in task._written_digits(problem, None))
