@@ -14,8 +14,8 @@ ratio with bootstrap intervals, the verdict, the mechanism metrics) is ``m1jax.r
    sampler/trainer head mismatch; ``--probe_steps``: solo throughput per mu.
 3. The grid: with ``--lrs`` every arm runs at every rate at ``--sweep_mu`` first, then at each other mu with its best
    rate there; jobs finished in ``--previous`` results are skipped. No job starts unless it is expected to end before
-   ``--deadline_s``; runs stop at ``--stop_s`` (cut runs are dropped); with ``--workers`` > 1 the jobs go one at a
-   time to that many worker processes sharing the device.
+   ``--deadline_s``; runs stop at ``--stop_s`` (cut runs are dropped; workers still alive 15 s later are
+   terminated); with ``--workers`` > 1 the jobs go one at a time to that many worker processes sharing the device.
 4. Under --out: results.jsonl.gz (every record of every finished run, the previous ones included), summary.json
    (the analysis, the diagnostics), summary.md, acc_mu<k>.png; rewritten at most once a minute while the grid runs.
    Worker logs and partial results stay under --workdir/grid.
@@ -246,7 +246,7 @@ def main(argv):
             codes = grid.run_workers(commands, scheduler, result_paths=paths, steps=steps,
                                      log_paths=[os.path.join(results_dir, f"worker_{i}.log") for i in range(len(paths))],
                                      env=dict(os.environ, **_worker_env(FLAGS.workers)), log=log,
-                                     kill_at=stop_at + 30, after_job=report)
+                                     kill_at=stop_at + 15, after_job=report)
             extra["worker_exit_codes"] = codes
     text = report(force=True)
     if text is None:  # no run at all: the diagnostics only
