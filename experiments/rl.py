@@ -7,6 +7,9 @@
     # several hosts: the same command on each, with --coordinator_address=host0:1234 --num_processes=N
     # --process_id=i (or the JAX_* variables / a SLURM or TPU cluster) and a --mesh over all their devices
 
+Tasks: --task=arithmetic (a+b=, the first reproduction's) or column_addition (aligned operands, K spread over
+--min_digits..--max_digits, decision points at the carries: the second reproduction's).
+
 Stages (docs/rl.md): (1) SFT on the imperfect teacher's answers (it forgets each carry with probability
 --forget_prob, so the pretrained policy puts about 1 - p on the correct digit at carry positions: the rare "fork"
 tokens); (2) RL with the library's learner (m1jax.rl.learner): rollouts of --group_size samples per prompt, verifier
@@ -38,6 +41,10 @@ flags.DEFINE_integer("ffn", 64, "Expert intermediate size.")
 flags.DEFINE_string("compute_dtype", "float32", "Body compute dtype (bfloat16 on GPU).")
 flags.DEFINE_bool("fp32_head", True, "LM head with fp32 operands in sampler and trainer (M1); false: compute dtype.")
 # Task.
+flags.DEFINE_enum("task", "arithmetic", ["arithmetic", "column_addition"], "arithmetic: a+b= written as usual "
+                  "(m1jax.rl.tasks.arithmetic); column_addition: aligned operands and decision points "
+                  "(m1jax.rl.tasks.column_addition).")
+flags.DEFINE_integer("operands", 2, "column_addition: numbers to add (2 to 9).")
 flags.DEFINE_integer("min_digits", 1, "Fewest digits per operand.")
 flags.DEFINE_integer("max_digits", 1, "Most digits per operand.")
 flags.DEFINE_float("forget_prob", 0.6, "Teacher's probability of forgetting a carry.")
@@ -85,8 +92,15 @@ flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 
 
 def make_task():
-    from m1jax.rl.tasks import ArithmeticTask
-    return ArithmeticTask(min_digits=FLAGS.min_digits, max_digits=FLAGS.max_digits, forget_prob=FLAGS.forget_prob)
+    """The task of the flags; bad settings raise app.UsageError."""
+    from m1jax.rl.tasks import ArithmeticTask, ColumnAdditionTask
+    digits = dict(min_digits=FLAGS.min_digits, max_digits=FLAGS.max_digits, forget_prob=FLAGS.forget_prob)
+    try:
+        if FLAGS.task == "column_addition":
+            return ColumnAdditionTask(operands=FLAGS.operands, **digits)
+        return ArithmeticTask(**digits)
+    except ValueError as err:
+        raise app.UsageError(f"--task={FLAGS.task}: {err}") from None
 
 
 def configs_from_flags(task) -> dict:
@@ -152,7 +166,7 @@ def main(argv):
     except ConfigError as err:
         raise app.UsageError(str(err)) from None
     run_experiment(FLAGS.workdir, task, **sections, mesh=make_mesh_from_flags(), init_checkpoint=FLAGS.init_checkpoint,
-                   resume=FLAGS.resume, task_section={"name": "arithmetic", **dataclasses.asdict(task)}, log=log)
+                   resume=FLAGS.resume, task_section={"name": FLAGS.task, **dataclasses.asdict(task)}, log=log)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from m1jax.rl.placement import Placement
 from m1jax.rl.rollout import Rollout, RolloutConfig, repeat_rows, sample
 from m1jax.rl.scoring import gather_update_batch, rollout_stats, select_groups
 from m1jax.rl.step import UpdateConfig, init_opt_state, make_rl_update
-from m1jax.rl.task import Task, encode_prompts
+from m1jax.rl.task import Task, decision_masks, encode_prompts
 from sharding.multihost import any_process
 
 DS_LOSSES = ("dapo", "cispo", "cispo_masked")  # losses whose recipe includes DAPO's dynamic sampling
@@ -108,6 +108,10 @@ class Learner:
         self._key = jax.random.key(self.config.seed)
         self.held_out = list(task.sample(np.random.default_rng([self.config.eval_seed, _EVAL_STREAM]),
                                          self.config.eval_problems))
+        # Whether the task marks decision points (``Task.decision_mask``): the update then reports the clip
+        # fractions and gradient share at them. Asked once, on a held-out problem and an empty completion.
+        self.decisions = decision_masks(task, self.held_out[:1], np.full((1, task.max_new_tokens), task.pad_id,
+                                                                         np.int32)) is not None
 
     # ------------------------------------------------------------------------------------------------ state
     def init_state(self, params) -> RLState:
@@ -132,37 +136,47 @@ class Learner:
                           self.rollout_config, pad_id=self.task.pad_id, stop_ids=self.task.stop_ids,
                           max_new_tokens=self.task.max_new_tokens, temperature=temperature)
 
-    def score_rows(self, rollout: Rollout, problems: Sequence[Any], group_size: int) -> dict[str, np.ndarray]:
+    def score_rows(self, rollout: Rollout, problems: Sequence[Any], group_size: int, *,
+                   decisions: bool = False) -> dict[str, np.ndarray]:
         """rewards, lengths and stop_reason [R] of every row, on every process: each process scores the rows its
-        devices hold with ``task.reward``, then the per-row values are all-gathered."""
+        devices hold with ``task.reward``, then the per-row values are all-gathered. With ``decisions`` (and a task
+        that marks them) also ``decision`` [R, N] float32, the task's decision points of each response."""
         rows, responses = self.place.host_rows(rollout.responses)
         _, lengths = self.place.host_rows(rollout.lengths)
         _, reasons = self.place.host_rows(rollout.stop_reason)
-        rewards = [self.task.reward(problems[r // group_size], c) for r, c in zip(rows.tolist(), responses)]
-        local = np.stack([np.asarray(rewards, np.float32), lengths.astype(np.float32), reasons.astype(np.float32)],
-                         axis=1)
-        full = self.place.gather_rows(rows, local, rollout.responses.shape[0])
-        return {"rewards": full[:, 0], "lengths": full[:, 1].astype(np.int32),
-                "stop_reason": full[:, 2].astype(np.int32)}
+        row_problems = [problems[r // group_size] for r in rows.tolist()]
+        rewards = [self.task.reward(p, c) for p, c in zip(row_problems, responses)]
+        columns = [np.asarray(rewards, np.float32)[:, None], lengths.astype(np.float32)[:, None],
+                   reasons.astype(np.float32)[:, None]]
+        marked = decision_masks(self.task, row_problems, responses) if decisions and self.decisions else None
+        if marked is not None:
+            columns.append(marked.astype(np.float32))
+        full = self.place.gather_rows(rows, np.concatenate(columns, axis=1), rollout.responses.shape[0])
+        out = {"rewards": full[:, 0], "lengths": full[:, 1].astype(np.int32), "stop_reason": full[:, 2].astype(np.int32)}
+        if marked is not None:
+            out["decision"] = full[:, 3:]
+        return out
 
     def score(self, rollout: Rollout, problems: Sequence[Any]) -> tuple[dict, dict]:
         """(update batch of P * G rows on device, stats): rewards, group selection and advantages (host), the
         selected rows gathered on device."""
         cfg, g = self.config, self.rollout_config.group_size
-        scored = self.score_rows(rollout, problems, g)
+        scored = self.score_rows(rollout, problems, g, decisions=True)
         selection, stats = select_groups(scored["rewards"], group_size=g, num_groups=cfg.prompts,
                                          adv_norm=cfg.adv_norm, dynamic_sampling=cfg.dynamic_sampling,
                                          minibatches=self.arms[0].mu)
         stats.update(rollout_stats(scored["lengths"], scored["stop_reason"]))
         with self.place.context():
-            batch = gather_update_batch(rollout, selection, put=self.place.replicated)
+            batch = gather_update_batch(rollout, selection, put=self.place.replicated,
+                                        decision=scored.get("decision"))
         return batch, stats
 
     def update(self, state: RLState, batch: dict, arm: int = 0) -> tuple[RLState, dict]:
         """The mu minibatch updates of one rollout batch: (next state, summarised metrics)."""
         with self.place.context():
             params, opt_state, metrics = self._update(state.params, state.opt_state, batch, arm)
-        return RLState(step=state.step + 1, params=params, opt_state=opt_state), summarise(jax.device_get(metrics))
+        return RLState(step=state.step + 1, params=params, opt_state=opt_state), summarise(
+            jax.device_get(metrics), decisions=self.decisions)
 
     def step(self, state: RLState, arm: int = 0) -> tuple[RLState, dict]:
         """One RL step (module docstring) from ``state``: (next state, record of stats, update metrics, timings)."""
@@ -265,19 +279,32 @@ def restore_state(checkpointer, like: RLState, step: int | None = None) -> RLSta
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def summarise(metrics: dict) -> dict:
-    """[mu] per-minibatch update metrics -> scalars (means; the mismatch metrics of minibatch 0) + per-minibatch
-    lists of the clip fractions and the ratio maximum (``<name>_by_minibatch``).
+BY_MINIBATCH = ("ppo_clip_frac", "is_cap_frac", "trust_region_frac", "ratio_max", "ppo_clip_frac_decision",
+                "is_cap_frac_decision", "trust_region_frac_decision", "grad_share_decision")
+DECISION_METRICS = ("decision_frac", "grad_share_decision")  # and every "<clip fraction>_decision"
 
-    A minibatch made only of dynamic-sampling padding has no tokens; its ratio extrema are -inf/inf and are skipped.
+
+def summarise(metrics: dict, decisions: bool = True) -> dict:
+    """[mu] per-minibatch update metrics -> scalars (means over the minibatches where the metric is defined; the
+    mismatch metrics of minibatch 0) + per-minibatch lists ``<name>_by_minibatch`` of the clip fractions, the
+    ratio maximum and the decision points' gradient share (NaN where undefined). decisions=False drops the
+    decision-point metrics (the task marks none).
+
+    A minibatch made only of dynamic-sampling padding has no tokens; its ratio extrema are -inf/inf and its
+    decision metrics NaN, and they are skipped in the means. A metric that the chosen loss does not produce is NaN
+    in every minibatch and is left out.
     """
+    if not decisions:
+        metrics = {k: v for k, v in metrics.items() if k not in DECISION_METRICS and not k.endswith("_decision")}
     out = {}
     for k, v in metrics.items():
         v = np.asarray(v, np.float64)
+        if np.isnan(v).all():  # not produced by this loss (another arm's metric in a shared program)
+            continue
         out[k] = float(np.mean(v[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")
     for k in ("mismatch_pearson", "mismatch_max_abs_logp"):
         out[k] = float(metrics[k][0])
-    for k in ("ppo_clip_frac", "is_cap_frac", "ratio_max"):
-        if k in metrics and np.isfinite(metrics[k]).all():  # NaN: a metric the loss does not produce
-            out[k + "_by_minibatch"] = [float(x) for x in metrics[k]]
+    for k in BY_MINIBATCH:
+        if k in metrics and not np.isnan(np.asarray(metrics[k], np.float64)).all():
+            out[k + "_by_minibatch"] = [float(x) if np.isfinite(x) else float("nan") for x in metrics[k]]
     return out

@@ -44,7 +44,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # Knobs accepted by every loss; the rest are family-specific.
-_COMMON_KNOBS = ("agg", "group_size", "group_ids", "norm_constant", "kl_beta", "ref_logp", "entropy")
+_COMMON_KNOBS = ("agg", "group_size", "group_ids", "norm_constant", "kl_beta", "ref_logp", "entropy", "decision")
 _FAMILY_KNOBS = {
     "cispo": ("ratio_max", "eps_is_high", "ratio_min"),
     "cispo_masked": ("ratio_max", "eps_is_high", "ratio_min", "eps_low", "eps_high"),
@@ -97,13 +97,17 @@ def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
         kl_beta: weight of the k3 KL penalty towards ref_logp (default 0).
         ref_logp: [batch, length] array, log pi_ref, required when kl_beta > 0.
         entropy: [batch, length] array, per-token policy entropy, for the `entropy` metric only.
+        decision: [batch, length] bool/float array, the task's decision points (fork tokens), for metrics only.
 
     Returns:
       (loss scalar float32, metrics dict of scalars). Metrics: ratio_mean/max/min (unclipped r over active tokens),
       approx_kl (k3 estimate of KL(pi_old || pi_theta)), entropy (masked mean of the given per-token entropy, else of
       -logp, the sampled-token estimate), num_tokens; CISPO family: is_cap_frac (tokens whose weight was clipped),
       is_weight_mean; PPO family and cispo_masked: ppo_clip_frac (tokens with M = 0); with dual_clip: dual_clip_frac;
-      with ref_logp: kl_ref; pg_loss and kl_loss (the two terms of the loss).
+      with ref_logp: kl_ref; pg_loss and kl_loss (the two terms of the loss). Plain cispo also reports
+      trust_region_frac: the tokens DAPO's mask (eps 0.2/0.28) would drop, which CISPO keeps. With ``decision``:
+      decision_frac (share of the active tokens that are decision points) and every clip fraction restricted to
+      the decision points, as ``<name>_decision``.
     """
     k = _resolve_knobs(name, knobs)
     logp, old_logp, advantages, mask = _check_arrays(logp, old_logp, advantages, mask, k)
@@ -114,6 +118,8 @@ def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
     for key in ("ref_logp", "entropy"):
         if k[key] is not None:
             k[key] = _fill_masked(k[key], mask)
+    # Token masks whose share of the active tokens is reported overall and (with ``decision``) at decision points.
+    fractions = {}
 
     log_ratio = jnp.clip(logp - jax.lax.stop_gradient(old_logp), -_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
     ratio = jnp.exp(log_ratio)
@@ -122,24 +128,33 @@ def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
     if name in _CISPO_FAMILY:
         weight = jax.lax.stop_gradient(jnp.clip(ratio, k["ratio_min"], k["ratio_max"]))
         objective = weight * advantages * logp
-        capped = weight != jax.lax.stop_gradient(ratio)
-        metrics["is_cap_frac"] = masked_mean(capped, mask)
+        fractions["is_cap_frac"] = weight != jax.lax.stop_gradient(ratio)
         metrics["is_weight_mean"] = masked_mean(weight, mask)
         if name == "cispo_masked":
             keep = ~_ppo_clipped_active(ratio, advantages, k["eps_low"], k["eps_high"])
             objective = objective * jax.lax.stop_gradient(keep.astype(objective.dtype))
-            metrics["ppo_clip_frac"] = masked_mean(~keep, mask)
+            fractions["ppo_clip_frac"] = ~keep
+        else:
+            dapo = _DEFAULTS["dapo"]
+            fractions["trust_region_frac"] = _ppo_clipped_active(ratio, advantages, dapo["eps_low"],
+                                                                 dapo["eps_high"])
     else:
         unclipped = ratio * advantages
         clipped = jnp.clip(ratio, 1.0 - k["eps_low"], 1.0 + k["eps_high"]) * advantages
         objective = jnp.minimum(unclipped, clipped)
-        metrics["ppo_clip_frac"] = masked_mean(_ppo_clipped_active(ratio, advantages, k["eps_low"], k["eps_high"]),
-                                               mask)
+        fractions["ppo_clip_frac"] = _ppo_clipped_active(ratio, advantages, k["eps_low"], k["eps_high"])
         if k["dual_clip"] is not None:
             floor = k["dual_clip"] * advantages
-            dual_active = (advantages < 0) & (objective < floor)
+            fractions["dual_clip_frac"] = (advantages < 0) & (objective < floor)
             objective = jnp.where(advantages < 0, jnp.maximum(objective, floor), objective)
-            metrics["dual_clip_frac"] = masked_mean(dual_active, mask)
+    for key, tokens in fractions.items():
+        metrics[key] = masked_mean(tokens, mask)
+    if k["decision"] is not None:
+        at_decisions = mask * (k["decision"] > 0)
+        metrics["decision_frac"] = masked_mean(k["decision"] > 0, mask)
+        for key, tokens in fractions.items():  # NaN without decision tokens: nothing to measure
+            metrics[key + "_decision"] = jnp.where(jnp.sum(at_decisions) > 0, masked_mean(tokens, at_decisions),
+                                                   jnp.nan)
 
     pg_loss = -aggregate(objective, mask, k["agg"], **agg_kwargs)
     loss = pg_loss
@@ -165,6 +180,22 @@ def policy_loss(name: str, logp, old_logp, advantages, mask, **knobs):
         num_tokens=jnp.sum(mask),
     )
     return loss.astype(jnp.float32), metrics
+
+
+def token_coefficients(name: str, logp, old_logp, advantages, mask, **knobs):
+    """dL/d(logp) [batch, length] of ``policy_loss``: each token's gradient coefficient (the loss's gradient with
+    respect to the parameters is the sum of these times grad logp). Zero where a token passes no gradient (masked,
+    or dropped by PPO's clip)."""
+    return jax.grad(lambda x: policy_loss(name, x, old_logp, advantages, mask, **knobs)[0])(
+        jnp.asarray(logp, jnp.float32))
+
+
+def gradient_share(coefficients, mask, decision):
+    """Share of the gradient carried by the decision points: sum of |dL/dlogp| over active decision tokens / sum
+    over all active tokens (NaN when no token has a gradient). Shapes [batch, length]."""
+    magnitude = jnp.where(mask > 0, jnp.abs(coefficients), 0.0)
+    total = jnp.sum(magnitude)
+    return jnp.where(total > 0, jnp.sum(magnitude * (decision > 0)) / _nonzero(total), jnp.nan)
 
 
 def aggregate(values, mask, agg: str, *, group_ids=None, norm_constant=None):
@@ -236,7 +267,7 @@ def _resolve_knobs(name: str, knobs: dict) -> dict:
     if "ratio_max" in knobs and "eps_is_high" in knobs:
         raise ValueError("give either ratio_max (absolute cap) or eps_is_high (cap 1 + eps_is_high), not both")
 
-    k = dict.fromkeys(("group_size", "group_ids", "norm_constant", "ref_logp", "entropy", "dual_clip",
+    k = dict.fromkeys(("group_size", "group_ids", "norm_constant", "ref_logp", "entropy", "decision", "dual_clip",
                        "ratio_min", "eps_low", "eps_high", "ratio_max"))
     k.update(kl_beta=0.0)
     k.update(_DEFAULTS[name])
@@ -291,7 +322,7 @@ def _check_arrays(logp, old_logp, advantages, mask, k):
         raise ValueError(f"logp must be [batch, length], got shape {logp.shape}")
     shape = logp.shape
     for label, x in (("old_logp", old_logp), ("mask", mask), ("ref_logp", k["ref_logp"]),
-                     ("entropy", k["entropy"])):
+                     ("entropy", k["entropy"]), ("decision", k["decision"])):
         if x is not None and jnp.shape(x) != shape:
             raise ValueError(f"{label} has shape {jnp.shape(x)}, expected {shape} like logp")
     if not jnp.issubdtype(logp.dtype, jnp.floating):
@@ -314,4 +345,6 @@ def _check_arrays(logp, old_logp, advantages, mask, k):
             raise ValueError(f"group_ids has shape {k['group_ids'].shape}, expected [batch]=({batch},)")
     if k["ref_logp"] is not None:
         k["ref_logp"] = jax.lax.stop_gradient(jnp.asarray(k["ref_logp"], logp.dtype))
+    if k["decision"] is not None:
+        k["decision"] = jnp.asarray(k["decision"])
     return logp, old_logp.astype(logp.dtype), advantages, mask.astype(logp.dtype)

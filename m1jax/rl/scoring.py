@@ -81,24 +81,29 @@ def rollout_stats(lengths: np.ndarray, stop_reason: np.ndarray) -> dict:
 
 
 @jax.jit
-def _gather(rollout: Rollout, rows, weight, advantages, group_ids):
+def _gather(rollout: Rollout, rows, weight, advantages, group_ids, decision):
     TRACE_COUNTS["gather"] += 1
     rows_2d, rows_1d = ("batch", None), ("batch",)
-    return {"tokens": constrain(rollout.tokens[rows], rows_2d),
-            "start": constrain(rollout.start[rows], rows_1d),
-            "mask": constrain(rollout.response_mask[rows] * weight[:, None], rows_2d),
-            "sampler_logp": constrain(rollout.sampler_logp[rows], rows_2d),
-            "advantages": constrain(advantages, rows_1d),
-            "group_ids": constrain(group_ids, rows_1d)}
+    batch = {"tokens": constrain(rollout.tokens[rows], rows_2d),
+             "start": constrain(rollout.start[rows], rows_1d),
+             "mask": constrain(rollout.response_mask[rows] * weight[:, None], rows_2d),
+             "sampler_logp": constrain(rollout.sampler_logp[rows], rows_2d),
+             "advantages": constrain(advantages, rows_1d),
+             "group_ids": constrain(group_ids, rows_1d)}
+    if decision is not None:
+        batch["decision"] = constrain(decision[rows] * rollout.response_mask[rows], rows_2d)
+    return batch
 
 
-def gather_update_batch(rollout: Rollout, selection: Selection, put=jnp.asarray) -> dict[str, jax.Array]:
+def gather_update_batch(rollout: Rollout, selection: Selection, put=jnp.asarray,
+                        decision: np.ndarray | None = None) -> dict[str, jax.Array]:
     """The update batch (``m1jax.rl.step.rl_update``'s input) of the selected rows, gathered on device.
 
     Returns {tokens [B, P + N] int32, start [B] int32, mask [B, N] float32 (response tokens x row weight),
     sampler_logp [B, N] float32, advantages [B] float32, group_ids [B] int32}, split over the mesh's batch axes when
-    called under ``jax.set_mesh``. ``put`` places the selection's host vectors (replicated on a mesh:
-    ``Placement.replicated``).
+    called under ``jax.set_mesh``; with ``decision`` (the task's decision points of every rollout row, [R, N] host
+    array) also decision [B, N] float32 (on response tokens only). ``put`` places the selection's host vectors
+    (replicated on a mesh: ``Placement.replicated``).
     """
     return _gather(rollout, put(selection.rows.astype(np.int32)), put(selection.weight), put(selection.advantages),
-                   put(selection.group_ids))
+                   put(selection.group_ids), None if decision is None else put(np.asarray(decision, np.float32)))

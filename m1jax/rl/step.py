@@ -14,6 +14,13 @@ with the placement they went in with (sharded on a mesh, or on one device). Insi
    the train/infer mismatch metric of M1's Figure 3 (``mismatch_pearson``), and its max |trainer - sampler logp|
    (about 0 when sampler and trainer agree).
 
+The mechanism metrics: the gradient is taken in two steps, the loss's gradient with respect to the token
+log-probs (each token's coefficient dL/dlogp, exact for every loss) and then its pullback through the model (the same
+computation as one ``value_and_grad``). With the task's decision points in the batch (``decision``), each minibatch
+reports the share of sum |dL/dlogp| carried by decision tokens (``grad_share_decision``) and every clip fraction of
+the loss restricted to them (``ppo_clip_frac_decision``, ``is_cap_frac_decision``, ...): where PPO-style clipping
+drops the fork tokens' gradient and CISPO keeps it.
+
 Under ``jax.set_mesh`` the minibatches are spread over the batch axes of the mesh (each minibatch's rows on every
 data-parallel device) whatever the layout of the incoming batch.
 
@@ -148,10 +155,11 @@ def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateCo
     """One rollout batch's mu minibatch updates (see the module docstring).
 
     batch: tokens [B, P + N] int32, start [B] int32, mask [B, N] float, sampler_logp [B, N] float32, advantages [B]
-    float32, group_ids [B] int32; B divisible by mu.
+    float32, group_ids [B] int32; optionally decision [B, N] float (the task's decision points; none when absent);
+    B divisible by mu.
     arm, alternatives: ``alternatives`` are UpdateConfigs that differ from ``ucfg`` only in the loss, its knobs
     (``KNOB_FIELDS``) and ``learning_rate``; all of them are compiled into this one program (``lax.switch`` over the
-    losses, a table of learning rates) and the traced int ``arm`` picks one: 0 is ``ucfg``, i is
+    distinct losses, a table of learning rates) and the traced int ``arm`` picks one: 0 is ``ucfg``, i is
     ``alternatives[i - 1]``. A grid of loss arms and learning rates then costs one compilation instead of one each.
     Returns (params, opt_state, metrics: dict of [mu] arrays, one entry per minibatch; a metric that the chosen loss
     does not produce is NaN).
@@ -176,29 +184,38 @@ def rl_update(params, opt_state, batch: dict, arm=0, *, graphdef, ucfg: UpdateCo
         old_logp = batch["sampler_logp"].astype(jnp.float32)
     # One normaliser per rollout batch (see the module docstring), shared by every minibatch.
     batch_norm = jnp.maximum(jnp.sum(mask), 1.0) / mu
-    data = dict(batch, mask=mask, old_logp=old_logp)
+    decision = batch.get("decision")
+    decision = jnp.zeros_like(mask) if decision is None else decision.astype(jnp.float32)
+    data = dict(batch, mask=mask, old_logp=old_logp, decision=decision)
     minibatches = jax.tree_util.tree_map(
         lambda x: constrain(x.reshape(mu, b // mu, *x.shape[1:]), (None, "batch") + (None,) * (x.ndim - 1)), data)
     tx, lr_scale = _optimizer_and_lr_scale(arms, arm)
-    branches = [_policy_loss_fn(c, batch_norm) for c in arms]
+    # One branch per distinct loss (arms that differ only in the learning rate share it).
+    losses_of_arms = [c.replace(learning_rate=arms[0].learning_rate) for c in arms]
+    distinct = list(dict.fromkeys(losses_of_arms))
+    branches = [_policy_loss_fn(c, batch_norm) for c in distinct]
     if len(branches) > 1:
         branches = _uniform_metrics(branches, minibatches)
+        branch = jnp.asarray([distinct.index(c) for c in losses_of_arms], jnp.int32)[arm]
 
-    def loss_fn(p, mb):
-        logp = response_logprobs(graphdef, p, mb["tokens"], mb["start"], n, fp32_head=fp32_head)
-        loss, metrics = (branches[0](logp, mb) if len(branches) == 1 else
-                         jax.lax.switch(arm, branches, logp, mb))
-        return loss, (metrics, jax.lax.stop_gradient(logp))
+    def policy_fn(logp, mb):
+        return branches[0](logp, mb) if len(branches) == 1 else jax.lax.switch(branch, branches, logp, mb)
 
     def one_update(carry, mb):
         p, s = carry
-        (loss, (metrics, logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, mb)
+        # grad = pullback of dL/dlogp through the model: the same as value_and_grad of the composition, with the
+        # per-token coefficients dL/dlogp in hand for the mechanism metrics.
+        logp, pullback = jax.vjp(
+            lambda q: response_logprobs(graphdef, q, mb["tokens"], mb["start"], n, fp32_head=fp32_head), p)
+        (loss, metrics), coefficients = jax.value_and_grad(policy_fn, has_aux=True)(logp, mb)
+        (grads,) = pullback(coefficients)
         updates, s = tx.update(grads, s, p)
         if lr_scale is not None:
             updates = jax.tree_util.tree_map(lambda u: u * lr_scale.astype(u.dtype), updates)
         p = optax.apply_updates(p, updates)
         active = mb["mask"] > 0
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                       grad_share_decision=losses.gradient_share(coefficients, mb["mask"], mb["decision"]),
                        mismatch_pearson=pearson(jnp.exp(mb["sampler_logp"]), jnp.exp(logp), mb["mask"]),
                        mismatch_max_abs_logp=jnp.max(jnp.where(active, jnp.abs(logp - mb["sampler_logp"]), 0.0)))
         return (p, s), metrics
@@ -233,7 +250,7 @@ def _policy_loss_fn(ucfg: UpdateConfig, batch_norm):
         group_knob = ({"group_ids": mb["group_ids"]}
                       if ucfg.aggregation == "group_token_mean" and "group_size" not in knobs else {})
         return losses.policy_loss(ucfg.loss, logp, mb["old_logp"], mb["advantages"], mb["mask"], **knobs,
-                                  **group_knob)
+                                  **group_knob, decision=mb["decision"])
     return fn
 
 

@@ -49,6 +49,18 @@ class Task(abc.ABC):
         The learner's evaluation reports ``acc_<name>`` and ``greedy_acc_<name>`` for each. Default: none."""
         return {}
 
+    def decision_mask(self, problem, completion: np.ndarray) -> np.ndarray | None:
+        """The completion's decision points: bool [N] over ``completion`` ([N] int32, as ``reward`` gets it), True
+        at the tokens whose choice decides the reward (the "fork" tokens of M1's argument, e.g. the digits that
+        receive a carry), False elsewhere and after the response's end. The learner reports how the update treats
+        them (clip fractions and gradient share at decision points). Default None: the task marks none."""
+        return None
+
+    def reference_completion(self, problem) -> Sequence[int] | None:
+        """A correct completion's token ids (stop token included), for diagnostics that teacher-force it (the
+        probability of the correct token at each decision point). Default None: the task gives none."""
+        return None
+
     def sft_batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Supervised sequences for pretraining on the task (``m1jax.rl.pretrain``): (tokens [n, L] int32 right-
         padded, target_mask [n, L] bool marking the tokens to predict). Only tasks used for pretraining need it."""
@@ -67,6 +79,25 @@ def encode_prompts(task: Task, problems: Sequence[Any]) -> tuple[np.ndarray, np.
         start[i] = length - len(ids)
         tokens[i, start[i]:] = ids
     return tokens, start
+
+
+def decision_masks(task: Task, problems: Sequence[Any], completions: np.ndarray) -> np.ndarray | None:
+    """Decision points [n, N] bool of completions [n, N] (row i answers problems[i]); None when the task marks none
+    (no ``decision_mask`` member, or it returns None)."""
+    method = getattr(task, "decision_mask", None)
+    if method is None:
+        return None
+    completions = np.asarray(completions)
+    out = np.zeros(completions.shape, bool)
+    for i, (problem, completion) in enumerate(zip(problems, completions)):
+        row = method(problem, completion)
+        if row is None:
+            return None
+        row = np.asarray(row, bool)
+        if row.shape != completion.shape:
+            raise ValueError(f"decision_mask gave shape {row.shape} for a completion of shape {completion.shape}")
+        out[i] = row
+    return out
 
 
 def score_completions(task: Task, problems: Sequence[Any], completions: np.ndarray) -> np.ndarray:

@@ -44,3 +44,15 @@ def test_bad_settings_are_named(parse):
         parse("--loss=dapo", "--ratio_max=2")
     with pytest.raises(ConfigError, match="RLConfig.prompts"):
         parse("--prompts=0")
+
+
+def test_task_flag_picks_column_addition(parse):
+    from absl import app
+
+    from m1jax.rl.tasks import ArithmeticTask, ColumnAdditionTask
+    task, c = parse("--task=column_addition", "--operands=3", "--min_digits=2", "--max_digits=5", "--forget_prob=0.5")
+    assert task == ColumnAdditionTask(operands=3, min_digits=2, max_digits=5, forget_prob=0.5)
+    assert c["model"].max_position_embeddings == task.max_prompt_tokens + task.max_new_tokens == 1 + 3 * 6 + 7
+    assert isinstance(parse()[0], ArithmeticTask)  # the default: the README demo's task
+    with pytest.raises(app.UsageError, match="operands must be in 2..9"):
+        parse("--task=column_addition", "--operands=12")

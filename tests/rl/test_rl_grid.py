@@ -1,174 +1,213 @@
-"""experiments/rl_grid.py: the job partition, arm@lr names, the analysis, the merge of worker results, and a
-two-worker end-to-end run on a tiny model whose merged records equal a one-process run of the same job.
+"""The grid (m1jax/rl/grid.py, experiments/rl_grid.py): arm names, job order, the scheduler (deadline, best rates,
+resume), the worker protocol, results files, carrying a policy in parts, and a CPU dry run of the whole pipeline.
 """
-import io
+import gzip
 import json
 import os
 import subprocess
 import sys
-import time
+import textwrap
 
 import numpy as np
 import pytest
 
-from experiments import rl_grid as br
+from m1jax.rl import analysis, grid
+from m1jax.rl.grid import Job
 
-ARMS = ["dapo", "cispo_5", "grpo", "drgrpo", "cispo_1.28", "cispo_2", "cispo_masked"]
-MU1 = ["dapo", "cispo_5", "grpo", "drgrpo", "cispo_masked"]
-
-
-def test_partition_keeps_priority_order_and_covers_every_job_once():
-    jobs = br.grid_jobs(ARMS, MU1, [8, 1], 3)
-    assert len(jobs) == 36 and jobs[:8] == [(a, 8, 0) for a in ARMS] + [("dapo", 1, 0)]
-    rank = {job: i for i, job in enumerate(jobs)}
-    for n in (1, 2, 5, 8, 40):
-        for cost in (None, lambda job: 3.0 if job[1] == 8 else 1.0):
-            parts = br.partition_jobs(jobs, n, cost)
-            assert len(parts) == n
-            assert sorted(j for p in parts for j in p) == sorted(jobs)  # every job exactly once
-            for p in parts:
-                assert [rank[j] for j in p] == sorted(rank[j] for j in p)  # each worker in priority order
-            if cost is None:
-                assert parts == [jobs[i::n] for i in range(n)]  # equal costs: round-robin
-            else:
-                load = [sum(cost(j) for j in p) for p in parts]
-                assert max(load) - min(load) <= 3.0 or n > len(jobs), load  # balanced to within one job
-    with pytest.raises(ValueError, match="at least one worker"):
-        br.partition_jobs(jobs, 0)
+ARMS = ["dapo", "cispo_5", "cispo_1.28", "cispo_masked", "grpo"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_arm_names_with_learning_rates_and_job_specs():
-    assert br.parse_arm("dapo") == ("dapo", None)
-    assert br.parse_arm("cispo_1.28@3e-5") == ("cispo_1.28", 3e-5)
+    assert grid.parse_arm("dapo") == ("dapo", None)
+    assert grid.parse_arm("cispo_1.28@3e-5") == ("cispo_1.28", 3e-5)
+    assert grid.parse_arm("cispo_5@best") == ("cispo_5", "best")
     for bad, match in (("ppo2", "unknown arm"), ("dapo@fast", "not a learning rate"), ("dapo@2", r"\(0, 1\)")):
         with pytest.raises(ValueError, match=match):
-            br.parse_arm(bad)
-    jobs = [("dapo@1e-4", 8, 0), ("cispo_1.28", 1, 2)]
-    assert br.format_jobs(jobs) == "dapo@1e-4:8:0,cispo_1.28:1:2"
-    assert br.parse_jobs(br.format_jobs(jobs).split(",")) == jobs
+            grid.parse_arm(bad)
+    jobs = [Job("dapo@0.0001", 8, 0), Job("cispo_1.28", 1, 2)]
+    assert grid.format_jobs(jobs) == "dapo@0.0001:8:0,cispo_1.28:1:2"
+    assert grid.parse_jobs(grid.format_jobs(jobs).split(",")) == jobs
     with pytest.raises(ValueError, match="arm:mu:seed"):
-        br.parse_jobs(["dapo:8"])
+        grid.parse_jobs(["dapo:8"])
 
     from m1jax.rl.learner import RLConfig
     from m1jax.rl.step import UpdateConfig
     update, config = UpdateConfig(loss="cispo", eps_is_high=0.3, learning_rate=1e-4), RLConfig(prompts=8)
-    u, c = br.arm_settings(update, config, "cispo_2@3e-5", 8)
-    assert (u.loss, u.knobs, u.mu, u.learning_rate) == ("cispo", {"ratio_max": 2.0}, 8, 3e-5)  # eps_is_high dropped
+    u, c = grid.arm_settings(update, config, "cispo_5@3e-5", 8)
+    assert (u.loss, u.knobs, u.mu, u.learning_rate) == ("cispo", {"ratio_max": 5.0}, 8, 3e-5)  # eps_is_high dropped
     assert c.dynamic_sampling and c.adv_norm == "group_std" and c.prompts == 8
-    u, c = br.arm_settings(update, config, "drgrpo", 1)
-    assert (u.loss, u.knobs, u.learning_rate, c.adv_norm, c.dynamic_sampling) == ("drgrpo", {}, 1e-4, "mean_only",
-                                                                                  False)
+    u, _ = grid.arm_settings(update, config, "cispo_1.28", 16)
+    assert (u.knobs, u.mu, u.learning_rate) == ({"eps_is_high": 0.28}, 16, 1e-4)  # M1's cap 1 + eps
+    u, c = grid.arm_settings(update, config, "grpo", 1)
+    assert (u.loss, c.adv_norm, c.dynamic_sampling) == ("grpo", "group_std", False)
+    with pytest.raises(ValueError, match="resolve"):
+        grid.arm_settings(update, config, "dapo@best", 8)
 
 
-def _run(arm, mu, seed, accs, greedy=None, every=5):
-    """Eval records of one finished run: acc at steps 0, every, 2 * every, ..."""
-    greedy = accs if greedy is None else greedy
-    return [{"arm": arm, "mu": mu, "seed": seed, "step": i * every, "acc": a, "greedy_acc": g,
-             "acc_carry": a / 2, "greedy_acc_carry": g / 2} for i, (a, g) in enumerate(zip(accs, greedy))]
+def test_job_order_sweep_first_then_best_rates():
+    lrs = [1e-5, 1e-4]
+    jobs = grid.grid_jobs(["dapo", "cispo_5@3e-5"], [8, 16, 1], 2, lrs=lrs, sweep_mu=8)
+    sweep = ["dapo@1e-05", "dapo@0.0001", "cispo_5@3e-5"]
+    assert grid.compiled_arms(["dapo", "cispo_5@3e-5"], lrs) == sweep
+    assert jobs == ([Job(a, 8, s) for s in range(2) for a in sweep]
+                    + [Job(a, mu, s) for s in range(2) for mu in (16, 1) for a in ("dapo@best", "cispo_5@3e-5")])
+    assert grid.grid_jobs(["dapo", "grpo"], [8, 1], 2) == [Job(a, mu, s) for s in range(2) for mu in (8, 1)
+                                                           for a in ("dapo", "grpo")]
+    with pytest.raises(ValueError, match="sweep mu"):
+        grid.grid_jobs(["dapo"], [8], 1, lrs=lrs, sweep_mu=4)
 
 
-def test_analysis_compares_each_arm_with_dapo_at_its_learning_rate(tmp_path):
-    records = (_run("dapo", 8, 0, [0.2, 0.3, 0.5]) + _run("dapo", 8, 1, [0.2, 0.4, 0.5])
-               + _run("dapo@1e-5", 8, 0, [0.2, 0.25, 0.3], greedy=[0.0, 0.5, 1.0])
-               + _run("cispo_5@1e-5", 8, 0, [0.2, 0.3, 0.35]) + _run("cispo_5", 8, 0, [0.2, 0.6, 0.7])
-               + _run("cispo_5", 8, 1, [0.2, 0.4, 0.5]))
-    summary = br.analyze(records)
-    rows = {r["arm"]: r for r in summary["table"]}
-    assert summary["base_acc"] == pytest.approx(0.2)
-    # cispo_5@1e-5 reaches dapo@1e-5's final 0.3 at step 5 of 10; plain cispo_5 (mean 0.5 at step 5) reaches plain
-    # dapo's 0.5 there too.
-    assert (rows["cispo_5@1e-5"]["ref"], rows["cispo_5@1e-5"]["a_D"], rows["cispo_5@1e-5"]["s_over_S"]) == (
-        "dapo@1e-5", pytest.approx(0.3), 0.5)
-    assert (rows["cispo_5"]["ref"], rows["cispo_5"]["a_D"], rows["cispo_5"]["s_over_S"]) == ("dapo", 0.5, 0.5)
-    assert rows["dapo"]["s_over_S"] == 1.0 and rows["cispo_5"]["seeds"] == 2
-    assert rows["cispo_5"]["final_acc"] == pytest.approx(0.6)
-    assert rows["dapo@1e-5"]["final_greedy_acc"] == 1.0 and rows["dapo@1e-5"]["final_greedy_acc_carry"] == 0.5
-    assert rows["cispo_5"]["steps_to_50pct"] == 10.0  # base 0.2: 50% of the way to 1 is 0.6, the mean at step 10
-    br.write_outputs(str(tmp_path), summary, records)
-    table = (tmp_path / "summary.md").read_text()
-    assert "final_greedy_acc" in table and "| dapo@1e-5 | 8 | 1 | 0.300 | 0.000 | 1.000 | 0.150 | 0.500 |" in table
+STEPS = 4
 
 
-def test_merge_keeps_complete_runs_of_surviving_workers(tmp_path):
-    jobs = [("dapo", 2, 0), ("cispo_5", 2, 0), ("dapo", 1, 0), ("cispo_5", 1, 0)]
-    done = _run("dapo", 2, 0, [0.1, 0.2, 0.3])
-    cut = _run("dapo", 1, 0, [0.1, 0.2])  # a worker stopped mid-run
-    with open(tmp_path / "results_0.jsonl", "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in done[::-1] + cut)
-        fh.write('{"arm": "dapo", "mu"')  # killed mid-write
-    # worker 1 (cispo_5 jobs) crashed before writing anything
-    records, report = br.merge_results(str(tmp_path), 2, jobs, steps=10)
-    assert records == done
-    assert report == {"finished": ["dapo:2:0"], "incomplete": ["dapo:1:0"], "missing": ["cispo_5:2:0", "cispo_5:1:0"]}
+def _run(job, final_acc):
+    """The records of a finished run whose accuracy rises linearly to final_acc."""
+    return [{"arm": job.arm, "mu": job.mu, "seed": job.seed, "step": s, "acc": final_acc * s / STEPS,
+             "greedy_acc": 0.0} for s in range(STEPS + 1)]
 
 
-def test_no_job_starts_after_the_deadline():
-    lines, out = [], io.StringIO()
-    records = br.run_jobs(None, None, [("dapo", 8, 0), ("grpo", 1, 1)], deadline_at=time.time() - 1,
-                          results=out, log=lines.append)
-    assert records == [] and out.getvalue() == ""
-    assert lines == ["SKIP dapo mu=8 seed=0 (deadline; expected 0s)", "SKIP grpo mu=1 seed=1 (deadline; expected 0s)"]
+def test_scheduler_resolves_best_rates_waits_for_the_sweep_and_skips_done_jobs():
+    jobs = grid.grid_jobs(["dapo"], [8, 1], 1, lrs=[1e-5, 1e-4], sweep_mu=8)
+    done = {Job("dapo@1e-05", 8, 0): _run(Job("dapo@1e-05", 8, 0), 0.3)}
+    sched = grid.Scheduler(jobs, deadline_at=1e12, lrs=[1e-5, 1e-4], sweep_mu=8, done=done, log=lambda m: None)
+    sched.results.update(done)
+    first = sched.next_job(now=0)
+    assert first == Job("dapo@0.0001", 8, 0)
+    assert sched.next_job(now=0) == "wait"  # dapo@best at mu 1 needs the running sweep run
+    assert sched.finish(first, 10.0, _run(first, 0.6), STEPS)
+    assert sched.next_job(now=0) == Job("dapo@0.0001", 1, 0)  # 1e-4 has the better AUC
+    assert sched.next_job(now=0) is None
+    assert sched.skipped == [Job("dapo@1e-05", 8, 0)]
+    # A run cut before its last step is not kept, and its duration does not count.
+    cut = Job("dapo@0.0001", 1, 0)
+    assert not sched.finish(cut, 3.0, _run(cut, 0.5)[:-1], STEPS) and cut not in sched.results
+    assert sched.estimate(1) == 10.0  # no mu = 1 job finished: the median of all finished jobs
 
 
-TINY = ["--layers=2", "--period=2", "--hidden=32", "--heads=2", "--head_dim=8", "--experts=2", "--ffn=32",
-        "--min_digits=1", "--max_digits=1", "--sft_steps=300", "--sft_batch=64", "--sft_lr=1e-2", "--prompts=2",
-        "--group_size=4", "--rl_steps=2", "--eval_every=2", "--eval_problems=8", "--eval_samples=4", "--lr=3e-3",
-        "--arms=dapo,cispo_5@1e-3", "--mu1_arms=dapo", "--mus=2,1", "--seeds=1", "--nomismatch"]
+def test_scheduler_deadline_uses_the_durations_of_finished_jobs():
+    jobs = [Job("dapo", 8, s) for s in range(3)] + [Job("dapo", 1, 0)]
+    logged = []
+    sched = grid.Scheduler(jobs, deadline_at=100.0, log=logged.append, default_estimate=lambda mu: 60.0 if mu == 8
+                           else 5.0)
+    job = sched.next_job(now=0)
+    assert job == Job("dapo", 8, 0)
+    sched.finish(job, 50.0, _run(job, 0.5), STEPS)  # mu 8 jobs now take 50 s
+    assert sched.next_job(now=55.0) == Job("dapo", 1, 0)  # 55 + 50 > 100: both mu 8 jobs skipped; mu 1 fits (5 s)
+    assert sched.skipped == [Job("dapo", 8, 1), Job("dapo", 8, 2)] and "skip dapo:8:1" in logged[0]
+    assert sched.next_job(now=55.0) is None
 
 
-def _jsonl(path):
-    with open(path) as fh:
-        return [json.loads(line) for line in fh]
+def test_results_are_compact_and_only_complete_runs_are_finished(tmp_path):
+    small = grid.compact({"a": 0.123456789, "b": [1.0000001, float("inf")], "c": 3, "d": float("nan")})
+    assert {k: v for k, v in small.items() if k != "d"} == {"a": 0.12346, "b": [1.0, float("inf")], "c": 3}
+    assert np.isnan(small["d"])
+    a, b = Job("dapo", 8, 0), Job("grpo", 8, 0)
+    records = _run(a, 0.5)[::-1] + _run(b, 0.4)[:3]
+    runs = grid.finished_runs(records, STEPS)
+    assert list(runs) == [a] and [r["step"] for r in runs[a]] == list(range(STEPS + 1))
+    path = str(tmp_path / "results.jsonl.gz")
+    grid.write_results(path, runs)
+    assert analysis.load_records(path) == runs[a] and not os.path.exists(path + ".partial")
 
 
-def _bench(*flags, timeout=600):
+def test_policy_directory_travels_in_parts(tmp_path):
+    src = tmp_path / "pretrained"
+    (src / "sub").mkdir(parents=True)
+    blob = np.random.default_rng(0).bytes(25_000)
+    (src / "sub" / "weights.bin").write_bytes(blob)
+    (src / "config.json").write_text('{"a": 1}')
+    parts = grid.pack_directory(str(src), str(tmp_path / "pretrained"), part_bytes=10_000)
+    assert len(parts) >= 3 and all(os.path.getsize(p) <= 10_000 for p in parts)
+    got = grid.unpack_directory(str(tmp_path / "pretrained"), str(tmp_path / "carried"))
+    assert got == str(tmp_path / "carried" / "pretrained")
+    assert (tmp_path / "carried" / "pretrained" / "sub" / "weights.bin").read_bytes() == blob
+    with pytest.raises(FileNotFoundError):
+        grid.unpack_directory(str(tmp_path / "nothing"), str(tmp_path / "x"))
+
+
+FAKE_WORKER = textwrap.dedent("""
+    import json, sys
+    from m1jax.rl import grid
+    path = sys.argv[1]
+    def reply(msg):
+        print(grid.PROTOCOL + msg, flush=True)
+    reply("READY")
+    for line in sys.stdin:
+        words = line.split()
+        if words[0] == "STOP":
+            break
+        job = grid.parse_jobs([words[1]])[0]
+        with open(path, "a") as fh:
+            for s in range(5):
+                fh.write(json.dumps({"arm": job.arm, "mu": job.mu, "seed": job.seed, "step": s,
+                                     "acc": 0.1 * s * (2 if "1e-04" in job.arm or "0.0001" in job.arm else 1)}) + "\\n")
+        reply(f"DONE {job} 1.5")
+""")
+
+
+def test_workers_get_one_job_at_a_time_and_the_best_rate_of_finished_sweeps(tmp_path):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    jobs = grid.grid_jobs(["dapo"], [8, 1], 2, lrs=[1e-5, 1e-4], sweep_mu=8)
+    sched = grid.Scheduler(jobs, deadline_at=1e12, lrs=[1e-5, 1e-4], sweep_mu=8, log=lambda m: None)
+    paths = [str(tmp_path / f"r{i}.jsonl") for i in range(2)]
+    lines = []
+    codes = grid.run_workers([[sys.executable, str(script), p] for p in paths], sched, result_paths=paths, steps=4,
+                             log_paths=[str(tmp_path / f"w{i}.log") for i in range(2)],
+                             env=dict(os.environ, PYTHONPATH=ROOT), log=lines.append)
+    assert codes == {0: 0, 1: 0}
+    assert sorted(map(str, sched.results)) == sorted(["dapo@1e-05:8:0", "dapo@0.0001:8:0", "dapo@1e-05:8:1",
+                                                      "dapo@0.0001:8:1", "dapo@0.0001:1:0", "dapo@0.0001:1:1"])
+    assert not sched.pending and not sched.running and sum(" JOB " in line for line in lines) == 6
+
+
+TINY = ["--task=column_addition", "--min_digits=1", "--max_digits=3", "--forget_prob=0.6", "--layers=2",
+        "--period=2", "--hidden=32", "--heads=2", "--head_dim=8", "--experts=2", "--ffn=32", "--sft_steps=60",
+        "--sft_batch=32", "--sft_lr=1e-2", "--prompts=2", "--group_size=4", "--rl_steps=2", "--eval_every=1",
+        "--eval_problems=8", "--eval_samples=4", "--diag_problems=16", "--mus=8,1", "--lrs=1e-3,3e-3",
+        "--sweep_mu=8", "--seeds=2"]
+
+
+def _grid_main(*flags, timeout=900):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "experiments.rl_grid", *TINY, *flags], capture_output=True, check=False,
-                          text=True, timeout=timeout, env=env, cwd=os.path.dirname(os.path.dirname(br.__file__)))
+    proc = subprocess.run([sys.executable, "-m", "experiments.rl_grid", *TINY, *flags], capture_output=True,
+                          check=False, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def two_worker_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench_rl")
-    stdout = _bench(f"--out={root / 'out2'}", f"--workdir={root / 'work'}", "--workers=2", "--probe_steps=2")
-    return root, stdout
-
-
-def test_two_workers_merge_every_job_into_the_summary(two_worker_run):
-    root, stdout = two_worker_run
-    out = root / "out2"
-    records = _jsonl(out / "results.jsonl")
-    runs = {(r["arm"], r["mu"], r["seed"]): [] for r in records}
-    for r in records:
-        runs[(r["arm"], r["mu"], r["seed"])].append(r["step"])
-    assert runs == {("dapo", 2, 0): [0, 1, 2], ("cispo_5@1e-3", 2, 0): [0, 1, 2], ("dapo", 1, 0): [0, 1, 2]}
-    assert stdout.count(" JOB ") == 3 and "worker 1: pid" in stdout  # one progress line per job, from the workers
+def test_dry_run_of_the_whole_pipeline(tmp_path):
+    """Pretraining, diagnostics, every arm at two rates at mu = 8 and at its best rate at mu = 1, two seeds, the
+    analysis table; then a second call given the first's results runs only the jobs of a third seed."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    _grid_main(f"--out={out}", f"--workdir={work}")
     summary = json.loads((out / "summary.json").read_text())
-    assert sorted((r["arm"], r["mu"]) for r in summary["table"]) == [("cispo_5@1e-3", 2), ("dapo", 1), ("dapo", 2)]
-    assert summary["workers_report"]["failed_workers"] == {} and len(summary["workers_report"]["finished"]) == 3
-    assert summary["throughput_grid"]["concurrent"] and summary["throughput_grid"]["workers"] == 2
-    for mu in ("mu2", "mu1"):  # the solo probe ran dapo (cispo_5 is not in the grid) at both mu, before the workers
-        probe = summary["throughput_solo"][mu]
-        assert probe["arm"] == "dapo" and probe["rollout_tokens_per_s"] > 0 and probe["update_tokens_per_s"] > 0
-    # the pretrained policy fits the 1-digit teacher: it writes the carry digit with probability well below 1
-    pre = summary["pretrained"]
-    assert 0.1 < pre["p_correct_at_carry"] < 0.8 < pre["p_correct_elsewhere"], pre
-    assert pre["greedy_acc_carry"] <= pre["greedy_acc"] and pre["acc"] > 0.1, pre
-    evals = [r for r in records if "acc" in r]
-    assert all({"acc", "greedy_acc", "acc_carry", "greedy_acc_carry", "eval_s"} <= set(r) for r in evals)
-    assert all(os.path.exists(out / f) for f in ("pretrained.tar", "worker_0.log", "worker_1.log", "summary.md"))
+    assert sorted(os.listdir(out)) == ["acc_mu1.png", "acc_mu8.png", "pretrained.part_000", "results.jsonl.gz",
+                                       "summary.json", "summary.md"]
+    forks = summary["pretrained"]["forks"]
+    assert forks["decision"]["tokens"] > 0 and 0 <= summary["pretrained"]["acc"] <= 1
+    rows = {(r["arm"], r["mu"]): r for r in summary["table"]}
+    assert sorted(rows) == sorted((a, mu) for a in ARMS for mu in (8, 1))
+    for (arm, mu), row in rows.items():
+        assert row["seeds"] == 2 and row["lr"] in (1e-3, 3e-3) and "ratio" in row, row
+        assert ("verdict" in row) == arm.startswith("cispo"), row
+        assert ("is_cap_frac" in row) == arm.startswith("cispo") and ("ppo_clip_frac" in row) == (
+            arm in ("dapo", "grpo", "cispo_masked")), row
+        assert "decision_frac" in row, row  # the task marks decision points (whether kept groups hold any varies)
+    # mu = 1 ran each arm at its best rate at mu = 8 only.
+    assert {r["arm"] for r in summary["sweep"] if r["mu"] == 1} == {rows[(a, 8)]["run"] for a in ARMS}
+    assert summary["claim"]["arm"] == "cispo_5" and summary["claim"]["mu"] == 8
+    assert "Claim (cispo_5 vs dapo, mu=8)" in (out / "summary.md").read_text()
+    records = analysis.load_records(str(out / "results.jsonl.gz"))
+    assert len(grid.finished_runs(records, 2)) == 2 * 2 * len(ARMS) + 2 * len(ARMS)
 
-
-def test_one_process_run_of_a_job_matches_its_worker_run(two_worker_run):
-    root, _ = two_worker_run
-    job = "cispo_5@1e-3:2:0"
-    _bench(f"--out={root / 'out1'}", f"--workdir={root / 'work1'}", "--workers=1", "--probe_steps=0",
-           f"--jobs={job}", f"--init_checkpoint={root / 'work' / 'pretrained'}")
-    one = _jsonl(root / "out1" / "results.jsonl")
-    two = [r for r in _jsonl(root / "out2" / "results.jsonl") if r["arm"] == "cispo_5@1e-3"]
-    timing = ("rollout_s", "score_s", "update_s", "eval_s")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in one] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in two]
-    assert one[0]["acc"] > 0 and np.isfinite(one[1]["loss"]) and one[1]["kept_groups"] >= 1, one
+    out2 = tmp_path / "out2"
+    stdout = _grid_main(f"--out={out2}", f"--workdir={work}", f"--init_checkpoint={out / 'pretrained'}",
+                        f"--previous={out / 'results.jsonl.gz'}", "--seeds=3", "--nodiagnose", "--arms=dapo,cispo_5")
+    assert "18 jobs, 12 done in --previous, 6 to run" in stdout, stdout[-2000:]
+    runs = grid.finished_runs(analysis.load_records(str(out2 / "results.jsonl.gz")), 2)
+    assert {j for j in runs if j.seed == 2} == {Job("dapo@0.001", 8, 2), Job("dapo@0.003", 8, 2),
+                                                Job("cispo_5@0.001", 8, 2), Job("cispo_5@0.003", 8, 2),
+                                                Job(rows[("dapo", 8)]["run"], 1, 2), Job(rows[("cispo_5", 8)]["run"], 1, 2)}
+    assert all(runs[j] == grid.finished_runs(records, 2)[j] for j in runs if j.seed < 2)  # carried unchanged

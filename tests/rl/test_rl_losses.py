@@ -314,3 +314,45 @@ def test_invalid_inputs_raise(name, knobs, shapes, message):
     args = [-np.ones(arrays[k], np.float32) for k in ("logp", "old_logp", "advantages", "mask")]
     with pytest.raises(ValueError, match=message):
         policy_loss(name, *args, **knobs)
+
+
+# Decision points of the hand-built minibatch: every other active token (cases 0, 2, 4, 6, 8, 10 of CASES).
+DECISION = np.zeros((4, 4), bool)
+DECISION[MASK > 0] = np.arange(len(CASES)) % 2 == 0
+
+
+@pytest.mark.parametrize("name,knobs,column", [("cispo", {}, "cispo"), ("cispo", {"eps_is_high": 0.28}, "cispo_eps"),
+                                               ("cispo_masked", {}, "cispo_masked"), ("dapo", {}, "dapo")])
+def test_token_coefficients_clip_fractions_and_gradient_share(name, knobs, column):
+    """dL/dlogp against the closed form (-c/N on every active token), which tokens are clipped overall and at the
+    decision points, and the decision points' share of sum |dL/dlogp|, all by hand from CASES."""
+    from m1jax.rl.losses import gradient_share, token_coefficients
+    z, tokens, old_logp, adv, ratio = _tabular_batch()
+    logp = _logp(jnp.asarray(z), tokens)
+    n = LENGTHS.sum()
+    want = -_coef(column) / n
+    got = np.asarray(token_coefficients(name, logp, old_logp, adv, MASK, **knobs))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+    share = float(gradient_share(jnp.asarray(got), MASK, DECISION))
+    assert share == pytest.approx(np.abs(want)[DECISION].sum() / np.abs(want).sum(), rel=1e-5)
+
+    _, metrics = policy_loss(name, logp, old_logp, adv, MASK, decision=DECISION, **knobs)
+    a, r = CASES[:, 0], CASES[:, 1]
+    dec = np.arange(len(CASES)) % 2 == 0
+    dapo_drops = ((a > 0) & (r > 1.28)) | ((a < 0) & (r < 0.8))  # DAPO's mask M = 0 (its gradient is 0 there)
+    assert np.array_equal(dapo_drops, CASES[:, COLUMN["dapo"]] == 0)
+    expected = {}
+    if name == "dapo":
+        expected["ppo_clip_frac"] = dapo_drops
+    else:
+        cap = 5.0 if not knobs else 1.28
+        expected["is_cap_frac"] = r > cap
+        expected["ppo_clip_frac" if name == "cispo_masked" else "trust_region_frac"] = dapo_drops
+    assert sorted(k for k in metrics if k.endswith("_frac") and k not in ("decision_frac",)) == sorted(expected)
+    for key, tokens_clipped in expected.items():
+        assert float(metrics[key]) == pytest.approx(tokens_clipped.mean()), key
+        assert float(metrics[key + "_decision"]) == pytest.approx(tokens_clipped[dec].mean()), key
+    assert float(metrics["decision_frac"]) == pytest.approx(dec.mean())
+    # The tokens DAPO drops carry no gradient under dapo and cispo_masked, and keep it under plain CISPO.
+    kept = np.abs(got[MASK > 0]) > 0
+    assert np.array_equal(kept, ~dapo_drops if name in ("dapo", "cispo_masked") else np.ones_like(kept))

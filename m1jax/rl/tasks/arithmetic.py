@@ -145,17 +145,7 @@ class ArithmeticTask(Task):
 
     def reward(self, problem: Problem, completion, tokenizer: CharTokenizer | None = None) -> float:
         """Reward of one completion: token ids [T] that follow the prompt (EOS-terminated, then anything)."""
-        tokenizer = _TOKENIZER if tokenizer is None else tokenizer
-        ids = np.asarray(completion).tolist()
-        if tokenizer.EOS not in ids:
-            return 0.0
-        body = ids[:ids.index(tokenizer.EOS)]
-        if not body or not all(i in tokenizer.digit_ids for i in body):
-            return 0.0
-        text = tokenizer.decode(body)
-        if text == problem.answer:
-            return 1.0
-        return self.format_reward if len(text) == len(problem.answer) else 0.0
+        return answer_reward(problem.answer, completion, self.format_reward, tokenizer)
 
     def _written_digits(self, problem: Problem, rng: np.random.Generator | None):
         """(digit, had_carry_in) per written position, LSD first. rng=None writes the exact answer."""
@@ -179,6 +169,22 @@ class ArithmeticTask(Task):
         if rng is None and "".join(str(d) for d, _ in out) != problem.answer:
             raise AssertionError(f"column arithmetic disagrees with the exact answer for {problem}")
         return out
+
+
+def answer_reward(answer: str, completion, format_reward: float = 0.0, tokenizer: CharTokenizer | None = None) -> float:
+    """1 if ``completion`` (token ids [T]) is ``answer``'s digits then EOS (anything after EOS is ignored);
+    ``format_reward`` for digits then EOS of the right length; 0 otherwise, a completion with no EOS included."""
+    tokenizer = _TOKENIZER if tokenizer is None else tokenizer
+    ids = np.asarray(completion).tolist()
+    if tokenizer.EOS not in ids:
+        return 0.0
+    body = ids[:ids.index(tokenizer.EOS)]
+    if not body or not all(i in tokenizer.digit_ids for i in body):
+        return 0.0
+    text = tokenizer.decode(body)
+    if text == answer:
+        return 1.0
+    return format_reward if len(text) == len(answer) else 0.0
 
 
 def pad_sequences(seqs, length: int | None = None, pad_id: int = CharTokenizer.PAD, side: str = "right"):
