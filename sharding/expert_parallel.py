@@ -27,6 +27,13 @@ Capacity: dropless (default, ``capacity_factor=None``) takes the worst case ``C 
 ``capacity_factor`` c gives ``C = ceil(c * n_local * k / EP)`` and drops, per (source, destination shard), the
 assignments past the first ``C`` in token order (their contribution is zero, as in Switch/GShard token dropping).
 Both transports drop the same assignments, so they compute the same function.
+
+Expert weights enter the shard_map as they are placed (``sharding.rules.param_spec``): experts over ``expert`` and,
+under ``fsdp_params()``, the embed dim over the FSDP axes (and the hidden dim over ``tensor`` when it has one). Each
+device all-gathers its local experts' whole weights inside (bf16: the cast ran on the shard), so the backward's
+transpose of that gather is a reduce-scatter and the gradients leave already in the FSDP layout. A weight passed in
+replicated over data instead would come back through a psum of the local experts' whole gradients over every axis
+it does not name: an all-reduce of twice the bytes, and a full-size gradient buffer on every device.
 """
 from __future__ import annotations
 
@@ -38,13 +45,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sharding.rules import logical_to_mesh_spec
+from sharding.rules import logical_to_mesh_spec, param_spec
 
 EXPERT_AXIS = "expert"
 # Backends whose XLA implements ragged_all_to_all (jax.Device.platform / jax.default_backend() names).
 _NATIVE_RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 TRANSPORTS = ("padded", "ragged")
 DEFAULT_TRANSPORT = "padded"  # see the module docstring for the measurement behind it
+# Logical axis names of the expert weights (the MoE layer's parameters): w1, w3 [E, D, F] and w2 [E, F, D].
+W_IN_NAMES = ("experts", "embed", "mlp")
+W_OUT_NAMES = ("experts", "mlp", "embed")
 
 
 def capacity(n_local: int, k: int, num_experts: int, ep: int, capacity_factor: float | None) -> int:
@@ -222,8 +232,25 @@ def _ragged_transport(x, flat, kept, ffn, *, ep, cap, num_local, emulate):
 # ---------------------------------------------------------------------------------------------------- entry
 
 
-def _moe_shard(x, weights, experts, w1, w3, w2, *, ep, cap, transport, emulate, swiglu, grouped_matmul):
-    """Per device: x [n, D], weights/experts [n, k], w* [E/EP, ...] local experts -> [n, D] fp32."""
+def _gather_weight(w, spec: P):
+    """This device's block of an expert weight (placed by ``spec``) -> its local experts' whole weight [E/EP, ...]:
+    a tiled all-gather of every later dim over the axes that split it; the transpose reduce-scatters the gradient."""
+    for dim, entry in enumerate(spec[1:], start=1):
+        if axes := _axes(entry):
+            w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+    return w
+
+
+def _weight_spec(names, shape, mesh, ep: int) -> P:
+    """The shard_map spec of an expert weight: experts over ``expert``, the other dims as the parameter is placed."""
+    return P(EXPERT_AXIS if ep > 1 else None, *param_spec(names, shape, mesh)[1:])
+
+
+def _moe_shard(x, weights, experts, w1, w3, w2, *, ep, cap, transport, emulate, swiglu, grouped_matmul,
+               w_specs=(P(), P(), P())):
+    """Per device: x [n, D], weights/experts [n, k], w* blocks of the E/EP local experts placed by ``w_specs``
+    -> [n, D] fp32."""
+    w1, w3, w2 = (_gather_weight(w, spec) for w, spec in zip((w1, w3, w2), w_specs))
     num_local = w1.shape[0]
     flat = experts.reshape(-1)                                  # [S = n*k] global expert of each assignment
     dest = flat // num_local
@@ -242,8 +269,9 @@ def moe_expert_parallel(x, weights, experts, w1, w3, w2, *, swiglu, grouped_matm
 
     Runs under the mesh set by ``jax.set_mesh`` (axis ``expert`` of size EP dividing E); without one, or with
     EP == 1, the same code runs on one shard. Token rows are split over every mesh axis that the rules give
-    "batch" and "length" (N = B*T flattened, batch-major), experts over ``expert``; the expert hidden dim is
-    gathered (tensor parallelism inside the experts is not done here). ``transport``: "padded", "ragged" or None
+    "batch" and "length" (N = B*T flattened, batch-major), experts over ``expert``; the weights' other dims enter as
+    the parameters are placed (FSDP under ``fsdp_params()``) and are all-gathered inside, so their gradients are
+    reduce-scattered (tensor parallelism inside the experts is not done here). ``transport``: "padded", "ragged" or None
     (``DEFAULT_TRANSPORT``, padded); "ragged" on a backend without ``ragged_all_to_all`` uses the emulation.
     """
     mesh = jax.sharding.get_abstract_mesh()
@@ -259,9 +287,10 @@ def moe_expert_parallel(x, weights, experts, w1, w3, w2, *, swiglu, grouped_matm
         return body(x, weights, experts, w1, w3, w2, cap=capacity(n, k, num_experts, 1, capacity_factor))
     rows = logical_to_mesh_spec((("batch", "length"),), shape=(n,), mesh=mesh)  # N = B*T rows, batch-major
     shards = math.prod(mesh.shape[a] for a in _axes(rows[0]))
-    body = functools.partial(body, cap=capacity(n // shards, k, num_experts, ep, capacity_factor))
-    w_spec = P(EXPERT_AXIS if ep > 1 else None)
-    return jax.shard_map(body, in_specs=(rows, rows, rows, w_spec, w_spec, w_spec), out_specs=rows,
+    w_specs = tuple(_weight_spec(names, w.shape, mesh, ep)
+                    for names, w in zip((W_IN_NAMES, W_IN_NAMES, W_OUT_NAMES), (w1, w3, w2)))
+    body = functools.partial(body, cap=capacity(n // shards, k, num_experts, ep, capacity_factor), w_specs=w_specs)
+    return jax.shard_map(body, in_specs=(rows, rows, rows, *w_specs), out_specs=rows,
                          check_vma=False)(x, weights, experts, w1, w3, w2)
 
 

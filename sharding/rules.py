@@ -148,6 +148,12 @@ def fsdp_params(enabled: bool = True) -> Iterator[None]:
         _FSDP_PARAMS.reset(token)
 
 
+def param_spec(logical_names: Sequence[str | None], shape: Sequence[int], mesh) -> P:
+    """The mesh spec of a parameter with these logical names while a step is traced: its FSDP layout under
+    ``fsdp_params()``, the plain rules' layout otherwise (what ``state_shardings`` gives it in either case)."""
+    return logical_to_mesh_spec(logical_names, fsdp=_FSDP_PARAMS.get(), shape=shape, mesh=mesh)
+
+
 def constrain_param(x: jax.Array, logical_names: Sequence[str | None] | None) -> jax.Array:
     """A parameter's value after a cast (``x``, e.g. the bf16 copy of an fp32 master), pinned to the parameter's own
     FSDP layout under ``fsdp_params()`` and ``jax.set_mesh``: the cast then runs on the local shard and the all-gather
