@@ -31,7 +31,9 @@ def define_flags():
     flags.DEFINE_string("params_dir", None, "m1jax parameter directory or training run directory.")
     flags.DEFINE_string("tokenizer_dir", None, "Directory with tokenizer.json (counts and writes text prompts).")
     flags.DEFINE_multi_string("set", [], "Model config override key=value (repeatable).")
-    flags.DEFINE_multi_string("engine_set", [], "Engine setting key=value (repeatable).")
+    flags.DEFINE_string("engine", "continuous", "Engine of --via=engine: continuous or static (experiments.serve's).")
+    flags.DEFINE_multi_string("engine_set", [], "Engine setting key=value (repeatable; --via=generate takes the static "
+                              "engine's).")
     flags.DEFINE_list("tasks", ["niah_multikey", "variable_tracking", "frequent_words"], "Tasks.")
     flags.DEFINE_list("lengths", ["1k"], "Prompt lengths in tokens (4096, 4k, 1m).")
     flags.DEFINE_integer("samples", 4, "Samples per task and length.")
@@ -60,9 +62,11 @@ def main(argv):
             vocab = (IdVocabulary(FLAGS.vocab_size) if text is None else
                      TextVocabulary(lambda s: len(text.encode(s))))
         else:
+            from m1jax.serve.engines import build_engine, engine_config
             from m1jax.serve.loading import load_served_model
-            from m1jax.serve.static import StaticEngine, StaticEngineConfig
-            engine_config = StaticEngineConfig().override(FLAGS.engine_set)
+            from m1jax.serve.static import StaticEngineConfig
+            # --via=generate batches like the static engine: its settings (max_batch_size, chunk_size, kv_dtype).
+            settings = engine_config(FLAGS.engine if FLAGS.via == "engine" else "static", 1 << 62, FLAGS.engine_set)
             source = load_served_model(preset=FLAGS.preset, hf_checkpoint=FLAGS.hf_checkpoint,
                                        params_dir=FLAGS.params_dir, overrides=FLAGS.set, seed=FLAGS.seed,
                                        tokenizer_dir=FLAGS.tokenizer_dir)
@@ -70,11 +74,12 @@ def main(argv):
             vocab = (IdVocabulary(source.config.vocab_size) if isinstance(text, TokenIdText) else
                      TextVocabulary(lambda s: len(text.encode(s))))
             if FLAGS.via == "engine":
-                engine = StaticEngine(source.model, engine_config)
+                engine = build_engine(FLAGS.engine, source.model, FLAGS.engine_set)
                 completer = runner.EngineCompleter(engine, text)
             else:
-                completer = runner.GenerateCompleter(source.model, text, engine_config.max_batch_size,
-                                                     engine_config.chunk_size, engine_config.kv_dtype)
+                assert isinstance(settings, StaticEngineConfig)
+                completer = runner.GenerateCompleter(source.model, text, settings.max_batch_size,
+                                                     settings.chunk_size, settings.kv_dtype)
         try:
             results = runner.evaluate(completer, vocab, FLAGS.tasks, lengths, FLAGS.samples, FLAGS.seed,
                                           FLAGS.max_new_tokens, log=print)

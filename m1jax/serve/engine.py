@@ -43,6 +43,7 @@ class ContinuousEngine(EngineLoop):
         super().__init__(model_cfg, max_context=config.max_context, max_stop_tokens=config.max_stop_tokens,
                          seed=config.seed)
         self.config = config
+        self.split = (graphdef, params)  # the model served (as StaticEngine has it)
         self.device = DevicePrograms(graphdef, params, model_cfg, config)
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: dict[str, Request] = {}

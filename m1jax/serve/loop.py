@@ -84,6 +84,7 @@ class EngineLoop(Engine, abc.ABC):
             request = Request(request_id, prompt, params, handle, seed, time.perf_counter())
             self._live[request_id] = request
             self._inbox.append(request)
+            self.counters["submitted_requests"] += 1
         self._wake.set()
         return handle
 
@@ -123,6 +124,8 @@ class EngineLoop(Engine, abc.ABC):
                 "generated_tokens": self.counters["generated_tokens"], "prompt_tokens": self.counters["prompt_tokens"],
                 "cached_prompt_tokens": self.counters["cached_prompt_tokens"],
                 "prefilled_tokens": self.counters["prefilled_tokens"], "steps": self.counters["steps"],
+                **{f"{what}_requests": self.counters[f"{what}_requests"] for what in ("submitted", "finished",
+                                                                                      "cancelled")},
                 "ttft_s": list(self._ttft), "itl_s": list(self._itl), "uptime_s": time.perf_counter() - self._started}
 
     # ------------------------------------------------------------------------------------------------ driving
@@ -199,14 +202,15 @@ class EngineLoop(Engine, abc.ABC):
         request.tokens.append(token)
         self.counters["generated_tokens"] += 1
         if finish_reason is not None:
-            self._forget(request)
+            self._forget(request, finish_reason)
         request.handle.put(TokenEvent(request.request_id, int(token), float(logprob), finish_reason))
 
     def _finish(self, request: Request, finish_reason: str, error: str | None = None) -> None:
         """End a request's stream with no further token."""
-        self._forget(request)
+        self._forget(request, finish_reason)
         request.handle.put(TokenEvent(request.request_id, None, None, finish_reason, error))
 
-    def _forget(self, request: Request) -> None:
+    def _forget(self, request: Request, finish_reason: str) -> None:
         with self._inbox_lock:
-            self._live.pop(request.request_id, None)
+            if self._live.pop(request.request_id, None) is not None:  # counted once, whatever ends it
+                self.counters["cancelled_requests" if finish_reason == "cancelled" else "finished_requests"] += 1

@@ -37,7 +37,14 @@ def tiny_config() -> ModelConfig:
                             rotary_dim=4, block_size=4, max_position_embeddings=MAX_POSITIONS, initializer_range=0.15)
 
 
+# The continuous engine (the server's default) at the shapes above: 4 slots, 16-token chunks, fp32 KV pages.
+ENGINE_SETTINGS = (f"max_batch={BATCH}", f"max_context={MAX_POSITIONS}", "page_size=8", f"chunk_size={CHUNK}",
+                   f"token_budget={BATCH + CHUNK}", f"snapshot_interval={CHUNK}", f"min_chunk={CHUNK}",
+                   f"min_decode_rows={BATCH}", f"min_context_bucket={MAX_POSITIONS}", "kv_dtype=float32")
+
+
 def engine_config():
+    """The static engine's settings at the shapes above (its own tests and the load test)."""
     from m1jax.serve.static import StaticEngineConfig
     return StaticEngineConfig(max_batch_size=BATCH, batch_timeout_s=0.02, chunk_size=CHUNK, kv_dtype="float32",
                               min_new_tokens_bucket=DECODE)
@@ -99,10 +106,11 @@ class ServerThread:
 
 @contextlib.contextmanager
 def serving(source, name: str = "tiny-m1"):
-    """(ServerThread, engine, ServedModel) for a ``m1jax.serve.loading.ServedModelSource``."""
+    """(ServerThread, engine, ServedModel) for a ``m1jax.serve.loading.ServedModelSource``: the server over the
+    continuous engine, as ``experiments.serve`` runs it."""
+    from m1jax.serve.engines import build_engine
     from m1jax.serve.server import ServedModel, create_app
-    from m1jax.serve.static import StaticEngine
-    engine = StaticEngine(source.model, engine_config())
+    engine = build_engine("continuous", source.model, ENGINE_SETTINGS)
     served = ServedModel(name, source.config.vocab_size, source.config.max_position_embeddings, source.text)
     with ServerThread(create_app(engine, served)) as thread:
         yield thread, engine, served

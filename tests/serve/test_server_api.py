@@ -215,7 +215,7 @@ BAD = [  # (server, path, body, status, message fragment)
      "text part"),
     ("text", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 200}, 400, "maximum context length"),
     ("text", "/v1/completions", {"prompt": "w1", "stop_token_ids": list(range(9)), "max_tokens": 2}, 400,
-     "at most 8 stop token ids"),
+     "at most 8 stop token"),
     ("text", "/v1/nowhere", {}, 404, "Not Found"),
 ]
 

@@ -98,8 +98,7 @@ def _free_port() -> int:
 def test_experiments_serve(checkpoint):
     port = _free_port()
     args = [sys.executable, "-m", "experiments.serve", f"--hf_checkpoint={checkpoint}", f"--port={port}",
-            "--served_model_name=m1-tiny", "--log_level=warning", f"--engine_set=max_batch_size={h.BATCH}",
-            f"--engine_set=chunk_size={h.CHUNK}", "--engine_set=kv_dtype=float32"]
+            "--served_model_name=m1-tiny", "--log_level=warning", *(f"--engine_set={s}" for s in h.ENGINE_SETTINGS)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -127,9 +126,11 @@ def test_experiments_serve(checkpoint):
     assert text == " ".join(h.WORDS[t] for t in tokens if t >= len(h.SPECIALS))
 
 
-@pytest.mark.parametrize("flags,message", [(["--engine=paged"], "the engines are"),
+@pytest.mark.parametrize("flags,message", [(["--engine=paged"], "unknown engine 'paged'"),
                                            (["--params_dir=/no/such/dir"], "not a directory"),
-                                           (["--engine_set=max_batch_size=0"], "must be >= 1")])
+                                           (["--engine_set=max_batch=0"], "must be >= 1"),
+                                           (["--engine=static", "--engine_set=max_batch=4"], "unknown config key 'max_batch'"),
+                                           (["--engine_set=max_context=100000"], "exceeds the model's")])
 def test_experiments_serve_refuses_bad_flags(flags, message):
     proc = subprocess.run([sys.executable, "-m", "experiments.serve", *flags], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
