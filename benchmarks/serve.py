@@ -270,6 +270,46 @@ def part_decode(s, cfg, split, results):
                          "floor_ms_measured_bw": 1e3 * floor / (bandwidth * 1e9),
                          "floor_ms_nominal_bw": 1e3 * floor / (s["nominal_bandwidth_gbs"] * 1e9)}
     results["decode"]["ratio_to_floor"] = results["decode"]["step_ms"] / results["decode"]["floor_ms_measured_bw"]
+    del device
+    results["decode"]["paged_attention"] = _paged_attention_split(cfg, batch, context, s["page_size"], bandwidth,
+                                                                  s["decode_reps"])
+
+
+def _paged_attention_split(cfg, batch: int, context: int, page_size: int, bandwidth_gbs: float, reps: int) -> dict:
+    """One softmax layer's paged decode attention alone at the decode step's shape, per implementation that takes it
+    (ms per layer, and the step's share: times the softmax layer count), against reading that layer's KV once."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.attention.paged import IMPLEMENTATIONS, paged_attention
+    from pallas_kernels.attention.paged.api import BACKENDS
+    per_seq = -(-context // page_size)
+    k_pages = jnp.full((cfg.num_key_value_heads, batch * per_seq + 1, page_size, cfg.head_dim), 0.01, jnp.bfloat16)
+    v_pages = k_pages + 0.01
+    q = jax.random.normal(jax.random.key(0), (batch, cfg.num_attention_heads, cfg.head_dim), jnp.bfloat16)
+    table = 1 + jnp.arange(batch * per_seq, dtype=jnp.int32).reshape(batch, per_seq)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    softmax_layers = sum(t == "softmax" for t in cfg.layer_types)
+    layer_kv_bytes = 2 * batch * context * cfg.num_key_value_heads * cfg.head_dim * 2
+    out = {"softmax_layers": softmax_layers, "layer_kv_bytes": layer_kv_bytes,
+           "layer_floor_ms": 1e3 * layer_kv_bytes / (bandwidth_gbs * 1e9)}
+    for name in IMPLEMENTATIONS:
+        if BACKENDS[name].unsupported(q, k_pages, table) is not None or (
+                name != "xla" and jax.default_backend() not in BACKENDS[name].native_platforms()):
+            continue
+        try:
+            fn = jax.jit(lambda *a, name=name: paged_attention(*a, implementation=name))
+            fn(q, k_pages, v_pages, lengths, table).block_until_ready()
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn(q, k_pages, v_pages, lengths, table).block_until_ready()
+                times.append(time.perf_counter() - t0)
+            ms = 1e3 * float(np.median(times))
+            out[name] = {"layer_ms": ms, "step_ms": ms * softmax_layers, "ratio_to_layer_floor": ms / out["layer_floor_ms"]}
+        except Exception as e:  # noqa: BLE001  (a backend that fails is recorded, the others still run)
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -303,6 +343,13 @@ def _table(results) -> str:
         lines.append(f"  decode step {d['batch']} x {d['context']}: {d['step_ms']:.2f} ms; floor "
                      f"{d['floor_ms_measured_bw']:.2f} ms at {d['copy_bandwidth_gbs']:.0f} GB/s "
                      f"({d['ratio_to_floor']:.2f}x, target <= 2x; {d['floor_ms_nominal_bw']:.2f} ms at nominal)")
+        for name, r in d.get("paged_attention", {}).items():
+            if isinstance(r, dict) and "layer_ms" in r:
+                lines.append(f"    paged attention {name}: {r['layer_ms']:.2f} ms per layer x "
+                             f"{d['paged_attention']['softmax_layers']} = {r['step_ms']:.2f} ms "
+                             f"({r['ratio_to_layer_floor']:.2f}x its KV read)")
+            elif isinstance(r, dict) and "error" in r:
+                lines.append(f"    paged attention {name}: {r['error']}")
     for part in results["settings"]["parts"]:
         if isinstance(results.get(part), dict) and "error" in results[part]:
             lines.append(f"  {part}: {results[part]['error']}")
