@@ -290,12 +290,13 @@ def _paged_attention_split(cfg, batch: int, context: int, page_size: int, bandwi
     table = 1 + jnp.arange(batch * per_seq, dtype=jnp.int32).reshape(batch, per_seq)
     lengths = jnp.full((batch,), context, jnp.int32)
     softmax_layers = sum(t == "softmax" for t in cfg.layer_types)
+    platform_name = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())  # the kernels' platform names
     layer_kv_bytes = 2 * batch * context * cfg.num_key_value_heads * cfg.head_dim * 2
     out = {"softmax_layers": softmax_layers, "layer_kv_bytes": layer_kv_bytes,
            "layer_floor_ms": 1e3 * layer_kv_bytes / (bandwidth_gbs * 1e9)}
     for name in IMPLEMENTATIONS:
         if BACKENDS[name].unsupported(q, k_pages, table) is not None or (
-                name != "xla" and jax.default_backend() not in BACKENDS[name].native_platforms()):
+                name != "xla" and platform_name not in BACKENDS[name].native_platforms()):
             continue
         try:
             fn = jax.jit(lambda *a, name=name: paged_attention(*a, implementation=name))

@@ -91,10 +91,13 @@ def test_unused_table_entries_are_never_attended(impl, at):
     assert at.rel_err(_as64(out), want) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("batch,pages,want", [(1, 64, (16, 4)), (64, 64, (1, 8)), (4, 12, (6, 2))])
-def test_triton_splits_the_context_when_rows_and_heads_are_few(batch, pages, want):
-    """(context splits, pages per compute block) for M1's 8 KV heads x 8 query heads each."""
-    assert pallas_triton.plan(batch, 8, 8, pages) == want
+@pytest.mark.parametrize("batch,pages,page_size,want", [(1, 64, 16, (16, 4)), (64, 64, 16, (1, 8)),
+                                                       (4, 12, 16, (6, 2)), (64, 1024, 128, (1, 2)),
+                                                       (64, 1024, 512, (1, 1))])
+def test_triton_splits_the_context_when_rows_and_heads_are_few(batch, pages, page_size, want):
+    """(context splits, pages per compute block) for M1's 8 KV heads x 8 query heads each; a block holds at most
+    MAX_BLOCK_TOKENS tokens (the K/V blocks must fit shared memory), at least one page."""
+    assert pallas_triton.plan(batch, 8, 8, pages, page_size) == want
 
 
 @pytest.mark.parametrize("start,length", [(0, 20), (21, 9), (40, 24)])

@@ -18,6 +18,9 @@ import jax.numpy as jnp
 PLATFORMS = ("cuda", "rocm")
 BLOCK_H = 16               # query heads per program (the kernel's minimum; a KV head's group is padded to it)
 MAX_PAGES_PER_BLOCK = 8    # pages per compute block (the kernel's default)
+# Tokens per compute block: K and V blocks of this many tokens sit in shared memory (with the pipeline's copies):
+# 1024 tokens of D = 128 in bf16 asked for 290 KB on an H200 (232 KB available), so 128-token pages take 2 per block.
+MAX_BLOCK_TOKENS = 256
 MAX_SPLITS = 16            # context splits per row (the kernel's default)
 TARGET_PROGRAMS = 264      # split the context until rows x KV heads x splits reach this (2 per H100 SM)
 
@@ -34,13 +37,14 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-def plan(batch: int, n_kv: int, group: int, pages_per_sequence: int) -> tuple[int, int]:
+def plan(batch: int, n_kv: int, group: int, pages_per_sequence: int, page_size: int) -> tuple[int, int]:
     """(k_splits, pages_per_compute_block): split the context until the grid reaches ``TARGET_PROGRAMS`` programs
     (at most ``MAX_SPLITS``; a divisor of pages_per_sequence, as the kernel needs), blocks of at most
-    ``MAX_PAGES_PER_BLOCK`` pages dividing a split."""
+    ``MAX_PAGES_PER_BLOCK`` pages and ``MAX_BLOCK_TOKENS`` tokens (at least one page) dividing a split."""
     programs = batch * n_kv * -(-group // BLOCK_H)
     splits = _largest_divisor(pages_per_sequence, min(MAX_SPLITS, max(1, -(-TARGET_PROGRAMS // programs))))
-    pages = _largest_divisor(pages_per_sequence // splits, MAX_PAGES_PER_BLOCK)
+    per_block = max(1, min(MAX_PAGES_PER_BLOCK, MAX_BLOCK_TOKENS // page_size))
+    pages = _largest_divisor(pages_per_sequence // splits, per_block)
     return splits, pages
 
 
@@ -49,7 +53,7 @@ def unsupported(q, k_pages, page_indices) -> str | None:
     d, page_size = q.shape[-1], k_pages.shape[2]
     if not _power_of_two(d) or d < 16:
         return f"needs a power-of-two head dim >= 16 (got {d})"
-    _, pages = plan(q.shape[0], k_pages.shape[0], q.shape[1] // k_pages.shape[0], page_indices.shape[1])
+    _, pages = plan(q.shape[0], k_pages.shape[0], q.shape[1] // k_pages.shape[0], page_indices.shape[1], page_size)
     if not _power_of_two(page_size * pages) or page_size * pages < 16:
         return (f"needs page_size x pages per block to be a power of two >= 16 (page_size {page_size}, "
                 f"{pages} pages per block)")
@@ -65,7 +69,7 @@ def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, interpret: bo
 
     b, nh, d = q.shape
     n_kv = k_pages.shape[0]
-    splits, pages = plan(b, n_kv, nh // n_kv, page_indices.shape[1])
+    splits, pages = plan(b, n_kv, nh // n_kv, page_indices.shape[1], k_pages.shape[2])
     scaled = (q.astype(jnp.float32) / jnp.sqrt(jnp.float32(d))).astype(k_pages.dtype)
     out = gpu_paged.paged_attention(scaled, k_pages, v_pages.astype(k_pages.dtype), page_indices.astype(jnp.int32),
                                     lengths.astype(jnp.int32), block_h=BLOCK_H, pages_per_compute_block=pages,
