@@ -2,7 +2,7 @@
 
     python -m experiments.compile --topology=v5p:2x2x1 --mesh=data=2,expert=2 --preset=tiny
     python -m experiments.compile --topology=v5p-512 --mesh=data=16,expert=8,sequence=2 --preset=m1 \\
-        --set remat=true --set moe_implementation=expert_parallel --workloads=train --batch=256 --seq_len=8192 \\
+        --set remat=true --set moe_implementation=expert_parallel --workloads=train --batch=128 --seq_len=8192 \\
         --out=/tmp/m1_v5p512.json
 
 Needs libtpu (``pip install 'jax[tpu]==0.11.2'``, part of the ``tpu`` and ``test`` extras); no TPU. Each workload is
