@@ -82,6 +82,8 @@ flags.DEFINE_integer("eval_samples", 8, "Samples per held-out problem (temperatu
 flags.DEFINE_integer("seed", 0, "Seed (model init, data, sampling).")
 flags.DEFINE_string("workdir", "/tmp/m1jax_rl", "Output directory.")
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir (else start afresh there).")
+flags.DEFINE_bool("overwrite", False, "Start afresh in a --workdir that holds an earlier run's RL checkpoints, "
+                  "deleting them (without it such a directory is refused).")
 flags.DEFINE_integer("checkpoint_every", 0, "Save the RL state every this many steps (0: at the end only).")
 flags.DEFINE_multi_string("set", [], "Config override section.key=value (sections model, sft, rollout, update, rl).")
 flags.DEFINE_string("mesh", None, "Mesh over all devices, e.g. data=4,expert=2 (default: one device; with several "
@@ -165,8 +167,11 @@ def main(argv):
         sections = configs_from_flags(task)
     except ConfigError as err:
         raise app.UsageError(str(err)) from None
-    run_experiment(FLAGS.workdir, task, **sections, mesh=make_mesh_from_flags(), init_checkpoint=FLAGS.init_checkpoint,
-                   resume=FLAGS.resume, task_section={"name": FLAGS.task, **dataclasses.asdict(task)}, log=log)
+    from m1jax.errors import user_errors
+    with user_errors():
+        run_experiment(FLAGS.workdir, task, **sections, mesh=make_mesh_from_flags(),
+                       init_checkpoint=FLAGS.init_checkpoint, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
+                       task_section={"name": FLAGS.task, **dataclasses.asdict(task)}, log=log)
 
 
 if __name__ == "__main__":

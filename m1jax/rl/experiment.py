@@ -39,12 +39,13 @@ PRETRAINED, CHECKPOINTS, PLOT = "pretrained", "checkpoints", "accuracy.png"
 
 def run_experiment(workdir: str, task: Task, *, model: ModelConfig, sft: SFTConfig, rollout: RolloutConfig,
                    update: UpdateConfig, rl: RLConfig, mesh: jax.sharding.Mesh | None = None,
-                   init_checkpoint: str | None = None, resume: bool = False,
+                   init_checkpoint: str | None = None, resume: bool = False, overwrite: bool = False,
                    task_section: Mapping | None = None, log=print) -> list[dict]:
     """Pretrain (or load) the policy, run RL with the learner, write everything under ``workdir`` (module
     docstring). ``model``'s architecture is used only when pretraining; a loaded policy keeps its own, with
     ``model``'s execution settings. ``task_section`` is written to config.json as the task's description.
-    Returns the records of the RL steps run now."""
+    A fresh run (no ``resume``) in a directory that holds RL checkpoints is refused unless ``overwrite``: starting
+    over deletes them. Returns the records of the RL steps run now."""
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
     checkpoint_dir = os.path.join(workdir, CHECKPOINTS)
@@ -57,6 +58,10 @@ def run_experiment(workdir: str, task: Task, *, model: ModelConfig, sft: SFTConf
             raise ConfigError("cannot resume with settings that differ from the stored run:\n  "
                               + "\n  ".join(conflicts))
     else:
+        if checkpointer.latest_step() is not None and not overwrite:
+            raise ConfigError(f"{checkpoint_dir} already holds RL checkpoints (latest step "
+                              f"{checkpointer.latest_step()}): resume the run (--resume), start it over and delete "
+                              f"them (--overwrite), or use a new work directory")
         _clear_run_outputs(workdir, checkpointer, primary, log)
 
     cfg, graphdef, params = starting_policy(workdir, task, model, sft, mesh=mesh, init_checkpoint=init_checkpoint,

@@ -102,6 +102,11 @@ def test_run_directory_resumes_and_extends(tmp_path):
     assert [r["step"] for r in written if "acc" in r] == [0, 2, 4]
     assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [2, 4]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["rl"]["steps"] == 4
-    # A fresh run in the same directory starts over.
-    fresh = run_experiment(workdir, toy.ParityTask(), rl=learner.config.replace(steps=1, eval_every=1), **kwargs)
+    # A fresh run in the same directory is refused before any work (it would delete the checkpoints) ...
+    with pytest.raises(ConfigError, match=r"already holds RL checkpoints \(latest step 4\): resume the run"):
+        run_experiment(workdir, toy.ParityTask(), rl=learner.config.replace(steps=1, eval_every=1), **kwargs)
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [2, 4]
+    # ... unless told to start over.
+    fresh = run_experiment(workdir, toy.ParityTask(), rl=learner.config.replace(steps=1, eval_every=1),
+                           overwrite=True, **kwargs)
     assert [r["step"] for r in fresh] == [0, 1] and [r["step"] for r in read_metrics(workdir)] == [0, 1]
