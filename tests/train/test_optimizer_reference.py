@@ -136,3 +136,16 @@ def test_schedule_values(kind, warmup):
         assert float(sched(0)) == 0.0
     assert abs(float(sched(warmup)) - 3e-4) < 1e-10
     assert abs(float(sched(12)) - (3e-4 if kind == "constant" else 3e-5)) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+@pytest.mark.parametrize("warmup,total", [(4, 5), (4, 4)])
+def test_schedule_with_a_decay_of_one_step_or_none(kind, warmup, total):
+    """total_steps = warmup + 1 decays in exactly one step; total_steps = warmup (no room to decay) still gives a
+    schedule, the peak at the end of warm-up and the final value after it."""
+    tc = TrainConfig(learning_rate=3e-4, schedule=kind, warmup_steps=warmup, total_steps=total, final_lr_ratio=0.1)
+    sched = make_schedule(tc)
+    for step in range(warmup + 4):
+        want = schedule_np(step, lr=3e-4, warmup=warmup, total=total, kind=kind, final_ratio=0.1)
+        assert abs(float(sched(step)) - want) <= 1e-6 * 3e-4 + 1e-12, (step, float(sched(step)), want)
+    assert abs(float(sched(warmup + 1)) - 3e-5) < 1e-10
