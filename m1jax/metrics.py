@@ -15,6 +15,7 @@ elsewhere and every call is a no-op.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import numbers
@@ -34,10 +35,15 @@ def unique_run_name(prefix: str = "run") -> str:
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every record of ``<workdir>/metrics.jsonl`` (a truncated last line, from a crash mid-write, is skipped)."""
     path = os.path.join(os.fspath(workdir), JSONL)
-    if not os.path.exists(path):
-        return []
+    return read_jsonl(path) if os.path.exists(path) else []
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (``.gz``: read compressed); a truncated line (a writer killed mid-line) is
+    skipped."""
+    path = os.fspath(path)
     records = []
-    with open(path) as fh:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as fh:
         for line in fh:
             try:
                 records.append(json.loads(line))

@@ -26,7 +26,6 @@ interval excludes 1 (lies below it); **refuted** if the interval includes or exc
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import math
 import os
@@ -34,6 +33,8 @@ import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from m1jax.metrics import read_jsonl
 
 REFERENCE = "dapo"
 CLAIM_THRESHOLD = 0.6
@@ -51,15 +52,7 @@ def split_arm(name: str) -> tuple[str, float | None]:
 def load_records(paths: str | Sequence[str]) -> list[dict]:
     """Records of JSON-lines files (``.gz`` read compressed); a truncated last line (a run killed mid-write) is
     skipped."""
-    records = []
-    for path in [paths] if isinstance(paths, str) else paths:
-        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as fh:
-            for line in fh:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    return records
+    return [record for path in ([paths] if isinstance(paths, str) else paths) for record in read_jsonl(path)]
 
 
 @dataclasses.dataclass(frozen=True)
