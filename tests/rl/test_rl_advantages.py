@@ -106,3 +106,31 @@ def test_overlong_penalty_values(length, expected):
 def test_overlong_penalty_rejects_bad_buffer():
     with pytest.raises(ValueError, match="cache_length"):
         overlong_penalty(3, 10, 11)
+
+
+def test_overlong_penalty_cache_bounds():
+    """The soft zone may be the whole budget (cache_length = max_length) or one token; an empty zone or one longer than
+    the budget is refused."""
+    np.testing.assert_allclose(overlong_penalty(np.array([0, 10, 20]), 20, 20), [0.0, -0.5, -1.0], atol=1e-7)
+    np.testing.assert_allclose(overlong_penalty(np.array([19, 20, 21]), 20, 1), [0.0, -1.0, -1.0], atol=1e-7)
+    for cache in (0, 21):
+        with pytest.raises(ValueError, match="0 < cache_length <= max_length"):
+            overlong_penalty(np.array([1]), 20, cache)
+
+
+def test_group_std_with_the_fewest_responses_ddof_allows():
+    """G = ddof + 1 is the smallest group whose sample std exists; G = ddof is refused."""
+    adv = group_advantages(np.array([1.0, 0.0, 1.0, 1.0]), 2, ddof=1)
+    z = 0.5 / np.sqrt(0.5)  # mean 0.5, sample std sqrt(0.5); the constant group gets 0
+    np.testing.assert_allclose(adv, [z, -z, 0.0, 0.0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ddof=1 needs more than 1"):
+        group_advantages(np.array([1.0, 0.0]), 1, ddof=1)
+
+
+def test_select_mixed_groups_in_one_block():
+    """The default (one minibatch): the first P mixed groups in order, then padding (group 0, weight 0)."""
+    rewards = np.array([[1, 1], [0, 1], [1, 0], [0, 0], [1, 0]], np.float32)
+    index, weight = select_mixed_groups(rewards, 4)
+    assert index.tolist() == [1, 2, 4, 0] and weight.tolist() == [1.0, 1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="blocks must be >= 1"):
+        select_mixed_groups(rewards, 4, blocks=0)
