@@ -123,3 +123,22 @@ def test_batch_std_is_over_the_kept_groups_only():
     want = np.concatenate([(kept - kept.mean(axis=1, keepdims=True)).reshape(-1) / (std + 1e-6), np.zeros(G)])
     np.testing.assert_allclose(batch["advantages"], want, rtol=1e-5, atol=1e-6)
 
+
+
+def test_select_groups_defaults_and_refusals():
+    """Without options: the first P groups whole, no dynamic sampling, one block (a default call equals the explicit
+    one); exactly P groups is enough; rewards that are not P or more whole groups of G are refused."""
+    from m1jax.rl.scoring import select_groups
+    rewards = np.array([1, 1, 0, 1, 0, 0, 1, 0], np.float32)  # 4 groups of 2: constant, mixed, constant, mixed
+    default, _ = select_groups(rewards, group_size=2, num_groups=3)
+    np.testing.assert_array_equal(default.rows, np.arange(6))
+    np.testing.assert_array_equal(default.weight, np.ones(6))
+    sampled, _ = select_groups(rewards, group_size=2, num_groups=3, dynamic_sampling=True)
+    explicit, _ = select_groups(rewards, group_size=2, num_groups=3, dynamic_sampling=True, minibatches=1)
+    np.testing.assert_array_equal(sampled.rows, explicit.rows)
+    np.testing.assert_array_equal(sampled.rows, [2, 3, 6, 7, 0, 1])  # groups 1 and 3, then padding (group 0)
+    np.testing.assert_array_equal(sampled.weight, [1, 1, 1, 1, 0, 0])
+    select_groups(rewards, group_size=2, num_groups=4)  # exactly P groups
+    for bad, p in ((rewards, 5), (rewards[:7], 3), (rewards.reshape(4, 2), 3)):
+        with pytest.raises(ValueError, match="expected rewards of >= "):
+            select_groups(bad, group_size=2, num_groups=p)
