@@ -142,3 +142,16 @@ def test_select_groups_defaults_and_refusals():
     for bad, p in ((rewards, 5), (rewards[:7], 3), (rewards.reshape(4, 2), 3)):
         with pytest.raises(ValueError, match="expected rewards of >= "):
             select_groups(bad, group_size=2, num_groups=p)
+
+
+def test_decision_points_are_kept_on_response_tokens_only():
+    """A task's decision mask may mark positions past a row's end (padding): the update batch keeps the mask's own
+    values on the row's response tokens and zeros elsewhere, whatever the row's weight."""
+    from m1jax.rl.scoring import gather_update_batch, select_groups
+    host = _rollout()
+    rollout = Rollout(**{k: np.asarray(v) for k, v in host.items()})
+    selection, _ = select_groups(np.concatenate(GROUP_REWARDS), group_size=G, num_groups=4, dynamic_sampling=True)
+    decision = (np.random.default_rng(1).random(host["responses"].shape) < 0.6).astype(np.float32)  # also past ends
+    batch = gather_update_batch(rollout, selection, decision=decision)
+    on_response = np.arange(N)[None] < host["lengths"][selection.rows, None]
+    np.testing.assert_array_equal(np.asarray(batch["decision"]), decision[selection.rows] * on_response)
