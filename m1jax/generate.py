@@ -330,6 +330,20 @@ def generate(model_or_split, prompts: Sequence[Sequence[int]], *, max_new_tokens
                   pad_id=pad_id)
 
 
+def check_prompt_ids(cfg, prompt, label: str = "prompt") -> np.ndarray:
+    """One prompt as an integer array [P], or a ValueError naming ``label``: a non-empty 1-D sequence of integer token
+    ids in [0, vocab_size) (an id outside would read past the embedding and give NaN or a wrapped row)."""
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"{label} must be a non-empty sequence of token ids; got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{label} holds non-integer token ids ({ids.dtype})")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ValueError(f"{label}: token ids must be in [0, vocab_size={cfg.vocab_size}); got min {ids.min()}, "
+                         f"max {ids.max()}")
+    return ids
+
+
 def check_request(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: StopRules | None = None):
     """Prompts, lengths and stop tokens against the model: one ValueError naming the problem, before any compile.
 
@@ -341,14 +355,7 @@ def check_request(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int, st
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
     for i, prompt in enumerate(prompts):
-        ids = np.asarray(prompt)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"prompt {i} must be a non-empty sequence of token ids")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"prompt {i} holds non-integer token ids ({ids.dtype})")
-        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-            raise ValueError(f"prompt {i}: token ids must be in [0, vocab_size={cfg.vocab_size}); got min {ids.min()}, "
-                             f"max {ids.max()}")
+        check_prompt_ids(cfg, prompt, f"prompt {i}")
         if len(prompt) + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {max_new_tokens} exceed the model's "
                              f"max_position_embeddings={cfg.max_position_embeddings}")

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 
 from m1jax.config import ModelConfig
+from m1jax.generate import check_prompt_ids
 from m1jax.serve.types import RequestHandle, SamplingParams
 
 
@@ -19,14 +20,7 @@ def check_request(cfg: ModelConfig, prompt_ids, params: SamplingParams, *, max_c
     """
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-    prompt = np.asarray(prompt_ids)
-    if prompt.ndim != 1 or prompt.size == 0:
-        raise ValueError(f"the prompt must be a non-empty sequence of token ids; got shape {prompt.shape}")
-    if not np.issubdtype(prompt.dtype, np.integer):
-        raise ValueError(f"the prompt holds non-integer token ids ({prompt.dtype})")
-    if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
-        raise ValueError(f"prompt token ids must be in [0, vocab_size={cfg.vocab_size}); got min {prompt.min()}, "
-                         f"max {prompt.max()}")
+    prompt = check_prompt_ids(cfg, prompt_ids)
     total = prompt.size + params.max_tokens
     if total > max_context:
         raise ValueError(f"prompt of {prompt.size} tokens + max_tokens {params.max_tokens} = {total} exceeds the "
