@@ -137,12 +137,9 @@ def _stop_rule_numpy(probs, tokens, stop_tokens, after, threshold):
     return len(tokens), gen.MAX_LENGTH
 
 
-def test_truncation_rule_against_numpy():
-    rng = np.random.default_rng(0)
-    b, n = 64, 40
-    probs = np.where(rng.random((b, n)) < 0.85, rng.uniform(0.995, 1.0, (b, n)), rng.uniform(0.2, 0.99, (b, n)))
-    tokens = rng.integers(0, 50, (b, n))
-    stop = gen.StopRules.make([3, 17], truncate_after=5, truncate_prob=0.99)
+def _run_stop_rules(stop, probs, tokens):
+    """(lengths [B], stop reasons [B]) of ``update_stop_state`` stepped over [B, N] tokens and their probabilities."""
+    b, n = tokens.shape
     step = jax.jit(gen.update_stop_state)
     done, run, reason = jnp.zeros(b, bool), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32)
     lengths = np.zeros(b, int)
@@ -150,6 +147,15 @@ def test_truncation_rule_against_numpy():
         lengths += ~np.asarray(done)
         done, run, reason = step(stop, jnp.asarray(tokens[:, i], jnp.int32),
                                  jnp.log(jnp.asarray(probs[:, i], jnp.float32)), done, run, reason)
+    return lengths, np.asarray(reason)
+
+
+def test_truncation_rule_against_numpy():
+    rng = np.random.default_rng(0)
+    b, n = 64, 40
+    probs = np.where(rng.random((b, n)) < 0.85, rng.uniform(0.995, 1.0, (b, n)), rng.uniform(0.2, 0.99, (b, n)))
+    tokens = rng.integers(0, 50, (b, n))
+    lengths, reason = _run_stop_rules(gen.StopRules.make([3, 17], truncate_after=5, truncate_prob=0.99), probs, tokens)
     want = [_stop_rule_numpy(probs[r], tokens[r], (3, 17), 5, 0.99) for r in range(b)]
     np.testing.assert_array_equal(lengths, [w[0] for w in want])
     np.testing.assert_array_equal(reason, [w[1] for w in want])
@@ -232,3 +238,19 @@ def test_bucket_length():
     assert [gen.bucket_length(n, 64) for n in (1, 16, 17, 33, 64, 65, 128, 129)] == [16, 16, 32, 64, 64, 128, 128, 192]
     with pytest.raises(ValueError):
         gen.bucket_length(0, 64)
+
+
+def test_per_row_stop_rules_against_numpy():
+    """Rows with their own stop tokens and truncation settings in one batch (the serving engine's batches) against
+    the per-row NumPy simulation; every stop reason occurs."""
+    rng = np.random.default_rng(3)
+    b, n = 6, 30
+    probs = np.where(rng.random((b, n)) < 0.8, rng.uniform(0.995, 1.0, (b, n)), rng.uniform(0.2, 0.99, (b, n)))
+    tokens = rng.integers(0, 20, (b, n))
+    rules = [((3,), 4, 0.99), ((), 2, 0.99), ((5, 6), 0, 0.99), ((), 3, 0.5), ((1,), 6, 0.999), ((), 0, 0.99)]
+    lengths, reason = _run_stop_rules(gen.StopRules.rows(*zip(*rules), slots=4), probs, tokens)
+    want = [_stop_rule_numpy(probs[r], tokens[r], stops, after, threshold)
+            for r, (stops, after, threshold) in enumerate(rules)]
+    np.testing.assert_array_equal(lengths, [w[0] for w in want])
+    np.testing.assert_array_equal(reason, [w[1] for w in want])
+    assert {w[1] for w in want} == {gen.MAX_LENGTH, gen.STOP_TOKEN, gen.TRUNCATED}  # every branch exercised
