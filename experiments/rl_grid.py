@@ -101,8 +101,9 @@ def _grid(mus, lrs):
 
 def _setup_jax(log):
     """Memory and compilation-cache settings, before the first computation."""
-    if FLAGS.workers > 1 or FLAGS.worker_id is not None:  # several processes share the device: no preallocation
-        os.environ.update(_worker_env(max(FLAGS.workers, 1)))
+    from m1jax.rl import grid
+    if FLAGS.workers > 1 and FLAGS.worker_id is None:  # several processes share the device: no preallocation
+        os.environ.update(grid.worker_envs(FLAGS.workers)[0])
     import jax
     cache = FLAGS.compile_cache
     if cache == "auto":
@@ -115,10 +116,14 @@ def _setup_jax(log):
     return jax
 
 
-def _worker_env(n: int) -> dict:
-    """Each of n workers (and the main process) may grow to about 0.9 / (n + 1) of the device memory, on demand."""
-    return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1",
-            "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / (n + 1):.3f}"}
+def _gpu_ids(jax) -> list[str]:
+    """The GPUs this process sees, as CUDA_VISIBLE_DEVICES names them (empty on other platforms or one GPU): the
+    workers are spread over them."""
+    devices = jax.local_devices()
+    if devices[0].platform != "gpu" or len(devices) < 2:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[:len(devices)] if visible else [str(d.local_hardware_id) for d in devices]
 
 
 def _policy(task, base, log):
@@ -237,6 +242,9 @@ def main(argv):
                 grid.run_in_process(policy, base, scheduler, compiled=compiled, steps=steps, results=results,
                                     stop_at=stop_at, log=log, after_job=report)
         else:
+            gpus = _gpu_ids(jax)
+            if gpus:
+                log(f"{FLAGS.workers} workers spread over GPUs {gpus}")
             paths = [os.path.join(results_dir, f"results_{i}.jsonl") for i in range(FLAGS.workers)]
             for path in paths:
                 open(path, "w").close()
@@ -245,7 +253,8 @@ def main(argv):
                          "--probe_steps=0", f"--compile_cache={FLAGS.compile_cache}"] for i in range(FLAGS.workers)]
             codes = grid.run_workers(commands, scheduler, result_paths=paths, steps=steps,
                                      log_paths=[os.path.join(results_dir, f"worker_{i}.log") for i in range(len(paths))],
-                                     env=dict(os.environ, **_worker_env(FLAGS.workers)), log=log,
+                                     envs=[dict(os.environ, **e) for e in grid.worker_envs(FLAGS.workers, gpus)],
+                                     log=log,
                                      kill_at=stop_at + 15, after_job=report)
             extra["worker_exit_codes"] = codes
     text = report(force=True)

@@ -353,16 +353,34 @@ def worker_loop(policy, base: dict, *, compiled: Callable[[int], Sequence[str]],
         reply(f"DONE {job} {time.perf_counter() - t:.2f}")
 
 
+def worker_envs(workers: int, devices: Sequence[str] = ()) -> list[dict]:
+    """Environment overrides of each worker: the workers are spread round-robin over ``devices`` (GPU ids, as
+    CUDA_VISIBLE_DEVICES names them; empty: all share the default device), and each may grow on demand to about
+    0.9 / (k + 1) of its device's memory, k being the workers on that device (the main process takes the + 1)."""
+    def share(i):
+        return sum(1 for j in range(workers) if not devices or j % len(devices) == i % len(devices))
+    envs = []
+    for i in range(workers):
+        env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1",
+               "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / (share(i) + 1):.3f}"}
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = str(devices[i % len(devices)])
+        envs.append(env)
+    return envs
+
+
 def run_workers(commands: Sequence[Sequence[str]], scheduler: Scheduler, *, result_paths: Sequence[str],
-                steps: int, log_paths: Sequence[str], env: dict, log, kill_at: float | None = None,
+                steps: int, log_paths: Sequence[str], envs: Sequence[dict], log, kill_at: float | None = None,
                 after_job=None) -> dict[int, int]:
-    """Start one worker per command and feed them the scheduler's jobs one at a time (module docstring). Each
-    worker appends its records to result_paths[i] and its output to log_paths[i]. Workers alive at ``kill_at`` are
-    terminated. Returns {worker: exit code (negative: the signal that ended it)}."""
+    """Start one worker per command, commands[i] in environment envs[i], and feed them the scheduler's jobs one at a
+    time (module docstring). Each worker appends its records to result_paths[i] and its output to log_paths[i].
+    Workers alive at ``kill_at`` are terminated. Returns {worker: exit code (negative: the signal that ended it)}."""
+    if len(envs) != len(commands):
+        raise ValueError(f"{len(commands)} worker commands but {len(envs)} environments")
     lines: queue.Queue = queue.Queue()
     procs, assigned = {}, {}
     for i, cmd in enumerate(commands):
-        proc = subprocess.Popen(list(cmd), env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(list(cmd), env=envs[i], text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, bufsize=1)
         threading.Thread(target=_pump, args=(i, proc.stdout, log_paths[i], lines), daemon=True).start()
         procs[i] = proc

@@ -155,11 +155,22 @@ def test_workers_get_one_job_at_a_time_and_the_best_rate_of_finished_sweeps(tmp_
     lines = []
     codes = grid.run_workers([[sys.executable, str(script), p] for p in paths], sched, result_paths=paths, steps=4,
                              log_paths=[str(tmp_path / f"w{i}.log") for i in range(2)],
-                             env=dict(os.environ, PYTHONPATH=ROOT), log=lines.append)
+                             envs=[dict(os.environ, PYTHONPATH=ROOT)] * 2, log=lines.append)
     assert codes == {0: 0, 1: 0}
     assert sorted(map(str, sched.results)) == sorted(["dapo@1e-05:8:0", "dapo@0.0001:8:0", "dapo@1e-05:8:1",
                                                       "dapo@0.0001:8:1", "dapo@0.0001:1:0", "dapo@0.0001:1:1"])
     assert not sched.pending and not sched.running and sum(" JOB " in line for line in lines) == 6
+
+
+def test_worker_envs_spread_workers_round_robin_and_share_each_devices_memory():
+    envs = grid.worker_envs(5, ["2", "7"])
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "7", "2", "7", "2"]
+    # three workers (+ the main process) on GPU 2, two on GPU 7
+    assert [e["XLA_PYTHON_CLIENT_MEM_FRACTION"] for e in envs] == ["0.225", "0.300", "0.225", "0.300", "0.225"]
+    shared = grid.worker_envs(3)
+    assert all("CUDA_VISIBLE_DEVICES" not in e and e["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225" for e in shared)
+    with pytest.raises(ValueError, match="2 worker commands but 1 environments"):
+        grid.run_workers([["true"], ["true"]], None, result_paths=[], steps=1, log_paths=[], envs=[{}], log=print)
 
 
 TINY = ["--task=column_addition", "--min_digits=1", "--max_digits=3", "--forget_prob=0.6", "--layers=2",
