@@ -20,8 +20,9 @@ before rounding to bf16, which has the same rounding error and half the work at 
 Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
 scores or the state; the kernel only has to get the decay distances right.
 
-Limits (checked, one-line ValueError): bf16/fp16 inputs, Dk and block_v multiples of 64 (Dk) / 16 (block_v) with
-Dk <= 256, chunk 64 or 128, no segment ids (``doc``): use the Triton kernel for packed documents.
+Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk, Dv and block_v multiples of 64 (a 32-wide
+tile fails Mosaic's layout inference), chunk 64 or 128, the scratch within Hopper's 227 KiB of SMEM (chunk 128 with
+``block_v`` 128 does not fit), no segment ids (``doc``): use the Triton kernel for packed documents.
 """
 from __future__ import annotations
 
@@ -196,18 +197,39 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, stages: int, rev
     plgpu.wait_smem_to_gmem(0)
 
 
+# Shared memory one program may use on Hopper (227 KiB).
+SMEM_LIMIT_BYTES = 232448
+
+
+def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *, with_output: bool = True,
+               interpret: bool = False) -> int:
+    """SMEM of one program (see ``chunk_scan``'s scratch): the q, k, v slots, scaled v, the bf16 state, o buffers."""
+    per_stage = chunk * (dk * (2 if with_output else 1) + block_v)
+    total = stages * per_stage + chunk * block_v + dk * block_v
+    if with_output:
+        total += 2 * chunk * block_v + (chunk * chunk if interpret else 0)
+    return total * itemsize + 8 * stages  # + the load barriers
+
+
 def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool):
-    """One-line ValueError for what the Mosaic GPU kernel does not handle."""
+    """One-line ValueError for what the Mosaic GPU kernel does not handle (checked for the forward walk and the
+    backward's walks, which swap Dk and Dv)."""
     block_v = min(config.block_v, dv)
     if has_doc:
         raise ValueError("the Mosaic GPU lightning kernel does not support segment_ids; use the Triton kernel")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"the Mosaic GPU lightning kernel needs bf16 or fp16 inputs; got {jnp.dtype(dtype).name}")
-    if dk % 64 or dk > 256 or block_v % 16 or dv % block_v:
-        raise ValueError(f"the Mosaic GPU lightning kernel needs Dk a multiple of 64 (<= 256) and Dv a multiple of "
-                         f"block_v, a multiple of 16; got Dk={dk}, Dv={dv}, block_v={block_v}")
+    if dk % 64 or dv % 64 or block_v % 64 or dk % min(block_v, dk) or dv % block_v:
+        raise ValueError(f"the Mosaic GPU lightning kernel needs Dk, Dv and block_v multiples of 64 dividing each "
+                         f"other; got Dk={dk}, Dv={dv}, block_v={block_v}")
     if config.chunk not in (64, 128):
         raise ValueError(f"the Mosaic GPU lightning kernel needs chunk 64 or 128; got {config.chunk}")
+    need = max(smem_bytes(config.chunk, a, min(block_v, b), config.num_stages, jnp.dtype(dtype).itemsize)
+               for a, b in ((dk, dv), (dv, dk)))
+    if need > SMEM_LIMIT_BYTES:
+        raise ValueError(f"the Mosaic GPU lightning kernel would need {need} bytes of shared memory (> "
+                         f"{SMEM_LIMIT_BYTES}) at chunk={config.chunk}, block_v={block_v}, "
+                         f"num_stages={config.num_stages}, Dk={dk}, Dv={dv}; use fewer stages or smaller tiles")
 
 
 def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_output: bool,
