@@ -62,11 +62,13 @@ flags.DEFINE_integer("head_dim", 128, "d")
 KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu"}
 # (chunk, block_v, num_warps, num_stages) per backend; sequence groups are swept separately around the automatic
 # choice. Mosaic GPU: one warpgroup per program (num_warps unused); 128-wide tiles keep a [128, 128] fp32 state in
-# one warpgroup's registers (may spill), chunk 128 with block_v 128 does not fit in shared memory.
+# one warpgroup's registers (may spill), chunk 128 with block_v 128 does not fit in shared memory; 32-wide tiles give
+# 4 programs per (row, head), and 2 fit on an SM.
 LAUNCH_GRIDS = {
     "triton": [(64, 32, 4, 2), (64, 32, 2, 2), (64, 32, 4, 3), (64, 16, 4, 2), (64, 64, 4, 1), (64, 128, 8, 2),
                (128, 32, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
-    "mosaic_gpu": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 2), (64, 128, 4, 2)],
+    "mosaic_gpu": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 2), (64, 128, 4, 2), (64, 32, 4, 2),
+                   (64, 32, 4, 3)],
 }
 # device_kind substring -> (peak dense bf16 FLOP/s, peak HBM bytes/s) for % floor; the first match wins.
 PEAKS = {"H200": (989e12, 4.8e12), "H100": (800e12, 3.0e12)}

@@ -20,8 +20,8 @@ before rounding to bf16, which has the same rounding error and half the work at 
 Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
 scores or the state; the kernel only has to get the decay distances right.
 
-Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk, Dv and block_v multiples of 64 (a 32-wide
-tile fails Mosaic's layout inference), chunk 64 or 128, the scratch within Hopper's 227 KiB of SMEM (chunk 128 with
+Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk and Dv multiples of 64, block_v a multiple
+of 32 dividing both, chunk 64 or 128, the scratch within Hopper's 227 KiB of SMEM (chunk 128 with
 ``block_v`` 128 does not fit), no segment ids (``doc``): use the Triton kernel for packed documents.
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ from pallas_kernels.lightning.config import KernelConfig, RowLayout
 
 
 def _smem_transforms(minor: int, dtype):
-    """Tiling + swizzle for a [*, minor] SMEM tile that TMA fills and wgmma reads (the widest swizzle that fits)."""
+    """Tiling + swizzle for SMEM tiles that TMA fills and wgmma reads, the widest swizzle a row of ``minor`` elements
+    allows. One for all tiles: a wgmma's two SMEM operands must share it (k^T and the v tile in the state update)."""
     swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
@@ -219,9 +220,9 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
         raise ValueError("the Mosaic GPU lightning kernel does not support segment_ids; use the Triton kernel")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"the Mosaic GPU lightning kernel needs bf16 or fp16 inputs; got {jnp.dtype(dtype).name}")
-    if dk % 64 or dv % 64 or block_v % 64 or dk % min(block_v, dk) or dv % block_v:
-        raise ValueError(f"the Mosaic GPU lightning kernel needs Dk, Dv and block_v multiples of 64 dividing each "
-                         f"other; got Dk={dk}, Dv={dv}, block_v={block_v}")
+    if dk % 64 or dv % 64 or block_v % 32 or dk % min(block_v, dk) or dv % block_v:
+        raise ValueError(f"the Mosaic GPU lightning kernel needs Dk and Dv multiples of 64 and block_v a multiple of "
+                         f"32 dividing both; got Dk={dk}, Dv={dv}, block_v={block_v}")
     if config.chunk not in (64, 128):
         raise ValueError(f"the Mosaic GPU lightning kernel needs chunk 64 or 128; got {config.chunk}")
     need = max(smem_bytes(config.chunk, a, min(block_v, b), config.num_stages, jnp.dtype(dtype).itemsize)
@@ -250,7 +251,7 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     n_chunks = length // chunk
     stages = max(1, min(config.num_stages, n_chunks))
     dtype = k.dtype
-    tk, tv = _smem_transforms(dk, dtype), _smem_transforms(block_v, dtype)
+    tk = tv = _smem_transforms(min(dk, block_v), dtype)
     scratch = [
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=tk) if with_output else None,  # q
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=tk),  # k
@@ -258,7 +259,7 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
         plgpu.SMEM((chunk, block_v), dtype, transforms=tv),  # v scaled by its state decay
         plgpu.SMEM((dk, block_v), dtype, transforms=tv),  # state rounded to the input dtype (wgmma operand)
         plgpu.SMEM((2, chunk, block_v), dtype, transforms=tv) if with_output else None,  # o, double-buffered
-        plgpu.SMEM((chunk, chunk), dtype, transforms=_smem_transforms(chunk, dtype))
+        plgpu.SMEM((chunk, chunk), dtype, transforms=tv)
         if with_output and interpret else None,  # scores (interpret mode only, see _kernel)
         plgpu.Barrier(num_arrivals=3 if with_output else 2, num_barriers=stages),
     ]

@@ -29,6 +29,7 @@ CASES = [
     ("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 128, 64, 64, 3, False, False),  # two Dv tiles, Dk != Dv
     ("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 64, 128, 64, 1, False, True),  # more chunks than TMA stages
     ("mosaic_gpu", "bfloat16", 1, 130, 1, 64, 64, 64, 64, 4, False, True),  # group 3 is all padding
+    ("mosaic_gpu", "bfloat16", 1, 90, 1, 64, 64, 64, 32, 1, False, True),  # 32-wide tiles (64-byte swizzle)
 ]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
@@ -100,13 +101,14 @@ def test_triton_rejects_non_power_of_two_head_dim():
     ("segment ids", jnp.bfloat16, (64, 64), 64, True, "segment_ids"),
     ("fp32", jnp.float32, (64, 64), 64, False, "bf16 or fp16"),
     ("head dim", jnp.bfloat16, (96, 64), 64, False, "multiples of 64"),
+    ("tile", jnp.bfloat16, (64, 64), 64, False, "multiple of 32"),
     ("chunk", jnp.bfloat16, (64, 64), 32, False, "chunk 64 or 128"),
     ("shared memory", jnp.bfloat16, (128, 128), 128, False, "shared memory"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
     v = jnp.zeros((1, 8, 1, dims[1]), dtype)
-    config = KernelConfig(chunk=chunk, block_v=128, num_stages=2)
+    config = KernelConfig(chunk=chunk, block_v=16 if what == "tile" else 128, num_stages=2)
     segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
     with pytest.raises(ValueError, match=match):
         pallas.lightning_attention_pallas(q, q, v, jnp.ones(1), segment_ids=segment_ids, backend="mosaic_gpu",
