@@ -4,8 +4,8 @@
 Mosaic kernel (pallas_tpu); cuda/rocm: the kernel ``GPU_DEFAULT`` names for the GPU generation traced for (Triton on
 every generation today) when it handles the call (see ``default_implementation``); otherwise (cpu, other dims) the XLA
 chunked scan. An explicit Pallas backend runs compiled on its platform and in Pallas interpret mode when lowered for
-cpu. ``pallas_mosaic_gpu`` (Hopper: TMA + wgmma) needs bf16/fp16 inputs, Dk and Dv multiples of 64 and no segment
-ids; asked for explicitly with anything else it raises a ValueError.
+cpu. ``pallas_mosaic_gpu`` (TMA + wgmma) needs a Hopper GPU (when traced for a GPU), bf16/fp16 inputs, Dk and Dv
+multiples of 64 and no segment ids; asked for explicitly with anything else it raises a ValueError.
 """
 from __future__ import annotations
 
@@ -50,15 +50,19 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def gpu_generation() -> str | None:
-    """The generation ("hopper", ...) of the GPU being traced for: the current mesh's device (a compile for a GPU
-    topology from any host), else this host's first device when it is a GPU; None when unknown."""
+def _traced_gpu_kind() -> str | None:
+    """device_kind of the GPU being traced for: the current mesh's device (a compile for a GPU topology from any
+    host), else this host's first device; None when that is not a GPU."""
     device = jax.sharding.get_abstract_mesh().abstract_device
     if device is None:
         device = jax.devices()[0]
-    if device.platform not in ("gpu", "cuda"):
-        return None
-    return next((gen for key, gen in _GPU_GENERATIONS.items() if key in device.device_kind), None)
+    return device.device_kind if device.platform in ("gpu", "cuda") else None
+
+
+def gpu_generation() -> str | None:
+    """The generation ("hopper", ...) of the GPU being traced for (``_GPU_GENERATIONS``); None when unknown."""
+    kind = _traced_gpu_kind()
+    return None if kind is None else next((gen for key, gen in _GPU_GENERATIONS.items() if key in kind), None)
 
 
 def _mosaic_gpu_handles(dtype, dk: int, dv: int, has_segments: bool) -> bool:
@@ -131,6 +135,8 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Arr
       o [B, T, H, Dv] in v's dtype, and the final state when ``return_final_state``.
     """
     _check_inputs(q, k, v, decay, initial_state, segment_ids)
+    if implementation == "pallas_mosaic_gpu" and _traced_gpu_kind() is not None and gpu_generation() != "hopper":
+        raise ValueError(f"pallas_mosaic_gpu needs a Hopper GPU (wgmma); tracing for {_traced_gpu_kind()!r}")
     args = (q, k, v, jnp.asarray(decay, jnp.float32), initial_state, segment_ids)
     if implementation is None:
         generation = gpu_generation()

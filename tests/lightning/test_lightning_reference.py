@@ -85,6 +85,15 @@ def test_gpu_generation_reads_the_traced_for_device():
     assert api.gpu_generation() is None  # this host: cpu
 
 
+def test_explicit_mosaic_gpu_refuses_a_gpu_that_is_not_hopper():
+    import jax
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA B200", platform="gpu", num_cores=148)
+    x = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        with pytest.raises(ValueError, match="Hopper"):
+            lightning_attention(x, x, x, jnp.ones(1), implementation="pallas_mosaic_gpu")
+
+
 def test_explicit_mosaic_gpu_runs_in_interpret_mode_on_cpu(lt):
     prob = lt.random_problem(19, 1, 70, 1, 64, 64, segments=False, init=True)
     cast = lambda x: jnp.asarray(x, jnp.bfloat16)
