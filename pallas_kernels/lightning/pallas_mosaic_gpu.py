@@ -11,7 +11,8 @@ carries its ``[Dk, block_v]`` float32 state in wgmma accumulator registers. Per 
     TMA   o (bf16) to HBM; S rounded to bf16 into SMEM for the next chunk's ``q S``.
 
 So ``q k^T`` is computed once per (chunk, Dv tile) (the Triton kernel computes it once per 32-wide tile), nothing but
-q, k, v, o crosses HBM, and the two wgmma pairs overlap the TMA of the next chunks. The math is ``chunk_math``'s
+q, k, v, o crosses HBM (the Dv tiles of one (row, head) are adjacent in launch order, so their repeated q/k reads
+should hit L2), and the TMA of the next chunks runs under both wgmma pairs. The math is ``chunk_math``'s
 (``walk_step``): the same geometry (``a``, ``b``, the last partial chunk, chunks wholly in the padding), decay factors
 computed in float32, the state rounded to the input dtype for the tensor cores and its decay applied in float32 after.
 One difference: the state update scales v (the program's ``[C, block_v]`` tile) rather than k by the per-token decay
