@@ -219,12 +219,18 @@ def check_small(log, backends=("triton",), shape=(2, 1000, 4)):
         ref = loss_of(lambda q, k, v, i: reference.lightning_attention_recurrent(
             q, k, v, s, initial_state=i, segment_ids=seg))
         up = lambda x: x.astype(jnp.float32)
-        (g_ours, (o, final)), (g_ref, (o_ref, final_ref)) = ours(q, k, v, init), ref(up(q), up(k), up(v), init)
+        row = {"phase": "check", "backend": backend, "dtype": jnp.dtype(dtype).name, "segments": with_segments,
+               "config": repr(config)}
+        try:
+            (g_ours, (o, final)), (g_ref, (o_ref, final_ref)) = ours(q, k, v, init), ref(up(q), up(k), up(v), init)
+        except Exception as e:  # a kernel that does not compile fails its check; the timings still run
+            log({**row, "ok": False, "error": str(e)[:1000]})
+            rows.append({**row, "ok": False})
+            continue
         errs = {"o": rel_err(o, o_ref), "final": rel_err(final, final_ref)}
         errs.update({n: rel_err(a, r) for n, a, r in zip(("dq", "dk", "dv", "d_init"), g_ours, g_ref)})
         tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4  # the CPU tests' tolerances
-        row = {"phase": "check", "backend": backend, "dtype": jnp.dtype(dtype).name, "segments": with_segments,
-               "config": repr(config), **errs, "ok": max(errs.values()) <= tol}
+        row.update(errs, ok=max(errs.values()) <= tol)
         log(row)
         rows.append(row)
     return rows
@@ -259,7 +265,11 @@ def compare_to_xla(s, configs, with_bwd, args, fla):
     ref_out = xla_fn(s, with_bwd, block=256)(*args)
     errs = {}
     for name, config in configs.items():
-        out = ours_fn(s, config, with_bwd, KERNELS[name])(*args)
+        try:
+            out = ours_fn(s, config, with_bwd, KERNELS[name])(*args)
+        except Exception as e:  # reported in the row; the other kernels still get checked
+            errs[f"{name}_check_error"] = str(e)[:200]
+            continue
         if with_bwd:
             errs.update({f"err_{name}_{g}": rel_err(a, r) for g, a, r in zip(("dq", "dk", "dv"), out, ref_out)})
         else:
@@ -357,9 +367,10 @@ def main(argv):
     print_table(table)
     for backend in sorted({r["backend"] for r in checks}):
         rows = [r for r in checks if r["backend"] == backend]
-        worst = max(max(v for k, v in r.items() if k in ("o", "final", "dq", "dk", "dv", "d_init")) for r in rows)
-        verdict = "ok" if all(r["ok"] for r in rows) else "FAILED"
-        print(f"GPU check vs the per-token recurrence, {backend}: {verdict} (largest rel. error {worst:.1e})")
+        errors = [v for r in rows for k, v in r.items() if k in ("o", "final", "dq", "dk", "dv", "d_init")]
+        verdict = "ok" if all(r["ok"] for r in rows) else "FAILED (see the check rows above)"
+        worst = f"{max(errors):.1e}" if errors else "-"
+        print(f"GPU check vs the per-token recurrence, {backend}: {verdict} (largest rel. error {worst})")
 
 
 if __name__ == "__main__":
