@@ -1,20 +1,27 @@
-"""Lightning attention benchmark on one GPU: our Pallas-Triton kernel vs fla, the XLA chunked scan, cuDNN softmax.
+"""Lightning attention benchmark on one GPU: our Pallas kernels (Triton: ``ours``; Mosaic GPU, Hopper only:
+``mosaic``) vs fla, the XLA chunked scan, cuDNN softmax.
 
 Run from the repository root on a GPU machine with fla-core 0.6.0 installed (the competitor; it needs torch and triton):
 
     python -m benchmarks.lightning --out_dir=$OUT
 
 Phases, all in one process so every number in the final table comes from the same card:
-  1. correctness on the GPU at small shapes (odd T, segment ids, initial state; fp32 and bf16): o, final state and
-     dq/dk/dv/d_init of our kernel against the per-token recurrence;
-  2. tuning of our kernel's launch config (Dv tile, warps, stages, sequence groups) at the sweep shapes;
-  3. timing at M1's lightning shapes (64 heads of 128; 8K to 1M tokens), forward and forward+backward, of ours (best config of the
-     nearest swept shape), fla ``chunk_simple_gla(q, k, v, g_gamma=-s, scale=1.0)``, the XLA chunked scan (C=64) and
-     cuDNN causal softmax attention; plus ours against the XLA scan (o and gradients) at every shape.
-% floor = max(FLOPs / 800 TFLOP/s, bytes / 3.0 TB/s) / t with the chunked algorithm's counts (chunk 64): forward 4BHNd(64+d) FLOPs and
-8BHNd bytes; forward+backward 14BHNd(64+d) FLOPs and 22BHNd bytes. Inputs are bf16 silu(randn), d = 128, decay =
-MiniMax layer-0 slopes. JAX timing: median over 5 measurements of the host wall time of n back-to-back calls
-(n so that one measurement takes >= 30 ms) after two warm-ups; torch: ``triton.testing.do_bench`` median.
+  1. correctness on the GPU at small shapes (odd T, initial state; segment ids and fp32 for the Triton kernel): o,
+     final state and dq/dk/dv/d_init of each of our kernels in ``--impls`` against the per-token recurrence;
+  2. tuning of each of our kernels' launch config (chunk, Dv tile, warps, stages, sequence groups) at the sweep shapes;
+  3. timing at M1's lightning shapes (64 heads of 128; 8K to 1M tokens), forward and forward+backward, of ours (best
+     config of the nearest swept shape), fla ``chunk_simple_gla(q, k, v, g_gamma=-s, scale=1.0)``, the XLA chunked
+     scan (C=64) and cuDNN causal softmax attention; plus ours against the XLA scan (o and gradients) at every shape.
+% floor = max(FLOPs / peak FLOP/s, bytes / peak bytes/s) / t with the chunked algorithm's counts (chunk 64): forward
+4BHNd(64+d) FLOPs and 8BHNd bytes; forward+backward 14BHNd(64+d) FLOPs and 22BHNd bytes. Peaks by card (``PEAKS``):
+H100 800 TFLOP/s, 3.0 TB/s; H200 989 TFLOP/s, 4.8 TB/s. Inputs are bf16 silu(randn), d = 128, decay = MiniMax
+layer-0 slopes. JAX timing: median over 5 measurements of the host wall time of n back-to-back calls (n so that one
+measurement takes >= 30 ms) after two warm-ups; torch: ``triton.testing.do_bench`` median.
+
+Mosaic vs Triton vs fla, forward only, in under five minutes (H200):
+
+    python -m benchmarks.lightning --impls=mosaic,ours,fla --modes=fwd --shapes=1x64x32768,1x64x131072 \
+        --sweep_shapes=1x64x32768 --sweep_impls=mosaic --out_dir=$OUT
 """
 from __future__ import annotations
 
@@ -24,7 +31,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # JAX's allocator keeps what it grew to; cap it so fla (torch) keeps room at 128K forward+backward.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.55")
 
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -41,15 +50,28 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", os.environ.get("OUT", "/tmp/bench_lightning"), "where the JSON lines go")
 flags.DEFINE_list("shapes", ["1x64x8192", "1x64x32768", "1x64x131072", "8x64x8192", "1x8x1048576"], "BxHxN")
 flags.DEFINE_list("sweep_shapes", ["1x64x32768", "1x8x1048576"], "shapes at which our config is tuned")
-flags.DEFINE_list("impls", ["ours", "fla", "xla", "cudnn"], "what to time")
+flags.DEFINE_list("impls", ["ours", "mosaic", "fla", "xla", "cudnn"],
+                  "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), fla, xla, cudnn")
+flags.DEFINE_list("sweep_impls", ["ours", "mosaic"], "which of our kernels to tune (the others run their default)")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "forward, forward+backward")
 flags.DEFINE_bool("check", True, "phase 1 and the per-shape comparison against the XLA scan")
 flags.DEFINE_integer("cudnn_max_n", 131072, "skip cuDNN softmax above this N (1M would take seconds per call)")
 flags.DEFINE_integer("head_dim", 128, "d")
 
-# (chunk, block_v, num_warps, num_stages); sequence groups are swept separately around the automatic choice.
-LAUNCH_GRID = [(64, 32, 4, 2), (64, 32, 2, 2), (64, 32, 4, 3), (64, 16, 4, 2), (64, 64, 4, 1), (64, 128, 8, 2),
-               (128, 32, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
+# Our kernels: --impls name -> pallas backend.
+KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu"}
+# (chunk, block_v, num_warps, num_stages) per backend; sequence groups are swept separately around the automatic
+# choice. Mosaic GPU: one warpgroup per program (num_warps unused); 128-wide tiles keep a [128, 128] fp32 state in
+# one warpgroup's registers (may spill), chunk 128 with block_v 128 does not fit in shared memory; 32-wide tiles give
+# 4 programs per (row, head), and 2 fit on an SM.
+LAUNCH_GRIDS = {
+    "triton": [(64, 32, 4, 2), (64, 32, 2, 2), (64, 32, 4, 3), (64, 16, 4, 2), (64, 64, 4, 1), (64, 128, 8, 2),
+               (128, 32, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
+    "mosaic_gpu": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 2), (64, 128, 4, 2), (64, 32, 4, 2),
+                   (64, 32, 4, 3)],
+}
+# device_kind substring -> (peak dense bf16 FLOP/s, peak HBM bytes/s) for % floor; the first match wins.
+PEAKS = {"H200": (989e12, 4.8e12), "H100": (800e12, 3.0e12)}
 
 
 def minimax_slopes(heads: int) -> np.ndarray:
@@ -62,9 +84,13 @@ def parse_shape(text: str):
     return b, h, n
 
 
-def floor_seconds(b, h, n, d, mode):
+def peaks(device_kind: str):
+    return next((p for key, p in PEAKS.items() if key in device_kind), PEAKS["H100"])
+
+
+def floor_seconds(b, h, n, d, mode, peak=PEAKS["H100"]):
     flops, bytes_ = (4, 8) if mode == "fwd" else (14, 22)
-    return max(flops * b * h * n * d * (64 + d) / 800e12, bytes_ * b * h * n * d / 3.0e12)
+    return max(flops * b * h * n * d * (64 + d) / peak[0], bytes_ * b * h * n * d / peak[1])
 
 
 def time_jax(fn, *args) -> float:
@@ -97,9 +123,9 @@ def make_inputs(key, b, h, n, d, dtype=jnp.bfloat16):
     return q, k, v, do
 
 
-def ours_fn(s, config, with_bwd):
+def ours_fn(s, config, with_bwd, backend="triton"):
     def fwd(q, k, v):
-        return pallas.lightning_attention_pallas(q, k, v, s, backend="triton", config=config)
+        return pallas.lightning_attention_pallas(q, k, v, s, backend=backend, config=config)
 
     if not with_bwd:
         return jax.jit(fwd)
@@ -162,15 +188,22 @@ class Fla:
         return jax.dlpack.from_dlpack(o.contiguous())
 
 
-def check_small(log):
-    """Phase 1: o, final state and all gradients against the fp32 per-token recurrence on the GPU."""
+def check_small(log, backends=("triton",), shape=(2, 1000, 4)):
+    """Phase 1: o, final state and all gradients against the fp32 per-token recurrence on the GPU; shape (B, T, H)."""
     rng = np.random.default_rng(0)
-    b, t, h, d = 2, 1000, 4, 128
+    (b, t, h), d = shape, 128
     s = jnp.asarray(minimax_slopes(h) * 4)
-    seg = jnp.asarray(np.sort(rng.integers(0, 4, (b, t)), axis=1))
+    segments = jnp.asarray(np.sort(rng.integers(0, 4, (b, t)), axis=1))
+    mosaic = pallas.DEFAULT_CONFIGS["mosaic_gpu"]
+    cases = {"triton": [(jnp.float32, KernelConfig(groups=1), True), (jnp.bfloat16, KernelConfig(groups=1), True),
+                        (jnp.bfloat16, KernelConfig(groups=3, block_v=128, num_warps=8), True)],
+             # No segment ids (the kernel does not take them); 1000 tokens = 15 full chunks and a partial one.
+             "mosaic_gpu": [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1), False),
+                            (jnp.bfloat16, dataclasses.replace(mosaic, groups=3), False),
+                            (jnp.bfloat16, KernelConfig(chunk=128, block_v=64, num_stages=2, groups=1), False)]}
     rows = []
-    for dtype, config in ((jnp.float32, KernelConfig(groups=1)), (jnp.bfloat16, KernelConfig(groups=1)),
-                          (jnp.bfloat16, KernelConfig(groups=3, block_v=128, num_warps=8))):
+    for backend, dtype, config, with_segments in [(be, *c) for be in backends for c in cases[be]]:
+        seg = segments if with_segments else None
         q, k, v, do = make_inputs(jax.random.PRNGKey(len(rows)), b, h, t, d, dtype)
         init = jax.random.normal(jax.random.PRNGKey(7), (b, h, d, d), jnp.float32)
         d_final = jax.random.normal(jax.random.PRNGKey(8), (b, h, d, d), jnp.float32)
@@ -182,49 +215,85 @@ def check_small(log):
             return jax.jit(jax.grad(run, argnums=(0, 1, 2, 3), has_aux=True))
 
         ours = loss_of(lambda q, k, v, i: pallas.lightning_attention_pallas(
-            q, k, v, s, initial_state=i, segment_ids=seg, backend="triton", config=config))
+            q, k, v, s, initial_state=i, segment_ids=seg, backend=backend, config=config))
         ref = loss_of(lambda q, k, v, i: reference.lightning_attention_recurrent(
             q, k, v, s, initial_state=i, segment_ids=seg))
         up = lambda x: x.astype(jnp.float32)
-        (g_ours, (o, final)), (g_ref, (o_ref, final_ref)) = ours(q, k, v, init), ref(up(q), up(k), up(v), init)
+        row = {"phase": "check", "backend": backend, "dtype": jnp.dtype(dtype).name, "segments": with_segments,
+               "config": repr(config)}
+        try:
+            (g_ours, (o, final)), (g_ref, (o_ref, final_ref)) = ours(q, k, v, init), ref(up(q), up(k), up(v), init)
+        except Exception as e:  # a kernel that does not compile fails its check; the timings still run
+            log({**row, "ok": False, "error": str(e)[:1000]})
+            rows.append({**row, "ok": False})
+            continue
         errs = {"o": rel_err(o, o_ref), "final": rel_err(final, final_ref)}
         errs.update({n: rel_err(a, r) for n, a, r in zip(("dq", "dk", "dv", "d_init"), g_ours, g_ref)})
-        row = {"phase": "check", "dtype": jnp.dtype(dtype).name, "config": repr(config), **errs}
+        tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4  # the CPU tests' tolerances
+        row.update(errs, ok=max(errs.values()) <= tol)
         log(row)
         rows.append(row)
     return rows
 
 
-def sweep(shape, s_np, d, log):
+def sweep(shape, s_np, d, log, backend="triton"):
     """Phase 2: forward time of each launch config (and group count) at one shape; returns the fastest config."""
     b, h, n = shape
     q, k, v, _ = make_inputs(jax.random.PRNGKey(1), b, h, n, d)
     s = jnp.asarray(s_np)
     results = []
-    for chunk, block_v, warps, stages in LAUNCH_GRID:
+    for chunk, block_v, warps, stages in LAUNCH_GRIDS[backend]:
         auto = pick_groups(b, h, n, d // block_v, chunk)
-        for groups in sorted({auto, auto * 2} if auto > 1 else {1}):
+        # The Mosaic kernel has 2 programs per (row, head) at block_v 64: also try one split where Triton's 4 need none.
+        extra = {2} if backend == "mosaic_gpu" and auto == 1 else set()
+        for groups in sorted(({auto, auto * 2} if auto > 1 else {1}) | extra):
             config = KernelConfig(chunk=chunk, block_v=block_v, num_warps=warps, num_stages=stages, groups=groups)
             try:
-                sec = time_jax(ours_fn(s, config, False), q, k, v)
-            except Exception as e:  # a config Triton cannot compile is skipped, not fatal
-                log({"phase": "sweep", "shape": shape, "config": repr(config), "error": str(e)[:300]})
+                sec = time_jax(ours_fn(s, config, False, backend), q, k, v)
+            except Exception as e:  # a config the compiler rejects is skipped, not fatal
+                log({"phase": "sweep", "backend": backend, "shape": shape, "config": repr(config),
+                     "error": str(e)[:300]})
                 continue
-            log({"phase": "sweep", "shape": shape, "config": repr(config), "ms": sec * 1e3})
+            log({"phase": "sweep", "backend": backend, "shape": shape, "config": repr(config), "ms": sec * 1e3})
             results.append((sec, config))
     del q, k, v
-    return min(results, key=lambda r: r[0])[1]
+    return min(results, key=lambda r: r[0])[1] if results else pallas.DEFAULT_CONFIGS[backend]
 
 
-def compare_to_xla(s, config, with_bwd, args, fla):
-    ours_out = ours_fn(s, config, with_bwd)(*args)
+def compare_to_xla(s, configs, with_bwd, args, fla):
+    """Errors of each of our kernels (``configs``: --impls name -> config) and fla against the XLA scan."""
     ref_out = xla_fn(s, with_bwd, block=256)(*args)
-    if with_bwd:
-        return {f"err_{g}": rel_err(a, r) for g, a, r in zip(("dq", "dk", "dv"), ours_out, ref_out)}
-    errs = {"err_o": rel_err(ours_out[0], ref_out)}
-    if fla is not None:
+    errs = {}
+    for name, config in configs.items():
+        try:
+            out = ours_fn(s, config, with_bwd, KERNELS[name])(*args)
+        except Exception as e:  # reported in the row; the other kernels still get checked
+            errs[f"{name}_check_error"] = str(e)[:200]
+            continue
+        if with_bwd:
+            errs.update({f"err_{name}_{g}": rel_err(a, r) for g, a, r in zip(("dq", "dk", "dv"), out, ref_out)})
+        else:
+            errs[f"err_{name}_o"] = rel_err(out[0], ref_out)
+    if fla is not None and not with_bwd:
         errs["err_fla_o"] = rel_err(fla.output(*args[:3], s), ref_out)
     return errs
+
+
+def print_table(table):
+    """The markdown table: each timed implementation's ms (% floor), the speedups of ours over fla, the errors."""
+    names = [n for n in ("mosaic", "ours", "fla", "xla", "cudnn") if any(f"{n}_ms" in r for r in table)]
+    label = {"mosaic": "mosaic", "ours": "triton", "fla": "fla", "xla": "XLA", "cudnn": "cuDNN softmax"}
+    ratios = [(a, b) for a, b in (("mosaic", "fla"), ("ours", "fla"), ("mosaic", "ours")) if a in names and b in names]
+    head = ([f"{label[n]} ms (% floor)" for n in names] + [f"{label[a]} vs {label[b]}" for a, b in ratios]
+            + ["rel. errors vs XLA scan"])
+    print("\n| shape | mode | " + " | ".join(head) + " |")
+    print("|---|---|" + "---|" * len(head))
+    for r in table:
+        pct = lambda n: f"{r[n + '_ms']:.3f} ({100 * r['floor_ms'] / r[n + '_ms']:.0f}%)" if n + "_ms" in r else "-"
+        speed = lambda a, b: (f"{r[b + '_ms'] / r[a + '_ms']:.2f}x" if a + "_ms" in r and b + "_ms" in r else "-")
+        errs = ", ".join(f"{k[4:]} {v:.1e}" for k, v in r.items() if k.startswith("err_"))
+        cells = [pct(n) for n in names] + [speed(a, b) for a, b in ratios] + [errs]
+        print(f"| {r['shape']} | {r['mode']} | " + " | ".join(cells) + " |")
 
 
 def main(argv):
@@ -239,34 +308,42 @@ def main(argv):
 
     d = FLAGS.head_dim
     fla = Fla() if "fla" in FLAGS.impls else None
-    log({"phase": "env", "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+    device_kind = jax.devices()[0].device_kind
+    peak = peaks(device_kind)
+    kernels = [name for name in FLAGS.impls if name in KERNELS]
+    log({"phase": "env", "device": device_kind, "peaks": peak, "jax": jax.__version__,
          "date": datetime.date.today().isoformat(), **(fla.versions if fla else {})})
-    if FLAGS.check:
-        check_small(log)
+    checks = check_small(log, backends=tuple(KERNELS[name] for name in kernels)) if FLAGS.check else []
 
-    best = {}
+    best = {name: {} for name in kernels}  # impl -> swept shape -> fastest config
     for text in FLAGS.sweep_shapes:
         shape = parse_shape(text)
-        best[shape] = sweep(shape, minimax_slopes(shape[1]), d, log)
-        log({"phase": "best", "shape": shape, "config": repr(best[shape])})
+        for name in (n for n in kernels if n in FLAGS.sweep_impls):
+            best[name][shape] = sweep(shape, minimax_slopes(shape[1]), d, log, KERNELS[name])
+            log({"phase": "best", "impl": name, "shape": shape, "config": repr(best[name][shape])})
 
     table = []
     for text in FLAGS.shapes:
         b, h, n = parse_shape(text)
-        # The config of the swept shape with the closest number of (b, h) walks and length.
-        near = min(best, key=lambda sh: (abs(math.log(sh[0] * sh[1] / (b * h))), abs(math.log(sh[2] / n))),
-                   default=None)
-        config = best[near] if near else pallas.DEFAULT_CONFIGS["triton"]
+        configs = {}
+        for name in kernels:
+            # The config of the swept shape with the closest number of (b, h) walks and length.
+            near = min(best[name], key=lambda sh: (abs(math.log(sh[0] * sh[1] / (b * h))), abs(math.log(sh[2] / n))),
+                       default=None)
+            configs[name] = best[name][near] if near else pallas.DEFAULT_CONFIGS[KERNELS[name]]
         s = jnp.asarray(minimax_slopes(h))
         q, k, v, do = make_inputs(jax.random.PRNGKey(2), b, h, n, d)
         for mode in FLAGS.modes:
             with_bwd = mode == "fwdbwd"
-            row = {"phase": "time", "shape": f"B{b} H{h} N{n // 1024}K", "mode": mode, "config": repr(config)}
+            row = {"phase": "time", "shape": f"B{b} H{h} N{n // 1024}K", "mode": mode,
+                   **{f"{name}_config": repr(c) for name, c in configs.items()}}
             args = (q, k, v, do) if with_bwd else (q, k, v)
-            timers = {"ours": lambda: time_jax(ours_fn(s, config, with_bwd), *args),
-                      "fla": lambda: fla.time(q, k, v, do, s, with_bwd),
+            timers = {"fla": lambda: fla.time(q, k, v, do, s, with_bwd),
                       "xla": lambda: time_jax(xla_fn(s, with_bwd), *args),
                       "cudnn": lambda: time_jax(cudnn_fn(with_bwd), *args)}
+            for name in kernels:
+                timers[name] = functools.partial(lambda c, be: time_jax(ours_fn(s, c, with_bwd, be), *args),
+                                                 configs[name], KERNELS[name])
             for name in FLAGS.impls:
                 if name == "cudnn" and n > FLAGS.cudnn_max_n:
                     continue
@@ -276,10 +353,10 @@ def main(argv):
                     row[f"{name}_error"] = str(e)[:200]
                     if fla is not None:
                         fla.torch.cuda.empty_cache()
-            row["floor_ms"] = floor_seconds(b, h, n, d, mode) * 1e3
+            row["floor_ms"] = floor_seconds(b, h, n, d, mode, peak) * 1e3
             if FLAGS.check:  # ours vs the XLA scan (block 256: fewer saved states) on the same inputs
                 try:
-                    row.update(compare_to_xla(s, config, with_bwd, args, fla))
+                    row.update(compare_to_xla(s, configs, with_bwd, args, fla))
                 except Exception as e:
                     row["check_error"] = str(e)[:200]
             log(row)
@@ -287,15 +364,13 @@ def main(argv):
         del q, k, v, do
         if fla is not None:
             fla.torch.cuda.empty_cache()
-
-    print("\n| shape | mode | ours ms (% floor) | fla ms (% floor) | ours/fla speedup | XLA ms | cuDNN ms | errors |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in table:
-        pct = lambda key: f"{r[key]:.2f} ({100 * r['floor_ms'] / r[key]:.0f}%)" if key in r else "-"
-        ratio = f"{r['fla_ms'] / r['ours_ms']:.2f}x" if "fla_ms" in r and "ours_ms" in r else "-"
-        errs = ", ".join(f"{k[4:]} {v:.1e}" for k, v in r.items() if k.startswith("err_"))
-        print(f"| {r['shape']} | {r['mode']} | {pct('ours_ms')} | {pct('fla_ms')} | {ratio} | "
-              f"{r.get('xla_ms', float('nan')):.2f} | {r.get('cudnn_ms', float('nan')):.2f} | {errs} |")
+    print_table(table)
+    for backend in sorted({r["backend"] for r in checks}):
+        rows = [r for r in checks if r["backend"] == backend]
+        errors = [v for r in rows for k, v in r.items() if k in ("o", "final", "dq", "dk", "dv", "d_init")]
+        verdict = "ok" if all(r["ok"] for r in rows) else "FAILED (see the check rows above)"
+        worst = f"{max(errors):.1e}" if errors else "-"
+        print(f"GPU check vs the per-token recurrence, {backend}: {verdict} (largest rel. error {worst})")
 
 
 if __name__ == "__main__":

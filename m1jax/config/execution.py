@@ -21,7 +21,7 @@ MOE_TRANSPORTS = ("padded", "ragged")
 LM_HEAD_PRECISIONS = ("float32", "bf16_3x")
 # What jax.checkpoint wraps when remat=True (m1jax/model.py): the scanned period, each decoder layer, or both.
 REMAT_GRANULARITIES = ("period", "layer", "nested")
-LIGHTNING_IMPLEMENTATIONS = ("xla_chunked", "recurrent", "pallas_triton", "pallas_tpu")
+LIGHTNING_IMPLEMENTATIONS = ("xla_chunked", "recurrent", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu")
 GMM_IMPLEMENTATIONS = ("pallas_triton", "tokamax", "megablox", "ragged_dot")
 ATTENTION_IMPLEMENTATIONS = ("xla", "xla_blockwise", "cudnn", "pallas_triton", "pallas_tpu")
 

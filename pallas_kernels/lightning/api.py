@@ -1,9 +1,11 @@
 """Public entry point for lightning attention: ``lightning_attention`` (prefill/training) and ``lightning_decode``.
 
 ``implementation=None`` decides per platform the program is lowered for (``pallas_kernels.platform``): tpu: the
-Mosaic kernel (pallas_tpu); cuda/rocm: the Triton kernel (pallas_triton) when Dk and Dv are powers of two; otherwise
-(cpu, other dims) the XLA chunked scan. An explicit Pallas backend runs compiled on its platform and in Pallas
-interpret mode when lowered for cpu.
+Mosaic kernel (pallas_tpu); cuda/rocm: the kernel ``GPU_DEFAULT`` names for the GPU generation traced for (Triton on
+every generation today) when it handles the call (see ``default_implementation``); otherwise (cpu, other dims) the XLA
+chunked scan. An explicit Pallas backend runs compiled on its platform and in Pallas interpret mode when lowered for
+cpu. ``pallas_mosaic_gpu`` (TMA + wgmma) needs a Hopper GPU (when traced for a GPU), bf16/fp16 inputs, Dk and Dv
+multiples of 64 and no segment ids; asked for explicitly with anything else it raises a ValueError.
 """
 from __future__ import annotations
 
@@ -15,9 +17,16 @@ import jax.numpy as jnp
 from pallas_kernels import platform
 from pallas_kernels.lightning import reference
 
-IMPLEMENTATIONS = ("xla_chunked", "recurrent", "pallas_triton", "pallas_tpu")
-_PALLAS_BACKENDS = {"pallas_triton": "triton", "pallas_tpu": "tpu"}
-_NATIVE_PLATFORMS = {"pallas_triton": platform.GPU, "pallas_tpu": ("tpu",)}  # where each kernel runs compiled
+IMPLEMENTATIONS = ("xla_chunked", "recurrent", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu")
+_PALLAS_BACKENDS = {"pallas_triton": "triton", "pallas_mosaic_gpu": "mosaic_gpu", "pallas_tpu": "tpu"}
+# Where each kernel runs compiled.
+_NATIVE_PLATFORMS = {"pallas_triton": platform.GPU, "pallas_mosaic_gpu": ("cuda",), "pallas_tpu": ("tpu",)}
+# implementation=None on cuda, by GPU generation (``gpu_generation``); generations not listed get "pallas_triton".
+# Switch a generation here only after benchmarks/lightning.py has shown the kernel faster on it (the Mosaic GPU
+# kernel is written for Hopper; calls it cannot handle still go to Triton, see ``default_implementation``).
+GPU_DEFAULT = {"hopper": "pallas_triton"}
+# jax.Device.device_kind substrings -> generation.
+_GPU_GENERATIONS = {"H100": "hopper", "H200": "hopper", "H800": "hopper", "H20": "hopper", "GH200": "hopper"}
 
 
 def _check_inputs(q, k, v, decay, initial_state, segment_ids):
@@ -41,11 +50,36 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def default_implementation(target: str, dk: int, dv: int) -> str:
+def _traced_gpu_kind() -> str | None:
+    """device_kind of the GPU being traced for: the current mesh's device (a compile for a GPU topology from any
+    host), else this host's first device; None when that is not a GPU."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    if device is None:
+        device = jax.devices()[0]
+    return device.device_kind if device.platform in ("gpu", "cuda") else None
+
+
+def gpu_generation() -> str | None:
+    """The generation ("hopper", ...) of the GPU being traced for (``_GPU_GENERATIONS``); None when unknown."""
+    kind = _traced_gpu_kind()
+    return None if kind is None else next((gen for key, gen in _GPU_GENERATIONS.items() if key in kind), None)
+
+
+def _mosaic_gpu_handles(dtype, dk: int, dv: int, has_segments: bool) -> bool:
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and dk % 64 == 0
+            and dv % 64 == 0 and not has_segments)
+
+
+def default_implementation(target: str, dk: int, dv: int, *, dtype=jnp.bfloat16, has_segments: bool = False,
+                           generation: str | None = None) -> str:
     """The implementation ``implementation=None`` uses when lowering for platform ``target`` (see the module
-    docstring); the Triton kernel needs power-of-two head dims."""
+    docstring): on cuda ``GPU_DEFAULT[generation]`` when that kernel handles the call, else the Triton kernel, which
+    needs power-of-two head dims."""
     if target == "tpu":
         return "pallas_tpu"
+    if (target == "cuda" and GPU_DEFAULT.get(generation) == "pallas_mosaic_gpu"
+            and _mosaic_gpu_handles(dtype, dk, dv, has_segments)):
+        return "pallas_mosaic_gpu"
     if target in platform.GPU and _is_power_of_two(dk) and _is_power_of_two(dv):
         return "pallas_triton"
     return "xla_chunked"
@@ -101,9 +135,14 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Arr
       o [B, T, H, Dv] in v's dtype, and the final state when ``return_final_state``.
     """
     _check_inputs(q, k, v, decay, initial_state, segment_ids)
+    if implementation == "pallas_mosaic_gpu" and _traced_gpu_kind() is not None and gpu_generation() != "hopper":
+        raise ValueError(f"pallas_mosaic_gpu needs a Hopper GPU (wgmma); tracing for {_traced_gpu_kind()!r}")
     args = (q, k, v, jnp.asarray(decay, jnp.float32), initial_state, segment_ids)
     if implementation is None:
-        chosen = {p: default_implementation(p, q.shape[-1], v.shape[-1]) for p in platform.PLATFORMS}
+        generation = gpu_generation()
+        chosen = {p: default_implementation(p, q.shape[-1], v.shape[-1], dtype=q.dtype,
+                                            has_segments=segment_ids is not None, generation=generation)
+                  for p in platform.PLATFORMS}
         o, state = platform.select({p: _implementation(name, block_size) for p, name in chosen.items()}, *args,
                                    fallback=_implementation(chosen["cpu"], block_size))
     elif implementation in _PALLAS_BACKENDS:

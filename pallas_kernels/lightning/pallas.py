@@ -1,17 +1,21 @@
-"""Pallas lightning attention (Triton on GPU, Mosaic on TPU) behind one function; ``api`` dispatches here."""
+"""Pallas lightning attention (Triton or Mosaic GPU on GPU, Mosaic on TPU) behind one function; ``api`` dispatches
+here."""
 from __future__ import annotations
 
 import functools
 
 
-from pallas_kernels.lightning import ops, pallas_tpu, pallas_triton, reference
+from pallas_kernels.lightning import ops, pallas_mosaic_gpu, pallas_tpu, pallas_triton, reference
 from pallas_kernels.lightning.config import KernelConfig, pick_groups
 
-BACKENDS = ("triton", "tpu")
+BACKENDS = ("triton", "mosaic_gpu", "tpu")
 # Triton: the fastest of experiments/bench_lightning.py's sweep on an H100 (2026-11-26; benchmarks/RESULTS.md):
 # 32-wide Dv tiles give 4 programs per (row, head) whose q/k re-reads hit L2, and 3 pipeline stages hide the chunk
-# loads. TPU: 128-token chunks (MXU tiles; segment-id blocks need a multiple of 128), untuned.
+# loads. Mosaic GPU (Hopper): 64-token chunks, 64-wide Dv tiles (2 programs per (row, head) at Dv = 128, one
+# warpgroup each), 2 TMA stages; untuned (benchmarks/lightning.py sweeps it). TPU: 128-token chunks (MXU tiles;
+# segment-id blocks need a multiple of 128), untuned.
 DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num_stages=3),
+                   "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=2),
                    "tpu": KernelConfig(chunk=128, block_v=128)}
 
 
@@ -33,6 +37,10 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
             if dim & (dim - 1) or dim < 1:
                 raise ValueError(f"the Triton kernel needs power-of-two sizes; got {name}={dim}")
         scan = functools.partial(pallas_triton.chunk_scan, config=config, interpret=interpret)
+        tiles = max(dv // config.block_v, 1)
+    elif backend == "mosaic_gpu":
+        pallas_mosaic_gpu.check_supported(q.dtype, dk, dv, config, segment_ids is not None)
+        scan = functools.partial(pallas_mosaic_gpu.chunk_scan, config=config, interpret=interpret)
         tiles = max(dv // config.block_v, 1)
     else:
         scan = functools.partial(pallas_tpu.chunk_scan, config=config, interpret=interpret)

@@ -1,8 +1,10 @@
-"""Pallas lightning kernels (Triton and TPU bodies, Pallas interpret mode on CPU) against the float64 oracle.
+"""Pallas lightning kernels (Triton, Mosaic GPU and TPU bodies, Pallas interpret mode on CPU) against the float64
+oracle.
 
 Forward output, final state and every gradient (dq, dk, dv, d_initial_state), on odd lengths, several chunk sizes,
 Dv tiles and sequence-group counts (including a group wholly in the padding), with and without segment ids and an
-initial state.
+initial state. The Mosaic GPU kernel takes bf16, head dims that are multiples of 64 and no segment ids; its backward
+walks run the same kernel (Dk and Dv swap there, hence the Dk != Dv case).
 """
 from __future__ import annotations
 
@@ -23,6 +25,11 @@ CASES = [
     ("tpu", "float32", 2, 45, 2, 16, 8, 16, 8, 1, True, True),
     ("tpu", "float32", 1, 61, 3, 8, 8, 8, 8, 3, False, True),
     ("tpu", "bfloat16", 1, 33, 2, 16, 16, 8, 16, 2, True, True),
+    ("mosaic_gpu", "bfloat16", 1, 100, 1, 64, 64, 64, 64, 1, False, True),  # partial last chunk
+    ("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 128, 64, 64, 3, False, False),  # two Dv tiles, Dk != Dv
+    ("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 64, 128, 64, 1, False, True),  # more chunks than TMA stages
+    ("mosaic_gpu", "bfloat16", 1, 130, 1, 64, 64, 64, 64, 4, False, True),  # group 3 is all padding
+    ("mosaic_gpu", "bfloat16", 1, 90, 1, 64, 64, 64, 32, 1, False, True),  # 32-wide tiles (64-byte swizzle)
 ]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
@@ -31,7 +38,8 @@ TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 def test_forward_and_gradients_match_oracle(case, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
     prob = lt.random_problem(sum(case[2:8]), batch, length, heads, dk, dv, segments=segments, init=init)
-    config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups)
+    config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups,
+                          num_stages=pallas.DEFAULT_CONFIGS[backend].num_stages)
     cast = lambda x: jnp.asarray(x, dtype)
     # The oracle sees exactly the (rounded) inputs the kernel sees.
     q, k, v, d_o = (np.asarray(cast(prob[n]).astype(jnp.float32)) for n in ("q", "k", "v", "d_o"))
@@ -87,3 +95,21 @@ def test_triton_rejects_non_power_of_two_head_dim():
     x = jnp.zeros((1, 4, 1, 12))
     with pytest.raises(ValueError, match="power-of-two"):
         pallas.lightning_attention_pallas(x, x, x, jnp.ones(1), interpret=True)
+
+
+@pytest.mark.parametrize("what,dtype,dims,chunk,seg,match", [
+    ("segment ids", jnp.bfloat16, (64, 64), 64, True, "segment_ids"),
+    ("fp32", jnp.float32, (64, 64), 64, False, "bf16 or fp16"),
+    ("head dim", jnp.bfloat16, (96, 64), 64, False, "multiples of 64"),
+    ("tile", jnp.bfloat16, (64, 64), 64, False, "multiple of 32"),
+    ("chunk", jnp.bfloat16, (64, 64), 32, False, "chunk 64 or 128"),
+    ("shared memory", jnp.bfloat16, (128, 128), 128, False, "shared memory"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
+    q = jnp.zeros((1, 8, 1, dims[0]), dtype)
+    v = jnp.zeros((1, 8, 1, dims[1]), dtype)
+    config = KernelConfig(chunk=chunk, block_v=16 if what == "tile" else 128, num_stages=2)
+    segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
+    with pytest.raises(ValueError, match=match):
+        pallas.lightning_attention_pallas(q, q, v, jnp.ones(1), segment_ids=segment_ids, backend="mosaic_gpu",
+                                          config=config, interpret=True)

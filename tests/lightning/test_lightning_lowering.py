@@ -85,6 +85,45 @@ def test_default_jitted_function_runs_the_xla_scan_on_cpu(lt):
         assert lt.rel_err(got, want[name]) < 1e-4, name
 
 
+# Custom-call target of Mosaic GPU kernels (jax 0.11.2).
+MOSAIC_GPU_CALL_TARGET = "mosaic_gpu_v2"
+
+
+@pytest.mark.parametrize("config", [KernelConfig(chunk=64, block_v=64, num_stages=2, groups=2),
+                                    KernelConfig(chunk=128, block_v=64, num_stages=2, groups=1),
+                                    KernelConfig(chunk=64, block_v=32, num_stages=3, groups=1)])
+def test_mosaic_gpu_lowering_exports_for_cuda(config):
+    """The full Mosaic GPU lowering (layouts, TMA, wgmma, shared-memory budget) runs on the export; no segment ids."""
+    def f(q, k, v, s, init):
+        def loss(q, k, v, init):
+            o, final = pallas.lightning_attention_pallas(q, k, v, s, initial_state=init, backend="mosaic_gpu",
+                                                         config=config)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, init)
+
+    text = export.export(jax.jit(f), platforms=("cuda",))(*_args()[:5]).mlir_module()
+    assert text.count(MOSAIC_GPU_CALL_TARGET) == (EXPECTED_CALLS if config.groups > 1 else EXPECTED_CALLS // 2)
+
+
+def test_switching_hopper_to_mosaic_lowers_the_mosaic_kernel_for_an_h200(monkeypatch):
+    """The one-line GPU_DEFAULT switch, end to end: implementation=None exported for cuda on an (abstract) H200 runs
+    the Mosaic kernel without segment ids and keeps the Triton kernel for packed documents."""
+    from pallas_kernels.lightning import api
+    monkeypatch.setitem(api.GPU_DEFAULT, "hopper", "pallas_mosaic_gpu")
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
+    checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL_TARGET)]
+
+    def lowered(with_segments: bool) -> str:
+        def f(q, k, v, s, init, seg):
+            return lightning_attention(q, k, v, s, initial_state=init, segment_ids=seg if with_segments else None)
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+            return export.export(jax.jit(f), platforms=("cuda",), disabled_checks=checks)(*_args()).mlir_module()
+
+    plain, packed = lowered(False), lowered(True)
+    assert plain.count(MOSAIC_GPU_CALL_TARGET) == 1 and TRITON_CALL_TARGET not in plain
+    assert MOSAIC_GPU_CALL_TARGET not in packed and packed.count(TRITON_CALL_TARGET) >= 1
+
+
 def test_tpu_lowering_exports_for_tpu():
     exported = export.export(_fwd_and_grad("tpu", KernelConfig(chunk=128, groups=2)), platforms=("tpu",))(*_args())
     assert exported.mlir_module().count(TPU_CALL_TARGET) == EXPECTED_CALLS

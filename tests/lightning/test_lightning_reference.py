@@ -60,6 +60,50 @@ def test_default_implementation_per_platform():
     assert api.default_implementation("cuda", 128, 128) == "pallas_triton"
     assert api.default_implementation("cuda", 96, 128) == "xla_chunked"  # Triton needs power-of-two head dims
     assert api.default_implementation("tpu", 96, 128) == "pallas_tpu"
+    assert api.default_implementation("cuda", 128, 128, generation="hopper") == api.GPU_DEFAULT["hopper"]
+
+
+def test_gpu_default_table_switches_hopper_to_mosaic_where_it_applies(monkeypatch):
+    """Switching a generation in GPU_DEFAULT is the one-line change; calls the Mosaic kernel cannot take stay on
+    Triton, and other generations and platforms are untouched."""
+    monkeypatch.setitem(api.GPU_DEFAULT, "hopper", "pallas_mosaic_gpu")
+    pick = lambda target="cuda", dk=128, dv=128, **kw: api.default_implementation(target, dk, dv, **{
+        "generation": "hopper", **kw})
+    assert pick() == "pallas_mosaic_gpu"
+    assert pick(has_segments=True) == "pallas_triton"
+    assert pick(dtype=jnp.float32) == "pallas_triton"
+    assert pick(dk=32, dv=32) == "pallas_triton"
+    assert pick(generation=None) == "pallas_triton"
+    assert pick(target="rocm") == "pallas_triton"
+
+
+def test_gpu_generation_reads_the_traced_for_device():
+    import jax
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        assert api.gpu_generation() == "hopper"
+    assert api.gpu_generation() is None  # this host: cpu
+
+
+def test_explicit_mosaic_gpu_refuses_a_gpu_that_is_not_hopper():
+    import jax
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA B200", platform="gpu", num_cores=148)
+    x = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        with pytest.raises(ValueError, match="Hopper"):
+            lightning_attention(x, x, x, jnp.ones(1), implementation="pallas_mosaic_gpu")
+
+
+def test_explicit_mosaic_gpu_runs_in_interpret_mode_on_cpu(lt):
+    prob = lt.random_problem(19, 1, 70, 1, 64, 64, segments=False, init=True)
+    cast = lambda x: jnp.asarray(x, jnp.bfloat16)
+    q, k, v = (cast(prob[n]) for n in ("q", "k", "v"))
+    init = jnp.asarray(prob["initial_state"])
+    o, final = lightning_attention(q, k, v, jnp.asarray(prob["decay"]), initial_state=init, return_final_state=True,
+                                   implementation="pallas_mosaic_gpu")
+    want = lt.oracle(*(np.asarray(x.astype(jnp.float32)) for x in (q, k, v)), prob["decay"],
+                     initial_state=prob["initial_state"])
+    assert lt.rel_err(o.astype(jnp.float32), want["o"]) < 1e-2 and lt.rel_err(final, want["final"]) < 1e-2
 
 
 def test_implementations_equal_the_config_choices():

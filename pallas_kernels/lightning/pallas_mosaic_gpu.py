@@ -1,0 +1,279 @@
+"""Lightning scan on Hopper GPUs: one Mosaic GPU kernel (TMA + wgmma) that keeps the state on chip for a whole row.
+
+Grid ``(Dv / block_v, H, rows)``, one warpgroup per program. A program walks its row's chunks (forward or reverse) and
+carries its ``[Dk, block_v]`` float32 state in wgmma accumulator registers. Per chunk (C tokens):
+
+    TMA   q, k [C, Dk] and v [C, block_v] into SMEM slot (``stages`` slots, loads issued ``stages`` chunks ahead)
+    wgmma scores = q k^T [C, C]  and  inter = q S_bf16 [C, block_v]            (both in flight together)
+          meanwhile v is scaled by its state decay in fp32 and stored (bf16) for the state update
+    regs  scores *= intra-chunk decay (hoisted [C, C] table);  o = inter * (row decay of q)
+    wgmma o += scores_bf16 v   and   S = carry * S + k^T v_scaled                  (both in flight together)
+    TMA   o (bf16) to HBM; S rounded to bf16 into SMEM for the next chunk's ``q S``.
+
+So ``q k^T`` is computed once per (chunk, Dv tile) (the Triton kernel computes it once per 32-wide tile), nothing but
+q, k, v, o crosses HBM (the Dv tiles of one (row, head) are adjacent in launch order, so their repeated q/k reads
+should hit L2), and the TMA of the next chunks runs under both wgmma pairs. The math is ``chunk_math``'s
+(``walk_step``): the same geometry (``a``, ``b``, the last partial chunk, chunks wholly in the padding), decay factors
+computed in float32, the state rounded to the input dtype for the tensor cores and its decay applied in float32 after.
+One difference: the state update scales v (the program's ``[C, block_v]`` tile) rather than k by the per-token decay
+before rounding to bf16, which has the same rounding error and half the work at ``block_v`` = Dk / 2.
+
+Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
+scores or the state; the kernel only has to get the decay distances right.
+
+Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk and Dv multiples of 64, block_v a multiple
+of 32 dividing both, chunk 64 or 128, the scratch within Hopper's 227 KiB of SMEM (chunk 128 with
+``block_v`` 128 does not fit), no segment ids (``doc``): use the Triton kernel for packed documents.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.compat import pl, plgpu
+from pallas_kernels.lightning.config import KernelConfig, RowLayout
+
+
+def _smem_transforms(minor: int, dtype):
+    """Tiling + swizzle for SMEM tiles that TMA fills and wgmma reads, the widest swizzle a row of ``minor`` elements
+    allows. One for all tiles: a wgmma's two SMEM operands must share it (k^T and the v tile in the state update)."""
+    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _row_vector(values_of_pos, chunk: int):
+    """[C] float32 in the layout of a wgmma accumulator's rows, ``values_of_pos(pos)`` for pos = 0..C-1."""
+    pos = plgpu.broadcasted_iota(jnp.int32, (chunk,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+    return values_of_pos(pos)
+
+
+def _scale_rows(x, w):
+    """x [C, N] (wgmma layout) times w [C] per row."""
+    return x * lax.broadcast_in_dim(w, x.shape, [0])
+
+
+def _decay(s, dist, valid):
+    """exp(-s * dist) where ``valid`` (dist >= 0 there), else 0; float32."""
+    return jnp.where(valid, jnp.exp(-s * jnp.maximum(dist, 0).astype(jnp.float32)), 0.0)
+
+
+def _accumulate(issue, inits, interpret: bool):
+    """Final values of wgmma accumulators that start at ``inits`` (arrays, or None for an absent one) after
+    ``issue(*accumulator refs)``.
+
+    Compiled, the accumulators start from the given registers (``pl.run_state``), so nothing extra stays live while the
+    wgmmas run. Mosaic GPU interpret mode does not implement ``run_state`` (jax 0.11.2), so there they start at zero
+    and the initial values are added after: the same sums.
+    """
+    if not interpret:
+        refs = tuple(None if x is None else plgpu.ACC.init(x) for x in inits)
+        return pl.run_state(lambda accs: issue(*accs))(refs)
+
+    present = [i for i, x in enumerate(inits) if x is not None]
+
+    def run(*accs):
+        refs = [None] * len(inits)
+        for i, acc in zip(present, accs):
+            refs[i] = acc
+        issue(*refs)
+        return tuple(acc[...] for acc in accs)
+
+    sums = pl.run_scoped(run, *(plgpu.ACC(inits[i].shape, jnp.float32) for i in present))
+    out = [None] * len(inits)
+    for i, total in zip(present, sums):
+        out[i] = inits[i] + total
+    return tuple(out)
+
+
+def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, stages: int, reverse: bool, with_output: bool,
+            has_init: bool, interpret: bool):
+    refs = list(refs)
+    s_ref = refs.pop(0)
+    q_ref = refs.pop(0) if with_output else None
+    k_ref, v_ref = refs.pop(0), refs.pop(0)
+    init_ref = refs.pop(0) if has_init else None
+    o_ref = refs.pop(0) if with_output else None
+    state_out_ref = refs.pop(0)
+    q_smem, k_smem, v_smem, vw_smem, st_smem, o_smem, probs_smem, load_bars = refs
+
+    tile, head, row = lax.axis_index("tile"), lax.axis_index("head"), lax.axis_index("row")
+    cols = pl.ds(tile * block_v, block_v)
+    n_chunks = layout.length // chunk
+    n_valid = layout.row_valid(row)
+    s = s_ref[head]
+    dk = k_ref.shape[-1]
+
+    def chunk_of(step):
+        return (n_chunks - 1 - step) if reverse else step
+
+    def issue_loads(step, slot):
+        rows = pl.ds(chunk_of(step) * chunk, chunk)
+        if with_output:
+            plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], q_smem.at[slot], load_bars.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[row, rows, head], k_smem.at[slot], load_bars.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[row, rows, head, cols], v_smem.at[slot], load_bars.at[slot])
+
+    for step in range(min(stages, n_chunks)):
+        issue_loads(step, step)
+
+    if has_init:
+        state0 = plgpu.load(init_ref.at[row, head, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
+    else:
+        state0 = plgpu.layout_cast(jnp.zeros((dk, block_v), jnp.float32), plgpu.Layout.WGMMA)
+    st_smem[...] = state0.astype(st_smem.dtype)
+    plgpu.commit_smem()
+
+    if with_output:
+        # Loop-invariant intra-chunk decay exp(-s |i - j|) where token j feeds token i in the walk's direction.
+        i = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 0, layout=plgpu.Layout.WGMMA)
+        j = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 1, layout=plgpu.Layout.WGMMA)
+        dist = (j - i) if reverse else (i - j)
+        decay_cc = _decay(s, dist, dist >= 0)
+
+    def body(step, state):
+        slot = lax.rem(step, stages)
+        c = chunk_of(step)
+        limit = n_valid - c * chunk  # valid tokens from this chunk's start; chunk_math.chunk_geometry
+        a = jnp.minimum(limit, 0) - 1
+        b = jnp.minimum(limit, chunk) - 1
+        plgpu.barrier_wait(load_bars.at[slot])
+        q_s, k_s, v_s = q_smem.at[slot] if with_output else None, k_smem.at[slot], v_smem.at[slot]
+
+        def scale_v():
+            # Token j enters the state decayed to the walk's end of the chunk.
+            w = _row_vector(lambda pos: _decay(s, (pos - a) if reverse else (b - pos), pos < limit), chunk)
+            v = plgpu.load(v_s, layout=plgpu.Layout.WGMMA)
+            vw_smem[...] = _scale_rows(v.astype(jnp.float32), w).astype(vw_smem.dtype)
+            plgpu.commit_smem()
+
+        o = None
+        if with_output:
+            def scores_and_inter(acc_s, acc_o):
+                plgpu.wgmma(acc_s, q_s, k_s.T)
+                plgpu.wgmma(acc_o, q_s, st_smem)
+                scale_v()
+                return acc_s[...], acc_o[...]
+
+            scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
+                                          plgpu.ACC((chunk, block_v), jnp.float32))
+            w_q = _row_vector(lambda pos: _decay(s, (b - pos) if reverse else (pos - a), pos < limit), chunk)
+            o = _scale_rows(inter, w_q)
+            probs = (scores * decay_cc).astype(q_s.dtype)
+        else:
+            scale_v()
+        carry = jnp.exp(-s * (b - a).astype(jnp.float32))
+
+        if with_output and interpret:
+            # The interpreter's wgmma reads operands from SMEM only; compiled, the scores stay in registers.
+            probs_smem[...] = probs
+            plgpu.commit_smem()
+            probs = probs_smem
+
+        def update(acc_o, acc_st):
+            if with_output:
+                plgpu.wgmma(acc_o, probs, v_s)
+            plgpu.wgmma(acc_st, k_s.T, vw_smem)
+
+        o, state = _accumulate(update, (o, state * carry), interpret)
+
+        if with_output:
+            o_slot = lax.rem(step, 2)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last used this slot has read it
+            o_smem[o_slot] = o.astype(o_smem.dtype)
+        st_smem[...] = state.astype(st_smem.dtype)
+        plgpu.commit_smem()
+        if with_output:
+            plgpu.copy_smem_to_gmem(o_smem.at[o_slot], o_ref.at[row, pl.ds(c * chunk, chunk), head, cols])
+
+        @pl.when(step + stages < n_chunks)
+        def _():
+            issue_loads(step + stages, slot)
+
+        return state
+
+    state = lax.fori_loop(0, n_chunks, body, state0)
+    state_out_ref.at[row, head, :, cols][...] = state
+    plgpu.wait_smem_to_gmem(0)
+
+
+# Shared memory one program may use on Hopper (227 KiB).
+SMEM_LIMIT_BYTES = 232448
+
+
+def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *, with_output: bool = True,
+               interpret: bool = False) -> int:
+    """SMEM of one program (see ``chunk_scan``'s scratch): the q, k, v slots, scaled v, the bf16 state, o buffers."""
+    per_stage = chunk * (dk * (2 if with_output else 1) + block_v)
+    total = stages * per_stage + chunk * block_v + dk * block_v
+    if with_output:
+        total += 2 * chunk * block_v + (chunk * chunk if interpret else 0)
+    return total * itemsize + 8 * stages  # + the load barriers
+
+
+def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool):
+    """One-line ValueError for what the Mosaic GPU kernel does not handle (checked for the forward walk and the
+    backward's walks, which swap Dk and Dv)."""
+    block_v = min(config.block_v, dv)
+    if has_doc:
+        raise ValueError("the Mosaic GPU lightning kernel does not support segment_ids; use the Triton kernel")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"the Mosaic GPU lightning kernel needs bf16 or fp16 inputs; got {jnp.dtype(dtype).name}")
+    if dk % 64 or dv % 64 or block_v % 32 or dk % min(block_v, dk) or dv % block_v:
+        raise ValueError(f"the Mosaic GPU lightning kernel needs Dk and Dv multiples of 64 and block_v a multiple of "
+                         f"32 dividing both; got Dk={dk}, Dv={dv}, block_v={block_v}")
+    if config.chunk not in (64, 128):
+        raise ValueError(f"the Mosaic GPU lightning kernel needs chunk 64 or 128; got {config.chunk}")
+    need = max(smem_bytes(config.chunk, a, min(block_v, b), config.num_stages, jnp.dtype(dtype).itemsize)
+               for a, b in ((dk, dv), (dv, dk)))
+    if need > SMEM_LIMIT_BYTES:
+        raise ValueError(f"the Mosaic GPU lightning kernel would need {need} bytes of shared memory (> "
+                         f"{SMEM_LIMIT_BYTES}) at chunk={config.chunk}, block_v={block_v}, "
+                         f"num_stages={config.num_stages}, Dk={dk}, Dv={dv}; use fewer stages or smaller tiles")
+
+
+def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_output: bool,
+               config: KernelConfig, interpret: bool = False):
+    """Walk every row of ``k, v`` (and ``q`` when ``with_output``) chunk by chunk; ``pallas_triton.chunk_scan``'s
+    contract (zero-padded rows, L a multiple of ``config.chunk``) without segment ids (``doc`` must be None).
+
+    Returns (o [R, L, H, Dv] in v's dtype or None, state [R, H, Dk, Dv] float32). ``interpret`` runs the kernel in
+    Mosaic GPU interpret mode (CPU).
+    """
+    rows, length, heads, dk = k.shape
+    dv = v.shape[-1]
+    chunk = config.chunk
+    block_v = min(config.block_v, dv)
+    check_supported(k.dtype, dk, dv, config, doc is not None)
+    if length % chunk:
+        raise ValueError(f"L={length} must be a multiple of the chunk {chunk}")
+    n_chunks = length // chunk
+    stages = max(1, min(config.num_stages, n_chunks))
+    dtype = k.dtype
+    tk = tv = _smem_transforms(min(dk, block_v), dtype)
+    scratch = [
+        plgpu.SMEM((stages, chunk, dk), dtype, transforms=tk) if with_output else None,  # q
+        plgpu.SMEM((stages, chunk, dk), dtype, transforms=tk),  # k
+        plgpu.SMEM((stages, chunk, block_v), dtype, transforms=tv),  # v
+        plgpu.SMEM((chunk, block_v), dtype, transforms=tv),  # v scaled by its state decay
+        plgpu.SMEM((dk, block_v), dtype, transforms=tv),  # state rounded to the input dtype (wgmma operand)
+        plgpu.SMEM((2, chunk, block_v), dtype, transforms=tv) if with_output else None,  # o, double-buffered
+        plgpu.SMEM((chunk, chunk), dtype, transforms=tv)
+        if with_output and interpret else None,  # scores (interpret mode only, see _kernel)
+        plgpu.Barrier(num_arrivals=3 if with_output else 2, num_barriers=stages),
+    ]
+    out_type = [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)]
+    if with_output:
+        out_type.insert(0, jax.ShapeDtypeStruct(v.shape, v.dtype))
+    args = [s] + ([q] if with_output else []) + [k, v] + ([init] if init is not None else [])
+    kernel = functools.partial(_kernel, layout=layout, chunk=chunk, block_v=block_v, stages=stages, reverse=reverse,
+                               with_output=with_output, has_init=init is not None, interpret=interpret)
+    outs = plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch, grid=(dv // block_v, heads, rows),
+        grid_names=("tile", "head", "row"),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}",
+    )(*args)
+    return (outs[0], outs[1]) if with_output else (None, outs[0])
