@@ -13,13 +13,18 @@ class KernelConfig:
     chunk: tokens per chunk (power of two; 64 suits H100 tensor-core tiles, TPU wants a multiple of 128).
     block_v: Dv tile per program (Triton only; smaller tiles mean more programs but re-read q and k).
     groups: sequence groups walked in parallel (1 = one walk per row; None = pick from the shape, see ``pick_groups``).
-    num_warps, num_stages: Triton launch parameters.
+    num_warps, num_stages: Triton launch parameters (num_stages: also the Mosaic GPU kernel's TMA slots).
+    consumers: Mosaic GPU only. 0: one warpgroup per program walks one ``block_v`` tile and issues its own loads.
+        1 or 2: warp specialization, a producer warpgroup issues the TMA loads and each of ``consumers`` warpgroups
+        walks its own ``block_v`` tile of the same (row, head), sharing the q/k loads (a program covers
+        ``consumers * block_v`` columns of Dv).
     """
     chunk: int = 64
     block_v: int = 32
     groups: int | None = None
     num_warps: int = 4
     num_stages: int = 3
+    consumers: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

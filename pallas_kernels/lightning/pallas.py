@@ -41,7 +41,7 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     elif backend == "mosaic_gpu":
         pallas_mosaic_gpu.check_supported(q.dtype, dk, dv, config, segment_ids is not None)
         scan = functools.partial(pallas_mosaic_gpu.chunk_scan, config=config, interpret=interpret)
-        tiles = max(dv // config.block_v, 1)
+        tiles = max(dv // pallas_mosaic_gpu.tile_width(config, dv), 1)
     else:
         scan = functools.partial(pallas_tpu.chunk_scan, config=config, interpret=interpret)
         tiles = 1

@@ -88,8 +88,8 @@ def _accumulate(issue, inits, interpret: bool):
     return tuple(out)
 
 
-def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, stages: int, reverse: bool, with_output: bool,
-            has_init: bool, interpret: bool):
+def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, stages: int, reverse: bool,
+            with_output: bool, has_init: bool, interpret: bool):
     refs = list(refs)
     s_ref = refs.pop(0)
     q_ref = refs.pop(0) if with_output else None
@@ -97,10 +97,11 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, stages: int, rev
     init_ref = refs.pop(0) if has_init else None
     o_ref = refs.pop(0) if with_output else None
     state_out_ref = refs.pop(0)
-    q_smem, k_smem, v_smem, vw_smem, st_smem, o_smem, probs_smem, load_bars = refs
+    q_smem, k_smem, v_smem, vw_smem, st_smem, o_smem, probs_smem, load_bars, consumed_bars = refs
 
+    specialized = consumers > 0
+    walkers = max(consumers, 1)  # warpgroups that walk a Dv tile
     tile, head, row = lax.axis_index("tile"), lax.axis_index("head"), lax.axis_index("row")
-    cols = pl.ds(tile * block_v, block_v)
     n_chunks = layout.length // chunk
     n_valid = layout.row_valid(row)
     s = s_ref[head]
@@ -114,124 +115,182 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, stages: int, rev
         if with_output:
             plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], q_smem.at[slot], load_bars.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[row, rows, head], k_smem.at[slot], load_bars.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[row, rows, head, cols], v_smem.at[slot], load_bars.at[slot])
+        for w in range(walkers):
+            cols = pl.ds((tile * walkers + w) * block_v, block_v)
+            v_slot = v_smem.at[slot, w] if specialized else v_smem.at[slot]
+            plgpu.copy_gmem_to_smem(v_ref.at[row, rows, head, cols], v_slot, load_bars.at[slot])
 
-    for step in range(min(stages, n_chunks)):
-        issue_loads(step, step)
-
-    if has_init:
-        state0 = plgpu.load(init_ref.at[row, head, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
-    else:
-        state0 = plgpu.layout_cast(jnp.zeros((dk, block_v), jnp.float32), plgpu.Layout.WGMMA)
-    st_smem[...] = state0.astype(st_smem.dtype)
-    plgpu.commit_smem()
-
-    if with_output:
-        # Loop-invariant intra-chunk decay exp(-s |i - j|) where token j feeds token i in the walk's direction.
-        i = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 0, layout=plgpu.Layout.WGMMA)
-        j = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 1, layout=plgpu.Layout.WGMMA)
-        dist = (j - i) if reverse else (i - j)
-        decay_cc = _decay(s, dist, dist >= 0)
-
-    def body(step, state):
-        slot = lax.rem(step, stages)
-        c = chunk_of(step)
-        limit = n_valid - c * chunk  # valid tokens from this chunk's start; chunk_math.chunk_geometry
-        a = jnp.minimum(limit, 0) - 1
-        b = jnp.minimum(limit, chunk) - 1
-        plgpu.barrier_wait(load_bars.at[slot])
-        q_s, k_s, v_s = q_smem.at[slot] if with_output else None, k_smem.at[slot], v_smem.at[slot]
-
-        def scale_v():
-            # Token j enters the state decayed to the walk's end of the chunk.
-            w = _row_vector(lambda pos: _decay(s, (pos - a) if reverse else (b - pos), pos < limit), chunk)
-            v = plgpu.load(v_s, layout=plgpu.Layout.WGMMA)
-            vw_smem[...] = _scale_rows(v.astype(jnp.float32), w).astype(vw_smem.dtype)
-            plgpu.commit_smem()
-
-        o = None
-        if with_output:
-            def scores_and_inter(acc_s, acc_o):
-                plgpu.wgmma(acc_s, q_s, k_s.T)
-                plgpu.wgmma(acc_o, q_s, st_smem)
-                scale_v()
-                return acc_s[...], acc_o[...]
-
-            scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
-                                          plgpu.ACC((chunk, block_v), jnp.float32))
-            w_q = _row_vector(lambda pos: _decay(s, (b - pos) if reverse else (pos - a), pos < limit), chunk)
-            o = _scale_rows(inter, w_q)
-            probs = (scores * decay_cc).astype(q_s.dtype)
+    def walk(w):
+        """Walk the row for Dv tile ``w`` of this program: the consumer warpgroup's index under warp specialization
+        (the per-walker scratch has a leading walker axis), else None (no such axis: a static index there would
+        reach ``run_state``'s lowering as a constant it rejects)."""
+        mine = (lambda ref: ref) if w is None else (lambda ref: ref.at[w])
+        cols = pl.ds((tile * walkers + (0 if w is None else w)) * block_v, block_v)
+        vw_w, st_w, o_w = mine(vw_smem), mine(st_smem), mine(o_smem) if with_output else None
+        if has_init:
+            state0 = plgpu.load(init_ref.at[row, head, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
         else:
-            scale_v()
-        carry = jnp.exp(-s * (b - a).astype(jnp.float32))
-
-        if with_output and interpret:
-            # The interpreter's wgmma reads operands from SMEM only; compiled, the scores stay in registers.
-            probs_smem[...] = probs
-            plgpu.commit_smem()
-            probs = probs_smem
-
-        def update(acc_o, acc_st):
-            if with_output:
-                plgpu.wgmma(acc_o, probs, v_s)
-            plgpu.wgmma(acc_st, k_s.T, vw_smem)
-
-        o, state = _accumulate(update, (o, state * carry), interpret)
-
-        if with_output:
-            o_slot = lax.rem(step, 2)
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last used this slot has read it
-            o_smem[o_slot] = o.astype(o_smem.dtype)
-        st_smem[...] = state.astype(st_smem.dtype)
+            state0 = plgpu.layout_cast(jnp.zeros((dk, block_v), jnp.float32), plgpu.Layout.WGMMA)
+        st_w[...] = state0.astype(st_w.dtype)
         plgpu.commit_smem()
+
         if with_output:
-            plgpu.copy_smem_to_gmem(o_smem.at[o_slot], o_ref.at[row, pl.ds(c * chunk, chunk), head, cols])
+            # Loop-invariant intra-chunk decay exp(-s |i - j|) where token j feeds token i in the walk's direction.
+            i = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 0, layout=plgpu.Layout.WGMMA)
+            j = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 1, layout=plgpu.Layout.WGMMA)
+            dist = (j - i) if reverse else (i - j)
+            decay_cc = _decay(s, dist, dist >= 0)
 
-        @pl.when(step + stages < n_chunks)
-        def _():
-            issue_loads(step + stages, slot)
+        def body(step, state):
+            slot = lax.rem(step, stages)
+            c = chunk_of(step)
+            limit = n_valid - c * chunk  # valid tokens from this chunk's start; chunk_math.chunk_geometry
+            a = jnp.minimum(limit, 0) - 1
+            b = jnp.minimum(limit, chunk) - 1
+            plgpu.barrier_wait(load_bars.at[slot])
+            q_s, k_s, v_s = q_smem.at[slot] if with_output else None, k_smem.at[slot], mine(v_smem.at[slot])
 
-        return state
+            def scale_v():
+                # Token j enters the state decayed to the walk's end of the chunk.
+                wt = _row_vector(lambda pos: _decay(s, (pos - a) if reverse else (b - pos), pos < limit), chunk)
+                v = plgpu.load(v_s, layout=plgpu.Layout.WGMMA)
+                vw_w[...] = _scale_rows(v.astype(jnp.float32), wt).astype(vw_w.dtype)
+                plgpu.commit_smem()
 
-    state = lax.fori_loop(0, n_chunks, body, state0)
-    state_out_ref.at[row, head, :, cols][...] = state
-    plgpu.wait_smem_to_gmem(0)
+            o = None
+            if with_output:
+                def scores_and_inter(acc_s, acc_o):
+                    plgpu.wgmma(acc_s, q_s, k_s.T)
+                    plgpu.wgmma(acc_o, q_s, st_w)
+                    scale_v()
+                    return acc_s[...], acc_o[...]
+
+                scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
+                                              plgpu.ACC((chunk, block_v), jnp.float32))
+                w_q = _row_vector(lambda pos: _decay(s, (b - pos) if reverse else (pos - a), pos < limit), chunk)
+                o = _scale_rows(inter, w_q)
+                probs = (scores * decay_cc).astype(q_s.dtype)
+            else:
+                scale_v()
+            carry = jnp.exp(-s * (b - a).astype(jnp.float32))
+
+            if with_output and interpret:
+                # The interpreter's wgmma reads operands from SMEM only; compiled, the scores stay in registers.
+                mine(probs_smem)[...] = probs
+                plgpu.commit_smem()
+                probs = mine(probs_smem)
+
+            def update(acc_o, acc_st):
+                if with_output:
+                    plgpu.wgmma(acc_o, probs, v_s)
+                plgpu.wgmma(acc_st, k_s.T, vw_w)
+
+            o, state = _accumulate(update, (o, state * carry), interpret)
+
+            # The slot's last reader is done: refill it now, before this chunk's stores (under warp specialization,
+            # tell the producer; only for slots it refills, so that it waits on every phase the barrier completes).
+            @pl.when(step + stages < n_chunks)
+            def _():
+                if specialized:
+                    plgpu.barrier_arrive(consumed_bars.at[slot])
+                else:
+                    issue_loads(step + stages, slot)
+
+            if with_output:
+                o_slot = lax.rem(step, 2)
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last used this slot has read it
+                o_w[o_slot] = o.astype(o_w.dtype)
+            st_w[...] = state.astype(st_w.dtype)
+            plgpu.commit_smem()
+            if with_output:
+                plgpu.copy_smem_to_gmem(o_w.at[o_slot], o_ref.at[row, pl.ds(c * chunk, chunk), head, cols])
+            return state
+
+        state = lax.fori_loop(0, n_chunks, body, state0)
+        state_out_ref.at[row, head, :, cols][...] = state
+        plgpu.wait_smem_to_gmem(0)
+
+    if not specialized:
+        for step in range(min(stages, n_chunks)):
+            issue_loads(step, step)
+        walk(None)
+        return
+
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < consumers)
+    def _():
+        plgpu.set_max_registers(_consumer_registers(consumers), action="increase")
+        walk(wg)
+
+    @pl.when(wg == consumers)
+    def _():
+        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+        for step in range(min(stages, n_chunks)):
+            issue_loads(step, step)
+        if n_chunks > stages:
+            @pl.loop(stages, n_chunks)
+            def _(step):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(consumed_bars.at[slot])  # every consumer is done with the chunk step - stages
+                issue_loads(step, slot)
 
 
 # Shared memory one program may use on Hopper (227 KiB).
 SMEM_LIMIT_BYTES = 232448
+# Per-thread registers of the producer warpgroup under warp specialization (it only issues TMA copies); the consumers
+# share the rest of the SM's 64K registers (``_consumer_registers``), as in jax's own Hopper kernels.
+PRODUCER_REGISTERS = 40
 
 
-def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *, with_output: bool = True,
-               interpret: bool = False) -> int:
-    """SMEM of one program (see ``chunk_scan``'s scratch): the q, k, v slots, scaled v, the bf16 state, o buffers."""
-    per_stage = chunk * (dk * (2 if with_output else 1) + block_v)
-    total = stages * per_stage + chunk * block_v + dk * block_v
+def _consumer_registers(consumers: int) -> int:
+    """Per-thread register cap of each consumer warpgroup: 512 warpgroup-registers per thread-slot minus the
+    producer's, split evenly, rounded down to a multiple of 8, at most 256 (``setmaxnreg``'s limits)."""
+    return int(min(256, (512 - PRODUCER_REGISTERS) // consumers) // 8 * 8)
+
+
+def tile_width(config: KernelConfig, dv: int) -> int:
+    """Columns of Dv one program covers: ``block_v`` per walking warpgroup."""
+    return min(config.block_v, dv) * max(config.consumers, 1)
+
+
+def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *, consumers: int = 0,
+               with_output: bool = True, interpret: bool = False) -> int:
+    """SMEM of one program (see ``chunk_scan``'s scratch): the shared q, k slots and each walker's v slots, scaled v,
+    bf16 state and o buffers."""
+    walkers = max(consumers, 1)
+    per_stage = chunk * (dk * (2 if with_output else 1) + walkers * block_v)
+    total = stages * per_stage + walkers * (chunk * block_v + dk * block_v)
     if with_output:
-        total += 2 * chunk * block_v + (chunk * chunk if interpret else 0)
-    return total * itemsize + 8 * stages  # + the load barriers
+        total += walkers * (2 * chunk * block_v + (chunk * chunk if interpret else 0))
+    return total * itemsize + 8 * stages * (2 if consumers else 1)  # + the load (and consumed) barriers
 
 
 def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool):
     """One-line ValueError for what the Mosaic GPU kernel does not handle (checked for the forward walk and the
     backward's walks, which swap Dk and Dv)."""
-    block_v = min(config.block_v, dv)
     if has_doc:
         raise ValueError("the Mosaic GPU lightning kernel does not support segment_ids; use the Triton kernel")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"the Mosaic GPU lightning kernel needs bf16 or fp16 inputs; got {jnp.dtype(dtype).name}")
-    if dk % 64 or dv % 64 or block_v % 32 or dk % min(block_v, dk) or dv % block_v:
-        raise ValueError(f"the Mosaic GPU lightning kernel needs Dk and Dv multiples of 64 and block_v a multiple of "
-                         f"32 dividing both; got Dk={dk}, Dv={dv}, block_v={block_v}")
+    if config.consumers not in (0, 1, 2):
+        raise ValueError(f"the Mosaic GPU lightning kernel takes 0, 1 or 2 consumer warpgroups; got "
+                         f"consumers={config.consumers}")
+    for a, b in ((dk, dv), (dv, dk)):  # the forward walk's (Dk, Dv), the backward's swapped walks
+        tile = min(config.block_v, b)
+        if a % 64 or b % 64 or tile % 32 or a % min(tile, a) or b % tile_width(config, b):
+            raise ValueError(f"the Mosaic GPU lightning kernel needs Dk and Dv multiples of 64 and block_v (times "
+                             f"the consumers) a multiple of 32 dividing both; got Dk={dk}, Dv={dv}, "
+                             f"block_v={config.block_v}, consumers={config.consumers}")
     if config.chunk not in (64, 128):
         raise ValueError(f"the Mosaic GPU lightning kernel needs chunk 64 or 128; got {config.chunk}")
-    need = max(smem_bytes(config.chunk, a, min(block_v, b), config.num_stages, jnp.dtype(dtype).itemsize)
-               for a, b in ((dk, dv), (dv, dk)))
+    need = max(smem_bytes(config.chunk, a, min(config.block_v, b), config.num_stages, jnp.dtype(dtype).itemsize,
+                          consumers=config.consumers) for a, b in ((dk, dv), (dv, dk)))
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(f"the Mosaic GPU lightning kernel would need {need} bytes of shared memory (> "
-                         f"{SMEM_LIMIT_BYTES}) at chunk={config.chunk}, block_v={block_v}, "
-                         f"num_stages={config.num_stages}, Dk={dk}, Dv={dv}; use fewer stages or smaller tiles")
+                         f"{SMEM_LIMIT_BYTES}) at chunk={config.chunk}, block_v={config.block_v}, "
+                         f"num_stages={config.num_stages}, consumers={config.consumers}, Dk={dk}, Dv={dv}; use "
+                         f"fewer stages, consumers or smaller tiles")
 
 
 def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_output: bool,
@@ -246,6 +305,8 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     dv = v.shape[-1]
     chunk = config.chunk
     block_v = min(config.block_v, dv)
+    consumers = config.consumers
+    walkers = max(consumers, 1)
     check_supported(k.dtype, dk, dv, config, doc is not None)
     if length % chunk:
         raise ValueError(f"L={length} must be a multiple of the chunk {chunk}")
@@ -253,27 +314,32 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     stages = max(1, min(config.num_stages, n_chunks))
     dtype = k.dtype
     tk = tv = _smem_transforms(min(dk, block_v), dtype)
+    mine = (walkers,) if consumers else ()  # per-walker scratch: a leading walker axis under warp specialization
     scratch = [
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=tk) if with_output else None,  # q
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=tk),  # k
-        plgpu.SMEM((stages, chunk, block_v), dtype, transforms=tv),  # v
-        plgpu.SMEM((chunk, block_v), dtype, transforms=tv),  # v scaled by its state decay
-        plgpu.SMEM((dk, block_v), dtype, transforms=tv),  # state rounded to the input dtype (wgmma operand)
-        plgpu.SMEM((2, chunk, block_v), dtype, transforms=tv) if with_output else None,  # o, double-buffered
-        plgpu.SMEM((chunk, chunk), dtype, transforms=tv)
+        plgpu.SMEM((stages, *mine, chunk, block_v), dtype, transforms=tv),  # v
+        plgpu.SMEM((*mine, chunk, block_v), dtype, transforms=tv),  # v scaled by its state decay
+        plgpu.SMEM((*mine, dk, block_v), dtype, transforms=tv),  # state rounded to the input dtype (wgmma operand)
+        plgpu.SMEM((*mine, 2, chunk, block_v), dtype, transforms=tv) if with_output else None,  # o, double-buffered
+        plgpu.SMEM((*mine, chunk, chunk), dtype, transforms=tv)
         if with_output and interpret else None,  # scores (interpret mode only, see _kernel)
-        plgpu.Barrier(num_arrivals=3 if with_output else 2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=walkers + (2 if with_output else 1), num_barriers=stages),  # one per TMA copy
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=stages) if consumers else None,  # slot free again
     ]
     out_type = [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)]
     if with_output:
         out_type.insert(0, jax.ShapeDtypeStruct(v.shape, v.dtype))
     args = [s] + ([q] if with_output else []) + [k, v] + ([init] if init is not None else [])
-    kernel = functools.partial(_kernel, layout=layout, chunk=chunk, block_v=block_v, stages=stages, reverse=reverse,
-                               with_output=with_output, has_init=init is not None, interpret=interpret)
+    kernel = functools.partial(_kernel, layout=layout, chunk=chunk, block_v=block_v, consumers=consumers,
+                               stages=stages, reverse=reverse, with_output=with_output, has_init=init is not None,
+                               interpret=interpret)
+    threads = dict(num_threads=consumers + 1, thread_name="wg") if consumers else {}
     outs = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, grid=(dv // block_v, heads, rows),
-        grid_names=("tile", "head", "row"),
+        kernel, out_type=out_type, scratch_types=scratch, grid=(dv // (walkers * block_v), heads, rows),
+        grid_names=("tile", "head", "row"), **threads,
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}",
+        kernel_name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}"
+                    f"{f'_ws{consumers}' if consumers else ''}",
     )(*args)
     return (outs[0], outs[1]) if with_output else (None, outs[0])
