@@ -60,16 +60,24 @@ flags.DEFINE_integer("head_dim", 128, "d")
 
 # Our kernels: --impls name -> pallas backend.
 KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu"}
-# (chunk, block_v, num_warps, num_stages) per backend; sequence groups are swept separately around the automatic
-# choice. Mosaic GPU: one warpgroup per program (num_warps unused); 128-wide tiles keep a [128, 128] fp32 state in
-# one warpgroup's registers (may spill), chunk 128 with block_v 128 does not fit in shared memory; 32-wide tiles give
-# 4 programs per (row, head), and 2 fit on an SM.
+# Triton: (chunk, block_v, num_warps, num_stages); sequence groups are swept separately around the automatic choice.
 LAUNCH_GRIDS = {
     "triton": [(64, 32, 4, 2), (64, 32, 2, 2), (64, 32, 4, 3), (64, 16, 4, 2), (64, 64, 4, 1), (64, 128, 8, 2),
                (128, 32, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
-    "mosaic_gpu": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 2), (64, 128, 4, 2), (64, 32, 4, 2),
-                   (64, 32, 4, 3)],
 }
+# Mosaic GPU: (chunk, block_v, consumers, num_stages, groups), groups given for 64 (row, head) walks (M1's 64 heads at
+# batch 1) and scaled to the shape's (``scale_groups``). consumers 0: one warpgroup per program (the first H200 run's
+# best, 128-wide tiles at 8 groups; the 1-group 64-wide tiles it did not try; 32-wide tiles, 2 programs per SM);
+# 1: a producer warpgroup issues the TMA loads (slots refilled as soon as they are read); 2: two consumer warpgroups
+# walk the two halves of a 64- or 128-wide Dv tile and share its q/k loads (one program per SM: shared memory).
+# 1 group avoids the state pass's extra k, v read (+50% traffic: with it the forward cannot get under 67% of the
+# memory floor), and at 64 (row, head) walks 128 programs then need 64-wide programs. Chunk 128 is left out: its
+# [128, 128] fp32 scores and decay table alone take 256 registers per thread.
+MOSAIC_SWEEP = [(64, 128, 0, 2, 8), (64, 64, 0, 2, 1), (64, 32, 0, 2, 1),
+                (64, 64, 1, 2, 1), (64, 64, 1, 3, 1), (64, 64, 1, 4, 1),
+                (64, 32, 2, 2, 1), (64, 32, 2, 3, 1), (64, 32, 2, 4, 1),
+                (64, 64, 2, 2, 1), (64, 64, 2, 3, 1),
+                (64, 64, 2, 2, 2), (64, 64, 2, 3, 2), (64, 64, 2, 3, 4), (64, 32, 2, 3, 2)]
 # device_kind substring -> (peak dense bf16 FLOP/s, peak HBM bytes/s) for % floor; the first match wins.
 PEAKS = {"H200": (989e12, 4.8e12), "H100": (800e12, 3.0e12)}
 
@@ -200,7 +208,11 @@ def check_small(log, backends=("triton",), shape=(2, 1000, 4)):
              # No segment ids (the kernel does not take them); 1000 tokens = 15 full chunks and a partial one.
              "mosaic_gpu": [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1), False),
                             (jnp.bfloat16, dataclasses.replace(mosaic, groups=3), False),
-                            (jnp.bfloat16, KernelConfig(chunk=128, block_v=64, num_stages=2, groups=1), False)]}
+                            (jnp.bfloat16, KernelConfig(chunk=128, block_v=64, num_stages=2, groups=1), False),
+                            # Warp-specialized: producer + 1 or 2 consumer warpgroups (2: 32- and 64-wide halves).
+                            (jnp.bfloat16, KernelConfig(block_v=64, consumers=1, num_stages=3, groups=1), False),
+                            (jnp.bfloat16, KernelConfig(block_v=32, consumers=2, num_stages=3, groups=1), False),
+                            (jnp.bfloat16, KernelConfig(block_v=64, consumers=2, num_stages=2, groups=3), False)]}
     rows = []
     for backend, dtype, config, with_segments in [(be, *c) for be in backends for c in cases[be]]:
         seg = segments if with_segments else None
@@ -236,26 +248,40 @@ def check_small(log, backends=("triton",), shape=(2, 1000, 4)):
     return rows
 
 
+def scale_groups(groups: int, walks_from: int, walks_to: int, n: int, chunk: int) -> int:
+    """Sequence groups for ``walks_to`` (batch * heads) walks that give as many programs as ``groups`` did for
+    ``walks_from``, each group at least 64 chunks long (``pick_groups``'s rule)."""
+    return max(1, min(groups * walks_from // walks_to, n // (chunk * 64)))
+
+
+def launch_configs(backend, b, h, n, d):
+    """The configs ``sweep`` times at shape (b, h, n) and head dim d."""
+    if backend == "mosaic_gpu":
+        return [KernelConfig(chunk=c, block_v=bv, consumers=w, num_stages=st, groups=scale_groups(g, 64, b * h, n, c))
+                for c, bv, w, st, g in MOSAIC_SWEEP]
+    configs = []
+    for chunk, block_v, warps, stages in LAUNCH_GRIDS[backend]:
+        auto = pick_groups(b, h, n, d // block_v, chunk)
+        for groups in sorted({auto, auto * 2} if auto > 1 else {1}):
+            configs.append(KernelConfig(chunk=chunk, block_v=block_v, num_warps=warps, num_stages=stages,
+                                        groups=groups))
+    return configs
+
+
 def sweep(shape, s_np, d, log, backend="triton"):
     """Phase 2: forward time of each launch config (and group count) at one shape; returns the fastest config."""
     b, h, n = shape
     q, k, v, _ = make_inputs(jax.random.PRNGKey(1), b, h, n, d)
     s = jnp.asarray(s_np)
     results = []
-    for chunk, block_v, warps, stages in LAUNCH_GRIDS[backend]:
-        auto = pick_groups(b, h, n, d // block_v, chunk)
-        # The Mosaic kernel has 2 programs per (row, head) at block_v 64: also try one split where Triton's 4 need none.
-        extra = {2} if backend == "mosaic_gpu" and auto == 1 else set()
-        for groups in sorted(({auto, auto * 2} if auto > 1 else {1}) | extra):
-            config = KernelConfig(chunk=chunk, block_v=block_v, num_warps=warps, num_stages=stages, groups=groups)
-            try:
-                sec = time_jax(ours_fn(s, config, False, backend), q, k, v)
-            except Exception as e:  # a config the compiler rejects is skipped, not fatal
-                log({"phase": "sweep", "backend": backend, "shape": shape, "config": repr(config),
-                     "error": str(e)[:300]})
-                continue
-            log({"phase": "sweep", "backend": backend, "shape": shape, "config": repr(config), "ms": sec * 1e3})
-            results.append((sec, config))
+    for config in launch_configs(backend, b, h, n, d):
+        try:
+            sec = time_jax(ours_fn(s, config, False, backend), q, k, v)
+        except Exception as e:  # a config the compiler rejects is skipped, not fatal
+            log({"phase": "sweep", "backend": backend, "shape": shape, "config": repr(config), "error": str(e)[:300]})
+            continue
+        log({"phase": "sweep", "backend": backend, "shape": shape, "config": repr(config), "ms": sec * 1e3})
+        results.append((sec, config))
     del q, k, v
     return min(results, key=lambda r: r[0])[1] if results else pallas.DEFAULT_CONFIGS[backend]
 
@@ -330,7 +356,11 @@ def main(argv):
             # The config of the swept shape with the closest number of (b, h) walks and length.
             near = min(best[name], key=lambda sh: (abs(math.log(sh[0] * sh[1] / (b * h))), abs(math.log(sh[2] / n))),
                        default=None)
-            configs[name] = best[name][near] if near else pallas.DEFAULT_CONFIGS[KERNELS[name]]
+            config = best[name][near] if near else pallas.DEFAULT_CONFIGS[KERNELS[name]]
+            if near and config.groups:  # as many programs as at the swept shape
+                config = dataclasses.replace(config, groups=scale_groups(
+                    config.groups, near[0] * near[1], b * h, n, config.chunk))
+            configs[name] = config
         s = jnp.asarray(minimax_slopes(h))
         q, k, v, do = make_inputs(jax.random.PRNGKey(2), b, h, n, d)
         for mode in FLAGS.modes:
