@@ -31,15 +31,23 @@ CASES = [
     ("mosaic_gpu", "bfloat16", 1, 130, 1, 64, 64, 64, 64, 4, False, True),  # group 3 is all padding
     ("mosaic_gpu", "bfloat16", 1, 90, 1, 64, 64, 64, 32, 1, False, True),  # 32-wide tiles (64-byte swizzle)
 ]
+# Mosaic GPU with warp specialization: (case as above, consumers, num_stages). A producer warpgroup loads, the
+# consumers walk block_v-wide tiles of one (row, head); the backward's swapped walks change the programs per row.
+WARP_SPECIALIZED = [
+    (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 128, 64, 32, 3, False, True), 2, 3),  # 2 programs, state pass
+    (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 64, 64, 64, 1, False, False), 1, 1),  # one slot: load waits for use
+    (("mosaic_gpu", "bfloat16", 1, 100, 1, 128, 128, 64, 64, 1, False, True), 2, 3),  # 128-wide, fewer chunks than slots
+]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_forward_and_gradients_match_oracle(case, lt):
+@pytest.mark.parametrize("case,consumers,stages", [(c, 0, None) for c in CASES] + WARP_SPECIALIZED,
+                         ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None)
+def test_forward_and_gradients_match_oracle(case, consumers, stages, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
     prob = lt.random_problem(sum(case[2:8]), batch, length, heads, dk, dv, segments=segments, init=init)
-    config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups,
-                          num_stages=pallas.DEFAULT_CONFIGS[backend].num_stages)
+    config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups, consumers=consumers,
+                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages)
     cast = lambda x: jnp.asarray(x, dtype)
     # The oracle sees exactly the (rounded) inputs the kernel sees.
     q, k, v, d_o = (np.asarray(cast(prob[n]).astype(jnp.float32)) for n in ("q", "k", "v", "d_o"))
@@ -104,11 +112,15 @@ def test_triton_rejects_non_power_of_two_head_dim():
     ("tile", jnp.bfloat16, (64, 64), 64, False, "multiple of 32"),
     ("chunk", jnp.bfloat16, (64, 64), 32, False, "chunk 64 or 128"),
     ("shared memory", jnp.bfloat16, (128, 128), 128, False, "shared memory"),
+    ("consumers", jnp.bfloat16, (64, 64), 64, False, "consumer warpgroups"),
+    ("consumer tiles", jnp.bfloat16, (128, 64), 64, False, "times the consumers"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
     v = jnp.zeros((1, 8, 1, dims[1]), dtype)
-    config = KernelConfig(chunk=chunk, block_v=16 if what == "tile" else 128, num_stages=2)
+    block_v = {"tile": 16, "consumer tiles": 64}.get(what, 128)
+    consumers = {"consumers": 3, "consumer tiles": 2}.get(what, 0)
+    config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=2, consumers=consumers)
     segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
     with pytest.raises(ValueError, match=match):
         pallas.lightning_attention_pallas(q, q, v, jnp.ones(1), segment_ids=segment_ids, backend="mosaic_gpu",

@@ -91,7 +91,9 @@ MOSAIC_GPU_CALL_TARGET = "mosaic_gpu_v2"
 
 @pytest.mark.parametrize("config", [KernelConfig(chunk=64, block_v=64, num_stages=2, groups=2),
                                     KernelConfig(chunk=128, block_v=64, num_stages=2, groups=1),
-                                    KernelConfig(chunk=64, block_v=32, num_stages=3, groups=1)])
+                                    KernelConfig(chunk=64, block_v=32, num_stages=3, groups=1),
+                                    KernelConfig(chunk=64, block_v=64, num_stages=2, groups=2, consumers=2),
+                                    KernelConfig(chunk=64, block_v=64, num_stages=3, groups=1, consumers=1)])
 def test_mosaic_gpu_lowering_exports_for_cuda(config):
     """The full Mosaic GPU lowering (layouts, TMA, wgmma, shared-memory budget) runs on the export; no segment ids."""
     def f(q, k, v, s, init):
