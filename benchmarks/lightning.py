@@ -73,10 +73,10 @@ LAUNCH_GRIDS = {
 # 1 group avoids the state pass's extra k, v read (+50% traffic: with it the forward cannot get under 67% of the
 # memory floor), and at 64 (row, head) walks 128 programs then need 64-wide programs. Chunk 128 is left out: its
 # [128, 128] fp32 scores and decay table alone take 256 registers per thread.
-MOSAIC_SWEEP = [(64, 128, 0, 2, 8), (64, 64, 0, 2, 1), (64, 32, 0, 2, 1),
-                (64, 64, 1, 2, 1), (64, 64, 1, 3, 1), (64, 64, 1, 4, 1),
+MOSAIC_SWEEP = [(64, 128, 0, 2, 8), (64, 64, 0, 2, 1), (64, 64, 0, 3, 1), (64, 64, 0, 4, 1), (64, 32, 0, 2, 1),
+                (64, 64, 1, 3, 1), (64, 64, 1, 4, 1),
                 (64, 32, 2, 2, 1), (64, 32, 2, 3, 1), (64, 32, 2, 4, 1),
-                (64, 64, 2, 2, 1), (64, 64, 2, 3, 1),
+                (64, 64, 2, 3, 1),
                 (64, 64, 2, 2, 2), (64, 64, 2, 3, 2), (64, 64, 2, 3, 4), (64, 32, 2, 3, 2)]
 # device_kind substring -> (peak dense bf16 FLOP/s, peak HBM bytes/s) for % floor; the first match wins.
 PEAKS = {"H200": (989e12, 4.8e12), "H100": (800e12, 3.0e12)}

@@ -1,29 +1,41 @@
 """Lightning scan on Hopper GPUs: one Mosaic GPU kernel (TMA + wgmma) that keeps the state on chip for a whole row.
 
-Grid ``(Dv / block_v, H, rows)``, one warpgroup per program. A program walks its row's chunks (forward or reverse) and
-carries its ``[Dk, block_v]`` float32 state in wgmma accumulator registers. Per chunk (C tokens):
+Grid ``(Dv / width, H, rows)``. A walker (one warpgroup) walks its row's chunks (forward or reverse) for one
+``block_v``-wide Dv tile and carries its ``[Dk, block_v]`` float32 state in wgmma accumulator registers. Two program
+shapes (``KernelConfig.consumers``):
 
-    TMA   q, k [C, Dk] and v [C, block_v] into SMEM slot (``stages`` slots, loads issued ``stages`` chunks ahead)
+* 0: one warpgroup per program (``width`` = block_v); it issues its own TMA loads ``stages`` chunks ahead.
+* 1 or 2 (warp specialization, as jax's Hopper attention): a producer warpgroup issues every TMA load and refills a
+  slot as soon as each consumer has arrived on its "consumed" barrier; each consumer warpgroup walks its own
+  ``block_v`` tile (``width`` = consumers * block_v) and both read the same q, k slots (loaded once per program). Two
+  consumers keep two independent dependency chains in flight on one SM: one's wgmmas run while the other does its
+  register math, which one warpgroup's strictly serial chunk chain cannot do.
+
+Per chunk (C tokens), per walker:
+
+    TMA   q, k [C, Dk] and v [C, block_v] into SMEM slot (``stages`` slots)
     wgmma scores = q k^T [C, C]  and  inter = q S_bf16 [C, block_v]            (both in flight together)
           meanwhile v is scaled by its state decay in fp32 and stored (bf16) for the state update
     regs  scores *= intra-chunk decay (hoisted [C, C] table);  o = inter * (row decay of q)
     wgmma o += scores_bf16 v   and   S = carry * S + k^T v_scaled                  (both in flight together)
+          the slot is free now: refilled (or the producer told) before the stores
     TMA   o (bf16) to HBM; S rounded to bf16 into SMEM for the next chunk's ``q S``.
 
-So ``q k^T`` is computed once per (chunk, Dv tile) (the Triton kernel computes it once per 32-wide tile), nothing but
-q, k, v, o crosses HBM (the Dv tiles of one (row, head) are adjacent in launch order, so their repeated q/k reads
-should hit L2), and the TMA of the next chunks runs under both wgmma pairs. The math is ``chunk_math``'s
-(``walk_step``): the same geometry (``a``, ``b``, the last partial chunk, chunks wholly in the padding), decay factors
-computed in float32, the state rounded to the input dtype for the tensor cores and its decay applied in float32 after.
-One difference: the state update scales v (the program's ``[C, block_v]`` tile) rather than k by the per-token decay
-before rounding to bf16, which has the same rounding error and half the work at ``block_v`` = Dk / 2.
+So ``q k^T`` is computed once per (chunk, walker), nothing but q, k, v, o crosses HBM (the programs of one
+(row, head) are adjacent in launch order, so their repeated q/k reads should hit L2), and the TMA of the next chunks
+runs under both wgmma pairs. The math is ``chunk_math``'s (``walk_step``): the same geometry (``a``, ``b``, the last
+partial chunk, chunks wholly in the padding), decay factors computed in float32, the state rounded to the input dtype
+for the tensor cores and its decay applied in float32 after. One difference: the state update scales v (the walker's
+``[C, block_v]`` tile) rather than k by the per-token decay before rounding to bf16, which has the same rounding error
+and half the work at ``block_v`` = Dk / 2.
 
 Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
 scores or the state; the kernel only has to get the decay distances right.
 
 Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk and Dv multiples of 64, block_v a multiple
-of 32 dividing both, chunk 64 or 128, the scratch within Hopper's 227 KiB of SMEM (chunk 128 with
-``block_v`` 128 does not fit), no segment ids (``doc``): use the Triton kernel for packed documents.
+of 32 dividing both and ``width`` dividing both (the backward's walks swap Dk and Dv), 0-2 consumers, chunk 64 or 128,
+the scratch within Hopper's 227 KiB of SMEM (chunk 128 with ``block_v`` 128 does not fit), no segment ids (``doc``):
+use the Triton kernel for packed documents.
 """
 from __future__ import annotations
 
