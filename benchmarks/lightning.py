@@ -20,8 +20,10 @@ measurement takes >= 30 ms) after two warm-ups; torch: ``triton.testing.do_bench
 
 Mosaic vs Triton vs fla, forward only, in under five minutes (H200):
 
-    python -m benchmarks.lightning --impls=mosaic,ours,fla --modes=fwd --shapes=1x64x32768,1x64x131072 \
+    python -m benchmarks.lightning --impls=mosaic,ours,fla --modes=fwd --shapes=1x64x32768,1x64x131072,1x8x1048576 \
         --sweep_shapes=1x64x32768 --sweep_impls=mosaic --out_dir=$OUT
+
+(the 1M shape runs the 32K shape's fastest Mosaic config with its sequence groups scaled to as many programs).
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ class KernelConfig:
     """Block sizes and launch parameters (all static).
 
     chunk: tokens per chunk (power of two; 64 suits H100 tensor-core tiles, TPU wants a multiple of 128).
-    block_v: Dv tile per program (Triton only; smaller tiles mean more programs but re-read q and k).
+    block_v: Dv tile per program (Triton) or per walking warpgroup (Mosaic GPU); smaller tiles mean more programs but
+        re-read q and k.
     groups: sequence groups walked in parallel (1 = one walk per row; None = pick from the shape, see ``pick_groups``).
     num_warps, num_stages: Triton launch parameters (num_stages: also the Mosaic GPU kernel's TMA slots).
     consumers: Mosaic GPU only. 0: one warpgroup per program walks one ``block_v`` tile and issues its own loads.
