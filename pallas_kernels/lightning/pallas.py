@@ -14,8 +14,11 @@ BACKENDS = ("triton", "mosaic_gpu", "tpu")
 # loads. Mosaic GPU (Hopper): 64-token chunks, 64-wide Dv tiles (2 programs per (row, head) at Dv = 128, one
 # warpgroup each), 2 TMA stages; untuned (benchmarks/lightning.py sweeps it). TPU: 128-token chunks (MXU tiles;
 # segment-id blocks need a multiple of 128), untuned.
+# Programs the sequence split aims for: a few per SM for the Triton (and TPU) walks.
+TRITON_TARGET_PROGRAMS = 512
 DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num_stages=3),
-                   "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=2),
+                   # Measured best on an H200 at B1 H64 32K (benchmarks/RESULTS.md, "Mosaic GPU kernel, H200").
+                   "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=4),
                    "tpu": KernelConfig(chunk=128, block_v=128)}
 
 
@@ -37,15 +40,16 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
             if dim & (dim - 1) or dim < 1:
                 raise ValueError(f"the Triton kernel needs power-of-two sizes; got {name}={dim}")
         scan = functools.partial(pallas_triton.chunk_scan, config=config, interpret=interpret)
-        tiles = max(dv // config.block_v, 1)
+        tiles, target_programs = max(dv // config.block_v, 1), TRITON_TARGET_PROGRAMS
     elif backend == "mosaic_gpu":
         pallas_mosaic_gpu.check_supported(q.dtype, dk, dv, config, segment_ids is not None)
         scan = functools.partial(pallas_mosaic_gpu.chunk_scan, config=config, interpret=interpret)
         tiles = max(dv // pallas_mosaic_gpu.tile_width(config, dv), 1)
+        target_programs = pallas_mosaic_gpu.TARGET_PROGRAMS
     else:
         scan = functools.partial(pallas_tpu.chunk_scan, config=config, interpret=interpret)
-        tiles = 1
-    groups = config.groups or pick_groups(batch, heads, length, tiles, config.chunk)
+        tiles, target_programs = 1, TRITON_TARGET_PROGRAMS
+    groups = config.groups or pick_groups(batch, heads, length, tiles, config.chunk, target_programs)
     doc = None if segment_ids is None else reference._document_index(segment_ids, batch, length)
     # One dtype into the kernels (tensor-core dots need equal operand types); o comes back in v's dtype.
     q, k, v_cast = q, k.astype(q.dtype), v.astype(q.dtype)
