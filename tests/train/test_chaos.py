@@ -11,6 +11,7 @@ is shared) on the same CPU, a resume restores the saved bits (verified against t
 continue from the saved per-row positions, so no float is computed differently.
 """
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,9 +56,10 @@ def _wait(proc, predicate, what, timeout=240):
 
 def _save_at_or_after(step):
     def predicate(line):
-        if not line.startswith("SAVE IN FLIGHT"):
-            return False
-        return int(os.path.basename(line.split()[-1]).split(".")[0]) >= step
+        # The step directory's name starts with its step; a progress line may be glued to it (it is written from
+        # the training thread while the save's thread prints), so take the digits only.
+        match = re.match(r"SAVE IN FLIGHT \S*/checkpoints/(\d+)", line)
+        return match is not None and int(match.group(1)) >= step
     return predicate
 
 
