@@ -52,9 +52,10 @@ def adamw_update(tc: TrainConfig, grads, opt_state, params, grad_norm: jax.Array
     ``opt_state``: ``make_optimizer(tc).init(params)``'s structure (returned in the same structure); ``grad_norm``:
     the global L2 norm of ``grads`` (``optax.tree.norm``); ``keep_if``: a boolean scalar, or None; when it is False
     the params and the whole optimizer state come back unchanged (the caller's skip of a non-finite update). The
-    gradient is cast to each parameter's dtype first. The arithmetic is optax's, term by term (clip as
-    ``select(norm < clip, g, g / norm * clip)``, moments as ``(1 - b) * g**k + b * m``, bias corrections, eps outside
-    the square root, decoupled decay, ``p + (-lr) * u``), so the result matches the chain up to XLA's fusion.
+    gradient is cast to each parameter's dtype first. The arithmetic is optax's, term by term (moments as
+    ``(1 - b) * g**k + b * m``, bias corrections, eps outside the square root, decoupled decay, ``p + (-lr) * u``),
+    except the clip, which multiplies by ``clip / norm`` where optax divides by the norm and multiplies by ``clip``
+    (an ulp of difference).
     """
     clip = tc.clip_norm is not None
     adam, masked, sched = opt_state[1] if clip else opt_state
@@ -62,12 +63,14 @@ def adamw_update(tc: TrainConfig, grads, opt_state, params, grad_norm: jax.Array
     bc1 = (1 - tc.b1 ** count).astype(jnp.float32)
     bc2 = (1 - tc.b2 ** count).astype(jnp.float32)
     step_size = -1 * make_schedule(tc)(sched.count)
-    trigger = grad_norm < tc.clip_norm if clip else None
+    # The clip as one scalar factor (optax divides every element by the norm, then multiplies by clip_norm: the
+    # same up to rounding): a multiply XLA fuses into each consumer instead of a clipped gradient it materialises.
+    scale = jnp.where(grad_norm < tc.clip_norm, 1.0, tc.clip_norm / grad_norm) if clip else None
 
     def leaf(p, g, m, v):
         g = g.astype(p.dtype)
         if clip:
-            g = jax.lax.select(trigger, g, (g / grad_norm.astype(g.dtype)) * tc.clip_norm)
+            g = g * scale.astype(g.dtype)
         m_new = (1 - tc.b1) * g + tc.b1 * m
         v_new = (1 - tc.b2) * g ** 2 + tc.b2 * v
         u = (m_new / bc1.astype(m_new.dtype)) / (jnp.sqrt(v_new / bc2.astype(v_new.dtype)) + tc.eps)

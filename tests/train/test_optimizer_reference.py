@@ -157,3 +157,27 @@ def test_schedule_with_a_decay_of_one_step_or_none(kind, warmup, total):
         want = schedule_np(step, lr=3e-4, warmup=warmup, total=total, kind=kind, final_ratio=0.1)
         assert abs(float(sched(step)) - want) <= 1e-6 * 3e-4 + 1e-12, (step, float(sched(step)), want)
     assert abs(float(sched(warmup + 1)) - 3e-5) < 1e-10
+
+
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_fused_update_keeps_the_chain_state_and_its_skip_keeps_everything(clip):
+    """adamw_update returns the optax chain's state structure (what checkpoints hold) with the same moments and
+    counts as the chain, and with keep_if=False returns params and state untouched."""
+    tc = TrainConfig(learning_rate=0.05, warmup_steps=2, total_steps=7, weight_decay=0.3, clip_norm=clip)
+    params, grads = _problem(3)
+    tx = make_optimizer(tc)
+    p_ref = p_new = {k: jnp.asarray(v) for k, v in params.items()}
+    s_ref = s_new = tx.init(p_ref)
+    fused = jax.jit(lambda p, s, g, keep: adamw_update(tc, g, s, p, optax.tree.norm(g), keep))
+    for g in grads:
+        g = {k: jnp.asarray(v) for k, v in g.items()}
+        p_ref, s_ref = _apply(tx, p_ref, s_ref, g)
+        p_new, s_new = fused(p_new, s_new, g, jnp.asarray(True))
+    assert jax.tree_util.tree_structure(s_new) == jax.tree_util.tree_structure(s_ref)
+    for a, b in zip(jax.tree_util.tree_leaves((p_new, s_new)), jax.tree_util.tree_leaves((p_ref, s_ref))):
+        a, b = np.asarray(a), np.asarray(b)  # a few ulps of each leaf's scale: the clip rounds once less
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+    nan = {k: jnp.full(v.shape, jnp.nan) for k, v in params.items()}
+    p_skip, s_skip = fused(p_new, s_new, nan, jnp.asarray(False))
+    for a, b in zip(jax.tree_util.tree_leaves((p_skip, s_skip)), jax.tree_util.tree_leaves((p_new, s_new))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
