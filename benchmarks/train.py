@@ -4,7 +4,7 @@
         --variant="m1=" --variant="bf16_head=lm_head_fp32=false" --out=/tmp/bench_train.json
 
 Each ``--variant`` is ``name=override;override``: ModelConfig ``key=value`` pairs on top of the preset and
-``compute_dtype=bfloat16``, plus three bench keys: ``batch=N`` (sequences per step, default --batch), ``accum=N``
+``compute_dtype=bfloat16``, plus bench keys: ``batch=N`` (sequences per step, default --batch), ``accum=N``
 (gradient accumulation over N micro-batches of batch/N rows: one AdamW update per N micro-batches) and ``docs=N``
 (pack N documents per row: the batch then carries ``segment_ids`` and the softmax layers take the segment-masked
 flash kernel; default 1 = no segment ids, cuDNN's fused attention). All variants run in one process, one after
@@ -12,11 +12,12 @@ another, on random tokens. MFU = model FLOPs per token (``m1jax.train.train_flop
 params incl. the LM head, + lightning and causal softmax attention) x tokens/s / the device's dense bf16 datasheet
 peak. A variant at a second depth (``num_hidden_layers=8``) gives the per-layer-period cost by difference.
 
-``--breakdown`` first times the step's parts at the first variant's shapes and settings, each against its floor
-(FLOPs at the bf16 peak, bytes at the HBM peak): a decoder layer of each kind and the LM head + chunked CE
-(forward + backward), the whole model's forward + backward without the update (the glue is that minus the parts),
-the AdamW + clip update (the optax chain for reference and the step's fused ``adamw_update``, 32 bytes per parameter)
-and the gradient-accumulation add (12 bytes per parameter), the last two in place on donated buffers.
+A fourth bench key, ``breakdown=1`` (or ``--breakdown`` for the first variant), first times the variant's parts at
+its shapes and settings, each against its floor (FLOPs at the bf16 peak, bytes at the HBM peak): a decoder layer of
+each kind and the LM head + chunked CE (forward + backward), the AdamW + clip update (the optax chain for reference
+and the step's fused ``adamw_update``, 32 bytes per parameter) and the gradient-accumulation add (12 bytes per
+parameter), the last two in place on donated buffers; the glue (embedding, final norm, layer scan, loss plumbing)
+is the variant's measured step minus these parts. The breakdown tables come last but one, the variants' table last.
 
 The hidden-4096 variant (8 layers = one period, 32 heads of 128, 8 experts of 4096; 4.1B parameters, 1.56B active
 with the head) is ``hidden_size=4096;num_hidden_layers=8;num_attention_heads=32;head_dim=128;num_local_experts=8;
@@ -45,14 +46,14 @@ flags.DEFINE_integer("ce_chunk", 8192, "Vocabulary chunk.")
 flags.DEFINE_string("out", None, "Write results as JSON here.")
 flags.DEFINE_bool("check_packed", False, "Check the packed (segment ids) path against unpacked rows first.")
 flags.DEFINE_bool("breakdown", False, "First time each component of the step against its floor (fwd+bwd of a "
-                  "layer of each kind, the LM head + CE, the whole model, the AdamW update, the accumulation add) at "
-                  "the first variant's shapes and settings.")
+                  "layer of each kind, the LM head + CE, the AdamW update, the accumulation add) at the first "
+                  "variant's shapes and settings; the glue is that variant's step minus the parts.")
 
-BENCH_KEYS = ("batch", "docs", "accum")
+BENCH_KEYS = ("batch", "docs", "accum", "breakdown")
 
 
 def split_variant(spec: str) -> tuple[str, list[str], dict[str, int]]:
-    """'name=k=v;k=v' -> (name, ModelConfig overrides, bench settings {batch, docs})."""
+    """'name=k=v;k=v' -> (name, ModelConfig overrides, bench settings {batch, docs, accum, breakdown})."""
     name, _, rest = spec.partition("=")
     overrides, bench = [], {}
     for item in (o for o in rest.split(";") if o):
@@ -172,10 +173,10 @@ def breakdown(b: int, overrides: list[str], accum: int) -> list[dict]:
     masters; a micro-batch of b / accum rows).
 
     Timed alone, x their count per step: the decoder layers of each kind and the LM head + chunked CE at the
-    variant's head precision (forward + backward; a bf16 head for reference); the whole model's forward + backward
-    without the update, so that the glue outside the parts (embedding gather and its scatter-add gradient, final
-    norm, the layer scan, loss plumbing) is that minus the parts; the AdamW + clip update (the optax chain, and the
-    step's ``adamw_update``, which counts) and the accumulation add, both on donated buffers as in the step.
+    variant's head precision (forward + backward), the AdamW + clip update (the optax
+    chain, and the step's ``adamw_update``, which counts) and the accumulation add, both on donated buffers as in
+    the step. ``print_breakdown`` sets them against the variant's measured step: the rest is the glue outside the
+    parts (embedding gather and its scatter-add gradient, final norm, the layer scan, loss plumbing).
     Floors: model FLOPs (6 x active matmul params per token + the attention cores, ``train_flops_per_token``'s
     terms) at the bf16 peak; the update and the add at the HBM peak (ADAMW_BYTES_PER_PARAM, ACCUM_BYTES_PER_PARAM).
     """
@@ -226,31 +227,19 @@ def breakdown(b: int, overrides: list[str], accum: int) -> list[dict]:
         add(f"{kind} layer", median_ms(fn, params, h), count * accum,
             (6.0 * n_params + attention_flops[kind]) * tokens)
         del fn, params, module
-    # LM head + chunked CE: the variant's head counts; a bf16 head for reference. bf16_3x runs three bf16 passes,
-    # so its hardware floor is 3x the model-FLOP floor shown.
+    # LM head + chunked CE at the variant's head precision. bf16_3x runs three bf16 passes, so its hardware floor
+    # is 3x the model-FLOP floor shown.
     h2 = h.reshape(tokens, cfg.hidden_size)
     w = jax.random.normal(jax.random.key(2), (cfg.hidden_size, cfg.vocab_size), jnp.float32) * 0.02
     targets = jax.random.randint(jax.random.key(4), (tokens,), 0, cfg.vocab_size)
-    head_label = f"LM head+CE {cfg.lm_head_precision if cfg.lm_head_fp32 else 'bf16'}"
-    for label, fp32, count in ((head_label, cfg.lm_head_fp32, accum), ("LM head+CE bf16 (ref)", False, None)):
-        fn = jax.jit(jax.grad(lambda h, w, fp32=fp32: jnp.sum(linear_cross_entropy(
-            h, w, targets, chunk_size=FLAGS.ce_chunk, fp32=fp32, fp32_precision=cfg.lm_head_precision)),
-            argnums=(0, 1)))
-        add(label, median_ms(fn, h2, w), count, 6.0 * cfg.hidden_size * cfg.vocab_size * tokens)
-        if not cfg.lm_head_fp32:
-            break
+    fn = jax.jit(jax.grad(lambda h, w: jnp.sum(linear_cross_entropy(
+        h, w, targets, chunk_size=FLAGS.ce_chunk, fp32=cfg.lm_head_fp32, fp32_precision=cfg.lm_head_precision)),
+        argnums=(0, 1)))
+    add(f"LM head+CE {cfg.lm_head_precision if cfg.lm_head_fp32 else 'bf16'}", median_ms(fn, h2, w), accum,
+        6.0 * cfg.hidden_size * cfg.vocab_size * tokens)
     del h, h2, w
-    # The whole model's forward + backward (no update): the glue is what the parts above do not explain.
-    graphdef, state = tl.create_train_state(cfg, tc)
-    batch = jax.device_put(make_batch(cfg.vocab_size, mb, t, 1))
-    n_tok = jnp.float32(tokens)
-    grad_fn = jax.jit(jax.grad(lambda p, batch: tl.lm_loss(p, graphdef, batch, tc, n_tok)[0]))
-    parts = sum(r["ms_per_step"] for r in rows if r["ms_per_step"] is not None)
-    whole = add("model fwd+bwd (no update)", median_ms(grad_fn, state.params, batch), accum,
-                tl.train_flops_per_token(cfg, t) * tokens)
-    add("  glue: fwd+bwd - layers - head", whole["ms_per_step"] / accum - parts / accum, accum)
-    grads = grad_fn(state.params, batch)
-    del grad_fn, batch
+    _, state = tl.create_train_state(cfg, tc)
+    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 1e-3), state.params)
     n = cfg.param_counts()["total"]
     # The update, in place: the optax chain (what the step ran before) and the step's fused adamw_update.
     opt = tl.make_optimizer(tc)
@@ -273,18 +262,27 @@ def breakdown(b: int, overrides: list[str], accum: int) -> list[dict]:
                            jax.tree_util.tree_map(jnp.zeros_like, grads), grads)
     add("accumulation add (per micro-batch)", ms, accum if accum > 1 else None, floor_bytes=ACCUM_BYTES_PER_PARAM * n)
     del acc, grads
-    total = whole["ms_per_step"] + sum(r["ms_per_step"] for r in rows[-2:] if r["ms_per_step"] is not None)
-    print(f"{'component':36} {'ms':>8} {'x':>3} {'ms/step':>8} {'TFLOP/s':>8} {'floor ms':>8} {'% floor':>7}")
+    return [dict(r, batch=b, seq_len=t, accum=accum) for r in rows]
+
+
+def print_breakdown(rows: list[dict], step: dict | None) -> None:
+    """The breakdown's table; with the variant's measured step, the glue (step - the parts) and each part's share."""
+    counted = sum(r["ms_per_step"] for r in rows if r["ms_per_step"] is not None)
+    if step is not None and "step_ms" in step:
+        rows = rows + [{"component": "glue: step - parts", "ms": step["step_ms"] - counted, "count": 1,
+                        "ms_per_step": step["step_ms"] - counted, "tflops": None, "floor_ms": None},
+                       {"component": f"step ({step['variant']})", "ms": step["step_ms"], "count": 1,
+                        "ms_per_step": step["step_ms"], "tflops": None, "floor_ms": None}]
+    total = rows[-1]["ms_per_step"] if step is not None and "step_ms" in step else None
+    print(f"{'component':36} {'ms':>8} {'x':>3} {'ms/step':>8} {'share':>6} {'TFLOP/s':>8} {'floor ms':>8} "
+          f"{'floor/ms':>8}")
     for r in rows:
         per_step = r["ms_per_step"] if r["ms_per_step"] is not None else float("nan")
+        share = f"{per_step / total:6.1%}" if total and r["ms_per_step"] is not None else f"{'-':>6}"
         floor = f"{r['floor_ms']:8.2f}" if r["floor_ms"] else f"{'-':>8}"
-        share = f"{r['floor_ms'] / r['ms']:7.0%}" if r["floor_ms"] and r["ms"] > 0 else f"{'-':>7}"
-        print(f"{r['component']:36} {r['ms']:8.2f} {r['count'] or '':>3} {per_step:8.1f} "
-              f"{r['tflops'] if r['tflops'] else float('nan'):8.1f} {floor} {share}")
-    print(f"model fwd+bwd + adamw_update + accumulation adds: {total:.1f} ms per step (batch {b} x {t}, "
-          f"{accum} micro-batch(es))")
-    return [dict(r, batch=b, seq_len=t, accum=accum) for r in rows] + [
-        {"component": "sum", "ms_per_step": total, "batch": b, "seq_len": t, "accum": accum}]
+        roof = f"{r['floor_ms'] / r['ms']:8.0%}" if r["floor_ms"] and r["ms"] > 0 else f"{'-':>8}"
+        print(f"{r['component']:36} {r['ms']:8.2f} {r['count'] or '':>3} {per_step:8.1f} {share} "
+              f"{r['tflops'] if r['tflops'] else float('nan'):8.1f} {floor} {roof}")
 
 
 def bench_variant(name: str, overrides: list[str], bench: dict) -> dict:
@@ -329,25 +327,30 @@ def main(argv):
 
     print(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; preset {FLAGS.preset}; "
           f"batch {FLAGS.batch} x {FLAGS.seq_len}; ce {FLAGS.ce}", flush=True)
-    results = []
+    results, breakdowns = [], []
     if FLAGS.check_packed:
         try:
             results.append(check_packed())
         except Exception as e:  # report and go on to the timings
             print(json.dumps({"check": "packed_vs_rows", "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
-    if FLAGS.breakdown:
-        _, overrides, bench = split_variant(FLAGS.variant[0])
-        try:
-            results += breakdown(bench.get("batch", FLAGS.batch), overrides, bench.get("accum", 1))
-        except Exception as e:  # report and go on to the timings
-            print(json.dumps({"breakdown": "error", "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
-    for spec in FLAGS.variant:
+    for i, spec in enumerate(FLAGS.variant):
         name, overrides, bench = split_variant(spec)
+        rows = None
+        if bench.get("breakdown") or (FLAGS.breakdown and i == 0):
+            try:
+                rows = breakdown(bench.get("batch", FLAGS.batch), overrides, bench.get("accum", 1))
+            except Exception as e:  # report and go on to the timings
+                print(json.dumps({"breakdown": name, "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
         try:
             results.append(bench_variant(name, overrides, bench))
         except Exception as e:  # keep going: one variant running out of memory should not lose the others
             print(json.dumps({"variant": name, "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
             results.append({"variant": name, "error": str(e)[:400]})
+        if rows:
+            breakdowns.append({"variant": name, "rows": rows})
+    for b in breakdowns:
+        print(f"-- breakdown of {b['variant']}")
+        print_breakdown(b["rows"], next(r for r in results if r.get("variant") == b["variant"]))
     print(f"{'variant':20} {'batch':>5} {'accum':>5} {'docs':>4} {'step ms':>8} {'ms/micro':>8} {'tok/s':>9} "
           f"{'TFLOP/s':>8} {'MFU':>6} {'temp GiB':>8}")
     for r in results:
@@ -360,8 +363,8 @@ def main(argv):
             print(f"{r['variant']:20} error: {r['error'][:100]}")
     if FLAGS.out:
         with open(FLAGS.out, "w") as fh:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results}, fh,
-                      indent=1)
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results,
+                       "breakdowns": breakdowns}, fh, indent=1)
 
 
 if __name__ == "__main__":
