@@ -29,8 +29,9 @@ from sharding.rules import fsdp_params
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tc: TrainConfig,
                skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
-    """One optimizer update over ``tc.grad_accum`` micro-batches (a scan; gradients summed in fp32); with
-    ``skip_nonfinite``, no update at all when the loss or the gradient norm is not finite."""
+    """One optimizer update (``adamw_update``, once) over ``tc.grad_accum`` micro-batches (a scan whose carry sums
+    the gradients in fp32; no scan for one); with ``skip_nonfinite``, no update at all when the loss or the gradient
+    norm is not finite."""
     a = tc.grad_accum
     b = batch["inputs"].shape[0]
     if b % a:
