@@ -4,13 +4,25 @@
         --variant="m1=" --variant="bf16_head=lm_head_fp32=false" --out=/tmp/bench_train.json
 
 Each ``--variant`` is ``name=override;override``: ModelConfig ``key=value`` pairs on top of the preset and
-``compute_dtype=bfloat16``, plus three bench keys: ``batch=N`` (sequences per step, default --batch), ``accum=N``
+``compute_dtype=bfloat16``, plus bench keys: ``batch=N`` (sequences per step, default --batch), ``accum=N``
 (gradient accumulation over N micro-batches of batch/N rows: one AdamW update per N micro-batches) and ``docs=N``
 (pack N documents per row: the batch then carries ``segment_ids`` and the softmax layers take the segment-masked
 flash kernel; default 1 = no segment ids, cuDNN's fused attention). All variants run in one process, one after
 another, on random tokens. MFU = model FLOPs per token (``m1jax.train.train_flops_per_token``: 6 x active matmul
 params incl. the LM head, + lightning and causal softmax attention) x tokens/s / the device's dense bf16 datasheet
 peak. A variant at a second depth (``num_hidden_layers=8``) gives the per-layer-period cost by difference.
+
+A fourth bench key, ``breakdown=1`` (or ``--breakdown`` for the first variant), first times the variant's parts at
+its shapes and settings, each against its floor (FLOPs at the bf16 peak, bytes at the HBM peak): a decoder layer of
+each kind and the LM head + chunked CE (forward + backward), the AdamW + clip update (the optax chain for reference
+and the step's fused ``adamw_update``, 32 bytes per parameter) and the gradient-accumulation add (12 bytes per
+parameter), the last two in place on donated buffers; the glue (embedding, final norm, layer scan, loss plumbing)
+is the variant's measured step minus these parts. The breakdown tables come last but one, the variants' table last.
+
+The hidden-4096 variant (8 layers = one period, 32 heads of 128, 8 experts of 4096; 4.1B parameters, 1.56B active
+with the head) is ``hidden_size=4096;num_hidden_layers=8;num_attention_heads=32;head_dim=128;num_local_experts=8;
+intermediate_size=4096`` on the m1-1b preset. ``scan_layers=false`` unrolls the layer periods: at m1-1b's two
+repeats it saves the scan's stacked residual and gradient buffers (``docs/training.md``).
 
 ``--check_packed`` first compares, on the device, the loss and gradient norm of one packed batch through the
 segment-masked flash path against the same documents as separate rows through cuDNN (a correctness check of the
@@ -33,14 +45,15 @@ flags.DEFINE_string("ce", "chunked", "Cross-entropy implementation: chunked | fu
 flags.DEFINE_integer("ce_chunk", 8192, "Vocabulary chunk.")
 flags.DEFINE_string("out", None, "Write results as JSON here.")
 flags.DEFINE_bool("check_packed", False, "Check the packed (segment ids) path against unpacked rows first.")
-flags.DEFINE_bool("breakdown", False, "Time each component of the step (fwd+bwd of one layer of each kind, the "
-                  "attention and MoE sub-layers, the LM head + CE, the AdamW update) at the preset's shapes.")
+flags.DEFINE_bool("breakdown", False, "First time each component of the step against its floor (fwd+bwd of a "
+                  "layer of each kind, the LM head + CE, the AdamW update, the accumulation add) at the first "
+                  "variant's shapes and settings; the glue is that variant's step minus the parts.")
 
-BENCH_KEYS = ("batch", "docs", "accum")
+BENCH_KEYS = ("batch", "docs", "accum", "breakdown")
 
 
 def split_variant(spec: str) -> tuple[str, list[str], dict[str, int]]:
-    """'name=k=v;k=v' -> (name, ModelConfig overrides, bench settings {batch, docs})."""
+    """'name=k=v;k=v' -> (name, ModelConfig overrides, bench settings {batch, docs, accum, breakdown})."""
     name, _, rest = spec.partition("=")
     overrides, bench = [], {}
     for item in (o for o in rest.split(";") if o):
@@ -131,10 +144,42 @@ def _module_fwd_bwd(module, call, h):
     return jax.jit(jax.grad(loss, argnums=(0, 1))), params
 
 
-def breakdown(b: int) -> list[dict]:
-    """Where one step's time goes: each component's fwd+bwd timed alone at the variant's shapes (bf16 compute,
-    fp32 masters), x its count per step, against the whole step. Components overlap nothing in the real step, so
-    the sum should come near the step time; the rest is fusion differences and the embedding/norm/residual glue."""
+def _in_place_ms(fn, carry, *args, reps: int = 5):
+    """(median ms, final carry) of ``carry = fn(carry, *args)`` with the carry donated (updated in place, as in the
+    step)."""
+    import jax
+
+    from benchmarks.timing import timing_stats
+
+    fn = jax.jit(fn, donate_argnums=0)
+    times = []
+    for i in range(reps + 2):  # two warm-up calls (the first compiles)
+        t0 = time.perf_counter()
+        carry = fn(carry, *args)
+        jax.block_until_ready(carry)
+        if i >= 2:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return timing_stats(times)[0], carry
+
+
+# Bytes each fp32 parameter moves: AdamW + clip (read param, grad, m, v; write param, m, v; the global norm reads
+# the grad once more) and the accumulation add (read the sum and the micro-batch's grad, write the sum).
+ADAMW_BYTES_PER_PARAM = 32
+ACCUM_BYTES_PER_PARAM = 12
+
+
+def breakdown(b: int, overrides: list[str], accum: int) -> list[dict]:
+    """Where one step's time goes, each part against its own floor, at the variant's shapes (bf16 compute, fp32
+    masters; a micro-batch of b / accum rows).
+
+    Timed alone, x their count per step: the decoder layers of each kind and the LM head + chunked CE at the
+    variant's head precision (forward + backward), the AdamW + clip update (the optax
+    chain, and the step's ``adamw_update``, which counts) and the accumulation add, both on donated buffers as in
+    the step. ``print_breakdown`` sets them against the variant's measured step: the rest is the glue outside the
+    parts (embedding gather and its scatter-add gradient, final norm, the layer scan, loss plumbing).
+    Floors: model FLOPs (6 x active matmul params per token + the attention cores, ``train_flops_per_token``'s
+    terms) at the bf16 peak; the update and the add at the HBM peak (ADAMW_BYTES_PER_PARAM, ACCUM_BYTES_PER_PARAM).
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -143,80 +188,101 @@ def breakdown(b: int) -> list[dict]:
     from benchmarks.timing import time_ms
     from m1jax import train as tl
     from m1jax.config import LIGHTNING, SOFTMAX
-    from m1jax.layers.attention import SoftmaxAttention
     from m1jax.layers.decoder import DecoderLayer
-    from m1jax.layers.lightning import LightningAttention
-    from m1jax.layers.moe import MoE
     from m1jax.losses import linear_cross_entropy
+    from m1jax.train.flops import LIGHTNING_CHUNK
 
-    cfg, tc = _config([]), _train_config()
-    t = FLAGS.seq_len
-    tokens = b * t
+    cfg, tc = _config(overrides), _train_config(accum)
+    t, mb = FLAGS.seq_len, b // accum
+    tokens = mb * t
+    peak, bandwidth = tl.peak_tflops(), tl.peak_hbm_tbps()
     rngs = nnx.Rngs(params=0)
-    h = jax.random.normal(jax.random.key(1), (b, t, cfg.hidden_size), jnp.bfloat16)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h = jax.random.normal(jax.random.key(1), (mb, t, cfg.hidden_size), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (mb, t))
     n_light = sum(x == LIGHTNING for x in cfg.layer_types)
-    n_soft = cfg.num_hidden_layers - n_light
-    parts = {
-        "lightning layer": (DecoderLayer(cfg, LIGHTNING, rngs=rngs), lambda m, h: m(h, layer_index=0, positions=pos)[0],
-                            n_light),
-        "softmax layer": (DecoderLayer(cfg, SOFTMAX, rngs=rngs), lambda m, h: m(h, layer_index=7, positions=pos)[0],
-                          n_soft),
-        "  lightning attn": (LightningAttention(cfg, rngs=rngs), lambda m, h: m(h, 0)[0], None),
-        "  softmax attn": (SoftmaxAttention(cfg, rngs=rngs), lambda m, h: m(h, pos)[0], None),
-        "  MoE": (MoE(cfg, rngs=rngs), lambda m, h: m(h)[0], None),
-    }
+    heads = cfg.num_attention_heads * cfg.head_dim
+    attention_flops = {LIGHTNING: 3.0 * 4 * heads * (LIGHTNING_CHUNK + cfg.head_dim), SOFTMAX: 3.0 * 2 * t * heads}
     rows = []
 
-    def add(name, ms, count, flops=None):
+    def add(name, ms, count, flops=None, floor_bytes=None):
+        floor = (flops / (peak * 1e12) if flops and peak else
+                 floor_bytes / (bandwidth * 1e12) if floor_bytes and bandwidth else None)
         row = {"component": name, "ms": ms, "count": count, "ms_per_step": ms * count if count else None,
-               "tflops": flops / ms / 1e9 if flops else None}
+               "tflops": flops / ms / 1e9 if flops else None, "floor_ms": floor * 1e3 if floor else None}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        return row
 
     def median_ms(fn, *args):
         return time_ms(fn, *args, reps=5)[0]
 
-    for name, (module, call, count) in parts.items():
-        fn, params = _module_fwd_bwd(module, call, h)
+    e, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    for kind, layer_index, count in ((LIGHTNING, 0, n_light), (SOFTMAX, 7, cfg.num_hidden_layers - n_light)):
+        if not count:
+            continue
+        module = DecoderLayer(cfg, kind, rngs=rngs)
+        fn, params = _module_fwd_bwd(module, lambda m, h, i=layer_index: m(h, layer_index=i, positions=pos)[0], h)
         n_params = sum(x.size for x in jax.tree_util.tree_leaves(params) if x.ndim >= 2)
-        if isinstance(module, MoE) or isinstance(module, DecoderLayer):  # only top-k experts are active per token
-            e, k = cfg.num_local_experts, cfg.num_experts_per_tok
-            expert = 3 * cfg.hidden_size * cfg.intermediate_size
-            n_params -= (e - k) * expert
-        add(name, median_ms(fn, params, h), count, 6.0 * n_params * tokens)
-        del fn, params
-    # LM head + chunked CE at each head precision.
+        n_params -= (e - k) * 3 * cfg.hidden_size * cfg.intermediate_size  # only top-k experts are active per token
+        add(f"{kind} layer", median_ms(fn, params, h), count * accum,
+            (6.0 * n_params + attention_flops[kind]) * tokens)
+        del fn, params, module
+    # LM head + chunked CE at the variant's head precision. bf16_3x runs three bf16 passes, so its hardware floor
+    # is 3x the model-FLOP floor shown.
     h2 = h.reshape(tokens, cfg.hidden_size)
     w = jax.random.normal(jax.random.key(2), (cfg.hidden_size, cfg.vocab_size), jnp.float32) * 0.02
     targets = jax.random.randint(jax.random.key(4), (tokens,), 0, cfg.vocab_size)
-    # The preset's head (fp32 at HIGHEST) counts once per step; the other two precisions are alternatives to it.
-    for label, fp32, precision, count in (("LM head+CE fp32", True, "float32", 1),
-                                          ("LM head+CE bf16_3x", True, "bf16_3x", None),
-                                          ("LM head+CE bf16", False, "float32", None)):
-        fn = jax.jit(jax.grad(lambda h, w: jnp.sum(linear_cross_entropy(
-            h, w, targets, chunk_size=FLAGS.ce_chunk, fp32=fp32, fp32_precision=precision)), argnums=(0, 1)))
-        add(label, median_ms(fn, h2, w), count, 6.0 * cfg.hidden_size * cfg.vocab_size * tokens)
-    # The AdamW update (+ global-norm clip) over every parameter, as in the step.
+    fn = jax.jit(jax.grad(lambda h, w: jnp.sum(linear_cross_entropy(
+        h, w, targets, chunk_size=FLAGS.ce_chunk, fp32=cfg.lm_head_fp32, fp32_precision=cfg.lm_head_precision)),
+        argnums=(0, 1)))
+    add(f"LM head+CE {cfg.lm_head_precision if cfg.lm_head_fp32 else 'bf16'}", median_ms(fn, h2, w), accum,
+        6.0 * cfg.hidden_size * cfg.vocab_size * tokens)
+    del h, h2, w
     _, state = tl.create_train_state(cfg, tc)
-    opt = tl.make_optimizer(tc)
     grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 1e-3), state.params)
+    n = cfg.param_counts()["total"]
+    # The update, in place: the optax chain (what the step ran before) and the step's fused adamw_update.
+    opt = tl.make_optimizer(tc)
 
-    @jax.jit
-    def update(params, opt_state, grads):
+    def chain(carry, grads):
+        params, opt_state = carry
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
-    add("AdamW update", median_ms(update, state.params, state.opt_state, grads), 1)
-    del state, grads
-    total = sum(r["ms_per_step"] for r in rows if r["ms_per_step"] is not None)
-    print(f"{'component':22} {'ms':>8} {'x':>3} {'ms/step':>8} {'TFLOP/s':>8}")
+
+    def fused(carry, grads):
+        return tl.adamw_update(tc, grads, carry[1], carry[0], optax.tree.norm(grads))
+    carry = (state.params, state.opt_state)
+    del state
+    ms, carry = _in_place_ms(chain, carry, grads)
+    add("AdamW+clip, optax chain (ref)", ms, None, floor_bytes=ADAMW_BYTES_PER_PARAM * n)
+    ms, carry = _in_place_ms(fused, carry, grads)
+    add("AdamW+clip, adamw_update", ms, 1, floor_bytes=ADAMW_BYTES_PER_PARAM * n)
+    del carry
+    ms, acc = _in_place_ms(lambda acc, g: jax.tree_util.tree_map(jnp.add, acc, g),
+                           jax.tree_util.tree_map(jnp.zeros_like, grads), grads)
+    add("accumulation add (per micro-batch)", ms, accum if accum > 1 else None, floor_bytes=ACCUM_BYTES_PER_PARAM * n)
+    del acc, grads
+    return [dict(r, batch=b, seq_len=t, accum=accum) for r in rows]
+
+
+def print_breakdown(rows: list[dict], step: dict | None) -> None:
+    """The breakdown's table; with the variant's measured step, the glue (step - the parts) and each part's share."""
+    counted = sum(r["ms_per_step"] for r in rows if r["ms_per_step"] is not None)
+    if step is not None and "step_ms" in step:
+        rows = rows + [{"component": "glue: step - parts", "ms": step["step_ms"] - counted, "count": 1,
+                        "ms_per_step": step["step_ms"] - counted, "tflops": None, "floor_ms": None},
+                       {"component": f"step ({step['variant']})", "ms": step["step_ms"], "count": 1,
+                        "ms_per_step": step["step_ms"], "tflops": None, "floor_ms": None}]
+    total = rows[-1]["ms_per_step"] if step is not None and "step_ms" in step else None
+    print(f"{'component':36} {'ms':>8} {'x':>3} {'ms/step':>8} {'share':>6} {'TFLOP/s':>8} {'floor ms':>8} "
+          f"{'floor/ms':>8}")
     for r in rows:
-        print(f"{r['component']:22} {r['ms']:8.2f} {r['count'] or '':>3} "
-              f"{r['ms_per_step'] if r['ms_per_step'] is not None else float('nan'):8.1f} "
-              f"{r['tflops'] if r['tflops'] else float('nan'):8.1f}")
-    print(f"sum of layers + fp32 head + AdamW: {total:.1f} ms per step (batch {b} x {t})")
-    return [dict(r, batch=b, seq_len=t) for r in rows] + [{"component": "sum", "ms_per_step": total,
-                                                            "batch": b, "seq_len": t}]
+        per_step = r["ms_per_step"] if r["ms_per_step"] is not None else float("nan")
+        share = f"{per_step / total:6.1%}" if total and r["ms_per_step"] is not None else f"{'-':>6}"
+        floor = f"{r['floor_ms']:8.2f}" if r["floor_ms"] else f"{'-':>8}"
+        roof = f"{r['floor_ms'] / r['ms']:8.0%}" if r["floor_ms"] and r["ms"] > 0 else f"{'-':>8}"
+        print(f"{r['component']:36} {r['ms']:8.2f} {r['count'] or '':>3} {per_step:8.1f} {share} "
+              f"{r['tflops'] if r['tflops'] else float('nan'):8.1f} {floor} {roof}")
 
 
 def bench_variant(name: str, overrides: list[str], bench: dict) -> dict:
@@ -261,37 +327,44 @@ def main(argv):
 
     print(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; preset {FLAGS.preset}; "
           f"batch {FLAGS.batch} x {FLAGS.seq_len}; ce {FLAGS.ce}", flush=True)
-    results = []
+    results, breakdowns = [], []
     if FLAGS.check_packed:
         try:
             results.append(check_packed())
         except Exception as e:  # report and go on to the timings
             print(json.dumps({"check": "packed_vs_rows", "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
-    if FLAGS.breakdown:
-        try:
-            results += breakdown(FLAGS.batch)
-        except Exception as e:  # report and go on to the timings
-            print(json.dumps({"breakdown": "error", "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
-    for spec in FLAGS.variant:
+    for i, spec in enumerate(FLAGS.variant):
         name, overrides, bench = split_variant(spec)
+        rows = None
+        if bench.get("breakdown") or (FLAGS.breakdown and i == 0):
+            try:
+                rows = breakdown(bench.get("batch", FLAGS.batch), overrides, bench.get("accum", 1))
+            except Exception as e:  # report and go on to the timings
+                print(json.dumps({"breakdown": name, "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
         try:
             results.append(bench_variant(name, overrides, bench))
         except Exception as e:  # keep going: one variant running out of memory should not lose the others
             print(json.dumps({"variant": name, "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
             results.append({"variant": name, "error": str(e)[:400]})
-    print(f"{'variant':14} {'batch':>5} {'accum':>5} {'docs':>4} {'step ms':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'temp GiB':>8}")
+        if rows:
+            breakdowns.append({"variant": name, "rows": rows})
+    for b in breakdowns:
+        print(f"-- breakdown of {b['variant']}")
+        print_breakdown(b["rows"], next(r for r in results if r.get("variant") == b["variant"]))
+    print(f"{'variant':20} {'batch':>5} {'accum':>5} {'docs':>4} {'step ms':>8} {'ms/micro':>8} {'tok/s':>9} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {'temp GiB':>8}")
     for r in results:
         if "step_ms" in r:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-            print(f"{r['variant']:14} {r['batch']:5d} {r['accum']:5d} {r['docs']:4d} {r['step_ms']:8.1f} "
-                  f"{r['tokens_per_s']:9.0f} {r['model_tflops_per_s']:8.1f} {mfu:>6} {r['temp_gib'] or 0:8.1f}")
+            print(f"{r['variant']:20} {r['batch']:5d} {r['accum']:5d} {r['docs']:4d} {r['step_ms']:8.1f} "
+                  f"{r['step_ms'] / r['accum']:8.1f} {r['tokens_per_s']:9.0f} {r['model_tflops_per_s']:8.1f} "
+                  f"{mfu:>6} {r['temp_gib'] or 0:8.1f}")
         elif "variant" in r:
-            print(f"{r['variant']:14} error: {r['error'][:100]}")
+            print(f"{r['variant']:20} error: {r['error'][:100]}")
     if FLAGS.out:
         with open(FLAGS.out, "w") as fh:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results}, fh,
-                      indent=1)
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results,
+                       "breakdowns": breakdowns}, fh, indent=1)
 
 
 if __name__ == "__main__":

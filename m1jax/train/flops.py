@@ -26,12 +26,23 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
                     "TPU v6 lite": 918.0}
+# Datasheet HBM bandwidth (TB/s): the floor of memory-bound work such as the optimizer update.
+PEAK_HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "TPU v5p": 2.76, "TPU v5 lite": 0.82, "TPU v6 lite": 1.64}
+
+
+def _by_kind(table: dict[str, float], device: jax.Device | None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind
+    for name, value in table.items():
+        if name.lower() in kind.lower():
+            return value
+    return None
 
 
 def peak_tflops(device: jax.Device | None = None) -> float | None:
     """Dense bf16 datasheet peak of ``device`` (None when unknown, e.g. CPU): the MFU denominator."""
-    kind = (device or jax.devices()[0]).device_kind
-    for name, tflops in PEAK_BF16_TFLOPS.items():
-        if name.lower() in kind.lower():
-            return tflops
-    return None
+    return _by_kind(PEAK_BF16_TFLOPS, device)
+
+
+def peak_hbm_tbps(device: jax.Device | None = None) -> float | None:
+    """Datasheet memory bandwidth of ``device`` in TB/s (None when unknown)."""
+    return _by_kind(PEAK_HBM_TBPS, device)

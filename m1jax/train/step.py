@@ -22,38 +22,39 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m1jax.data.batch import BATCH_KEYS
 from m1jax.train.config import TrainConfig
 from m1jax.train.loss import lm_loss
-from m1jax.train.optimizer import make_optimizer, make_schedule
+from m1jax.train.optimizer import adamw_update, make_schedule
 from m1jax.train.state import TrainState
 from sharding.rules import fsdp_params
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tc: TrainConfig,
                skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
-    """One optimizer update over ``tc.grad_accum`` micro-batches (a scan; gradients summed in fp32); with
-    ``skip_nonfinite``, no update at all when the loss or the gradient norm is not finite."""
+    """One optimizer update (``adamw_update``, once) over ``tc.grad_accum`` micro-batches (a scan whose carry sums
+    the gradients in fp32; no scan for one); with ``skip_nonfinite``, no update at all when the loss or the gradient
+    norm is not finite."""
     a = tc.grad_accum
     b = batch["inputs"].shape[0]
     if b % a:
         raise ValueError(f"batch size {b} is not divisible by grad_accum={a}")
     n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-    micro = {k: v.reshape(a, b // a, *v.shape[1:]) for k, v in batch.items()}
     grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
+    if a == 1:
+        (_, (nll_sums, auxes)), grads = grad_fn(state.params, graphdef, batch, tc, n_tokens)
+    else:
+        # The fp32 sum is the scan's carry: XLA updates it in place (the loop body's add writes into the carry
+        # buffer), so each micro-batch costs one read-add-write of the gradient, and the update below runs once.
+        def one(grads, mb):
+            (_, (nll_sum, aux)), g = grad_fn(state.params, graphdef, mb, tc, n_tokens)
+            return jax.tree_util.tree_map(lambda acc, x: acc + x.astype(jnp.float32), grads, g), (nll_sum, aux)
 
-    def one(grads, mb):
-        (_, (nll_sum, aux)), g = grad_fn(state.params, graphdef, mb, tc, n_tokens)
-        return jax.tree_util.tree_map(jnp.add, grads, g), (nll_sum, aux)
-
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    grads, (nll_sums, auxes) = jax.lax.scan(one, zeros, micro)
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        micro = {k: v.reshape(a, b // a, *v.shape[1:]) for k, v in batch.items()}
+        grads, (nll_sums, auxes) = jax.lax.scan(one, zeros, micro)
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     loss, aux, grad_norm = jnp.sum(nll_sums) / n_tokens, jnp.mean(auxes), optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(aux) & jnp.isfinite(grad_norm)
-    if skip_nonfinite:
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        params = jax.tree_util.tree_map(keep, params, state.params)
-        opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+    params, opt_state = adamw_update(tc, grads, state.opt_state, state.params, grad_norm,
+                                     keep_if=finite if skip_nonfinite else None)
     metrics = {"loss": loss, "aux_loss": aux, "grad_norm": grad_norm, "learning_rate": make_schedule(tc)(state.step),
                "tokens": n_tokens, "finite": finite.astype(jnp.float32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
