@@ -90,7 +90,7 @@ class LightningSlots:
 
     def read(self) -> jax.Array:
         """The rows' states before this call's tokens: [B, H, Dk, Dv] float32."""
-        state = self.pool[self.repeat, self.slots]
+        state = jax.lax.optimization_barrier(self.pool[self.repeat, self.slots])
         return jnp.where((self.lengths == 0)[:, None, None, None], 0.0, state)
 
     def write(self, states: jax.Array) -> "LightningSlots":
