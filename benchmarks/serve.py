@@ -420,7 +420,7 @@ def _profile_decode(s, cfg, split) -> dict:
         t0 = time.perf_counter()
         device.decode(*args)
         wall.append(time.perf_counter() - t0)
-    width = device.table_width(max(lengths) + 1)
+    width = device.table_width(max(lengths) + 1, decode=True)
     inputs = jax.device_put((np.asarray(tokens, np.int32), np.asarray(slots, np.int32),
                              device._table(pages, len(tokens), width), np.asarray(lengths, np.int32), rows))
 
@@ -444,7 +444,7 @@ def _profile_decode(s, cfg, split) -> dict:
         out["trace"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     del device, inputs
     bandwidth = _copy_bandwidth_gbs()
-    old_width = -(-(lengths[0] + s["page_size"]) // s["page_size"])  # the engine's width before widest_table
+    old_width = -(-(lengths[0] + s["page_size"]) // s["page_size"])  # before decode_table_width
     out["paged_attention"] = {
         f"width_{w}": _paged_attention_split(cfg, len(tokens), lengths[0], s["page_size"], bandwidth,
                                              s["decode_reps"], width=w)
@@ -555,6 +555,8 @@ def _table(results) -> str:
 def _trace_lines(trace, indent: str = "    ") -> list[str]:
     if not isinstance(trace, dict) or "error" in trace:
         return [f"{indent}trace: {trace.get('error') if isinstance(trace, dict) else trace}"]
+    if not trace["devices"]:
+        return [f"{indent}trace: no device kernels recorded (a CPU run, or no CUPTI on this host)"]
     lines = [f"{indent}device busy {trace['device_busy_ms']:.2f} ms in {trace['kernels_per_step']:.0f} kernels; "
              f"copies {trace['copies_per_step'] or 'none'}"]
     lines += [f"{indent}  {c:22s} {v['ms']:7.2f} ms  {v['calls']:5.0f} kernels" for c, v in trace["categories"].items()]

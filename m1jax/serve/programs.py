@@ -9,9 +9,10 @@ state compiles nothing):
 * ``sample``: the first token of a request from its last prefill logits (the same sampling code).
 * ``snapshot`` / ``restore``: a slot's lightning states out to the prefix cache and back into a slot.
 * ``copy_page``: copy-on-write of a partly filled shared page, in every softmax layer.
-The page-table width of a call is a context bucket (a power of two of pages, the largest one a multiple of
-``KERNEL_PAGE_MULTIPLE``), so short sequences do not gather pages for the longest context. The pools are donated to
-every program that writes them: XLA updates them in place (``tests/serve/test_programs.py`` checks the aliasing).
+The page-table width of a call is a context bucket (a power of two of pages; a decode call's widest one a multiple the
+paged decode kernels can split: ``decode_table_width``), so short sequences do not gather pages for the longest
+context. The pools are donated to every program that writes them: XLA updates them in place
+(``tests/serve/test_programs.py`` checks the aliasing).
 """
 from __future__ import annotations
 
@@ -28,14 +29,9 @@ from m1jax.cache import PagedCache
 from m1jax.config import ModelConfig
 from m1jax.generate import Sampling, StopRules, sample_tokens, update_stop_state
 from m1jax.serve.config import EngineConfig
+from pallas_kernels.attention.paged import pallas_triton as paged_triton
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
-# The widest page table is rounded up to a multiple of this many pages (when that is below the next power of two).
-# The paged decode kernels split a row's table into context splits and compute blocks that must divide it: a width
-# like 1025 pages (128K tokens + one page) has no divisor up to 16 but 1 and 5, which left the Triton kernel with one
-# split of one-page blocks (128 programs at 64 rows: fewer than the H200's SMs) or no kernel at all. A multiple of
-# 128 takes up to 16 splits of 8-page blocks. Entries past a row's pages point at scratch page 0 and are not read.
-KERNEL_PAGE_MULTIPLE = 128
 
 
 def power_of_two_bucket(n: int, low: int, high: int) -> int:
@@ -43,10 +39,19 @@ def power_of_two_bucket(n: int, low: int, high: int) -> int:
     return min(high, max(low, 1 << max(n - 1, 0).bit_length()))
 
 
-def widest_table(pages: int) -> int:
-    """The widest page table for sequences of up to ``pages`` pages: the next power of two, or the next multiple of
-    ``KERNEL_PAGE_MULTIPLE`` when that is smaller."""
-    return min(1 << max(pages - 1, 0).bit_length(), -(-pages // KERNEL_PAGE_MULTIPLE) * KERNEL_PAGE_MULTIPLE)
+def decode_table_width(pages: int, page_size: int) -> int:
+    """The page-table width a decode call uses for up to ``pages`` pages: the next power of two, or the next multiple
+    of (most context splits x most pages per compute block of the Triton paged kernel) when that is smaller.
+
+    The kernel cuts a row's table into context splits and compute blocks that must divide it. A width like 1025
+    pages (128K tokens + one page) has no divisor up to 16 but 1 and 5: the kernel ran one split of one-page blocks
+    (128 programs at 64 rows x 2 KV heads, fewer than an H200's SMs). Entries past a row's pages point at scratch
+    page 0; the kernels read only the filled pages, so the extra width costs nothing there (prefill, which gathers
+    the whole table, keeps the exact width).
+    """
+    per_block = max(1, min(paged_triton.MAX_PAGES_PER_BLOCK, paged_triton.MAX_BLOCK_TOKENS // page_size))
+    multiple = paged_triton.MAX_SPLITS * per_block
+    return min(1 << max(pages - 1, 0).bit_length(), -(-pages // multiple) * multiple)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -195,21 +200,24 @@ class DevicePrograms:
     def chunk_bucket(self, tokens: int) -> int:
         return power_of_two_bucket(tokens, min(self.config.min_chunk, self.config.chunk_size), self.config.chunk_size)
 
-    def table_width(self, tokens: int) -> int:
+    def table_width(self, tokens: int, decode: bool = False) -> int:
         """Page-table width for sequences of up to ``tokens`` tokens (context bucket): a power of two of pages, at
-        least ``min_context_bucket`` tokens, at most ``widest_table(pages_per_sequence)``."""
+        least ``min_context_bucket`` tokens, at most ``pages_per_sequence``; for a decode call, each made a width
+        the paged kernel splits well (``decode_table_width``)."""
         c = self.config
         pages = -(-tokens // c.page_size)
-        widest = widest_table(c.pages_per_sequence)
-        low = min(widest_table(-(-c.min_context_bucket // c.page_size)), widest)
-        return power_of_two_bucket(pages, low, widest)
+        low = min(-(-c.min_context_bucket // c.page_size), c.pages_per_sequence)
+        width = power_of_two_bucket(pages, low, c.pages_per_sequence)
+        return decode_table_width(width, c.page_size) if decode else width
 
     def buckets(self) -> dict[str, list[int]]:
         """Every row bucket, chunk bucket and page-table width a call can have."""
         c = self.config
         return {"rows": sorted({self.row_bucket(n) for n in range(1, c.max_batch + 1)}),
                 "chunks": sorted({self.chunk_bucket(n) for n in range(1, c.chunk_size + 1)}),
-                "widths": sorted({self.table_width(n) for n in range(1, c.max_context + 1, c.page_size)})}
+                "widths": sorted({self.table_width(n) for n in range(1, c.max_context + 1, c.page_size)}),
+                "decode_widths": sorted({self.table_width(n, decode=True)
+                                         for n in range(1, c.max_context + 1, c.page_size)})}
 
     def warmup(self) -> None:
         """Compile every program for every bucket (on scratch slot 0 and page 0, which no sequence uses), so that
@@ -223,6 +231,7 @@ class DevicePrograms:
                                                   np.zeros(1, np.int32), np.zeros((1, width), np.int32),
                                                   np.zeros(1, np.int32), np.asarray([length], np.int32),
                                                   self.repeats)
+        for width in b["decode_widths"]:
             for rows in b["rows"]:
                 zeros = np.zeros(rows, np.int32)
                 _, self.pools = _decode_jit(self.static, self.params, self.pools, zeros, zeros,
@@ -263,7 +272,7 @@ class DevicePrograms:
         the row bucket (``rows`` must already be padded: see ``row_settings``)."""
         r = self.row_bucket(len(tokens))
         pad = r - len(tokens)
-        table = self._table(page_lists, r, self.table_width(max(lengths) + 1))
+        table = self._table(page_lists, r, self.table_width(max(lengths) + 1, decode=True))
         inputs = jax.device_put((np.pad(np.asarray(tokens, np.int32), (0, pad)),
                                  np.pad(np.asarray(slots, np.int32), (0, pad)), table,
                                  np.pad(np.asarray(lengths, np.int32), (0, pad)), rows))

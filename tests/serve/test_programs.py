@@ -1,6 +1,6 @@
 """The engine's device programs: the pools are updated in place (every pool buffer is aliased to an output and never
-copied whole), a serving step makes no implicit host<->device transfer, and the widest page table suits the paged
-decode kernels; the engine's answers stay those of m1jax.generate."""
+copied whole), a serving step makes no implicit host<->device transfer, and a decode call's page table has a width
+the paged decode kernel can split; the engine's answers stay those of m1jax.generate."""
 import re
 
 import jax
@@ -73,22 +73,27 @@ def test_serving_makes_no_implicit_transfer(split):
     assert list(other.token_ids) == reference[1][0]
 
 
-def test_widest_page_table_is_a_multiple_the_decode_kernel_can_split():
-    """128K tokens + a page at 128-token pages is 1025 pages: the table used to be 1025 wide, which the Triton
-    kernel could only take as one split of one-page blocks. The widest table is now the next multiple of
-    KERNEL_PAGE_MULTIPLE (or the next power of two when smaller); widths below it stay powers of two."""
-    assert programs.widest_table(1025) == 1152 and programs.widest_table(1024) == 1024
-    assert programs.widest_table(9) == 16 and programs.widest_table(300) == 384 and programs.widest_table(1) == 1
+def test_decode_page_table_is_a_width_the_decode_kernel_can_split():
+    """128K tokens + a page at 128-token pages is 1025 pages: the decode table used to be 1025 wide, which the Triton
+    kernel could only take as one split of one-page blocks. A decode table is now the next multiple of (16 splits x
+    2 pages per block) = 32 pages, or the next power of two when smaller; prefill keeps the exact width."""
+    assert programs.decode_table_width(1025, 128) == 1056 and programs.decode_table_width(1024, 128) == 1024
+    assert programs.decode_table_width(257, 128) == 288 and programs.decode_table_width(9, 128) == 16
+    assert programs.decode_table_width(1025, 16) == 1152  # 8 pages per block of 16 tokens: multiples of 128
     # 64 rows, 2 KV heads, 8 query heads per KV head, 128-token pages (the benchmark's decode step)
     assert pallas_triton.plan(64, 2, 8, 1025, 128) == (1, 1)
-    assert pallas_triton.plan(64, 2, 8, programs.widest_table(1025), 128) == (3, 2)
+    assert pallas_triton.plan(64, 2, 8, programs.decode_table_width(1025, 128), 128) == (3, 2)
+    for pages in (3, 100, 257, 1025, 4097):  # every width divides into the plan's splits and blocks
+        width = programs.decode_table_width(pages, 128)
+        splits, per_block = pallas_triton.plan(1, 2, 8, width, 128)
+        assert width >= pages and width % (splits * per_block) == 0 and per_block == min(2, width // splits)
 
 
-def test_engine_with_an_odd_context_uses_the_wider_table_and_matches_generate(split):
-    """max_context of 9 pages: every call's page table is 16 wide (entries past a sequence's pages point at the
-    scratch page), and the outputs are m1jax.generate's."""
+def test_engine_with_an_odd_context_decodes_with_the_wider_table_and_matches_generate(split):
+    """max_context of 9 pages: prefill tables are 9 pages wide, decode tables 16 (entries past a sequence's pages
+    point at the scratch page), and the outputs are m1jax.generate's."""
     engine = make_engine(split, max_context=36, min_context_bucket=36)
-    assert engine.device.buckets()["widths"] == [16]
+    assert engine.device.buckets()["widths"] == [9] and engine.device.buckets()["decode_widths"] == [16]
     prompts = random_prompts(8, (20, 27))
     handles = [engine.submit(p, GREEDY) for p in prompts]
     engine.run_until_idle()
