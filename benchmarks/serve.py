@@ -271,8 +271,17 @@ def _decode_setup(s, cfg, split):
     return device, (tokens, list(range(1, batch + 1)), pages, [context] * batch, rows)
 
 
-def part_decode(s, cfg, split, results):
+def _floor_bytes(cfg, split, device, batch: int, context: int) -> tuple[int, int, int]:
+    """What a decode step must move at least: (the weights without the embedding table, the KV cache of every
+    softmax layer (bf16), the lightning states read and written)."""
     import jax
+    embedding = cfg.vocab_size * cfg.hidden_size
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(split[1])) - embedding * 2
+    kv_bytes = sum(2 * cfg.num_key_value_heads * cfg.head_dim * 2 for t in cfg.layer_types if t == "softmax")
+    return weight_bytes, kv_bytes * batch * context, 2 * batch * device.snapshot_bytes
+
+
+def part_decode(s, cfg, split, results):
     batch, context = s["decode_batch"], s["decode_context"]
     device, args = _decode_setup(s, cfg, split)
     t0 = time.perf_counter()
@@ -284,11 +293,7 @@ def part_decode(s, cfg, split, results):
         device.decode(*args)
         times.append(time.perf_counter() - t0)
     step = float(np.median(times))
-    embedding = cfg.vocab_size * cfg.hidden_size
-    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(split[1])) - embedding * 2
-    kv_bytes = sum(2 * cfg.num_key_value_heads * cfg.head_dim * 2 for t in cfg.layer_types if t == "softmax")
-    kv_bytes *= batch * context
-    state_bytes = 2 * batch * device.snapshot_bytes
+    weight_bytes, kv_bytes, state_bytes = _floor_bytes(cfg, split, device, batch, context)
     floor = weight_bytes + kv_bytes + state_bytes
     bandwidth = _copy_bandwidth_gbs()
     results["decode"] = {"batch": batch, "context": context, "step_ms": 1e3 * step, "first_call_s": compile_s,
@@ -438,12 +443,15 @@ def _profile_decode(s, cfg, split) -> dict:
     out = {"batch": len(tokens), "context": lengths[0], "table_width": width,
            "step_wall_ms": 1e3 * float(np.median(wall)), "program_ms": 1e3 * float(np.median(on_device))}
     out["host_ms"] = out["step_wall_ms"] - out["program_ms"]
+    out["floor_bytes"] = sum(_floor_bytes(cfg, split, device, len(tokens), lengths[0]))
     try:
         out["trace"] = _device_trace(lambda: device.decode(*args), s["profile_steps"])
     except Exception as e:  # noqa: BLE001  (no profiler on this host: the timings above still stand)
         out["trace"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     del device, inputs
     bandwidth = _copy_bandwidth_gbs()
+    out["copy_bandwidth_gbs"] = bandwidth
+    out["floor_ms"] = 1e3 * out["floor_bytes"] / (bandwidth * 1e9)
     old_width = -(-(lengths[0] + s["page_size"]) // s["page_size"])  # before decode_table_width
     out["paged_attention"] = {
         f"width_{w}": _paged_attention_split(cfg, len(tokens), lengths[0], s["page_size"], bandwidth,
@@ -572,8 +580,13 @@ def _profile_table(p) -> list[str]:
     d = p.get("decode")
     if isinstance(d, dict) and "step_wall_ms" in d:
         lines.append(f"  profile: decode step {d['batch']} x {d['context']} (table {d['table_width']} pages): wall "
-                     f"{d['step_wall_ms']:.2f} ms = program {d['program_ms']:.2f} ms + host {d['host_ms']:.2f} ms")
-        lines += _trace_lines(d.get("trace"))
+                     f"{d['step_wall_ms']:.2f} ms = program {d['program_ms']:.2f} ms + host {d['host_ms']:.2f} ms; "
+                     f"floor {d.get('floor_ms', float('nan')):.2f} ms")
+        trace = d.get("trace")
+        if isinstance(trace, dict) and trace.get("devices"):
+            lines.append(f"    program minus device busy (launch gaps, syncs): "
+                         f"{d['program_ms'] - trace['device_busy_ms']:.2f} ms")
+        lines += _trace_lines(trace)
         for key, r in d.get("paged_attention", {}).items():
             for name, v in r.items():
                 if isinstance(v, dict) and "layer_ms" in v:
