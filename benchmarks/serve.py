@@ -342,7 +342,8 @@ def _paged_attention_split(cfg, batch: int, context: int, page_size: int, bandwi
                 fn(q, k_pages, v_pages, lengths, table).block_until_ready()
                 times.append(time.perf_counter() - t0)
             ms = 1e3 * float(np.median(times))
-            out[name] = {"layer_ms": ms, "step_ms": ms * softmax_layers, "ratio_to_layer_floor": ms / out["layer_floor_ms"]}
+            out[name] = {"layer_ms": ms, "step_ms": ms * softmax_layers,
+                         "ratio_to_layer_floor": ms / out["layer_floor_ms"]}
         except Exception as e:  # noqa: BLE001  (a backend that fails is recorded, the others still run)
             out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return out
@@ -401,7 +402,7 @@ def _device_trace(run, steps: int) -> dict:
 # Kernel name fragments -> what they are (XLA names fusions by their root op; Pallas kernels by their function).
 _CATEGORIES = (("paged_attention", "paged attention"), ("gmm", "MoE grouped matmul"), ("flash", "prefill attention"),
                ("cudnn", "prefill attention"), ("gemm", "dense matmul"), ("cublas", "dense matmul"),
-               ("cutlass", "dense matmul"), ("xmma", "dense matmul"), ("scatter", "scatter"),
+               ("cutlass", "dense matmul"), ("xmma", "dense matmul"), ("nvjet", "dense matmul"), ("scatter", "scatter"),
                ("dynamic_update_slice", "dynamic-update-slice"), ("dynamic-update-slice", "dynamic-update-slice"),
                ("dynamic_slice", "dynamic-slice"), ("dynamic-slice", "dynamic-slice"), ("copy", "copy"),
                ("transpose", "copy"), ("sort", "sort"), ("reduce", "reduction"), ("gather", "gather"),
