@@ -19,6 +19,15 @@ Parts (``--parts``; each records its numbers or its error, and the run goes on):
   constant), against the time to read the KV cache, the lightning states (read and written) and the weights without
   the embedding table once, at the copy bandwidth measured in the same run and at the card's nominal bandwidth
   (--nominal_bandwidth_gbs); target within 2x.
+* profile: where the time of the decode step (--decode_batch x --decode_context) and of a warm prefix request goes.
+  Decode: the step's wall time, the compiled program alone on device-resident inputs (the rest is host work: page
+  tables, padding, transfers, dispatch), a ``jax.profiler`` trace of --profile_steps steps summed per kernel (the top
+  kernels, kernel categories, device busy time against the wall time, host<->device copies), and the paged attention
+  kernel alone at the step's page-table width and at the width the engine used before (one page more than 128K).
+  Warm request (a --prefix_tokens prefix cached, --prefix_suffix new tokens): its TTFT split into the prefix-cache
+  lookup, the snapshot restore (and copy-on-write page), the prefill program, the first token's sampling and the
+  rest (host bookkeeping), each device part timed to completion, and the top kernels of its trace. About 2 minutes
+  on an H200: ``python -m benchmarks.serve --parts=profile --out=profile.json``.
 A table is printed last; --out gets the JSON (rewritten after every part).
 """
 from __future__ import annotations
@@ -54,20 +63,23 @@ flags.DEFINE_integer("prefix_chunk", 2048, "Prefill chunk (and snapshot interval
 flags.DEFINE_integer("decode_batch", 64, "Rows of the decode-step measurement.")
 flags.DEFINE_integer("decode_context", 131072, "Tokens per row of the decode-step measurement.")
 flags.DEFINE_integer("decode_reps", 20, "Timed decode steps.")
+flags.DEFINE_integer("profile_steps", 3, "Decode steps (and warm requests) in the profile part's traces.")
+flags.DEFINE_integer("profile_top", 12, "Kernels listed per trace in the profile part.")
 flags.DEFINE_float("nominal_bandwidth_gbs", 4800.0, "The card's HBM bandwidth (H200: 4.8 TB/s).")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_string("out", None, "JSON output path.")
 
 SMOKE = dict(preset="tiny", requests=6, rate=50.0, prompt_min=4, prompt_max=40, output_min=2, output_max=8,
              max_batch=4, page_size=8, chunk=16, min_decode_rows=4, static_batch=4, static_timeout=0.05,
-             prefix_tokens=64, prefix_suffix=8, prefix_chunk=16, decode_batch=4, decode_context=256, decode_reps=2)
+             prefix_tokens=64, prefix_suffix=8, prefix_chunk=16, decode_batch=4, decode_context=256, decode_reps=2,
+             profile_steps=2)
 
 
 def _settings() -> dict:
     names = ["preset", "parts", "requests", "rate", "prompt_min", "prompt_max", "output_min", "output_max",
              "max_batch", "page_size", "chunk", "min_decode_rows", "static_batch", "static_timeout", "prefix_tokens",
              "prefix_suffix", "prefix_chunk", "decode_batch", "decode_context", "decode_reps", "nominal_bandwidth_gbs",
-             "seed"]
+             "seed", "profile_steps", "profile_top"]
     s = {n: FLAGS[n].value for n in names}
     if FLAGS.smoke:
         s.update(SMOKE)
@@ -177,7 +189,9 @@ def part_workload(s, cfg, split, results):
     results["workload"]["static_warmup_and_run_s"] = time.perf_counter() - t0
 
 # ------------------------------------------------------------------------------------------------ prefix
-def part_prefix(s, cfg, split, results):
+def _prefix_engine(s, cfg, split):
+    """An engine sized for the prefix measurement, its programs compiled by a cold and a warm request on another
+    prefix; returns (engine, ttft(prompt) -> (ttft s, cached tokens), prompt(prefix) -> prefix + new suffix, rng)."""
     from m1jax.serve.config import EngineConfig
     from m1jax.serve.engine import ContinuousEngine
     from m1jax.serve.types import SamplingParams
@@ -191,26 +205,31 @@ def part_prefix(s, cfg, split, results):
 
     def ttft(prompt):
         handle = engine.submit(prompt, params)
-        t0 = time.perf_counter()
         engine.run_until_idle()
         handle.result()
-        return handle.time_to_first_token_s, handle.cached_prompt_tokens, time.perf_counter() - t0
+        return handle.time_to_first_token_s, handle.cached_prompt_tokens
 
     def prompt(prefix):
         return prefix + rng.integers(0, cfg.vocab_size, suffix).tolist()
 
-    t0 = time.perf_counter()
     first = rng.integers(0, cfg.vocab_size, n).tolist()
     ttft(prompt(first))  # compiles the cold path's programs
     ttft(prompt(first))  # and the warm path's (restoring a snapshot)
+    return engine, ttft, prompt, rng
+
+
+def part_prefix(s, cfg, split, results):
+    n = s["prefix_tokens"]
+    t0 = time.perf_counter()
+    engine, ttft, prompt, rng = _prefix_engine(s, cfg, split)
     compile_s = time.perf_counter() - t0
     shared = rng.integers(0, cfg.vocab_size, n).tolist()
-    cold, cold_cached, _ = ttft(prompt(shared))
+    cold, cold_cached = ttft(prompt(shared))
     before = engine.stats()["prefilled_tokens"]
-    warm, warm_cached, _ = ttft(prompt(shared))
-    results["prefix"] = {"prefix_tokens": n, "suffix_tokens": suffix, "chunk": chunk, "first_run_s": compile_s,
-                         "cold_ttft_ms": 1e3 * cold, "warm_ttft_ms": 1e3 * warm, "speedup": cold / warm,
-                         "cold_cached_tokens": cold_cached, "warm_cached_tokens": warm_cached,
+    warm, warm_cached = ttft(prompt(shared))
+    results["prefix"] = {"prefix_tokens": n, "suffix_tokens": s["prefix_suffix"], "chunk": s["prefix_chunk"],
+                         "first_run_s": compile_s, "cold_ttft_ms": 1e3 * cold, "warm_ttft_ms": 1e3 * warm,
+                         "speedup": cold / warm, "cold_cached_tokens": cold_cached, "warm_cached_tokens": warm_cached,
                          "warm_prefilled_tokens": engine.stats()["prefilled_tokens"] - before,
                          "prefix_cache_bytes": engine.stats()["prefix_cache_bytes"]}
 
@@ -230,7 +249,9 @@ def _copy_bandwidth_gbs() -> float:
     return 2 * x.nbytes / min(times) / 1e9
 
 
-def part_decode(s, cfg, split, results):
+def _decode_setup(s, cfg, split):
+    """The engine's device programs at --decode_batch rows of --decode_context tokens (pools filled with a constant,
+    each row in its own pages) and the arguments of one decode step."""
     import jax
     import jax.numpy as jnp
 
@@ -243,11 +264,26 @@ def part_decode(s, cfg, split, results):
     device = DevicePrograms(*split, cfg, config)
     device.pools = jax.tree_util.tree_map(lambda a: jnp.full_like(a, 0.01), device.pools)
     per_seq = config.pages_per_sequence
-    pages = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
+    pages = [np.arange(1 + i * per_seq, 1 + (i + 1) * per_seq, dtype=np.int32) for i in range(batch)]
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, batch).tolist()  # distinct tokens: the rows spread over the experts
     rows = row_settings([], batch, config.max_stop_tokens)
-    args = (tokens, list(range(1, batch + 1)), pages, [context] * batch, rows)
+    return device, (tokens, list(range(1, batch + 1)), pages, [context] * batch, rows)
+
+
+def _floor_bytes(cfg, split, device, batch: int, context: int) -> tuple[int, int, int]:
+    """What a decode step must move at least: (the weights without the embedding table, the KV cache of every
+    softmax layer (bf16), the lightning states read and written)."""
+    import jax
+    embedding = cfg.vocab_size * cfg.hidden_size
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(split[1])) - embedding * 2
+    kv_bytes = sum(2 * cfg.num_key_value_heads * cfg.head_dim * 2 for t in cfg.layer_types if t == "softmax")
+    return weight_bytes, kv_bytes * batch * context, 2 * batch * device.snapshot_bytes
+
+
+def part_decode(s, cfg, split, results):
+    batch, context = s["decode_batch"], s["decode_context"]
+    device, args = _decode_setup(s, cfg, split)
     t0 = time.perf_counter()
     device.decode(*args)
     compile_s = time.perf_counter() - t0
@@ -257,11 +293,7 @@ def part_decode(s, cfg, split, results):
         device.decode(*args)
         times.append(time.perf_counter() - t0)
     step = float(np.median(times))
-    embedding = cfg.vocab_size * cfg.hidden_size
-    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(split[1])) - embedding * 2
-    kv_bytes = sum(2 * cfg.num_key_value_heads * cfg.head_dim * 2 for t in cfg.layer_types if t == "softmax")
-    kv_bytes *= batch * context
-    state_bytes = 2 * batch * device.snapshot_bytes
+    weight_bytes, kv_bytes, state_bytes = _floor_bytes(cfg, split, device, batch, context)
     floor = weight_bytes + kv_bytes + state_bytes
     bandwidth = _copy_bandwidth_gbs()
     results["decode"] = {"batch": batch, "context": context, "step_ms": 1e3 * step, "first_call_s": compile_s,
@@ -275,9 +307,11 @@ def part_decode(s, cfg, split, results):
                                                                   s["decode_reps"])
 
 
-def _paged_attention_split(cfg, batch: int, context: int, page_size: int, bandwidth_gbs: float, reps: int) -> dict:
+def _paged_attention_split(cfg, batch: int, context: int, page_size: int, bandwidth_gbs: float, reps: int,
+                           width: int | None = None, implementations=None) -> dict:
     """One softmax layer's paged decode attention alone at the decode step's shape, per implementation that takes it
-    (ms per layer, and the step's share: times the softmax layer count), against reading that layer's KV once."""
+    (ms per layer, and the step's share: times the softmax layer count), against reading that layer's KV once.
+    ``width``: the page table's width (default: the row's pages; entries past them point at page 0)."""
     import jax
     import jax.numpy as jnp
 
@@ -288,13 +322,14 @@ def _paged_attention_split(cfg, batch: int, context: int, page_size: int, bandwi
     v_pages = k_pages + 0.01
     q = jax.random.normal(jax.random.key(0), (batch, cfg.num_attention_heads, cfg.head_dim), jnp.bfloat16)
     table = 1 + jnp.arange(batch * per_seq, dtype=jnp.int32).reshape(batch, per_seq)
+    table = jnp.pad(table, ((0, 0), (0, (width or per_seq) - per_seq)))
     lengths = jnp.full((batch,), context, jnp.int32)
     softmax_layers = sum(t == "softmax" for t in cfg.layer_types)
     platform_name = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())  # the kernels' platform names
     layer_kv_bytes = 2 * batch * context * cfg.num_key_value_heads * cfg.head_dim * 2
-    out = {"softmax_layers": softmax_layers, "layer_kv_bytes": layer_kv_bytes,
+    out = {"softmax_layers": softmax_layers, "layer_kv_bytes": layer_kv_bytes, "table_width": table.shape[1],
            "layer_floor_ms": 1e3 * layer_kv_bytes / (bandwidth_gbs * 1e9)}
-    for name in IMPLEMENTATIONS:
+    for name in implementations or IMPLEMENTATIONS:
         if BACKENDS[name].unsupported(q, k_pages, table) is not None or (
                 name != "xla" and platform_name not in BACKENDS[name].native_platforms()):
             continue
@@ -307,10 +342,178 @@ def _paged_attention_split(cfg, batch: int, context: int, page_size: int, bandwi
                 fn(q, k_pages, v_pages, lengths, table).block_until_ready()
                 times.append(time.perf_counter() - t0)
             ms = 1e3 * float(np.median(times))
-            out[name] = {"layer_ms": ms, "step_ms": ms * softmax_layers, "ratio_to_layer_floor": ms / out["layer_floor_ms"]}
+            out[name] = {"layer_ms": ms, "step_ms": ms * softmax_layers,
+                         "ratio_to_layer_floor": ms / out["layer_floor_ms"]}
         except Exception as e:  # noqa: BLE001  (a backend that fails is recorded, the others still run)
             out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return out
+
+
+# ------------------------------------------------------------------------------------------------ profile
+def _device_trace(run, steps: int) -> dict:
+    """``run()`` ``steps`` times under ``jax.profiler``; the trace's device kernels summed per name (ms per run),
+    by category, the device busy time per run, and the host<->device copies per run."""
+    import gzip
+    import glob
+    import tempfile
+
+    import jax
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir):
+            for _ in range(steps):
+                run()
+        paths = glob.glob(f"{log_dir}/plugins/profile/*/*.trace.json.gz")
+        if not paths:
+            return {"error": "the profiler wrote no trace"}
+        with gzip.open(paths[0]) as fh:
+            events = json.load(fh)["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device = {pid for pid, name in processes.items() if "/device:" in name}
+    # GPU kernels sit on the device's stream lines; lines derived from them (XLA Ops, XLA Modules, Steps) would count
+    # them twice.
+    streams = {key for key, name in threads.items() if key[0] in device and "stream" in name.lower()}
+    per_kernel, copies = {}, {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device or (streams and (e["pid"], e.get("tid")) not in streams):
+            continue
+        name = e.get("name", "?")
+        if "memcpy" in name.lower() or "memset" in name.lower():
+            copies[name] = copies.get(name, 0) + 1
+            continue
+        total, count = per_kernel.get(name, (0.0, 0))
+        per_kernel[name] = (total + e.get("dur", 0) / 1e3, count + 1)
+    categories = {}
+    for name, (ms, count) in per_kernel.items():
+        cat = _kernel_category(name)
+        c_ms, c_count = categories.get(cat, (0.0, 0))
+        categories[cat] = (c_ms + ms, c_count + count)
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
+    return {"devices": sorted(processes[p] for p in device), "steps": steps,
+            "device_busy_ms": sum(ms for ms, _ in per_kernel.values()) / steps,
+            "kernels_per_step": sum(n for _, n in per_kernel.values()) / steps,
+            "top": [{"kernel": k[:90], "ms": ms / steps, "calls": n / steps} for k, (ms, n) in top[:FLAGS.profile_top]],
+            "categories": {c: {"ms": ms / steps, "calls": n / steps} for c, (ms, n) in
+                           sorted(categories.items(), key=lambda kv: -kv[1][0])},
+            "copies_per_step": {k: n / steps for k, n in copies.items()}}
+
+
+# Kernel name fragments -> what they are (XLA names fusions by their root op; Pallas kernels by their function).
+_CATEGORIES = (("paged_attention", "paged attention"), ("gmm", "MoE grouped matmul"), ("flash", "prefill attention"),
+               ("cudnn", "prefill attention"), ("gemm", "dense matmul"), ("cublas", "dense matmul"),
+               ("cutlass", "dense matmul"), ("xmma", "dense matmul"), ("nvjet", "dense matmul"), ("scatter", "scatter"),
+               ("dynamic_update_slice", "dynamic-update-slice"), ("dynamic-update-slice", "dynamic-update-slice"),
+               ("dynamic_slice", "dynamic-slice"), ("dynamic-slice", "dynamic-slice"), ("copy", "copy"),
+               ("transpose", "copy"), ("sort", "sort"), ("reduce", "reduction"), ("gather", "gather"),
+               ("triton", "other triton"))
+
+
+def _kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((cat for fragment, cat in _CATEGORIES if fragment in low), "other fusion")
+
+
+def _profile_decode(s, cfg, split) -> dict:
+    import jax
+
+    from m1jax.serve import programs
+    device, args = _decode_setup(s, cfg, split)
+    tokens, slots, pages, lengths, rows = args
+    device.decode(*args)  # compiles
+    wall = []
+    for _ in range(s["decode_reps"]):
+        t0 = time.perf_counter()
+        device.decode(*args)
+        wall.append(time.perf_counter() - t0)
+    width = device.table_width(max(lengths) + 1, decode=True)
+    inputs = jax.device_put((np.asarray(tokens, np.int32), np.asarray(slots, np.int32),
+                             device._table(pages, len(tokens), width), np.asarray(lengths, np.int32), rows))
+
+    def program_only():
+        sampled, device.pools = programs._decode_jit(device.static, device.params, device.pools, *inputs,
+                                                     device.repeats)
+        jax.block_until_ready(sampled)
+
+    program_only()
+    on_device = []
+    for _ in range(s["decode_reps"]):
+        t0 = time.perf_counter()
+        program_only()
+        on_device.append(time.perf_counter() - t0)
+    out = {"batch": len(tokens), "context": lengths[0], "table_width": width,
+           "step_wall_ms": 1e3 * float(np.median(wall)), "program_ms": 1e3 * float(np.median(on_device))}
+    out["host_ms"] = out["step_wall_ms"] - out["program_ms"]
+    out["floor_bytes"] = sum(_floor_bytes(cfg, split, device, len(tokens), lengths[0]))
+    try:
+        out["trace"] = _device_trace(lambda: device.decode(*args), s["profile_steps"])
+    except Exception as e:  # noqa: BLE001  (no profiler on this host: the timings above still stand)
+        out["trace"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    del device, inputs
+    bandwidth = _copy_bandwidth_gbs()
+    out["copy_bandwidth_gbs"] = bandwidth
+    out["floor_ms"] = 1e3 * out["floor_bytes"] / (bandwidth * 1e9)
+    old_width = -(-(lengths[0] + s["page_size"]) // s["page_size"])  # before decode_table_width
+    out["paged_attention"] = {
+        f"width_{w}": _paged_attention_split(cfg, len(tokens), lengths[0], s["page_size"], bandwidth,
+                                             s["decode_reps"], width=w)
+        for w in sorted({width, old_width})}
+    return out
+
+
+class _Timed:
+    """Wraps callables to record how long each call took (device results waited for) under a label."""
+
+    def __init__(self):
+        self.ms: dict[str, list[float]] = {}
+
+    def wrap(self, label: str, fn, wait=None):
+        """``fn`` timed; ``wait(result)``: the device arrays to wait for before the clock stops (None: none)."""
+        import jax
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            result = fn(*args, **kwargs)
+            if wait is not None:
+                jax.block_until_ready(wait(result))
+            self.ms.setdefault(label, []).append(1e3 * (time.perf_counter() - t0))
+            return result
+        return timed
+
+
+def _profile_prefix(s, cfg, split) -> dict:
+    engine, ttft, prompt, rng = _prefix_engine(s, cfg, split)
+    shared = rng.integers(0, cfg.vocab_size, s["prefix_tokens"]).tolist()
+    cold, _ = ttft(prompt(shared))
+    timer = _Timed()
+    device, cache = engine.device, engine.prefix_cache
+    cache.lookup = timer.wrap("prefix lookup", cache.lookup)
+    device.restore = timer.wrap("snapshot restore", device.restore, wait=lambda _: device.pools)
+    device.copy_page = timer.wrap("copy-on-write page", device.copy_page, wait=lambda _: device.pools)
+    device.prefill = timer.wrap("prefill program", device.prefill, wait=lambda logits: logits)
+    device.sample = timer.wrap("first-token sampling", device.sample)  # returns host arrays: it waits itself
+    warm = []
+    for _ in range(s["profile_steps"]):
+        for values in timer.ms.values():
+            values.clear()
+        t, cached = ttft(prompt(shared))
+        warm.append((t, cached, {k: v[0] for k, v in timer.ms.items() if v}))
+    t, cached, parts = sorted(warm, key=lambda w: w[0])[len(warm) // 2]  # the median request
+    out = {"prefix_tokens": s["prefix_tokens"], "suffix_tokens": s["prefix_suffix"], "cold_ttft_ms": 1e3 * cold,
+           "warm_ttft_ms": 1e3 * t, "warm_cached_tokens": cached, "parts_ms": parts,
+           "other_host_ms": 1e3 * t - sum(parts.values())}
+    # The device kernels of one warm request (submission to its last token: prefill, sampling, its decode steps).
+    try:
+        out["trace"] = _device_trace(lambda: ttft(prompt(shared)), s["profile_steps"])
+    except Exception as e:  # noqa: BLE001
+        out["trace"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
+def part_profile(s, cfg, split, results):
+    results["profile"] = {"decode": _profile_decode(s, cfg, split)}
+    _save(results)
+    results["profile"]["warm_prefix"] = _profile_prefix(s, cfg, split)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -351,13 +554,56 @@ def _table(results) -> str:
                              f"({r['ratio_to_layer_floor']:.2f}x its KV read)")
             elif isinstance(r, dict) and "error" in r:
                 lines.append(f"    paged attention {name}: {r['error']}")
+    lines += _profile_table(results.get("profile"))
     for part in results["settings"]["parts"]:
         if isinstance(results.get(part), dict) and "error" in results[part]:
             lines.append(f"  {part}: {results[part]['error']}")
     return "\n".join(lines)
 
 
-PARTS = {"workload": part_workload, "prefix": part_prefix, "decode": part_decode}
+def _trace_lines(trace, indent: str = "    ") -> list[str]:
+    if not isinstance(trace, dict) or "error" in trace:
+        return [f"{indent}trace: {trace.get('error') if isinstance(trace, dict) else trace}"]
+    if not trace["devices"]:
+        return [f"{indent}trace: no device kernels recorded (a CPU run, or no CUPTI on this host)"]
+    lines = [f"{indent}device busy {trace['device_busy_ms']:.2f} ms in {trace['kernels_per_step']:.0f} kernels; "
+             f"copies {trace['copies_per_step'] or 'none'}"]
+    lines += [f"{indent}  {c:22s} {v['ms']:7.2f} ms  {v['calls']:5.0f} kernels" for c, v in trace["categories"].items()]
+    lines.append(f"{indent}top kernels (ms per run, calls):")
+    lines += [f"{indent}  {t['ms']:7.3f} {t['calls']:4.0f}  {t['kernel']}" for t in trace["top"]]
+    return lines
+
+
+def _profile_table(p) -> list[str]:
+    if not isinstance(p, dict):
+        return []
+    lines = []
+    d = p.get("decode")
+    if isinstance(d, dict) and "step_wall_ms" in d:
+        lines.append(f"  profile: decode step {d['batch']} x {d['context']} (table {d['table_width']} pages): wall "
+                     f"{d['step_wall_ms']:.2f} ms = program {d['program_ms']:.2f} ms + host {d['host_ms']:.2f} ms; "
+                     f"floor {d.get('floor_ms', float('nan')):.2f} ms")
+        trace = d.get("trace")
+        if isinstance(trace, dict) and trace.get("devices"):
+            lines.append(f"    program minus device busy (launch gaps, syncs): "
+                         f"{d['program_ms'] - trace['device_busy_ms']:.2f} ms")
+        lines += _trace_lines(trace)
+        for key, r in d.get("paged_attention", {}).items():
+            for name, v in r.items():
+                if isinstance(v, dict) and "layer_ms" in v:
+                    lines.append(f"    paged attention {name} at {key}: {v['layer_ms']:.2f} ms per layer "
+                                 f"({v['ratio_to_layer_floor']:.2f}x its KV read)")
+    w = p.get("warm_prefix")
+    if isinstance(w, dict) and "warm_ttft_ms" in w:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in w["parts_ms"].items())
+        lines.append(f"  profile: warm request ({w['prefix_tokens']} cached + {w['suffix_tokens']} new): TTFT "
+                     f"{w['warm_ttft_ms']:.2f} ms (cold {w['cold_ttft_ms']:.1f}) = {parts}, other host "
+                     f"{w['other_host_ms']:.2f} ms")
+        lines += _trace_lines(w.get("trace"))
+    return lines
+
+
+PARTS = {"workload": part_workload, "prefix": part_prefix, "decode": part_decode, "profile": part_profile}
 
 
 def main(argv):

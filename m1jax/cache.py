@@ -88,9 +88,16 @@ class LightningSlots:
     lengths: jax.Array
     num_new: jax.Array
 
-    def read(self) -> jax.Array:
-        """The rows' states before this call's tokens: [B, H, Dk, Dv] float32."""
+    def read(self, materialize: bool = False) -> jax.Array:
+        """The rows' states before this call's tokens: [B, H, Dk, Dv] float32.
+
+        ``materialize`` (prefill chunks): gather the states into their own buffer first. Otherwise XLA fuses the read
+        into the chunk's consumers, which then still read the pool when ``write`` updates it in place, and it copies
+        the whole pool (twice per layer) instead. A decode step reads them once and has no such copy: fusing is
+        cheaper there."""
         state = self.pool[self.repeat, self.slots]
+        if materialize:
+            state = jax.lax.optimization_barrier(state)
         return jnp.where((self.lengths == 0)[:, None, None, None], 0.0, state)
 
     def write(self, states: jax.Array) -> "LightningSlots":

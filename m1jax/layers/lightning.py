@@ -70,7 +70,7 @@ class LightningAttention(nnx.Module):
         """
         slots = state if isinstance(state, LightningSlots) else None
         if slots is not None:
-            state = slots.read()
+            state = slots.read(materialize=h.shape[1] > 1)
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
         b, t, _ = h.shape

@@ -9,13 +9,16 @@ state compiles nothing):
 * ``sample``: the first token of a request from its last prefill logits (the same sampling code).
 * ``snapshot`` / ``restore``: a slot's lightning states out to the prefix cache and back into a slot.
 * ``copy_page``: copy-on-write of a partly filled shared page, in every softmax layer.
-The page-table width of a call is a context bucket (a power of two of pages), so short sequences do not gather pages
-for the longest context. The pools are donated to every program that writes them: XLA updates them in place.
+The page-table width of a call is a context bucket (a power of two of pages; a decode call's widest one a multiple the
+paged decode kernels can split: ``decode_table_width``), so short sequences do not gather pages for the longest
+context. The pools are donated to every program that writes them: XLA updates them in place
+(``tests/serve/test_programs.py`` checks the aliasing).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,7 @@ from m1jax.cache import PagedCache
 from m1jax.config import ModelConfig
 from m1jax.generate import Sampling, StopRules, sample_tokens, update_stop_state
 from m1jax.serve.config import EngineConfig
+from pallas_kernels.attention.paged import pallas_triton as paged_triton
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
@@ -33,6 +37,40 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 def power_of_two_bucket(n: int, low: int, high: int) -> int:
     """The smallest power of two >= n, clipped to [low, high] (n <= high)."""
     return min(high, max(low, 1 << max(n - 1, 0).bit_length()))
+
+
+def decode_table_width(pages: int, page_size: int) -> int:
+    """The page-table width a decode call uses for up to ``pages`` pages: the next power of two, or the next multiple
+    of (most context splits x most pages per compute block of the Triton paged kernel) when that is smaller.
+
+    The kernel cuts a row's table into context splits and compute blocks that must divide it. A width like 1025
+    pages (128K tokens + one page) has no divisor up to 16 but 1 and 5: the kernel ran one split of one-page blocks
+    (128 programs at 64 rows x 2 KV heads, fewer than an H200's SMs). Entries past a row's pages point at scratch
+    page 0; the kernels read only the filled pages, so the extra width costs nothing there (prefill, which gathers
+    the whole table, keeps the exact width).
+    """
+    per_block = max(1, min(paged_triton.MAX_PAGES_PER_BLOCK, paged_triton.MAX_BLOCK_TOKENS // page_size))
+    multiple = paged_triton.MAX_SPLITS * per_block
+    return min(1 << max(pages - 1, 0).bit_length(), -(-pages // multiple) * multiple)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StaticModel:
+    """The model's graphdef as a jit static argument, hashed once: jit hashes its static arguments on every call,
+    and hashing an nnx graphdef walks the whole module graph (about 0.4 ms per call for m1-1b). Equal graphdefs
+    still share compiled programs (``__eq__`` compares them)."""
+    graphdef: Any
+    _hash: int = dataclasses.field(default=0, repr=False)
+
+    @classmethod
+    def of(cls, graphdef) -> "StaticModel":
+        return cls(graphdef, hash(graphdef))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StaticModel) and (self.graphdef is other.graphdef or self.graphdef == other.graphdef)
 
 
 @jax.tree_util.register_dataclass
@@ -73,18 +111,18 @@ def sample_rows(logits: jax.Array, rows: RowSettings) -> Sampled:
     return Sampled(tokens, model_logp, done, run, reason)
 
 
-def _prefill(graphdef, params, pools, tokens, slots, page_table, lengths, num_new, repeats):
+def _prefill(static, params, pools, tokens, slots, page_table, lengths, num_new, repeats):
     TRACE_COUNTS["prefill"] += 1
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(static.graphdef, params)
     cache = PagedCache(pools, slots, page_table, lengths, num_new, repeats)
     out = model.backbone(tokens, cache=cache)
     last = jnp.take_along_axis(out.hidden, (num_new - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     return model.logits(last), out.cache.layers
 
 
-def _decode(graphdef, params, pools, tokens, slots, page_table, lengths, rows, repeats):
+def _decode(static, params, pools, tokens, slots, page_table, lengths, rows, repeats):
     TRACE_COUNTS["decode"] += 1
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(static.graphdef, params)
     cache = PagedCache(pools, slots, page_table, lengths, jnp.ones_like(lengths), repeats)
     out = model.backbone(tokens[:, None], cache=cache)
     return sample_rows(model.logits(out.hidden[:, 0]), rows), out.cache.layers
@@ -131,6 +169,7 @@ class DevicePrograms:
 
     def __init__(self, graphdef, params, model_cfg: ModelConfig, config: EngineConfig):
         self.graphdef, self.params = graphdef, params
+        self.static = StaticModel.of(graphdef)
         self.model_cfg, self.config = model_cfg, config
         self.repeats = model_cfg.num_hidden_layers // model_cfg.layer_period
         self.kv_dtype = config.kv_dtype or model_cfg.compute_dtype
@@ -161,19 +200,24 @@ class DevicePrograms:
     def chunk_bucket(self, tokens: int) -> int:
         return power_of_two_bucket(tokens, min(self.config.min_chunk, self.config.chunk_size), self.config.chunk_size)
 
-    def table_width(self, tokens: int) -> int:
-        """Page-table width for sequences of up to ``tokens`` tokens: a power of two of pages (context bucket)."""
+    def table_width(self, tokens: int, decode: bool = False) -> int:
+        """Page-table width for sequences of up to ``tokens`` tokens (context bucket): a power of two of pages, at
+        least ``min_context_bucket`` tokens, at most ``pages_per_sequence``; for a decode call, each made a width
+        the paged kernel splits well (``decode_table_width``)."""
         c = self.config
         pages = -(-tokens // c.page_size)
         low = min(-(-c.min_context_bucket // c.page_size), c.pages_per_sequence)
-        return power_of_two_bucket(pages, low, c.pages_per_sequence)
+        width = power_of_two_bucket(pages, low, c.pages_per_sequence)
+        return decode_table_width(width, c.page_size) if decode else width
 
     def buckets(self) -> dict[str, list[int]]:
         """Every row bucket, chunk bucket and page-table width a call can have."""
         c = self.config
         return {"rows": sorted({self.row_bucket(n) for n in range(1, c.max_batch + 1)}),
                 "chunks": sorted({self.chunk_bucket(n) for n in range(1, c.chunk_size + 1)}),
-                "widths": sorted({self.table_width(n) for n in range(1, c.max_context + 1, c.page_size)})}
+                "widths": sorted({self.table_width(n) for n in range(1, c.max_context + 1, c.page_size)}),
+                "decode_widths": sorted({self.table_width(n, decode=True)
+                                         for n in range(1, c.max_context + 1, c.page_size)})}
 
     def warmup(self) -> None:
         """Compile every program for every bucket (on scratch slot 0 and page 0, which no sequence uses), so that
@@ -183,13 +227,14 @@ class DevicePrograms:
         for width in b["widths"]:
             for length in b["chunks"]:
                 zeros = np.zeros((1, length), np.int32)
-                logits, self.pools = _prefill_jit(self.graphdef, self.params, self.pools, zeros,
+                logits, self.pools = _prefill_jit(self.static, self.params, self.pools, zeros,
                                                   np.zeros(1, np.int32), np.zeros((1, width), np.int32),
                                                   np.zeros(1, np.int32), np.asarray([length], np.int32),
                                                   self.repeats)
+        for width in b["decode_widths"]:
             for rows in b["rows"]:
                 zeros = np.zeros(rows, np.int32)
-                _, self.pools = _decode_jit(self.graphdef, self.params, self.pools, zeros, zeros,
+                _, self.pools = _decode_jit(self.static, self.params, self.pools, zeros, zeros,
                                             np.zeros((rows, width), np.int32), zeros, row_settings([], rows, s),
                                             self.repeats)
         self.sample(logits, row_settings([], 1, s))
@@ -198,6 +243,8 @@ class DevicePrograms:
         jax.block_until_ready(self.pools)
 
     def _table(self, page_lists, rows: int, width: int) -> np.ndarray:
+        """[rows, width] int32 page table (rows past the lists and entries past a row's pages: scratch page 0);
+        page lists are int32 arrays or lists."""
         table = np.zeros((rows, width), np.int32)
         for i, pages in enumerate(page_lists):
             n = min(len(pages), width)
@@ -205,6 +252,9 @@ class DevicePrograms:
         return table
 
     # ---- programs
+    # Host inputs go over in one explicit ``jax.device_put`` per call and results come back in one ``jax.device_get``
+    # (the one wait of a step): a step makes no implicit transfer (tests/serve/test_programs.py runs the engine
+    # under ``jax.transfer_guard("disallow")``), so a stray sync in the serving loop shows up as an error.
     def prefill(self, tokens: np.ndarray, slot: int, pages, start: int) -> jax.Array:
         """Prompt tokens [n] at positions start .. start + n - 1 of the sequence in ``slot`` with page table
         ``pages`` -> next-token logits [1, V] (device)."""
@@ -212,34 +262,34 @@ class DevicePrograms:
         padded = np.zeros((1, self.chunk_bucket(n)), np.int32)
         padded[0, :n] = tokens
         table = self._table([pages], 1, self.table_width(start + n))
-        logits, self.pools = _prefill_jit(self.graphdef, self.params, self.pools, padded, np.asarray([slot], np.int32),
-                                          table, np.asarray([start], np.int32), np.asarray([n], np.int32),
-                                          self.repeats)
+        inputs = jax.device_put((padded, np.asarray([slot], np.int32), table, np.asarray([start], np.int32),
+                                 np.asarray([n], np.int32)))
+        logits, self.pools = _prefill_jit(self.static, self.params, self.pools, *inputs, self.repeats)
         return logits
 
     def decode(self, tokens, slots, page_lists, lengths, rows: RowSettings) -> Sampled:
         """Feed one token per row (the sequences' lengths before it) and sample the next; arrays are padded here to
-        the row bucket (``rows`` must already be padded: see ``pad_rows``)."""
+        the row bucket (``rows`` must already be padded: see ``row_settings``)."""
         r = self.row_bucket(len(tokens))
         pad = r - len(tokens)
-        table = self._table(page_lists, r, self.table_width(max(lengths) + 1))
-        sampled, self.pools = _decode_jit(
-            self.graphdef, self.params, self.pools, np.pad(np.asarray(tokens, np.int32), (0, pad)),
-            np.pad(np.asarray(slots, np.int32), (0, pad)), table, np.pad(np.asarray(lengths, np.int32), (0, pad)),
-            rows, self.repeats)
-        return jax.tree_util.tree_map(np.asarray, sampled)
+        table = self._table(page_lists, r, self.table_width(max(lengths) + 1, decode=True))
+        inputs = jax.device_put((np.pad(np.asarray(tokens, np.int32), (0, pad)),
+                                 np.pad(np.asarray(slots, np.int32), (0, pad)), table,
+                                 np.pad(np.asarray(lengths, np.int32), (0, pad)), rows))
+        sampled, self.pools = _decode_jit(self.static, self.params, self.pools, *inputs, self.repeats)
+        return jax.device_get(sampled)
 
     def sample(self, logits: jax.Array, rows: RowSettings) -> Sampled:
-        return jax.tree_util.tree_map(np.asarray, _sample_jit(logits, rows))
+        return jax.device_get(_sample_jit(logits, jax.device_put(rows)))
 
     def snapshot(self, slot: int) -> tuple:
-        return _snapshot_jit(self.pools, np.int32(slot))
+        return _snapshot_jit(self.pools, jax.device_put(np.int32(slot)))
 
     def restore(self, slot: int, snapshot: tuple) -> None:
-        self.pools = _restore_jit(self.pools, np.int32(slot), snapshot)
+        self.pools = _restore_jit(self.pools, jax.device_put(np.int32(slot)), snapshot)
 
     def copy_page(self, src: int, dst: int) -> None:
-        self.pools = _copy_page_jit(self.pools, np.int32(src), np.int32(dst), self.repeats)
+        self.pools = _copy_page_jit(self.pools, *jax.device_put((np.int32(src), np.int32(dst))), self.repeats)
 
 
 def row_settings(requests, rows: int, max_stop_tokens: int) -> RowSettings:

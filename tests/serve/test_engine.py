@@ -166,7 +166,8 @@ def test_no_recompilation_once_every_bucket_is_compiled(split):
     """Several buckets of each kind (rows 1/2/4, chunks 4/8, contexts of 8/16 pages); after ``warmup`` a workload
     of mixed lengths, arrivals and sampling settings traces nothing."""
     engine = make_engine(split, min_decode_rows=1, min_chunk=4, min_context_bucket=32)
-    assert engine.device.buckets() == {"rows": [1, 2, 4], "chunks": [4, 8], "widths": [8, 16]}
+    assert engine.device.buckets() == {"rows": [1, 2, 4], "chunks": [4, 8], "widths": [8, 16],
+                                       "decode_widths": [8, 16]}
     engine.warmup()
     before = dict(programs.TRACE_COUNTS)
     rng = np.random.default_rng(5)

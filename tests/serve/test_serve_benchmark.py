@@ -25,3 +25,24 @@ def test_serving_benchmark_smoke(tmp_path):
     # 4 rows x 256 tokens x one softmax layer's K and V (2 heads x 16 dims, bf16)
     assert results["decode"]["step_ms"] > 0 and results["decode"]["kv_bytes"] == 4 * 256 * (2 * 2 * 16 * 2)
     assert "throughput continuous/static" in proc.stdout and "decode step 4 x 256" in proc.stdout
+
+
+def test_serving_profile_smoke(tmp_path):
+    """--parts=profile at tiny scale on CPU: the decode step's wall time splits into the program and host work, the
+    paged kernel runs at the old (33 pages) and the decode (64 pages) table width, and the warm request's parts add
+    up to its TTFT with the whole prefix served from the cache."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--smoke", "--parts=profile", f"--out={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = json.loads(out.read_text())["profile"]
+    decode = profile["decode"]
+    assert decode["program_ms"] > 0 and decode["table_width"] == 64
+    assert abs(decode["step_wall_ms"] - decode["program_ms"] - decode["host_ms"]) < 1e-9
+    assert sorted(decode["paged_attention"]) == ["width_33", "width_64"]
+    warm = profile["warm_prefix"]
+    assert warm["warm_cached_tokens"] == 64
+    assert {"prefix lookup", "snapshot restore", "prefill program", "first-token sampling"} <= set(warm["parts_ms"])
+    assert abs(sum(warm["parts_ms"].values()) + warm["other_host_ms"] - warm["warm_ttft_ms"]) < 1e-6
+    assert "profile: decode step 4 x 256" in proc.stdout and "profile: warm request" in proc.stdout
