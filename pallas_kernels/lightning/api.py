@@ -145,6 +145,10 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Arr
                   for p in platform.PLATFORMS}
         o, state = platform.select({p: _implementation(name, block_size) for p, name in chosen.items()}, *args,
                                    fallback=_implementation(chosen["cpu"], block_size))
+    elif implementation == "pallas_mosaic_gpu" and _traced_gpu_kind() is not None:
+        # Tracing for a GPU: the compiled kernel alone. Its interpret mode runs through ordered callbacks, and a
+        # platform_dependent branch holding them cannot be lowered for the GPU (mismatched effect tokens).
+        o, state = _implementation(implementation, block_size)(*args, interpret=False)
     elif implementation in _PALLAS_BACKENDS:
         o, state = platform.kernel(_implementation(implementation, block_size), _NATIVE_PLATFORMS[implementation],
                                    *args)

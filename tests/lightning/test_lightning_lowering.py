@@ -126,6 +126,21 @@ def test_switching_hopper_to_mosaic_lowers_the_mosaic_kernel_for_an_h200(monkeyp
     assert MOSAIC_GPU_CALL_TARGET not in packed and packed.count(TRITON_CALL_TARGET) >= 1
 
 
+def test_explicit_mosaic_implementation_lowers_for_an_h200_with_its_gradients():
+    """implementation="pallas_mosaic_gpu" (a model's ``lightning_implementation``) exported for cuda, forward and
+    backward: the kernel, not its interpret mode (whose ordered callbacks a platform branch cannot carry)."""
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
+
+    def loss(q, k, v, s, init):
+        o = lightning_attention(q, k, v, s, initial_state=init, implementation="pallas_mosaic_gpu")
+        return jnp.sum(o.astype(jnp.float32))
+
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        text = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+                             platforms=("cuda",))(*_args()[:5]).mlir_module()
+    assert text.count(MOSAIC_GPU_CALL_TARGET) >= 3  # the forward's walk and the backward's
+
+
 def test_tpu_lowering_exports_for_tpu():
     exported = export.export(_fwd_and_grad("tpu", KernelConfig(chunk=128, groups=2)), platforms=("tpu",))(*_args())
     assert exported.mlir_module().count(TPU_CALL_TARGET) == EXPECTED_CALLS
