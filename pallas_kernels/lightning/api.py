@@ -1,9 +1,9 @@
 """Public entry point for lightning attention: ``lightning_attention`` (prefill/training) and ``lightning_decode``.
 
 ``implementation=None`` decides per platform the program is lowered for (``pallas_kernels.platform``): tpu: the
-Mosaic kernel (pallas_tpu); cuda/rocm: the kernel ``GPU_DEFAULT`` names for the GPU generation traced for (Triton on
-every generation today) when it handles the call (see ``default_implementation``); otherwise (cpu, other dims) the XLA
-chunked scan. An explicit Pallas backend runs compiled on its platform and in Pallas interpret mode when lowered for
+Mosaic kernel (pallas_tpu); cuda/rocm: the kernel ``GPU_DEFAULT`` names for the GPU generation traced for (the Mosaic
+GPU kernel on Hopper, Triton elsewhere) when it handles the call (see ``default_implementation``); otherwise (cpu,
+other dims) the XLA chunked scan. An explicit Pallas backend runs compiled on its platform and in Pallas interpret mode when lowered for
 cpu. ``pallas_mosaic_gpu`` (TMA + wgmma) needs a Hopper GPU (when traced for a GPU), bf16/fp16 inputs, Dk and Dv
 multiples of 64 and no segment ids; asked for explicitly with anything else it raises a ValueError.
 """
@@ -23,8 +23,10 @@ _PALLAS_BACKENDS = {"pallas_triton": "triton", "pallas_mosaic_gpu": "mosaic_gpu"
 _NATIVE_PLATFORMS = {"pallas_triton": platform.GPU, "pallas_mosaic_gpu": ("cuda",), "pallas_tpu": ("tpu",)}
 # implementation=None on cuda, by GPU generation (``gpu_generation``); generations not listed get "pallas_triton".
 # Switch a generation here only after benchmarks/lightning.py has shown the kernel faster on it (the Mosaic GPU
-# kernel is written for Hopper; calls it cannot handle still go to Triton, see ``default_implementation``).
-GPU_DEFAULT = {"hopper": "pallas_triton"}
+# kernel is written for Hopper; calls it cannot handle still go to Triton, see ``default_implementation``). Hopper:
+# on an H200 the Mosaic kernel's forward took 0.65 / 2.78 / 4.34 ms at B1 H64 32K / 128K / B1 H8 1M against Triton's
+# 1.05 / 4.31 / 6.04, and forward + backward 2.20 ms at 32K against 3.37 (benchmarks/RESULTS.md).
+GPU_DEFAULT = {"hopper": "pallas_mosaic_gpu"}
 # jax.Device.device_kind substrings -> generation.
 _GPU_GENERATIONS = {"H100": "hopper", "H200": "hopper", "H800": "hopper", "H20": "hopper", "GH200": "hopper"}
 
