@@ -14,10 +14,10 @@ peak. A variant at a second depth (``num_hidden_layers=8``) gives the per-layer-
 
 A fourth bench key, ``breakdown=1`` (or ``--breakdown`` for the first variant), first times the variant's parts at
 its shapes and settings, each against its floor (FLOPs at the bf16 peak, bytes at the HBM peak): a decoder layer of
-each kind and the LM head + chunked CE (forward + backward), the AdamW + clip update (the optax chain for reference
-and the step's fused ``adamw_update``, 32 bytes per parameter) and the gradient-accumulation add (12 bytes per
-parameter), the last two in place on donated buffers; the glue (embedding, final norm, layer scan, loss plumbing)
-is the variant's measured step minus these parts. The breakdown tables come last but one, the variants' table last.
+each kind and the LM head + chunked CE (forward + backward), the AdamW + clip update (the step's optax chain, 32 bytes
+per parameter) and the gradient-accumulation add (12 bytes per parameter), the last two in place on donated buffers;
+the glue (embedding, final norm, layer scan, loss plumbing) is the variant's measured step minus these parts. The
+breakdown tables come last but one, the variants' table last.
 
 The hidden-4096 variant (8 layers = one period, 32 heads of 128, 8 experts of 4096; 4.1B parameters, 1.56B active
 with the head) is ``hidden_size=4096;num_hidden_layers=8;num_attention_heads=32;head_dim=128;num_local_experts=8;
@@ -173,8 +173,8 @@ def breakdown(b: int, overrides: list[str], accum: int) -> list[dict]:
     masters; a micro-batch of b / accum rows).
 
     Timed alone, x their count per step: the decoder layers of each kind and the LM head + chunked CE at the
-    variant's head precision (forward + backward), the AdamW + clip update (the optax
-    chain, and the step's ``adamw_update``, which counts) and the accumulation add, both on donated buffers as in
+    variant's head precision (forward + backward), the AdamW + clip update (the step's optax
+    chain) and the accumulation add, both on donated buffers as in
     the step. ``print_breakdown`` sets them against the variant's measured step: the rest is the glue outside the
     parts (embedding gather and its scatter-add gradient, final norm, the layer scan, loss plumbing).
     Floors: model FLOPs (6 x active matmul params per token + the attention cores, ``train_flops_per_token``'s
@@ -241,22 +241,16 @@ def breakdown(b: int, overrides: list[str], accum: int) -> list[dict]:
     _, state = tl.create_train_state(cfg, tc)
     grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 1e-3), state.params)
     n = cfg.param_counts()["total"]
-    # The update, in place: the optax chain (what the step ran before) and the step's fused adamw_update.
+    # The update, in place, as the step runs it (the optax chain).
     opt = tl.make_optimizer(tc)
 
-    def chain(carry, grads):
+    def update(carry, grads):
         params, opt_state = carry
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
-
-    def fused(carry, grads):
-        return tl.adamw_update(tc, grads, carry[1], carry[0], optax.tree.norm(grads))
-    carry = (state.params, state.opt_state)
+    ms, carry = _in_place_ms(update, (state.params, state.opt_state), grads)
     del state
-    ms, carry = _in_place_ms(chain, carry, grads)
-    add("AdamW+clip, optax chain (ref)", ms, None, floor_bytes=ADAMW_BYTES_PER_PARAM * n)
-    ms, carry = _in_place_ms(fused, carry, grads)
-    add("AdamW+clip, adamw_update", ms, 1, floor_bytes=ADAMW_BYTES_PER_PARAM * n)
+    add("AdamW+clip", ms, 1, floor_bytes=ADAMW_BYTES_PER_PARAM * n)
     del carry
     ms, acc = _in_place_ms(lambda acc, g: jax.tree_util.tree_map(jnp.add, acc, g),
                            jax.tree_util.tree_map(jnp.zeros_like, grads), grads)

@@ -91,7 +91,7 @@ class ContinuousEngine(EngineLoop):
         if self._active.pop(request.request_id, None) is not None:
             self.pages.decref(request.pages)
             self._free_slots.append(request.slot)
-            request.pages, request.page_table, request.slot, request.node = [], None, -1, None
+            request.pages, request.slot, request.node = [], -1, None
 
     # ------------------------------------------------------------------------------------------------ the step
     def _step(self, new: list[Request]) -> bool:
@@ -149,8 +149,8 @@ class ContinuousEngine(EngineLoop):
         if partial is not None:
             self.device.copy_page(partial, fresh[0])
             self.pages.decref([partial])
-        request.pages = shared + fresh
-        request.page_table = np.asarray(request.pages, np.int32)  # what every device call of the request is given
+        # An int32 array, fixed from here on: every device call of the request takes it as it is.
+        request.pages = np.asarray(shared + fresh, np.int32)
         request.slot = self._free_slots.pop()
         if cached:
             self.device.restore(request.slot, snapshot)
@@ -163,7 +163,7 @@ class ContinuousEngine(EngineLoop):
 
     def _prefill_chunk(self, request: Request, end: int) -> None:
         start = request.length
-        logits = self.device.prefill(request.prompt[start:end], request.slot, request.page_table, start)
+        logits = self.device.prefill(request.prompt[start:end], request.slot, request.pages, start)
         request.length = end
         self.counters["prefilled_tokens"] += end - start
         n = self.config.snapshot_interval
@@ -180,7 +180,7 @@ class ContinuousEngine(EngineLoop):
     def _decode(self, requests: list[Request]) -> None:
         rows = self.device.row_bucket(len(requests))
         sampled = self.device.decode([r.next_token for r in requests], [r.slot for r in requests],
-                                     [r.page_table for r in requests], [r.length for r in requests],
+                                     [r.pages for r in requests], [r.length for r in requests],
                                      row_settings(requests, rows, self.config.max_stop_tokens))
         for i, request in enumerate(requests):
             request.length += 1

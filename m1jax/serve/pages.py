@@ -47,4 +47,4 @@ class PagePool:
                 raise RuntimeError(f"page {p} released more often than held")
             self._refs[p] -= 1
             if self._refs[p] == 0:
-                self._free.append(p)
+                self._free.append(int(p))

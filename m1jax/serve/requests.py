@@ -50,8 +50,8 @@ class Request:
     last_token_time: float | None = None
     # sequence state (continuous engine)
     slot: int = -1                         # lightning state slot (0 = none; slot 0 is scratch)
-    pages: list = dataclasses.field(default_factory=list)  # page table: page i holds tokens i*ps .. (i+1)*ps - 1
-    page_table: np.ndarray | None = None   # the same pages as int32 [n] (fixed from admission on)
+    # page table, int32 [n] from admission on: page i holds tokens i*ps .. (i+1)*ps - 1
+    pages: np.ndarray | list = dataclasses.field(default_factory=list)
     length: int = 0                        # tokens in the cache
     node: object = None                    # prefix-cache node the next snapshot extends (None: do not cache)
     next_token: int | None = None          # sampled, not yet fed to the model

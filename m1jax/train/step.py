@@ -22,16 +22,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m1jax.data.batch import BATCH_KEYS
 from m1jax.train.config import TrainConfig
 from m1jax.train.loss import lm_loss
-from m1jax.train.optimizer import adamw_update, make_schedule
+from m1jax.train.optimizer import make_optimizer, make_schedule
 from m1jax.train.state import TrainState
 from sharding.rules import fsdp_params
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tc: TrainConfig,
                skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
-    """One optimizer update (``adamw_update``, once) over ``tc.grad_accum`` micro-batches (a scan whose carry sums
-    the gradients in fp32; no scan for one); with ``skip_nonfinite``, no update at all when the loss or the gradient
-    norm is not finite."""
+    """One optimizer update over ``tc.grad_accum`` micro-batches (a scan whose carry sums the gradients in fp32; no
+    scan for one); with ``skip_nonfinite``, no update at all when the loss or the gradient norm is not finite."""
     a = tc.grad_accum
     b = batch["inputs"].shape[0]
     if b % a:
@@ -51,10 +50,14 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tc: TrainConfig,
         micro = {k: v.reshape(a, b // a, *v.shape[1:]) for k, v in batch.items()}
         grads, (nll_sums, auxes) = jax.lax.scan(one, zeros, micro)
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
     loss, aux, grad_norm = jnp.sum(nll_sums) / n_tokens, jnp.mean(auxes), optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(aux) & jnp.isfinite(grad_norm)
-    params, opt_state = adamw_update(tc, grads, state.opt_state, state.params, grad_norm,
-                                     keep_if=finite if skip_nonfinite else None)
+    if skip_nonfinite:
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree_util.tree_map(keep, params, state.params)
+        opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
     metrics = {"loss": loss, "aux_loss": aux, "grad_norm": grad_norm, "learning_rate": make_schedule(tc)(state.step),
                "tokens": n_tokens, "finite": finite.astype(jnp.float32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics

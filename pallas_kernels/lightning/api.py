@@ -3,8 +3,8 @@
 ``implementation=None`` decides per platform the program is lowered for (``pallas_kernels.platform``): tpu: the
 Mosaic kernel (pallas_tpu); cuda/rocm: the kernel ``GPU_DEFAULT`` names for the GPU generation traced for (the Mosaic
 GPU kernel on Hopper, Triton elsewhere) when it handles the call (see ``default_implementation``); otherwise (cpu,
-other dims) the XLA chunked scan. An explicit Pallas backend runs compiled on its platform and in Pallas interpret mode when lowered for
-cpu. ``pallas_mosaic_gpu`` (TMA + wgmma) needs a Hopper GPU (when traced for a GPU), bf16/fp16 inputs, Dk and Dv
+other dims) the XLA chunked scan. An explicit Pallas backend runs compiled on its platform and in Pallas interpret
+mode when lowered for cpu. ``pallas_mosaic_gpu`` (TMA + wgmma) needs a Hopper GPU (when traced for a GPU), bf16/fp16 inputs, Dk and Dv
 multiples of 64 and no segment ids; asked for explicitly with anything else it raises a ValueError.
 """
 from __future__ import annotations
@@ -137,8 +137,9 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Arr
       o [B, T, H, Dv] in v's dtype, and the final state when ``return_final_state``.
     """
     _check_inputs(q, k, v, decay, initial_state, segment_ids)
-    if implementation == "pallas_mosaic_gpu" and _traced_gpu_kind() is not None and gpu_generation() != "hopper":
-        raise ValueError(f"pallas_mosaic_gpu needs a Hopper GPU (wgmma); tracing for {_traced_gpu_kind()!r}")
+    traced_gpu = _traced_gpu_kind()
+    if implementation == "pallas_mosaic_gpu" and traced_gpu is not None and gpu_generation() != "hopper":
+        raise ValueError(f"pallas_mosaic_gpu needs a Hopper GPU (wgmma); tracing for {traced_gpu!r}")
     args = (q, k, v, jnp.asarray(decay, jnp.float32), initial_state, segment_ids)
     if implementation is None:
         generation = gpu_generation()
@@ -147,7 +148,7 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Arr
                   for p in platform.PLATFORMS}
         o, state = platform.select({p: _implementation(name, block_size) for p, name in chosen.items()}, *args,
                                    fallback=_implementation(chosen["cpu"], block_size))
-    elif implementation == "pallas_mosaic_gpu" and _traced_gpu_kind() is not None:
+    elif implementation == "pallas_mosaic_gpu" and traced_gpu is not None:
         # Tracing for a GPU: the compiled kernel alone. Its interpret mode runs through ordered callbacks, and a
         # platform_dependent branch holding them cannot be lowered for the GPU (mismatched effect tokens).
         o, state = _implementation(implementation, block_size)(*args, interpret=False)

@@ -44,7 +44,12 @@ class RowLayout:
         return jnp.clip(self.n_valid - group * self.length, 0, self.length)
 
 
-def pick_groups(batch: int, heads: int, length: int, tiles: int, chunk: int, target_programs: int = 512,
+# Programs a sequence split aims for by default: a few per H100 SM (the Triton and TPU walks).
+DEFAULT_TARGET_PROGRAMS = 512
+
+
+def pick_groups(batch: int, heads: int, length: int, tiles: int, chunk: int,
+                target_programs: int = DEFAULT_TARGET_PROGRAMS,
                 min_chunks_per_group: int = 64) -> int:
     """Sequence groups so that batch * heads * tiles * groups reaches ``target_programs`` (a few per H100 SM).
 

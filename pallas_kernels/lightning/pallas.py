@@ -6,18 +6,16 @@ import functools
 
 
 from pallas_kernels.lightning import ops, pallas_mosaic_gpu, pallas_tpu, pallas_triton, reference
-from pallas_kernels.lightning.config import KernelConfig, pick_groups
+from pallas_kernels.lightning.config import DEFAULT_TARGET_PROGRAMS, KernelConfig, pick_groups
 
 BACKENDS = ("triton", "mosaic_gpu", "tpu")
 # Triton: the fastest of experiments/bench_lightning.py's sweep on an H100 (2026-11-26; benchmarks/RESULTS.md):
 # 32-wide Dv tiles give 4 programs per (row, head) whose q/k re-reads hit L2, and 3 pipeline stages hide the chunk
-# loads. Mosaic GPU (Hopper): 64-token chunks, 64-wide Dv tiles (2 programs per (row, head) at Dv = 128, one
-# warpgroup each), 2 TMA stages; untuned (benchmarks/lightning.py sweeps it). TPU: 128-token chunks (MXU tiles;
-# segment-id blocks need a multiple of 128), untuned.
-# Programs the sequence split aims for: a few per SM for the Triton (and TPU) walks.
-TRITON_TARGET_PROGRAMS = 512
+# loads. Mosaic GPU (Hopper): the fastest of benchmarks/lightning.py's sweep on an H200 at B1 H64 32K (2026-11-30;
+# benchmarks/RESULTS.md, "Mosaic GPU kernel, H200"): 64-token chunks, 64-wide Dv tiles (2 programs per (row, head)
+# at Dv = 128, one warpgroup each), 4 TMA stages. TPU: 128-token chunks (MXU tiles; segment-id blocks need a
+# multiple of 128), untuned.
 DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num_stages=3),
-                   # Measured best on an H200 at B1 H64 32K (benchmarks/RESULTS.md, "Mosaic GPU kernel, H200").
                    "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=4),
                    "tpu": KernelConfig(chunk=128, block_v=128)}
 
@@ -40,7 +38,7 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
             if dim & (dim - 1) or dim < 1:
                 raise ValueError(f"the Triton kernel needs power-of-two sizes; got {name}={dim}")
         scan = functools.partial(pallas_triton.chunk_scan, config=config, interpret=interpret)
-        tiles, target_programs = max(dv // config.block_v, 1), TRITON_TARGET_PROGRAMS
+        tiles, target_programs = max(dv // config.block_v, 1), DEFAULT_TARGET_PROGRAMS
     elif backend == "mosaic_gpu":
         pallas_mosaic_gpu.check_supported(q.dtype, dk, dv, config, segment_ids is not None)
         scan = functools.partial(pallas_mosaic_gpu.chunk_scan, config=config, interpret=interpret)
@@ -48,7 +46,7 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
         target_programs = pallas_mosaic_gpu.TARGET_PROGRAMS
     else:
         scan = functools.partial(pallas_tpu.chunk_scan, config=config, interpret=interpret)
-        tiles, target_programs = 1, TRITON_TARGET_PROGRAMS
+        tiles, target_programs = 1, DEFAULT_TARGET_PROGRAMS
     groups = config.groups or pick_groups(batch, heads, length, tiles, config.chunk, target_programs)
     doc = None if segment_ids is None else reference._document_index(segment_ids, batch, length)
     # One dtype into the kernels (tensor-core dots need equal operand types); o comes back in v's dtype.

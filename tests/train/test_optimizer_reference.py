@@ -13,7 +13,6 @@ import optax
 import pytest
 
 from m1jax.train import TrainConfig, make_optimizer, make_schedule
-from m1jax.train.optimizer import adamw_update
 
 B1, B2, EPS = 0.9, 0.95, 1e-15  # M1's AdamW (the published RL recipe); verl's 0.999 / 1e-8 did not converge there
 
@@ -71,16 +70,11 @@ def _problem(steps, seed=0):
     return params, grads
 
 
-def _run_optimizer(tc, params, grads, fused=False):
-    """Final params after one update per gradient: the optax chain, or ``adamw_update`` (the train step's fused
-    form) on the chain's state."""
+def _run_optimizer(tc, params, grads):
     tx = make_optimizer(tc)
     p = {k: jnp.asarray(v) for k, v in params.items()}
     state = tx.init(p)
-    if fused:
-        step = jax.jit(lambda p, s, g: adamw_update(tc, g, s, p, optax.tree.norm(g)))
-    else:
-        step = jax.jit(lambda p, s, g: _apply(tx, p, s, g))
+    step = jax.jit(lambda p, s, g: _apply(tx, p, s, g))
     for g in grads:
         p, state = step(p, state, {k: jnp.asarray(v) for k, v in g.items()})
     return {k: np.asarray(v, np.float64) for k, v in p.items()}
@@ -91,10 +85,9 @@ def _apply(tx, p, s, g):
     return optax.apply_updates(p, updates), s
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["optax", "fused"])
 @pytest.mark.parametrize("kind,warmup,clip", [("cosine", 2, 1.0), ("linear", 3, 1.0), ("constant", 0, 1.0),
                                               ("cosine", 0, None)])
-def test_adamw_steps_match_numpy(kind, warmup, clip, fused):
+def test_adamw_steps_match_numpy(kind, warmup, clip):
     steps, total = 9, 7  # runs past total_steps: the schedule must hold at its floor
     tc = TrainConfig(learning_rate=0.05, schedule=kind, warmup_steps=warmup, total_steps=total, weight_decay=0.3,
                      clip_norm=clip)
@@ -102,7 +95,7 @@ def test_adamw_steps_match_numpy(kind, warmup, clip, fused):
     lrs = [schedule_np(s, lr=0.05, warmup=warmup, total=total, kind=kind, final_ratio=tc.final_lr_ratio)
            for s in range(steps)]
     want = adamw_np(params, grads, lrs, weight_decay=0.3, clip_norm=clip)
-    got = _run_optimizer(tc, params, grads, fused)
+    got = _run_optimizer(tc, params, grads)
     for k in params:
         # fp32 state and arithmetic over 9 steps: updates are ~lr = 0.05 in size, so a few fp32 ulps of p (~1e-7)
         # per step; a wrong mask / constant / schedule step moves p by >= 1e-3.
@@ -111,14 +104,13 @@ def test_adamw_steps_match_numpy(kind, warmup, clip, fused):
     assert all(np.max(np.abs(got[k] - params[k])) > 1e-2 for k in params)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["optax", "fused"])
-def test_norm_gains_are_not_decayed(fused):
+def test_norm_gains_are_not_decayed():
     """With zero gradients only weight decay moves parameters: matrices shrink by (1 - lr * wd) per step, 1-D leaves
     stay exactly put."""
     tc = TrainConfig(learning_rate=0.1, schedule="constant", weight_decay=0.5, clip_norm=1.0)
     params, _ = _problem(1)
     zeros = [{k: np.zeros_like(v) for k, v in params.items()}] * 3
-    got = _run_optimizer(tc, params, zeros, fused)
+    got = _run_optimizer(tc, params, zeros)
     for k, v in params.items():
         factor = (1 - 0.1 * 0.5) ** 3 if v.ndim >= 2 else 1.0
         np.testing.assert_allclose(got[k], v.astype(np.float64) * factor, rtol=1e-6, atol=0, err_msg=k)
@@ -158,26 +150,3 @@ def test_schedule_with_a_decay_of_one_step_or_none(kind, warmup, total):
         assert abs(float(sched(step)) - want) <= 1e-6 * 3e-4 + 1e-12, (step, float(sched(step)), want)
     assert abs(float(sched(warmup + 1)) - 3e-5) < 1e-10
 
-
-@pytest.mark.parametrize("clip", [1.0, None])
-def test_fused_update_keeps_the_chain_state_and_its_skip_keeps_everything(clip):
-    """adamw_update returns the optax chain's state structure (what checkpoints hold) with the same moments and
-    counts as the chain, and with keep_if=False returns params and state untouched."""
-    tc = TrainConfig(learning_rate=0.05, warmup_steps=2, total_steps=7, weight_decay=0.3, clip_norm=clip)
-    params, grads = _problem(3)
-    tx = make_optimizer(tc)
-    p_ref = p_new = {k: jnp.asarray(v) for k, v in params.items()}
-    s_ref = s_new = tx.init(p_ref)
-    fused = jax.jit(lambda p, s, g, keep: adamw_update(tc, g, s, p, optax.tree.norm(g), keep))
-    for g in grads:
-        g = {k: jnp.asarray(v) for k, v in g.items()}
-        p_ref, s_ref = _apply(tx, p_ref, s_ref, g)
-        p_new, s_new = fused(p_new, s_new, g, jnp.asarray(True))
-    assert jax.tree_util.tree_structure(s_new) == jax.tree_util.tree_structure(s_ref)
-    for a, b in zip(jax.tree_util.tree_leaves((p_new, s_new)), jax.tree_util.tree_leaves((p_ref, s_ref))):
-        a, b = np.asarray(a), np.asarray(b)  # a few ulps of each leaf's scale: the clip rounds once less
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
-    nan = {k: jnp.full(v.shape, jnp.nan) for k, v in params.items()}
-    p_skip, s_skip = fused(p_new, s_new, nan, jnp.asarray(False))
-    for a, b in zip(jax.tree_util.tree_leaves((p_skip, s_skip)), jax.tree_util.tree_leaves((p_new, s_new))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
