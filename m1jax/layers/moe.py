@@ -113,21 +113,47 @@ def moe_dense(x, weights, experts, w1, w3, w2):
     return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine.astype(jnp.float32))
 
 
+@jax.custom_vjp
+def _gather_rows(x, rows, inverse):
+    """x[rows] for a permutation ``rows`` of x's leading axis whose inverse is ``inverse``: [M, D] -> [M, D].
+
+    The custom gradient is the inverse gather ``g[inverse]``. Left to autodiff, the transpose of a gather is a
+    scatter-add, which XLA runs on the GPU as an atomic scatter (measured on an H200 at m1-1b's shapes: the two
+    dispatch scatters took 0.27 ms of a 3.0 ms lightning layer's forward + backward).
+    """
+    return jnp.take(x, rows, axis=0)
+
+
+def _gather_rows_fwd(x, rows, inverse):
+    return _gather_rows(x, rows, inverse), (rows, inverse)
+
+
+def _gather_rows_bwd(residuals, g):
+    rows, inverse = residuals
+    return jnp.take(g, inverse, axis=0), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
 def moe_sorted(x, weights, experts, w1, w3, w2, *, implementation=None):
     """Dropless dispatch: sort the N*k (token, expert) pairs by expert, grouped matmuls, unsort, weighted sum.
 
     x [N, D]; weights, experts [N, k]; w1/w3 [E, D, F]; w2 [E, F, D] -> [N, D] fp32.
+
+    Sorting and unsorting are gathers in both directions (``_gather_rows``): slot i of the sorted order holds
+    assignment ``order[i]`` (token ``order[i] // k``), and assignment a sits at sorted position ``position[a]``.
     """
     n, k = experts.shape
     num_experts = w1.shape[0]
     flat_experts = experts.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)          # assignment slots sorted by expert
-    token_of_slot = order // k
+    order = jnp.argsort(flat_experts, stable=True).astype(jnp.int32)  # assignment slots sorted by expert
+    position = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=jnp.int32))  # inverse of ``order``
     group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
-    xs = jnp.take(x, token_of_slot, axis=0)                 # [N*k, D]
+    # Each token repeated k times is in assignment order; its gradient sums the k copies (a reshape and a reduce).
+    xs = _gather_rows(jnp.repeat(x, k, axis=0), order, position)  # [N*k, D]
     gate = _grouped_matmul(xs, w1, group_sizes, implementation)
     up = _grouped_matmul(xs, w3, group_sizes, implementation)
     ys = _grouped_matmul(_swiglu(gate, up).astype(x.dtype), w2, group_sizes, implementation)  # [N*k, D]
-    # Unsort: slot order[i] holds ys[i].
-    y_slots = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    y_slots = _gather_rows(ys, position, order).reshape(n, k, -1)  # back to assignment order
     return jnp.einsum("nkd,nk->nd", y_slots.astype(jnp.float32), weights.astype(jnp.float32))
