@@ -76,17 +76,19 @@ def test_serving_makes_no_implicit_transfer(split):
 def test_decode_page_table_is_a_width_the_decode_kernel_can_split():
     """128K tokens + a page at 128-token pages is 1025 pages: the decode table used to be 1025 wide, which the Triton
     kernel could only take as one split of one-page blocks. A decode table is now the next multiple of (16 splits x
-    2 pages per block) = 32 pages, or the next power of two when smaller; prefill keeps the exact width."""
-    assert programs.decode_table_width(1025, 128) == 1056 and programs.decode_table_width(1024, 128) == 1024
-    assert programs.decode_table_width(257, 128) == 288 and programs.decode_table_width(9, 128) == 16
+    1 page per block of at most 128 tokens) = 16 pages, or the next power of two when smaller; prefill keeps the
+    exact width."""
+    assert programs.decode_table_width(1025, 128) == 1040 and programs.decode_table_width(1024, 128) == 1024
+    assert programs.decode_table_width(257, 128) == 272 and programs.decode_table_width(9, 128) == 16
     assert programs.decode_table_width(1025, 16) == 1152  # 8 pages per block of 16 tokens: multiples of 128
-    # 64 rows, 2 KV heads, 8 query heads per KV head, 128-token pages (the benchmark's decode step)
-    assert pallas_triton.plan(64, 2, 8, 1025, 128) == (1, 1)
-    assert pallas_triton.plan(64, 2, 8, programs.decode_table_width(1025, 128), 128) == (3, 2)
+    # 64 rows, 2 KV heads, 8 query heads per KV head, 128-token pages (the benchmark's decode step): 1025 pages split
+    # only 5 ways (1025 = 5 x 5 x 41), 1040 pages the 8 ways that bring 128 row-heads to 1024 programs.
+    assert pallas_triton.plan(64, 2, 8, 1025, 128) == (5, 1)
+    assert pallas_triton.plan(64, 2, 8, programs.decode_table_width(1025, 128), 128) == (8, 1)
     for pages in (3, 100, 257, 1025, 4097):  # every width divides into the plan's splits and blocks
         width = programs.decode_table_width(pages, 128)
         splits, per_block = pallas_triton.plan(1, 2, 8, width, 128)
-        assert width >= pages and width % (splits * per_block) == 0 and per_block == min(2, width // splits)
+        assert width >= pages and width % (splits * per_block) == 0 and per_block == 1
 
 
 def test_engine_with_an_odd_context_decodes_with_the_wider_table_and_matches_generate(split):

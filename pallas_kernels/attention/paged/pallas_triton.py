@@ -18,11 +18,16 @@ import jax.numpy as jnp
 PLATFORMS = ("cuda", "rocm")
 BLOCK_H = 16               # query heads per program (the kernel's minimum; a KV head's group is padded to it)
 MAX_PAGES_PER_BLOCK = 8    # pages per compute block (the kernel's default)
-# Tokens per compute block: K and V blocks of this many tokens sit in shared memory (with the pipeline's copies):
-# 1024 tokens of D = 128 in bf16 asked for 290 KB on an H200 (232 KB available), so 128-token pages take 2 per block.
-MAX_BLOCK_TOKENS = 256
+# Launch config from a sweep on an H200 at m1-1b's decode step (64 rows x 128K tokens, 2 KV heads, D 64, 128-token
+# pages; `benchmarks/RESULTS.md`): blocks of 128 tokens, 4 warps and no software pipelining took 1.43-1.58 ms a
+# layer (1.45x its KV read) at 8 to 32 splits; the kernel's defaults (8 warps, 2 stages) with 256-token blocks took
+# 2.4-2.8 ms. The loop's page gather is not pipelined by Triton either way, so more programs in flight (small blocks,
+# few warps, many splits) is what hides the memory latency.
+MAX_BLOCK_TOKENS = 128
+NUM_WARPS = 4
+NUM_STAGES = 1
 MAX_SPLITS = 16            # context splits per row (the kernel's default)
-TARGET_PROGRAMS = 264      # split the context until rows x KV heads x splits reach this (2 per H100 SM)
+TARGET_PROGRAMS = 1024     # split the context until rows x KV heads x splits reach this (about 8 per H200 SM)
 
 
 def native_platforms() -> tuple[str, ...]:
@@ -73,5 +78,6 @@ def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, interpret: bo
     scaled = (q.astype(jnp.float32) / jnp.sqrt(jnp.float32(d))).astype(k_pages.dtype)
     out = gpu_paged.paged_attention(scaled, k_pages, v_pages.astype(k_pages.dtype), page_indices.astype(jnp.int32),
                                     lengths.astype(jnp.int32), block_h=BLOCK_H, pages_per_compute_block=pages,
-                                    k_splits=splits, interpret=interpret)
+                                    k_splits=splits, num_warps=NUM_WARPS,
+                                    num_stages=NUM_STAGES, interpret=interpret)
     return out.astype(q.dtype)
