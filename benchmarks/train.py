@@ -24,6 +24,14 @@ with the head) is ``hidden_size=4096;num_hidden_layers=8;num_attention_heads=32;
 intermediate_size=4096`` on the m1-1b preset. ``scan_layers=false`` unrolls the layer periods: at m1-1b's two
 repeats it saves the scan's stacked residual and gradient buffers (``docs/training.md``).
 
+``--head_sweep=1024:32000,4096:32000`` first times the LM head + chunked CE alone (forward + backward, the
+breakdown's measurement) at each ``hidden:vocab`` and ``--head_tokens`` tokens for every head precision: fp32 operands
+at ``float32`` (HIGHEST), ``bf16_3x`` (XLA's three-pass algorithm), ``bf16_3x_fused`` (split operands, one GEMM per
+product) and the plain bf16 head, interleaved (``benchmarks.timing.time_round_robin``), each with its gradients'
+error against the ``float32`` head's (max |d - d_float32| / max |d_float32|, for dh and dW; dh is returned in bf16,
+the hidden states' dtype, so its error includes bf16 rounding flips for every head, dW's is the head's own). Without
+``--variant`` only the sweep runs.
+
 ``--check_packed`` first compares, on the device, the loss and gradient norm of one packed batch through the
 segment-masked flash path against the same documents as separate rows through cuDNN (a correctness check of the
 packed path, which CPU tests cannot reach).
@@ -45,6 +53,9 @@ flags.DEFINE_string("ce", "chunked", "Cross-entropy implementation: chunked | fu
 flags.DEFINE_integer("ce_chunk", 8192, "Vocabulary chunk.")
 flags.DEFINE_string("out", None, "Write results as JSON here.")
 flags.DEFINE_bool("check_packed", False, "Check the packed (segment ids) path against unpacked rows first.")
+flags.DEFINE_list("head_sweep", [], "HIDDEN:VOCAB,...: first time the LM head + chunked CE alone at each shape for "
+                  "every head precision (float32, bf16_3x, bf16_3x_fused, bf16); without --variant only this runs.")
+flags.DEFINE_integer("head_tokens", 8192, "Tokens of the --head_sweep.")
 flags.DEFINE_bool("breakdown", False, "First time each component of the step against its floor (fwd+bwd of a "
                   "layer of each kind, the LM head + CE, the AdamW update, the accumulation add) at the first "
                   "variant's shapes and settings; the glue is that variant's step minus the parts.")
@@ -129,6 +140,78 @@ def check_packed(docs: int = 4, t: int = 4096) -> dict:
     return out
 
 
+def _head_ce_inputs(tokens: int, hidden: int, vocab: int):
+    """Random bf16 hidden states [tokens, hidden] (what the backbone hands the head), fp32 head weight [hidden, vocab]
+    and targets [tokens]."""
+    import jax
+    import jax.numpy as jnp
+
+    h = jax.random.normal(jax.random.key(1), (tokens, hidden), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(2), (hidden, vocab), jnp.float32) * 0.02
+    return h, w, jax.random.randint(jax.random.key(4), (tokens,), 0, vocab)
+
+
+def _head_ce_grad(targets, fp32: bool, precision: str):
+    """jit((h, w) -> gradients of the summed chunked CE w.r.t. h and w): the LM head + CE's forward + backward."""
+    import jax
+    import jax.numpy as jnp
+
+    from m1jax.losses import linear_cross_entropy
+    return jax.jit(jax.grad(lambda h, w: jnp.sum(linear_cross_entropy(
+        h, w, targets, chunk_size=FLAGS.ce_chunk, fp32=fp32, fp32_precision=precision)), argnums=(0, 1)))
+
+
+def head_sweep(shapes: list[str], tokens: int, reps: int = 10) -> list[dict]:
+    """The LM head + chunked CE (forward + backward) at each 'hidden:vocab' for every head precision, timed
+    interleaved; FLOPs = 6 x tokens x hidden x vocab (the model FLOPs: bf16_3x runs 3x that on the tensor cores,
+    bf16_3x_fused 2x for the logits and dW of bf16 hidden states and 3x for dh), floor at the bf16 peak."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.timing import time_round_robin
+    from m1jax import train as tl
+    from m1jax.config import LM_HEAD_PRECISIONS
+
+    modes = {**{p: (True, p) for p in LM_HEAD_PRECISIONS}, "bf16": (False, "float32")}
+    peak, rows = tl.peak_tflops(), []
+    for shape in shapes:
+        hidden, vocab = (int(x) for x in shape.split(":"))
+        h, w, targets = _head_ce_inputs(tokens, hidden, vocab)
+        fns = {name: _head_ce_grad(targets, *mode) for name, mode in modes.items()}
+        times = time_round_robin(fns, (h, w), {name: reps for name in fns})
+        ref = fns["float32"](h, w)
+        flops = 6.0 * tokens * hidden * vocab
+        for name, fn in fns.items():
+            row = {"component": f"LM head+CE {name}", "hidden": hidden, "vocab": vocab, "tokens": tokens,
+                   "precision": name, "floor_ms": flops / (peak * 1e12) * 1e3 if peak else None}
+            if isinstance(times[name], Exception):
+                row["error"] = f"{type(times[name]).__name__}: {str(times[name])[:300]}"
+            else:
+                grads = fn(h, w)
+                row.update(ms=times[name][0], p20_ms=times[name][1], p80_ms=times[name][2],
+                           tflops=flops / times[name][0] / 1e9,
+                           **{f"{k}_rel_err": float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))
+                                                    / jnp.max(jnp.abs(r.astype(jnp.float32))))
+                              for k, g, r in zip(("dh", "dw"), grads, ref)})
+                del grads
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del fns, ref, h, w
+    return rows
+
+
+def print_head_sweep(rows: list[dict]) -> None:
+    print(f"{'hidden':>6} {'vocab':>6} {'tokens':>6} {'precision':14} {'ms':>8} {'TFLOP/s':>8} {'floor/ms':>8} "
+          f"{'dh err':>9} {'dW err':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['hidden']:6d} {r['vocab']:6d} {r['tokens']:6d} {r['precision']:14} error: {r['error'][:80]}")
+            continue
+        roof = f"{r['floor_ms'] / r['ms']:8.0%}" if r["floor_ms"] else f"{'-':>8}"
+        print(f"{r['hidden']:6d} {r['vocab']:6d} {r['tokens']:6d} {r['precision']:14} {r['ms']:8.2f} "
+              f"{r['tflops']:8.1f} {roof} {r['dh_rel_err']:9.2e} {r['dw_rel_err']:9.2e}")
+
+
 def _module_fwd_bwd(module, call, h):
     """jit(grads of <call(module, h), dy> wrt the module's params and h): one sub-layer's forward + backward."""
     import jax
@@ -189,7 +272,6 @@ def breakdown(b: int, overrides: list[str], accum: int) -> list[dict]:
     from m1jax import train as tl
     from m1jax.config import LIGHTNING, SOFTMAX
     from m1jax.layers.decoder import DecoderLayer
-    from m1jax.losses import linear_cross_entropy
     from m1jax.train.flops import LIGHTNING_CHUNK
 
     cfg, tc = _config(overrides), _train_config(accum)
@@ -228,16 +310,13 @@ def breakdown(b: int, overrides: list[str], accum: int) -> list[dict]:
             (6.0 * n_params + attention_flops[kind]) * tokens)
         del fn, params, module
     # LM head + chunked CE at the variant's head precision. bf16_3x runs three bf16 passes, so its hardware floor
-    # is 3x the model-FLOP floor shown.
-    h2 = h.reshape(tokens, cfg.hidden_size)
-    w = jax.random.normal(jax.random.key(2), (cfg.hidden_size, cfg.vocab_size), jnp.float32) * 0.02
-    targets = jax.random.randint(jax.random.key(4), (tokens,), 0, cfg.vocab_size)
-    fn = jax.jit(jax.grad(lambda h, w: jnp.sum(linear_cross_entropy(
-        h, w, targets, chunk_size=FLAGS.ce_chunk, fp32=cfg.lm_head_fp32, fp32_precision=cfg.lm_head_precision)),
-        argnums=(0, 1)))
-    add(f"LM head+CE {cfg.lm_head_precision if cfg.lm_head_fp32 else 'bf16'}", median_ms(fn, h2, w), accum,
+    # is 3x the model-FLOP floor shown (bf16_3x_fused: 2x for the logits and dW, 3x for dh).
+    del h
+    h, w, targets = _head_ce_inputs(tokens, cfg.hidden_size, cfg.vocab_size)
+    add(f"LM head+CE {cfg.lm_head_precision if cfg.lm_head_fp32 else 'bf16'}",
+        median_ms(_head_ce_grad(targets, cfg.lm_head_fp32, cfg.lm_head_precision), h, w), accum,
         6.0 * cfg.hidden_size * cfg.vocab_size * tokens)
-    del h, h2, w
+    del h, w
     _, state = tl.create_train_state(cfg, tc)
     grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 1e-3), state.params)
     n = cfg.param_counts()["total"]
@@ -321,13 +400,16 @@ def main(argv):
 
     print(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; preset {FLAGS.preset}; "
           f"batch {FLAGS.batch} x {FLAGS.seq_len}; ce {FLAGS.ce}", flush=True)
-    results, breakdowns = [], []
+    results, breakdowns, heads = [], [], []
+    if FLAGS.head_sweep:
+        heads = head_sweep(FLAGS.head_sweep, FLAGS.head_tokens)
+    variants = FLAGS.variant if FLAGS["variant"].present or not FLAGS.head_sweep else []
     if FLAGS.check_packed:
         try:
             results.append(check_packed())
         except Exception as e:  # report and go on to the timings
             print(json.dumps({"check": "packed_vs_rows", "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
-    for i, spec in enumerate(FLAGS.variant):
+    for i, spec in enumerate(variants):
         name, overrides, bench = split_variant(spec)
         rows = None
         if bench.get("breakdown") or (FLAGS.breakdown and i == 0):
@@ -342,6 +424,9 @@ def main(argv):
             results.append({"variant": name, "error": str(e)[:400]})
         if rows:
             breakdowns.append({"variant": name, "rows": rows})
+    if heads:
+        print(f"-- LM head + chunked CE, forward + backward (chunk {FLAGS.ce_chunk})")
+        print_head_sweep(heads)
     for b in breakdowns:
         print(f"-- breakdown of {b['variant']}")
         print_breakdown(b["rows"], next(r for r in results if r.get("variant") == b["variant"]))
@@ -358,7 +443,7 @@ def main(argv):
     if FLAGS.out:
         with open(FLAGS.out, "w") as fh:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results,
-                       "breakdowns": breakdowns}, fh, indent=1)
+                       "breakdowns": breakdowns, "head_sweep": heads}, fh, indent=1)
 
 
 if __name__ == "__main__":

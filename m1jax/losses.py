@@ -7,8 +7,10 @@ logits from the saved ``logsumexp`` and accumulates ``dh += dZ_c W_cᵀ`` and ``
 at 16K tokens the full fp32 logits would be 13 GB; the chunked form keeps ``N * chunk * 4`` bytes.
 
 With ``fp32=True`` (M1's FP32 LM head, docs/model.md §6) both matmul operands are fp32, multiplied at
-``fp32_precision`` ("float32": HIGHEST; "bf16_3x": three bf16 passes), exactly as ``m1jax.layers.embed.lm_logits``;
-otherwise they are in ``hidden``'s dtype with fp32 accumulation.
+``fp32_precision`` ("float32": HIGHEST; "bf16_3x": XLA's three bf16 passes; "bf16_3x_fused": the same three bf16
+products as one GEMM of split operands), exactly as ``m1jax.layers.embed.lm_logits`` (every matmul here, forward and
+backward, goes through ``m1jax.layers.embed.HeadMatmul``); otherwise they are in ``hidden``'s dtype with fp32
+accumulation.
 ``implementation="full"`` is the plain fp32-logits form (the baseline the chunked one is tested and timed against).
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from m1jax.layers.embed import head_operands
+from m1jax.layers.embed import head_matmul
 
 IMPLEMENTATIONS = ("chunked", "full")
 
@@ -32,7 +34,7 @@ def linear_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arra
                          f"{targets.shape}")
     if hidden.shape[1] != kernel.shape[0]:
         raise ValueError(f"hidden width {hidden.shape[1]} != kernel rows {kernel.shape[0]}")
-    head_operands(fp32, fp32_precision, hidden.dtype)  # validates fp32_precision
+    head_matmul(fp32, fp32_precision, hidden.dtype)  # validates fp32_precision
     head = (fp32, fp32_precision)
     if implementation == "full":
         logits = _logits(hidden, kernel, head)
@@ -45,11 +47,9 @@ def linear_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arra
 
 
 def _logits(h, w, head):
-    """[N, D] x [D, c] -> fp32 [N, c], with the operand dtype and precision of the model's LM head.
+    """[N, D] x [D, V] -> fp32 [N, V] (differentiable), multiplied as the model's LM head.
     ``head`` = (fp32, fp32_precision), hashable so it can be a custom_vjp nondiff argument."""
-    dtype, precision = head_operands(*head, h.dtype)
-    return jnp.einsum("nd,dv->nv", h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32,
-                      precision=precision)
+    return head_matmul(*head, h.dtype).matmul(h, w, (1, 0))
 
 
 def _chunks(vocab: int, chunk: int):
@@ -75,10 +75,12 @@ def _walk(fn, carry, w, chunk):
 def _forward_stats(h, w, targets, chunk, head):
     """Running logsumexp and target logit over vocabulary chunks: returns (lse [N], target_logit [N])."""
     n = h.shape[0]
+    mm = head_matmul(*head, h.dtype)
+    h_op = mm.lhs(h, 1, w.dtype)  # prepared (cast or split) once for every chunk
 
     def step(carry, start, w_c):
         m, s, tgt = carry
-        z = _logits(h, w_c, head)                                  # [N, c]
+        z = mm.dot(h_op, mm.rhs(w_c, 0, h.dtype), (1, 0))         # [N, c]
         m_new = jnp.maximum(m, z.max(axis=-1))
         s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=-1)
         local = targets - start
@@ -105,20 +107,19 @@ def _chunked_ce_fwd(h, w, targets, chunk, head):
 def _chunked_ce_bwd(chunk, head, residuals, g):
     """d nll_n / d z_nv = softmax(z_n)_v - [v == target_n]; chained through z = h W chunk by chunk."""
     h, w, targets, lse = residuals
-    dtype, precision = head_operands(*head, h.dtype)
-    hd = h.astype(dtype)
+    mm = head_matmul(*head, h.dtype)
+    # h's two roles, prepared once for every chunk: contracted on D against W_c, on N against dZ_c (fp32)
+    h_z, h_dw = mm.lhs(h, 1, w.dtype), mm.lhs(h, 0, jnp.float32)
     g = g.astype(jnp.float32)
 
     def step(carry, start, w_c):
         dh, dw = carry
-        z = _logits(h, w_c, head)
+        z = mm.dot(h_z, mm.rhs(w_c, 0, h.dtype), (1, 0))
         local = targets - start
         onehot = jnp.arange(w_c.shape[1], dtype=jnp.int32)[None, :] == local[:, None]
         dz = (jnp.exp(z - lse[:, None]) - onehot) * g[:, None]    # [N, c] fp32
-        dz_op = dz.astype(dtype)
-        dh = dh + jnp.einsum("nv,dv->nd", dz_op, w_c.astype(dtype), preferred_element_type=jnp.float32,
-                             precision=precision)
-        dw_c = jnp.einsum("nd,nv->dv", hd, dz_op, preferred_element_type=jnp.float32, precision=precision)
+        dh = dh + mm.dot(mm.lhs(dz, 1, w.dtype), mm.rhs(w_c, 1, dz.dtype), (1, 1))     # dZ_c W_cᵀ [N, D]
+        dw_c = mm.dot(h_dw, mm.rhs(dz, 0, h.dtype), (0, 0))                             # hᵀ dZ_c [D, c]
         dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, axis=1)
         return dh, dw
 

@@ -17,8 +17,11 @@ MOE_IMPLEMENTATIONS = ("sorted", "dense", "expert_parallel")
 MOE_TRANSPORTS = ("padded", "ragged")
 # How the fp32 LM head multiplies (lm_head_fp32=True): "float32" = fp32 operands at HIGHEST precision (exact fp32);
 # "bf16_3x" = the same fp32 operands through three bf16 tensor-core passes (XLA's BF16_BF16_F32_X3 algorithm: ~1e-6
-# relative error, several times faster than fp32 SIMT matmuls on an H100; XLA:CPU runs it as fp32).
-LM_HEAD_PRECISIONS = ("float32", "bf16_3x")
+# relative error, several times faster than fp32 SIMT matmuls on an H100; XLA:CPU runs it as fp32, and XLA:GPU as
+# three GEMMs with split/convert passes); "bf16_3x_fused" = the same three bf16 products, written out: each fp32
+# operand split into bf16 hi + lo and the products run as ONE bf16 GEMM over a 3x contraction (2x when an operand is
+# bf16 already, as the training hidden states are), forward and backward (m1jax/layers/embed.py HeadMatmul).
+LM_HEAD_PRECISIONS = ("float32", "bf16_3x", "bf16_3x_fused")
 # What jax.checkpoint wraps when remat=True (m1jax/model.py): the scanned period, each decoder layer, or both.
 REMAT_GRANULARITIES = ("period", "layer", "nested")
 LIGHTNING_IMPLEMENTATIONS = ("xla_chunked", "recurrent", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu")

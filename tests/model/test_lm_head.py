@@ -8,7 +8,10 @@ with the attributes the StableHLO specification gives for the mode:
 * ``bf16_3x``: fp32 operands, ``algorithm = <lhs_precision_type = bf16, rhs_precision_type = bf16,
   accumulation_type = f32, ..., num_primitive_operations = 3, ...>`` (XLA's BF16_BF16_F32_X3);
 * ``float32``: fp32 operands, ``precision = [HIGHEST, HIGHEST]`` and no algorithm;
-* ``fp32=False``: operands in the compute dtype (bf16 here), fp32 result, neither attribute.
+* ``fp32=False``: operands in the compute dtype (bf16 here), fp32 result, neither attribute;
+* ``bf16_3x_fused`` ("split"): bf16 operands, fp32 result, neither attribute, and the contraction over two adjacent
+  axes of each operand, (stack, K), with a stack of 2 or 3 products (2 when one operand is bf16 already, as the
+  bf16 hidden states here): the products run as one GEMM per head matmul, not one each.
 """
 import re
 
@@ -27,6 +30,8 @@ X3 = ("algorithm = <lhs_precision_type = bf16, rhs_precision_type = bf16, accumu
       "allow_imprecise_accumulation = false>")
 HIGHEST = "precision = [HIGHEST, HIGHEST]"
 TYPES = re.compile(r": \(tensor<(?:[\dx]*x)?(\w+)>, tensor<(?:[\dx]*x)?(\w+)>\) -> tensor<(?:[\dx]*x)?(\w+)>")
+SPLIT_DOT = re.compile(r"contracting_dims = \[(\d+), (\d+)\] x \[(\d+), (\d+)\] : \(tensor<([\dx]+)x\w+>, "
+                       r"tensor<([\dx]+)x\w+>\)")
 
 N, D, V, CHUNK = 6, 8, 40, 16  # 2 full vocabulary chunks + a tail of 8: the scan body and the tail both lower
 
@@ -48,6 +53,13 @@ def assert_mode(lines, mode, count):
         assert out == "f32", line
         if mode == "bf16_3x":
             assert (lhs, rhs) == ("f32", "f32") and X3 in line and "precision =" not in line, line
+        elif mode == "split":
+            assert (lhs, rhs) == ("bf16", "bf16") and "algorithm" not in line and "precision =" not in line, line
+            dims = SPLIT_DOT.search(line)
+            assert dims, line
+            a0, a1, b0, b1 = (int(x) for x in dims.groups()[:4])
+            stacks = {[int(x) for x in shape.split("x")][axis] for shape, axis in zip(dims.groups()[4:], (a0, b0))}
+            assert (a1, b1) == (a0 + 1, b0 + 1) and len(stacks) == 1 and stacks <= {2, 3}, line
         elif mode == "float32":
             assert (lhs, rhs) == ("f32", "f32") and HIGHEST in line and "algorithm" not in line, line
         else:
@@ -61,8 +73,8 @@ def _inputs():
     return h, w, t
 
 
-CASES = [(True, "bf16_3x", "bf16_3x"), (True, "float32", "float32"), (False, "bf16_3x", "bf16"),
-         (False, "float32", "bf16")]  # (fp32, precision, expected mode): without fp32 the precision is not read
+CASES = [(True, "bf16_3x", "bf16_3x"), (True, "float32", "float32"), (True, "bf16_3x_fused", "split"),
+         (False, "bf16_3x", "bf16"), (False, "float32", "bf16"), (False, "bf16_3x_fused", "bf16")]  # (fp32, precision, expected mode): without fp32 the precision is not read
 
 
 @pytest.mark.parametrize("fp32,precision,mode", CASES)

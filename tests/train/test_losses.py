@@ -114,3 +114,65 @@ def test_bad_shapes():
         linear_cross_entropy(jnp.zeros((2, 4)), jnp.zeros((4, 5)), jnp.zeros((2,), jnp.int32), fp32_precision="tf16")
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy(jnp.zeros((2, 4)), jnp.zeros((4, 5)), jnp.zeros((2,), jnp.int32), chunk_size=0)
+
+
+# --- the split-precision head ("bf16_3x_fused") -------------------------------------------------------------------
+# Each fp32 operand is split into bf16 hi + lo with |x - hi - lo| <= U^2 |x|; the three kept products drop terms of at
+# most 3 U^2 |a||b| (+ O(U^3)), and fp32 accumulation of the 3D exact bf16 products adds ~3D * 2^-24: 4 U^2 bounds
+# both at these sizes. A plain bf16 head rounds each operand once (2 U |a||b| per product), 2 / (4 U) = 128x more.
+SPLIT_REL = 4 * U_BF16 ** 2
+
+
+def _split_bounds(h, w, targets, g, rel):
+    """Element-wise bounds on nll, dh, dW for a head whose every product a·b has error <= rel * |a|·|b| (plus fp32
+    rounding). The logits z = h W get rel * Z_n with Z_n = max_v (|h||W|)_nv; through softmax (the backward recomputes
+    z and subtracts the forward's lse, both off by that much) dZ_nv moves by 2 rel Z_n |g_n| p_nv, which dh and dW
+    then carry through W and h."""
+    ref_nll, ref_dh, ref_dw, s_h, s_w = _oracle(h, w, targets, g)
+    h64, w64 = np.abs(np.asarray(h, np.float64)), np.abs(np.asarray(w, np.float64))
+    z_scale = (h64 @ w64).max(-1)                                      # Z_n
+    z = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    moved = 2 * z_scale[:, None] * np.abs(np.asarray(g, np.float64))[:, None] * p   # |dZ change| / rel
+    rel = rel + FP32_REL
+    return ((ref_nll, rel * 2 * z_scale + FP32_REL), (ref_dh, rel * (s_h + moved @ w64.T) + 1e-7),
+            (ref_dw, rel * (s_w + h64.T @ moved) + 1e-7))
+
+
+def _worst_ratio(got, ref, bound, out_round=False):
+    """max |got - ref| / bound; with out_round, the bound also allows rounding the result to bf16."""
+    bound = bound + (U_BF16 * np.abs(ref) if out_round else 0.0)
+    return float((np.abs(np.asarray(got, np.float64) - ref) / bound).max())
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "full"])
+@pytest.mark.parametrize("precision", ["bf16_3x_fused", "bf16_3x"])
+@pytest.mark.parametrize("h_dtype", ["float32", "bfloat16"])
+def test_split_head_matches_float64(h_dtype, precision, implementation):
+    """The fused split head (and XLA's three-pass preset, which XLA:CPU runs in fp32) within the split bound of the
+    float64 loss and gradients. fp32 h uses all three products, bf16 h (exact in bf16) two; vocab 100 in chunks of
+    32 ends in a tail chunk of 4."""
+    h, w, targets, g = _problem(h_dtype)
+    nll, dh, dw = _loss_and_grads(h, w, targets, g, chunk_size=32, fp32=True, fp32_precision=precision,
+                                  implementation=implementation)
+    assert nll.dtype == jnp.float32 and dh.dtype == h.dtype and dw.dtype == w.dtype
+    (ref_nll, b_nll), (ref_dh, b_dh), (ref_dw, b_dw) = _split_bounds(h, w, np.asarray(targets), g, SPLIT_REL)
+    assert _worst_ratio(nll, ref_nll, b_nll) <= 1
+    assert _worst_ratio(dw, ref_dw, b_dw) <= 1
+    assert _worst_ratio(dh, ref_dh, b_dh, out_round=h_dtype == "bfloat16") <= 1
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "full"])
+def test_plain_bf16_head_fails_the_split_bound(implementation):
+    """The bound above is tight enough to catch a head that silently multiplies in bf16 (or drops a product): the
+    plain bf16 head (both operands rounded to bf16, dZ too) on the same fp32 problem misses it by far on the loss and
+    on both gradients, while the fused head sits well inside it."""
+    h, w, targets, g = _problem("float32")
+    bounds = _split_bounds(h, w, np.asarray(targets), g, SPLIT_REL)
+    kw = dict(chunk_size=32, implementation=implementation)
+    fused = _loss_and_grads(h, w, targets, g, fp32=True, fp32_precision="bf16_3x_fused", **kw)
+    plain = _loss_and_grads(h.astype(jnp.bfloat16), w, targets, g, fp32=False, **kw)
+    for got_fused, got_plain, (ref, bound) in zip(fused, plain, bounds):
+        assert _worst_ratio(got_fused, ref, bound) <= 0.5
+        assert _worst_ratio(got_plain, ref, bound) > 8
