@@ -361,11 +361,6 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     return (outs[0], outs[1]) if with_output else (None, outs[0])
 
 
-def fused_walkers(dv: int, config: KernelConfig) -> int:
-    """Consumer warpgroups of the fused backward walk: one per ``block_v``-wide Dv tile of the whole state."""
-    return max(dv // min(config.block_v, dv), 1)
-
-
 def fused_smem_bytes(chunk: int, dk: int, dv: int, stages: int, itemsize: int, walkers: int, *,
                      interpret: bool = False) -> int:
     """SMEM of one fused backward program: q, k, v, dO slots, the scaled dO tiles, the shared bf16 state, one dk and
@@ -378,17 +373,17 @@ def fused_smem_bytes(chunk: int, dk: int, dv: int, stages: int, itemsize: int, w
 
 def fused_stages(chunk: int, dk: int, dv: int, itemsize: int, config: KernelConfig) -> int:
     """TMA stages of the fused walk: the most, up to ``config.num_stages``, whose scratch fits in SMEM (0: none)."""
-    walkers = fused_walkers(dv, config)
+    walkers = max(config.fused_backward, 1)
     return next((st for st in range(config.num_stages, 0, -1)
                  if fused_smem_bytes(chunk, dk, dv, st, itemsize, walkers) <= SMEM_LIMIT_BYTES), 0)
 
 
 def check_fused_supported(dtype, dk: int, dv: int, config: KernelConfig):
     """One-line ValueError for what the fused backward walk does not handle (on top of ``check_supported``)."""
-    walkers = fused_walkers(dv, config)
-    if walkers not in (1, 2) or dk % walkers or (dk // walkers) % 32:
-        raise ValueError(f"the fused Mosaic GPU backward needs Dv / block_v = 1 or 2 consumer warpgroups and Dk / "
-                         f"that a multiple of 32; got Dk={dk}, Dv={dv}, block_v={config.block_v}")
+    walkers = config.fused_backward
+    if walkers not in (1, 2) or dk % (32 * walkers) or dv % (32 * walkers):
+        raise ValueError(f"the fused Mosaic GPU backward takes fused_backward = 1 or 2 consumer warpgroups, each "
+                         f"with a multiple of 32 of Dk and Dv; got fused_backward={walkers}, Dk={dk}, Dv={dv}")
     if not fused_stages(config.chunk, dk, dv, jnp.dtype(dtype).itemsize, config):
         raise ValueError(f"the fused Mosaic GPU backward does not fit in shared memory at chunk={config.chunk}, "
                          f"Dk={dk}, Dv={dv}; use chunk 64")
@@ -547,7 +542,7 @@ def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: Ker
     check_fused_supported(k.dtype, dk, dv, config)
     if length % chunk:
         raise ValueError(f"L={length} must be a multiple of the chunk {chunk}")
-    walkers = fused_walkers(dv, config)
+    walkers = config.fused_backward
     n_chunks = length // chunk
     stages = max(1, min(fused_stages(chunk, dk, dv, jnp.dtype(k.dtype).itemsize, config), n_chunks))
     dtype = k.dtype

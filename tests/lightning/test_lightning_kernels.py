@@ -40,20 +40,20 @@ MOSAIC_STAGED = [
     (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 64, 64, 64, 1, False, False), 1, 1),  # one slot: load waits for use
     (("mosaic_gpu", "bfloat16", 1, 100, 1, 128, 128, 64, 64, 1, False, True), 2, 3),  # 128-wide, fewer chunks than slots
 ]
-# Mosaic GPU with the fused backward walk (dk, dv and d_init in one reverse pass; Dv / block_v consumer warpgroups):
-# (case as above, stages). The forward and dq walks are the forward kernel's (one warpgroup per 64-wide tile).
+# Mosaic GPU with the fused backward walk (dk, dv and d_init in one reverse pass): (case as above, stages, consumer
+# warpgroups of the fused walk). The forward and dq walks are the forward kernel's.
 MOSAIC_FUSED = [
-    (("mosaic_gpu", "bfloat16", 1, 150, 2, 64, 64, 64, 64, 1, False, True), 4),  # one walker, partial last chunk
-    (("mosaic_gpu", "bfloat16", 1, 150, 1, 128, 128, 64, 64, 1, False, True), 2),  # two walkers share the state
-    (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 128, 64, 64, 3, False, False), 2),  # split, Dk != Dv (32-wide dk)
-    (("mosaic_gpu", "bfloat16", 1, 130, 1, 64, 64, 64, 32, 4, False, True), 1),  # group 3 is all padding, 1 slot
+    (("mosaic_gpu", "bfloat16", 1, 150, 2, 64, 64, 64, 64, 1, False, True), 4, 1),  # one walker, partial last chunk
+    (("mosaic_gpu", "bfloat16", 1, 150, 1, 128, 128, 64, 64, 1, False, True), 2, 2),  # two walkers share the state
+    (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 128, 64, 64, 3, False, False), 2, 2),  # split, Dk != Dv (32-wide dk)
+    (("mosaic_gpu", "bfloat16", 1, 130, 1, 64, 64, 64, 32, 4, False, True), 1, 2),  # group 3 all padding, 1 slot
 ]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
 @pytest.mark.parametrize("case,consumers,stages,fused",
-                         [(c, 0, None, False) for c in CASES] + [(*c, False) for c in MOSAIC_STAGED]
-                         + [(c, 0, stages, True) for c, stages in MOSAIC_FUSED],
+                         [(c, 0, None, 0) for c in CASES] + [(*c, 0) for c in MOSAIC_STAGED]
+                         + [(c, 0, stages, walkers) for c, stages, walkers in MOSAIC_FUSED],
                          ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None)
 def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
@@ -114,7 +114,7 @@ def test_decay_gets_no_gradient(lt):
 def test_fused_backward_is_mosaic_gpu_only():
     x = jnp.zeros((1, 8, 1, 16))
     with pytest.raises(ValueError, match="Mosaic GPU kernel option"):
-        pallas.lightning_attention_pallas(x, x, x, jnp.ones(1), config=KernelConfig(chunk=8, fused_backward=True),
+        pallas.lightning_attention_pallas(x, x, x, jnp.ones(1), config=KernelConfig(chunk=8, fused_backward=1),
                                           interpret=True)
 
 
@@ -139,10 +139,10 @@ def test_triton_rejects_non_power_of_two_head_dim():
 def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
     v = jnp.zeros((1, 8, 1, dims[1]), dtype)
-    block_v = {"tile": 16, "consumer tiles": 64, "fused walkers": 32, "fused shared memory": 64}.get(what, 128)
+    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64}.get(what, 128)
     consumers = {"consumers": 3, "consumer tiles": 2}.get(what, 0)
     config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=2, consumers=consumers,
-                          fused_backward=what.startswith("fused"))
+                          fused_backward={"fused walkers": 3, "fused shared memory": 2}.get(what, 0))
     segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
     with pytest.raises(ValueError, match=match):
         pallas.lightning_attention_pallas(q, q, v, jnp.ones(1), segment_ids=segment_ids, backend="mosaic_gpu",

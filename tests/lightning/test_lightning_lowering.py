@@ -108,13 +108,15 @@ def test_mosaic_gpu_lowering_exports_for_cuda(config):
 
 
 @pytest.mark.parametrize("dim,config,calls", [
-    # forward + dq walks, then one fused walk for dk and dv (two consumer warpgroups at D = 128 with 64-wide tiles)
-    (128, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=True), 3),
+    # forward + dq walks, then one fused walk for dk and dv (two consumer warpgroups, 64 state columns each)
+    (128, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=2), 3),
     # a split doubles each walk: a state-only pass, then the output (or fused) pass
-    (128, KernelConfig(chunk=64, block_v=64, num_stages=2, groups=2, fused_backward=True), 6),
+    (128, KernelConfig(chunk=64, block_v=64, num_stages=2, groups=2, fused_backward=2), 6),
+    # one consumer warpgroup holding the whole [128, 128] fp32 state (128 registers per thread)
+    (128, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=1), 3),
     # m1-1b's heads: one consumer warpgroup holds the whole [64, 64] state
-    (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=True), 3),
-    (64, KernelConfig(chunk=64, block_v=32, num_stages=3, groups=1, fused_backward=True), 3),
+    (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=1), 3),
+    (64, KernelConfig(chunk=64, block_v=32, num_stages=3, groups=1, fused_backward=2), 3),
 ])
 def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
     """The fused backward walk's lowering for sm_90a (TMA, wgmma, the walkers' barriers, its SMEM budget)."""
