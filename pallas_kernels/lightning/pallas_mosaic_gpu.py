@@ -32,6 +32,29 @@ and half the work at ``block_v`` = Dk / 2.
 Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
 scores or the state; the kernel only has to get the decay distances right.
 
+The fused backward walk (``fused_backward_scan``, ``KernelConfig.fused_backward`` = W consumer warpgroups): dk and dv
+from one reverse pass that carries the one state dS [Dk, Dv] = sum (decayed) q_i^T dO_i (``ops``' two reverse walks
+carry it and its transpose). Grid ``(H, rows)``; a producer warpgroup loads q, k, v, dO per chunk; walker w holds
+dS[:, w Dv/W : (w+1) Dv/W] in registers and per chunk (same geometry and decays as the reverse walk above):
+
+    dv[:, w-tile]  = (k q^T * D) dO[:, w-tile]   + w_row * k dS[:, w-tile]
+    dk[:, w-ktile] = (v dO^T * D) q[:, w-ktile]  + w_row * v dS[w-ktile, :]^T     (contracts over the whole Dv)
+    dS[:, w-tile]  = carry * dS[:, w-tile] + q^T (dO[:, w-tile] * w_state)
+
+dv contracts over Dk and dk over Dv, so Dv is split for the state and dv, and Dk for dk: each walker's dk columns
+read the bf16 copy of the whole state in SMEM (which the ``q S`` wgmma operand needs anyway), written tile by tile by
+both walkers; two barriers hand it over per chunk (every walker's tile written; every walker done reading it before
+it is overwritten). So no fp32 partial crosses warpgroups, at the price of each walker computing both [C, C] score
+matrices. Why this shape (at Dk = Dv = 128, chunk 64): one warpgroup holding the whole fp32 state (W = 1) keeps
+128 registers per thread for it, plus 32 for the decay table and up to 96 for a score matrix and a [C, 128]
+accumulator in flight: at the 255-register ceiling, and one warpgroup per SM. Two walkers (W = 2, jax's Hopper
+attention backward has the same producer + 2 consumer shape) keep 64 each, at most ~210 live under their 232 cap,
+and two independent wgmma chains per SM. Splitting dk's output instead (each walker a full [C, Dk] fp32 partial)
+would need a 32 KiB fp32 exchange and sum per chunk. SMEM at D = 128: 64 KiB per TMA stage, 32 KiB state, 48 KiB
+scaled dO and store buffers: 2 stages fit (``fused_stages`` takes the most of ``num_stages`` that fit). One program
+per (row, head): at B1 H64 that is 64 programs, so a sequence split (``groups``; its state-only pass is the
+forward kernel's walk of (q, dO)) is what fills 132 SMs. W = 1 is the natural shape at Dk = Dv = 64.
+
 Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk and Dv multiples of 64, block_v a multiple
 of 32 dividing both and ``width`` dividing both (the backward's walks swap Dk and Dv), 0-2 consumers, chunk 64 or 128,
 the scratch within Hopper's 227 KiB of SMEM (chunk 128 with ``block_v`` 128 does not fit), no segment ids (``doc``):
