@@ -48,7 +48,7 @@ it is overwritten). So no fp32 partial crosses warpgroups, at the price of each 
 matrices. Why this shape (at Dk = Dv = 128, chunk 64): one warpgroup holding the whole fp32 state (W = 1) keeps
 128 registers per thread for it, plus 32 for the decay table and up to 96 for a score matrix and a [C, 128]
 accumulator in flight: at the 255-register ceiling, and one warpgroup per SM. Two walkers (W = 2, jax's Hopper
-attention backward has the same producer + 2 consumer shape) keep 64 each, at most ~210 live under their 232 cap,
+attention backward has the same producer + 2 consumer shape) keep 64 each, by count ~210 live under their 232 cap,
 and two independent wgmma chains per SM. Splitting dk's output instead (each walker a full [C, Dk] fp32 partial)
 would need a 32 KiB fp32 exchange and sum per chunk. SMEM at D = 128: 64 KiB per TMA stage, 32 KiB state, 48 KiB
 scaled dO and store buffers: 2 stages fit (``fused_stages`` takes the most of ``num_stages`` that fit). One program
