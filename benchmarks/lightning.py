@@ -1,5 +1,6 @@
 """Lightning attention benchmark on one GPU: our Pallas kernels (Triton: ``ours``; Mosaic GPU, Hopper only:
-``mosaic``) vs fla, the XLA chunked scan, cuDNN softmax.
+``mosaic``, and ``mosaic_fused``: the same forward, the backward's dk and dv from the fused walk) vs fla, the XLA
+chunked scan, cuDNN softmax.
 
 Run from the repository root on a GPU machine with fla-core 0.6.0 installed (the competitor; it needs torch and triton):
 
@@ -24,6 +25,13 @@ Mosaic vs Triton vs fla, forward only, in under five minutes (H200):
         --sweep_shapes=1x64x32768 --sweep_impls=mosaic --out_dir=$OUT
 
 (the 1M shape runs the 32K shape's fastest Mosaic config with its sequence groups scaled to as many programs).
+
+Fused vs three-walk Mosaic backward vs fla, forward+backward (``--fused_walkers``, ``--fused_groups``):
+
+    python -m benchmarks.lightning --impls=mosaic_fused,mosaic,fla --modes=fwdbwd \
+        --shapes=1x64x32768,1x64x131072 --sweep_shapes= --out_dir=$OUT
+
+Each implementation's time is printed as soon as it is measured (a ``start`` row before, a ``timed`` row after).
 """
 from __future__ import annotations
 
@@ -53,15 +61,20 @@ flags.DEFINE_string("out_dir", os.environ.get("OUT", "/tmp/bench_lightning"), "w
 flags.DEFINE_list("shapes", ["1x64x8192", "1x64x32768", "1x64x131072", "8x64x8192", "1x8x1048576"], "BxHxN")
 flags.DEFINE_list("sweep_shapes", ["1x64x32768", "1x8x1048576"], "shapes at which our config is tuned")
 flags.DEFINE_list("impls", ["ours", "mosaic", "fla", "xla", "cudnn"],
-                  "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), fla, xla, cudnn")
+                  "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), mosaic_fused (Mosaic GPU with the "
+                  "fused backward walk), fla, xla, cudnn")
 flags.DEFINE_list("sweep_impls", ["ours", "mosaic"], "which of our kernels to tune (the others run their default)")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "forward, forward+backward")
 flags.DEFINE_bool("check", True, "phase 1 and the per-shape comparison against the XLA scan")
 flags.DEFINE_integer("cudnn_max_n", 131072, "skip cuDNN softmax above this N (1M would take seconds per call)")
 flags.DEFINE_integer("head_dim", 128, "d")
+flags.DEFINE_integer("fused_walkers", 2, "mosaic_fused: consumer warpgroups of the fused backward walk (1 or 2)")
+flags.DEFINE_integer("fused_groups", 0, "mosaic_fused: sequence groups (0: those of mosaic's config; the fused walk "
+                     "has one program per (row, head), so B1 H64 fills 64 SMs at 1 group, 128 at 2)")
 
-# Our kernels: --impls name -> pallas backend.
-KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu"}
+# Our kernels: --impls name -> pallas backend. mosaic_fused runs mosaic's config with ``fused_backward`` set.
+KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_fused": "mosaic_gpu"}
+FUSED = "mosaic_fused"
 # Triton: (chunk, block_v, num_warps, num_stages); sequence groups are swept separately around the automatic choice.
 LAUNCH_GRIDS = {
     "triton": [(64, 32, 4, 2), (64, 32, 2, 2), (64, 32, 4, 3), (64, 16, 4, 2), (64, 64, 4, 1), (64, 128, 8, 2),
@@ -198,25 +211,31 @@ class Fla:
         return jax.dlpack.from_dlpack(o.contiguous())
 
 
-def check_small(log, backends=("triton",), shape=(2, 1000, 4)):
+def check_small(log, impls=("ours",), shape=(2, 1000, 4)):
     """Phase 1: o, final state and all gradients against the fp32 per-token recurrence on the GPU; shape (B, T, H)."""
     rng = np.random.default_rng(0)
     (b, t, h), d = shape, 128
     s = jnp.asarray(minimax_slopes(h) * 4)
     segments = jnp.asarray(np.sort(rng.integers(0, 4, (b, t)), axis=1))
     mosaic = pallas.DEFAULT_CONFIGS["mosaic_gpu"]
-    cases = {"triton": [(jnp.float32, KernelConfig(groups=1), True), (jnp.bfloat16, KernelConfig(groups=1), True),
+    cases = {"ours": [(jnp.float32, KernelConfig(groups=1), True), (jnp.bfloat16, KernelConfig(groups=1), True),
                         (jnp.bfloat16, KernelConfig(groups=3, block_v=128, num_warps=8), True)],
              # No segment ids (the kernel does not take them); 1000 tokens = 15 full chunks and a partial one.
-             "mosaic_gpu": [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1), False),
+             "mosaic": [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1), False),
                             (jnp.bfloat16, dataclasses.replace(mosaic, groups=3), False),
                             (jnp.bfloat16, KernelConfig(chunk=128, block_v=64, num_stages=2, groups=1), False),
                             # Warp-specialized: producer + 1 or 2 consumer warpgroups (2: 32- and 64-wide halves).
                             (jnp.bfloat16, KernelConfig(block_v=64, consumers=1, num_stages=3, groups=1), False),
                             (jnp.bfloat16, KernelConfig(block_v=32, consumers=2, num_stages=3, groups=1), False),
-                            (jnp.bfloat16, KernelConfig(block_v=64, consumers=2, num_stages=2, groups=3), False)]}
+                            (jnp.bfloat16, KernelConfig(block_v=64, consumers=2, num_stages=2, groups=3), False)],
+             # The fused backward walk: 2 consumer warpgroups (64 state columns each) or 1 (the whole state), with
+             # and without a sequence split.
+             FUSED: [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1, fused_backward=2), False),
+                     (jnp.bfloat16, dataclasses.replace(mosaic, groups=3, fused_backward=2), False),
+                     (jnp.bfloat16, dataclasses.replace(mosaic, groups=1, fused_backward=1), False)]}
     rows = []
-    for backend, dtype, config, with_segments in [(be, *c) for be in backends for c in cases[be]]:
+    for impl, dtype, config, with_segments in [(name, *c) for name in impls for c in cases[name]]:
+        backend = KERNELS[impl]
         seg = segments if with_segments else None
         q, k, v, do = make_inputs(jax.random.PRNGKey(len(rows)), b, h, t, d, dtype)
         init = jax.random.normal(jax.random.PRNGKey(7), (b, h, d, d), jnp.float32)
@@ -233,8 +252,9 @@ def check_small(log, backends=("triton",), shape=(2, 1000, 4)):
         ref = loss_of(lambda q, k, v, i: reference.lightning_attention_recurrent(
             q, k, v, s, initial_state=i, segment_ids=seg))
         up = lambda x: x.astype(jnp.float32)
-        row = {"phase": "check", "backend": backend, "dtype": jnp.dtype(dtype).name, "segments": with_segments,
+        row = {"phase": "check", "impl": impl, "dtype": jnp.dtype(dtype).name, "segments": with_segments,
                "config": repr(config)}
+        log({**row, "phase": "start", "time": datetime.datetime.now().isoformat(timespec="seconds")})
         try:
             (g_ours, (o, final)), (g_ref, (o_ref, final_ref)) = ours(q, k, v, init), ref(up(q), up(k), up(v), init)
         except Exception as e:  # a kernel that does not compile fails its check; the timings still run
@@ -309,9 +329,11 @@ def compare_to_xla(s, configs, with_bwd, args, fla):
 
 def print_table(table):
     """The markdown table: each timed implementation's ms (% floor), the speedups of ours over fla, the errors."""
-    names = [n for n in ("mosaic", "ours", "fla", "xla", "cudnn") if any(f"{n}_ms" in r for r in table)]
-    label = {"mosaic": "mosaic", "ours": "triton", "fla": "fla", "xla": "XLA", "cudnn": "cuDNN softmax"}
-    ratios = [(a, b) for a, b in (("mosaic", "fla"), ("ours", "fla"), ("mosaic", "ours")) if a in names and b in names]
+    names = [n for n in (FUSED, "mosaic", "ours", "fla", "xla", "cudnn") if any(f"{n}_ms" in r for r in table)]
+    label = {FUSED: "mosaic fused bwd", "mosaic": "mosaic", "ours": "triton", "fla": "fla", "xla": "XLA",
+             "cudnn": "cuDNN softmax"}
+    ratios = [(a, b) for a, b in ((FUSED, "mosaic"), (FUSED, "fla"), ("mosaic", "fla"), ("ours", "fla"),
+                                  ("mosaic", "ours")) if a in names and b in names]
     head = ([f"{label[n]} ms (% floor)" for n in names] + [f"{label[a]} vs {label[b]}" for a, b in ratios]
             + ["rel. errors vs XLA scan"])
     print("\n| shape | mode | " + " | ".join(head) + " |")
@@ -341,12 +363,12 @@ def main(argv):
     kernels = [name for name in FLAGS.impls if name in KERNELS]
     log({"phase": "env", "device": device_kind, "peaks": peak, "jax": jax.__version__,
          "date": datetime.date.today().isoformat(), **(fla.versions if fla else {})})
-    checks = check_small(log, backends=tuple(KERNELS[name] for name in kernels)) if FLAGS.check else []
+    checks = check_small(log, impls=kernels) if FLAGS.check else []
 
     best = {name: {} for name in kernels}  # impl -> swept shape -> fastest config
     for text in FLAGS.sweep_shapes:
         shape = parse_shape(text)
-        for name in (n for n in kernels if n in FLAGS.sweep_impls):
+        for name in (n for n in kernels if n in FLAGS.sweep_impls and n != FUSED):  # fused: mosaic's forward
             best[name][shape] = sweep(shape, minimax_slopes(shape[1]), d, log, KERNELS[name])
             log({"phase": "best", "impl": name, "shape": shape, "config": repr(best[name][shape])})
 
@@ -355,13 +377,18 @@ def main(argv):
         b, h, n = parse_shape(text)
         configs = {}
         for name in kernels:
-            # The config of the swept shape with the closest number of (b, h) walks and length.
-            near = min(best[name], key=lambda sh: (abs(math.log(sh[0] * sh[1] / (b * h))), abs(math.log(sh[2] / n))),
+            # The config of the swept shape with the closest number of (b, h) walks and length (mosaic_fused:
+            # mosaic's).
+            swept = best["mosaic" if name == FUSED else name] if name != FUSED or "mosaic" in best else {}
+            near = min(swept, key=lambda sh: (abs(math.log(sh[0] * sh[1] / (b * h))), abs(math.log(sh[2] / n))),
                        default=None)
-            config = best[name][near] if near else pallas.DEFAULT_CONFIGS[KERNELS[name]]
+            config = swept[near] if near else pallas.DEFAULT_CONFIGS[KERNELS[name]]
             if near and config.groups:  # as many programs as at the swept shape
                 config = dataclasses.replace(config, groups=scale_groups(
                     config.groups, near[0] * near[1], b * h, n, config.chunk))
+            if name == FUSED:
+                config = dataclasses.replace(config, fused_backward=FLAGS.fused_walkers,
+                                             groups=FLAGS.fused_groups or config.groups)
             configs[name] = config
         s = jnp.asarray(minimax_slopes(h))
         q, k, v, do = make_inputs(jax.random.PRNGKey(2), b, h, n, d)
@@ -379,10 +406,17 @@ def main(argv):
             for name in FLAGS.impls:
                 if name == "cudnn" and n > FLAGS.cudnn_max_n:
                     continue
+                # Logged before and after, so that a slow or hung implementation shows in the output at once.
+                log({"phase": "start", "shape": row["shape"], "mode": mode, "impl": name,
+                     "time": datetime.datetime.now().isoformat(timespec="seconds")})
                 try:
                     row[f"{name}_ms"] = timers[name]() * 1e3
+                    log({"phase": "timed", "shape": row["shape"], "mode": mode, "impl": name,
+                         "ms": row[f"{name}_ms"]})
                 except Exception as e:  # e.g. out of memory: record it and go on with the next one
                     row[f"{name}_error"] = str(e)[:200]
+                    log({"phase": "timed", "shape": row["shape"], "mode": mode, "impl": name,
+                         "error": row[f"{name}_error"]})
                     if fla is not None:
                         fla.torch.cuda.empty_cache()
             row["floor_ms"] = floor_seconds(b, h, n, d, mode, peak) * 1e3
@@ -397,12 +431,12 @@ def main(argv):
         if fla is not None:
             fla.torch.cuda.empty_cache()
     print_table(table)
-    for backend in sorted({r["backend"] for r in checks}):
-        rows = [r for r in checks if r["backend"] == backend]
+    for impl in sorted({r["impl"] for r in checks}):
+        rows = [r for r in checks if r["impl"] == impl]
         errors = [v for r in rows for k, v in r.items() if k in ("o", "final", "dq", "dk", "dv", "d_init")]
         verdict = "ok" if all(r["ok"] for r in rows) else "FAILED (see the check rows above)"
         worst = f"{max(errors):.1e}" if errors else "-"
-        print(f"GPU check vs the per-token recurrence, {backend}: {verdict} (largest rel. error {worst})")
+        print(f"GPU check vs the per-token recurrence, {impl}: {verdict} (largest rel. error {worst})")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ class KernelConfig:
         1 or 2: warp specialization, a producer warpgroup issues the TMA loads and each of ``consumers`` warpgroups
         walks its own ``block_v`` tile of the same (row, head), sharing the q/k loads (a program covers
         ``consumers * block_v`` columns of Dv).
+    fused_backward: Mosaic GPU only. 0: the backward's dv and dk come from two reverse walks of the forward kernel.
+        1 or 2: from one fused reverse walk (``pallas_mosaic_gpu.fused_backward_scan``: one program per
+        (row, head) with that many consumer warpgroups, each holding ``Dv / fused_backward`` columns of the state,
+        and as many of ``num_stages`` TMA stages as fit in shared memory).
     """
     chunk: int = 64
     block_v: int = 32
@@ -26,6 +30,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     consumers: int = 0
+    fused_backward: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,9 @@ module turns it into the full operation:
 
   since ``dq_i = sum_{j<=i} lam^(i-j) (dO_i . v_j) k_j + lam^(i+1) dO_i S0^T`` and
   ``dv_j = sum_{i>=j} lam^(i-j) (k_j . q_i) dO_i + lam^(T-1-j) k_j dS_T`` (same-document terms only), and the reverse
-  walk's final state is ``dS0 = sum_i lam^(i+1) q_i^T dO_i + lam^T dS_T``.
+  walk's final state is ``dS0 = sum_i lam^(i+1) q_i^T dO_i + lam^T dS_T``. The two reverse walks carry the same
+  state (transposed): a backend may supply a ``fused_backward`` walk that produces dk, dv and dS0 in one pass (the
+  Mosaic GPU kernel does); with a sequence split its state-only walks are the dv walk's.
 
 The decay rates get no gradient (M1's slopes are fixed buffers); ``lightning`` stops it explicitly.
 """
@@ -75,9 +77,17 @@ def _group_initial_states(local, init, doc_rows, s, layout: RowLayout, reverse: 
     return (incoming[:, ::-1] if reverse else incoming), final
 
 
-def scan_sequence(chunk_scan: Callable, q, k, v, s, init, doc, *, chunk: int, groups: int, reverse: bool):
+def scan_sequence(chunk_scan: Callable, q, k, v, s, init, doc, *, chunk: int, groups: int, reverse: bool,
+                  output_pass: Callable | None = None, extra: tuple = ()):
     """One full walk over [B, T] sequences. q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; s: [H]; init: [B, H, Dk, Dv] or
-    None; doc: [B, T] int32 running document numbers or None. Returns (o [B, T, H, Dv], final state [B, H, Dk, Dv])."""
+    None; doc: [B, T] int32 running document numbers or None.
+
+    ``output_pass`` produces the outputs from the rows: ``output_pass(q, k, v, *extra, s, init, doc, layout=,
+    reverse=) -> (outputs, each [R, L, H, *], final state)``, ``extra`` being more [B, T, H, *] inputs cut into rows
+    the same way; by default ``chunk_scan``'s walk with ``with_output=True`` (one output, o). Its final state must be
+    the walk of ``k, v``'s: a sequence split starts each group's output pass from the incoming state that
+    ``chunk_scan``'s state-only walks of ``k, v`` give. Returns (outputs, each [B, T, H, *], final state
+    [B, H, Dk, Dv])."""
     batch, length, heads, _ = k.shape
     row_len = -(-length // (groups * chunk)) * chunk
     layout = RowLayout(length=row_len, n_valid=length, groups=groups)
@@ -88,35 +98,55 @@ def scan_sequence(chunk_scan: Callable, q, k, v, s, init, doc, *, chunk: int, gr
         return x.reshape((rows, row_len) + x.shape[2:])
 
     q, k, v = (to_rows(_pad_time(x, pad)) for x in (q, k, v))
+    extra = tuple(to_rows(_pad_time(x, pad)) for x in extra)
     doc_norm = doc_rows = None
     if doc is not None:
         doc_rows = to_rows(_pad_time(doc, pad, mode="edge"))
         # Walk-order numbering starting at 0 in every row (chunk_math's convention).
         doc_norm = doc_rows - (doc_rows[:, -1:] if reverse else doc_rows[:, :1])
     walk = functools.partial(chunk_scan, layout=layout, reverse=reverse)
+    if output_pass is None:
+        def output_pass(q, k, v, s, init, doc, *, layout, reverse):
+            o, final = chunk_scan(q, k, v, s, init, doc, layout=layout, reverse=reverse, with_output=True)
+            return (o,), final
+    outputs = functools.partial(output_pass, layout=layout, reverse=reverse)
     if groups == 1:
-        o, final = walk(q, k, v, s, init, doc_norm, with_output=True)
+        outs, final = outputs(q, k, v, *extra, s, init, doc_norm)
     else:
         _, local = walk(None, k, v, s, None, doc_norm, with_output=False)
         split = lambda x: x.reshape((batch, groups) + x.shape[1:])
         incoming, final = _group_initial_states(
             split(local), init, None if doc is None else split(doc_rows), s, layout, reverse)
-        o, _ = walk(q, k, v, s, incoming.reshape(local.shape), doc_norm, with_output=True)
+        outs, _ = outputs(q, k, v, *extra, s, incoming.reshape(local.shape), doc_norm)
         final = final.reshape(batch, heads, *final.shape[2:])
-    o = o.reshape(batch, groups * row_len, heads, o.shape[-1])[:, :length]
-    return o, final
+    outs = tuple(o.reshape(batch, groups * row_len, heads, o.shape[-1])[:, :length] for o in outs)
+    return outs, final
 
 
 @dataclasses.dataclass(frozen=True)
 class _Walker:
-    """Static part of a lightning call (hashable, for ``nondiff_argnums``)."""
+    """Static part of a lightning call (hashable, for ``nondiff_argnums``). ``fused_backward``: the backend's fused
+    backward walk or None (see ``lightning``)."""
     chunk_scan: Callable
     chunk: int
     groups: int
+    fused_backward: Callable | None = None
 
     def __call__(self, q, k, v, s, init, doc, reverse):
-        return scan_sequence(self.chunk_scan, q, k, v, s, init, doc, chunk=self.chunk, groups=self.groups,
-                             reverse=reverse)
+        (o,), final = scan_sequence(self.chunk_scan, q, k, v, s, init, doc, chunk=self.chunk, groups=self.groups,
+                                    reverse=reverse)
+        return o, final
+
+    def fused(self, q, k, v, d_o, s, d_final):
+        """(dk, dv, dS0) from the fused walk; a sequence split's state-only walks are the dv walk's (k=q, v=dO)."""
+        def output_pass(k_, q_, d_o_, v_, s_, init, doc, *, layout, reverse):
+            del doc, reverse  # no documents (``_lightning_bwd``), always the reverse walk
+            dk, dv, final = self.fused_backward(q_, k_, v_, d_o_, s_, init, layout=layout)
+            return (dk, dv), final
+
+        (dk, dv), d_init = scan_sequence(self.chunk_scan, k, q, d_o, s, d_final, None, chunk=self.chunk,
+                                         groups=self.groups, reverse=True, output_pass=output_pass, extra=(v,))
+        return dk, dv, d_init
 
 
 def _swap(state):
@@ -137,19 +167,26 @@ def _lightning_bwd(walker, residuals, cotangents):
     d_o, d_final = cotangents
     d_final = d_final.astype(jnp.float32)
     dq, _ = walker(d_o, v, k, s, _swap(init), doc, reverse=False)
-    dv, d_init = walker(k, q, d_o, s, d_final, doc, reverse=True)
-    dk, _ = walker(v, d_o, q, s, _swap(d_final), doc, reverse=True)
+    if walker.fused_backward is not None and doc is None:
+        dk, dv, d_init = walker.fused(q, k, v, d_o, s, d_final)
+    else:
+        dv, d_init = walker(k, q, d_o, s, d_final, doc, reverse=True)
+        dk, _ = walker(v, d_o, q, s, _swap(d_final), doc, reverse=True)
     return dq, dk, dv, None, None if init is None else d_init, None
 
 
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
-def lightning(chunk_scan: Callable, q, k, v, decay, *, initial_state=None, doc=None, chunk: int, groups: int):
+def lightning(chunk_scan: Callable, q, k, v, decay, *, initial_state=None, doc=None, chunk: int, groups: int,
+              fused_backward: Callable | None = None):
     """Differentiable lightning attention over a backend's ``chunk_scan`` (arguments as in ``scan_sequence``).
 
+    ``fused_backward``: optional backend hook ``fused_backward(q, k, v, d_o, s, init, *, layout) -> (dk, dv, state)``
+    on zero-padded rows without documents (``pallas_mosaic_gpu.fused_backward_scan``'s contract): the two reverse
+    walks of the backward in one pass. Used when given and ``doc`` is None; otherwise three walks.
     Returns (o [B, T, H, Dv] in v's dtype, final state [B, H, Dk, Dv] float32). ``decay`` gets no gradient.
     """
     s = lax.stop_gradient(jnp.asarray(decay, jnp.float32))
-    walker = _Walker(chunk_scan=chunk_scan, chunk=chunk, groups=groups)
+    walker = _Walker(chunk_scan=chunk_scan, chunk=chunk, groups=groups, fused_backward=fused_backward)
     return _lightning(walker, q, k, v, s, initial_state, doc)

@@ -31,8 +31,11 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     if backend not in BACKENDS:
         raise ValueError(f"unknown Pallas backend {backend!r}; choose from {BACKENDS}")
     config = config or DEFAULT_CONFIGS[backend]
+    if config.fused_backward and backend != "mosaic_gpu":
+        raise ValueError(f"fused_backward is a Mosaic GPU kernel option; the {backend} backend walks three times")
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
+    fused_backward = None
     if backend == "triton":
         for name, dim in (("Dk", dk), ("Dv", dv), ("chunk", config.chunk)):
             if dim & (dim - 1) or dim < 1:
@@ -42,6 +45,10 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     elif backend == "mosaic_gpu":
         pallas_mosaic_gpu.check_supported(q.dtype, dk, dv, config, segment_ids is not None)
         scan = functools.partial(pallas_mosaic_gpu.chunk_scan, config=config, interpret=interpret)
+        if config.fused_backward:
+            pallas_mosaic_gpu.check_fused_supported(q.dtype, dk, dv, config)
+            fused_backward = functools.partial(pallas_mosaic_gpu.fused_backward_scan, config=config,
+                                               interpret=interpret)
         tiles = max(dv // pallas_mosaic_gpu.tile_width(config, dv), 1)
         target_programs = pallas_mosaic_gpu.TARGET_PROGRAMS
     else:
@@ -52,5 +59,5 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     # One dtype into the kernels (tensor-core dots need equal operand types); o comes back in v's dtype.
     q, k, v_cast = q, k.astype(q.dtype), v.astype(q.dtype)
     o, final = ops.lightning(scan, q, k, v_cast, decay, initial_state=initial_state, doc=doc,
-                             chunk=config.chunk, groups=groups)
+                             chunk=config.chunk, groups=groups, fused_backward=fused_backward)
     return o.astype(v.dtype), final

@@ -32,6 +32,29 @@ and half the work at ``block_v`` = Dk / 2.
 Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
 scores or the state; the kernel only has to get the decay distances right.
 
+The fused backward walk (``fused_backward_scan``, ``KernelConfig.fused_backward`` = W consumer warpgroups): dk and dv
+from one reverse pass that carries the one state dS [Dk, Dv] = sum (decayed) q_i^T dO_i (``ops``' two reverse walks
+carry it and its transpose). Grid ``(H, rows)``; a producer warpgroup loads q, k, v, dO per chunk; walker w holds
+dS[:, w Dv/W : (w+1) Dv/W] in registers and per chunk (same geometry and decays as the reverse walk above):
+
+    dv[:, w-tile]  = (k q^T * D) dO[:, w-tile]   + w_row * k dS[:, w-tile]
+    dk[:, w-ktile] = (v dO^T * D) q[:, w-ktile]  + w_row * v dS[w-ktile, :]^T     (contracts over the whole Dv)
+    dS[:, w-tile]  = carry * dS[:, w-tile] + q^T (dO[:, w-tile] * w_state)
+
+dv contracts over Dk and dk over Dv, so Dv is split for the state and dv, and Dk for dk: each walker's dk columns
+read the bf16 copy of the whole state in SMEM (which the ``q S`` wgmma operand needs anyway), written tile by tile by
+both walkers; two barriers hand it over per chunk (every walker's tile written; every walker done reading it before
+it is overwritten). So no fp32 partial crosses warpgroups, at the price of each walker computing both [C, C] score
+matrices. Why this shape (at Dk = Dv = 128, chunk 64): one warpgroup holding the whole fp32 state (W = 1) keeps
+128 registers per thread for it, plus 32 for the decay table and up to 96 for a score matrix and a [C, 128]
+accumulator in flight: at the 255-register ceiling, and one warpgroup per SM. Two walkers (W = 2, jax's Hopper
+attention backward has the same producer + 2 consumer shape) keep 64 each, by count ~210 live under their 232 cap,
+and two independent wgmma chains per SM. Splitting dk's output instead (each walker a full [C, Dk] fp32 partial)
+would need a 32 KiB fp32 exchange and sum per chunk. SMEM at D = 128: 64 KiB per TMA stage, 32 KiB state, 48 KiB
+scaled dO and store buffers: 2 stages fit (``fused_stages`` takes the most of ``num_stages`` that fit). One program
+per (row, head): at B1 H64 that is 64 programs, so a sequence split (``groups``; its state-only pass is the
+forward kernel's walk of (q, dO)) is what fills 132 SMs. W = 1 is the natural shape at Dk = Dv = 64.
+
 Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk and Dv multiples of 64, block_v a multiple
 of 32 dividing both and ``width`` dividing both (the backward's walks swap Dk and Dv), 0-2 consumers, chunk 64 or 128,
 the scratch within Hopper's 227 KiB of SMEM (chunk 128 with ``block_v`` 128 does not fit), no segment ids (``doc``):
@@ -359,3 +382,217 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
                     f"{f'_ws{consumers}' if consumers else ''}",
     )(*args)
     return (outs[0], outs[1]) if with_output else (None, outs[0])
+
+
+def fused_smem_bytes(chunk: int, dk: int, dv: int, stages: int, itemsize: int, walkers: int, *,
+                     interpret: bool = False) -> int:
+    """SMEM of one fused backward program: q, k, v, dO slots, the scaled dO tiles, the shared bf16 state, one dk and
+    one dv output buffer (and the scores in interpret mode)."""
+    total = stages * chunk * 2 * (dk + dv) + chunk * dv + dk * dv + chunk * (dk + dv)
+    if interpret:
+        total += walkers * 2 * chunk * chunk
+    return total * itemsize + 8 * (2 * stages + 2)
+
+
+def fused_stages(chunk: int, dk: int, dv: int, itemsize: int, config: KernelConfig) -> int:
+    """TMA stages of the fused walk: the most, up to ``config.num_stages``, whose scratch fits in SMEM (0: none)."""
+    walkers = max(config.fused_backward, 1)
+    return next((st for st in range(config.num_stages, 0, -1)
+                 if fused_smem_bytes(chunk, dk, dv, st, itemsize, walkers) <= SMEM_LIMIT_BYTES), 0)
+
+
+def check_fused_supported(dtype, dk: int, dv: int, config: KernelConfig):
+    """One-line ValueError for what the fused backward walk does not handle (on top of ``check_supported``)."""
+    walkers = config.fused_backward
+    if walkers not in (1, 2) or dk % (32 * walkers) or dv % (32 * walkers):
+        raise ValueError(f"the fused Mosaic GPU backward takes fused_backward = 1 or 2 consumer warpgroups, each "
+                         f"with a multiple of 32 of Dk and Dv; got fused_backward={walkers}, Dk={dk}, Dv={dv}")
+    if not fused_stages(config.chunk, dk, dv, jnp.dtype(dtype).itemsize, config):
+        raise ValueError(f"the fused Mosaic GPU backward does not fit in shared memory at chunk={config.chunk}, "
+                         f"Dk={dk}, Dv={dv}; use chunk 64")
+
+
+def _fused_kernel(*refs, layout: RowLayout, chunk: int, walkers: int, stages: int, has_init: bool,
+                  interpret: bool):
+    refs = list(refs)
+    s_ref, q_ref, k_ref, v_ref, do_ref = refs[:5]
+    del refs[:5]
+    init_ref = refs.pop(0) if has_init else None
+    dk_ref, dv_ref, state_out_ref = refs[:3]
+    (q_smem, k_smem, v_smem, do_smem, dow_smem, st_smem, dk_smem, dv_smem, probs_smem, load_bars, consumed_bars,
+     ready_bar, free_bar) = refs[3:]
+
+    head, row = lax.axis_index("head"), lax.axis_index("row")
+    n_chunks = layout.length // chunk
+    n_valid = layout.row_valid(row)
+    s = s_ref[head]
+    dk, dv = k_ref.shape[-1], v_ref.shape[-1]
+    bv, bk = dv // walkers, dk // walkers
+    shared = walkers > 1  # the state tiles of both walkers are read by both: hand-offs through two barriers
+
+    def issue_loads(step, slot):
+        rows = pl.ds((n_chunks - 1 - step) * chunk, chunk)
+        for ref, smem in ((q_ref, q_smem), (k_ref, k_smem), (v_ref, v_smem), (do_ref, do_smem)):
+            plgpu.copy_gmem_to_smem(ref.at[row, rows, head], smem.at[slot], load_bars.at[slot])
+
+    def walk(w: int):
+        """Walker ``w``: owns dS[:, w*bv:(w+1)*bv] (registers), dv[:, w*bv:...] and dk[:, w*bk:...]."""
+        cols, kcols = pl.ds(w * bv, bv), pl.ds(w * bk, bk)
+        st_cols, dow_w = st_smem.at[:, cols], dow_smem.at[:, cols]
+        if has_init:
+            state0 = plgpu.load(init_ref.at[row, head, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
+        else:
+            state0 = plgpu.layout_cast(jnp.zeros((dk, bv), jnp.float32), plgpu.Layout.WGMMA)
+        st_cols[...] = state0.astype(st_smem.dtype)
+        plgpu.commit_smem()
+        if shared:
+            plgpu.barrier_arrive(ready_bar)
+        i = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 0, layout=plgpu.Layout.WGMMA)
+        j = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 1, layout=plgpu.Layout.WGMMA)
+        decay_cc = _decay(s, j - i, j >= i)  # token j (later) feeds token i in the reverse walk
+
+        def body(step, state):
+            slot = lax.rem(step, stages)
+            c = n_chunks - 1 - step
+            limit = n_valid - c * chunk
+            a = jnp.minimum(limit, 0) - 1
+            b = jnp.minimum(limit, chunk) - 1
+            plgpu.barrier_wait(load_bars.at[slot])
+            q_s, k_s, v_s, do_s = (ref.at[slot] for ref in (q_smem, k_smem, v_smem, do_smem))
+            if shared:
+                plgpu.barrier_wait(ready_bar)  # both state tiles of this chunk are in SMEM
+            w_row = _row_vector(lambda pos: _decay(s, b - pos, pos < limit), chunk)
+
+            def dv_side(acc_s, acc_i):
+                plgpu.wgmma(acc_s, k_s, q_s.T)  # k q^T
+                plgpu.wgmma(acc_i, k_s, st_cols)  # k dS[:, cols]
+                # Token i enters the state decayed to the chunk's start: scale this walker's dO tile.
+                wt = _row_vector(lambda pos: _decay(s, pos - a, pos < limit), chunk)
+                d_o = plgpu.load(do_s.at[:, cols], layout=plgpu.Layout.WGMMA)
+                dow_w[...] = _scale_rows(d_o.astype(jnp.float32), wt).astype(dow_smem.dtype)
+                plgpu.commit_smem()
+                return acc_s[...], acc_i[...]
+
+            scores_v, inter_v = pl.run_scoped(dv_side, plgpu.ACC((chunk, chunk), jnp.float32),
+                                              plgpu.ACC((chunk, bv), jnp.float32))
+
+            def dk_side(acc_s, acc_i):
+                plgpu.wgmma(acc_s, v_s, do_s.T)  # v dO^T over the whole Dv
+                plgpu.wgmma(acc_i, v_s, st_smem.at[kcols].T)  # v dS[kcols, :]^T: both walkers' tiles
+                probs = (scores_v * decay_cc).astype(q_s.dtype)  # under the wgmmas
+                return acc_s[...], acc_i[...], probs, _scale_rows(inter_v, w_row)
+
+            scores_k, inter_k, probs_v, dv0 = pl.run_scoped(dk_side, plgpu.ACC((chunk, chunk), jnp.float32),
+                                                            plgpu.ACC((chunk, bk), jnp.float32))
+            more = step + 1 < n_chunks  # another chunk reads the state written below (every phase is awaited)
+            if shared:
+                @pl.when(more)
+                def _():
+                    plgpu.barrier_arrive(free_bar)  # done reading the shared state
+            probs_k = (scores_k * decay_cc).astype(q_s.dtype)
+            dk0 = _scale_rows(inter_k, w_row)
+            if interpret:  # the interpreter's wgmma reads operands from SMEM only (see _kernel)
+                probs_smem.at[w, 0][...] = probs_v
+                probs_smem.at[w, 1][...] = probs_k
+                plgpu.commit_smem()
+                probs_v, probs_k = probs_smem.at[w, 0], probs_smem.at[w, 1]
+
+            def update(acc_dv, acc_dk, acc_st):
+                plgpu.wgmma(acc_dv, probs_v, do_s.at[:, cols])
+                plgpu.wgmma(acc_dk, probs_k, q_s.at[:, kcols])
+                plgpu.wgmma(acc_st, q_s.T, dow_w)
+
+            carry = jnp.exp(-s * (b - a).astype(jnp.float32))
+            dv_c, dk_c, state = _accumulate(update, (dv0, dk0, state * carry), interpret)
+
+            @pl.when(step + stages < n_chunks)
+            def _():
+                plgpu.barrier_arrive(consumed_bars.at[slot])
+
+            rows = pl.ds(c * chunk, chunk)
+            for grad, smem, ref, out_cols in ((dv_c, dv_smem, dv_ref, cols), (dk_c, dk_smem, dk_ref, kcols)):
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this buffer's previous store has read it
+                smem.at[w][...] = grad.astype(smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(smem.at[w], ref.at[row, rows, head, out_cols])
+            @pl.when(more)
+            def _():
+                if shared:
+                    plgpu.barrier_wait(free_bar)  # the other walker is done with this chunk's state tiles
+                st_cols[...] = state.astype(st_smem.dtype)
+                plgpu.commit_smem()
+                if shared:
+                    plgpu.barrier_arrive(ready_bar)
+            return state
+
+        state = lax.fori_loop(0, n_chunks, body, state0)
+        state_out_ref.at[row, head, :, cols][...] = state
+        plgpu.wait_smem_to_gmem(0)
+
+    wg = lax.axis_index("wg")
+    for w in range(walkers):
+        @pl.when(wg == w)
+        def _():
+            plgpu.set_max_registers(_consumer_registers(walkers), action="increase")
+            walk(w)
+
+    @pl.when(wg == walkers)
+    def _():
+        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+        for step in range(min(stages, n_chunks)):
+            issue_loads(step, step)
+        if n_chunks > stages:
+            @pl.loop(stages, n_chunks)
+            def _(step):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(consumed_bars.at[slot])  # every walker is done with the chunk step - stages
+                issue_loads(step, slot)
+
+
+def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: KernelConfig,
+                        interpret: bool = False):
+    """The backward's two reverse walks in one: dk, dv and the reverse walk's final state from one pass.
+
+    q, k: [R, L, H, Dk]; v, d_o: [R, L, H, Dv] (zero-padded rows, L a multiple of ``config.chunk``); s: [H];
+    init: [R, H, Dk, Dv] float32 state entering the reverse walk (the gradient of the forward's final state) or None.
+    Returns (dk [R, L, H, Dk], dv [R, L, H, Dv] in the inputs' dtype, state [R, H, Dk, Dv] float32): the outputs of
+    ``ops``' reverse walks (q=k, k=q, v=dO) and (q=v, k=dO, v=q) and the first one's final state.
+    """
+    rows, length, heads, dk = k.shape
+    dv = v.shape[-1]
+    chunk = config.chunk
+    check_supported(k.dtype, dk, dv, config, False)
+    check_fused_supported(k.dtype, dk, dv, config)
+    if length % chunk:
+        raise ValueError(f"L={length} must be a multiple of the chunk {chunk}")
+    walkers = config.fused_backward
+    n_chunks = length // chunk
+    stages = max(1, min(fused_stages(chunk, dk, dv, jnp.dtype(k.dtype).itemsize, config), n_chunks))
+    dtype = k.dtype
+    t = _smem_transforms(min(dk, dv) // walkers, dtype)
+    scratch = [
+        plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # q
+        plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # k
+        plgpu.SMEM((stages, chunk, dv), dtype, transforms=t),  # v
+        plgpu.SMEM((stages, chunk, dv), dtype, transforms=t),  # dO
+        plgpu.SMEM((chunk, dv), dtype, transforms=t),  # dO scaled by its state decay (walker w: its Dv tile)
+        plgpu.SMEM((dk, dv), dtype, transforms=t),  # the state rounded to the input dtype (walker w writes its tile)
+        plgpu.SMEM((walkers, chunk, dk // walkers), dtype, transforms=t),  # dk store buffer (TMA: one per walker)
+        plgpu.SMEM((walkers, chunk, dv // walkers), dtype, transforms=t),  # dv store buffer
+        plgpu.SMEM((walkers, 2, chunk, chunk), dtype, transforms=t) if interpret else None,  # scores
+        plgpu.Barrier(num_arrivals=4, num_barriers=stages),  # one arrival per TMA copy
+        plgpu.Barrier(num_arrivals=walkers, num_barriers=stages),  # slot free again
+        plgpu.Barrier(num_arrivals=walkers, num_barriers=1),  # the state tiles are written
+        plgpu.Barrier(num_arrivals=walkers, num_barriers=1),  # the state tiles are read
+    ]
+    out_type = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype),
+                jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)]
+    args = [s, q, k, v, d_o] + ([init] if init is not None else [])
+    kernel = functools.partial(_fused_kernel, layout=layout, chunk=chunk, walkers=walkers, stages=stages,
+                               has_init=init is not None, interpret=interpret)
+    dk_out, dv_out, state = plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch, grid=(heads, rows), grid_names=("head", "row"),
+        num_threads=walkers + 1, thread_name="wg", interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name=f"lightning_mgpu_bwd_fused{walkers}",
+    )(*args)
+    return dk_out, dv_out, state

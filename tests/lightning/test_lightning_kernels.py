@@ -4,7 +4,8 @@ oracle.
 Forward output, final state and every gradient (dq, dk, dv, d_initial_state), on odd lengths, several chunk sizes,
 Dv tiles and sequence-group counts (including a group wholly in the padding), with and without segment ids and an
 initial state. The Mosaic GPU kernel takes bf16, head dims that are multiples of 64 and no segment ids; its backward
-walks run the same kernel (Dk and Dv swap there, hence the Dk != Dv case).
+walks run the same kernel (Dk and Dv swap there, hence the Dk != Dv case), or dk and dv come from its fused backward
+walk.
 """
 from __future__ import annotations
 
@@ -39,16 +40,26 @@ MOSAIC_STAGED = [
     (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 64, 64, 64, 1, False, False), 1, 1),  # one slot: load waits for use
     (("mosaic_gpu", "bfloat16", 1, 100, 1, 128, 128, 64, 64, 1, False, True), 2, 3),  # 128-wide, fewer chunks than slots
 ]
+# Mosaic GPU with the fused backward walk (dk, dv and d_init in one reverse pass): (case as above, stages, consumer
+# warpgroups of the fused walk). The forward and dq walks are the forward kernel's.
+MOSAIC_FUSED = [
+    (("mosaic_gpu", "bfloat16", 1, 150, 2, 64, 64, 64, 64, 1, False, True), 4, 1),  # one walker, partial last chunk
+    (("mosaic_gpu", "bfloat16", 1, 150, 1, 128, 128, 64, 64, 1, False, True), 2, 2),  # two walkers share the state
+    (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 128, 64, 64, 3, False, False), 2, 2),  # split, Dk != Dv (32-wide dk)
+    (("mosaic_gpu", "bfloat16", 1, 130, 1, 64, 64, 64, 32, 4, False, True), 1, 2),  # group 3 all padding, 1 slot
+]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
-@pytest.mark.parametrize("case,consumers,stages", [(c, 0, None) for c in CASES] + MOSAIC_STAGED,
+@pytest.mark.parametrize("case,consumers,stages,fused",
+                         [(c, 0, None, 0) for c in CASES] + [(*c, 0) for c in MOSAIC_STAGED]
+                         + [(c, 0, stages, walkers) for c, stages, walkers in MOSAIC_FUSED],
                          ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None)
-def test_forward_and_gradients_match_oracle(case, consumers, stages, lt):
+def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
     prob = lt.random_problem(sum(case[2:8]), batch, length, heads, dk, dv, segments=segments, init=init)
     config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups, consumers=consumers,
-                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages)
+                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused)
     cast = lambda x: jnp.asarray(x, dtype)
     # The oracle sees exactly the (rounded) inputs the kernel sees.
     q, k, v, d_o = (np.asarray(cast(prob[n]).astype(jnp.float32)) for n in ("q", "k", "v", "d_o"))
@@ -100,6 +111,13 @@ def test_decay_gets_no_gradient(lt):
     assert not np.any(np.asarray(grad))
 
 
+def test_fused_backward_is_mosaic_gpu_only():
+    x = jnp.zeros((1, 8, 1, 16))
+    with pytest.raises(ValueError, match="Mosaic GPU kernel option"):
+        pallas.lightning_attention_pallas(x, x, x, jnp.ones(1), config=KernelConfig(chunk=8, fused_backward=1),
+                                          interpret=True)
+
+
 def test_triton_rejects_non_power_of_two_head_dim():
     x = jnp.zeros((1, 4, 1, 12))
     with pytest.raises(ValueError, match="power-of-two"):
@@ -115,13 +133,16 @@ def test_triton_rejects_non_power_of_two_head_dim():
     ("shared memory", jnp.bfloat16, (128, 128), 128, False, "shared memory"),
     ("consumers", jnp.bfloat16, (64, 64), 64, False, "consumer warpgroups"),
     ("consumer tiles", jnp.bfloat16, (128, 64), 64, False, "times the consumers"),
+    ("fused walkers", jnp.bfloat16, (128, 128), 64, False, "1 or 2 consumer warpgroups"),
+    ("fused shared memory", jnp.bfloat16, (128, 128), 128, False, "fused Mosaic GPU backward does not fit"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
     v = jnp.zeros((1, 8, 1, dims[1]), dtype)
-    block_v = {"tile": 16, "consumer tiles": 64}.get(what, 128)
+    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64}.get(what, 128)
     consumers = {"consumers": 3, "consumer tiles": 2}.get(what, 0)
-    config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=2, consumers=consumers)
+    config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=2, consumers=consumers,
+                          fused_backward={"fused walkers": 3, "fused shared memory": 2}.get(what, 0))
     segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
     with pytest.raises(ValueError, match=match):
         pallas.lightning_attention_pallas(q, q, v, jnp.ones(1), segment_ids=segment_ids, backend="mosaic_gpu",

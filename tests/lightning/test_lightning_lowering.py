@@ -107,6 +107,34 @@ def test_mosaic_gpu_lowering_exports_for_cuda(config):
     assert text.count(MOSAIC_GPU_CALL_TARGET) == (EXPECTED_CALLS if config.groups > 1 else EXPECTED_CALLS // 2)
 
 
+@pytest.mark.parametrize("dim,config,calls", [
+    # forward + dq walks, then one fused walk for dk and dv (two consumer warpgroups, 64 state columns each)
+    (128, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=2), 3),
+    # a split doubles each walk: a state-only pass, then the output (or fused) pass
+    (128, KernelConfig(chunk=64, block_v=64, num_stages=2, groups=2, fused_backward=2), 6),
+    # one consumer warpgroup holding the whole [128, 128] fp32 state (128 registers per thread)
+    (128, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=1), 3),
+    # m1-1b's heads: one consumer warpgroup holds the whole [64, 64] state
+    (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=1), 3),
+    (64, KernelConfig(chunk=64, block_v=32, num_stages=3, groups=1, fused_backward=2), 3),
+])
+def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
+    """The fused backward walk's lowering for sm_90a (TMA, wgmma, the walkers' barriers, its SMEM budget)."""
+    def f(q, k, v, s, init):
+        def loss(q, k, v, init):
+            o, final = pallas.lightning_attention_pallas(q, k, v, s, initial_state=init, backend="mosaic_gpu",
+                                                         config=config)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, init)
+
+    sds = jax.ShapeDtypeStruct
+    x = sds((B, T, H, dim), jnp.bfloat16)
+    args = (x, x, x, sds((H,), jnp.float32), sds((B, H, dim, dim), jnp.float32))
+    text = export.export(jax.jit(f), platforms=("cuda",))(*args).mlir_module()
+    assert text.count(MOSAIC_GPU_CALL_TARGET) == calls
+    assert text.count("lightning_mgpu_bwd_fused") >= 1
+
+
 def test_switching_hopper_to_mosaic_lowers_the_mosaic_kernel_for_an_h200(monkeypatch):
     """The one-line GPU_DEFAULT switch, end to end: implementation=None exported for cuda on an (abstract) H200 runs
     the Mosaic kernel without segment ids and keeps the Triton kernel for packed documents."""
