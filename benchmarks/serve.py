@@ -18,12 +18,15 @@ Parts (``--parts``; each records its numbers or its error, and the run goes on):
 * decode: one engine decode step at --decode_batch rows of --decode_context tokens each (pools filled with a
   constant), against the time to read the KV cache, the lightning states (read and written) and the weights without
   the embedding table once, at the copy bandwidth measured in the same run and at the card's nominal bandwidth
-  (--nominal_bandwidth_gbs); target within 2x.
+  (--nominal_bandwidth_gbs); target within 2x. Two measures: one synchronous step (inputs over, the program, results
+  back), and the steady-state time per step of --decode_reps back-to-back ``ContinuousEngine.step`` calls at that
+  shape, pipelined (``EngineConfig.overlap``: step N + 1 dispatched before step N is read back) and synchronous.
 * profile: where the time of the decode step (--decode_batch x --decode_context) and of a warm prefix request goes.
   Decode: the step's wall time, the compiled program alone on device-resident inputs (the rest is host work: page
   tables, padding, transfers, dispatch), a ``jax.profiler`` trace of --profile_steps steps summed per kernel (the top
   kernels, kernel categories, device busy time against the wall time, host<->device copies), and the paged attention
-  kernel alone at the step's page-table width and at the width the engine used before (one page more than 128K).
+  kernel alone at the step's page-table width and at the width the engine used before (one page more than 128K);
+  then the pipelined engine's steady state: its time per step and the trace of --profile_steps engine steps.
   Warm request (a --prefix_tokens prefix cached, --prefix_suffix new tokens): its TTFT split into the prefix-cache
   lookup, the snapshot restore (and copy-on-write page), the prefill program, the first token's sampling and the
   rest (host bookkeeping), each device part timed to completion, and the top kernels of its trace. About 2 minutes
@@ -268,7 +271,46 @@ def _decode_setup(s, cfg, split):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, batch).tolist()  # distinct tokens: the rows spread over the experts
     rows = row_settings([], batch, config.max_stop_tokens)
-    return device, (tokens, list(range(1, batch + 1)), pages, [context] * batch, rows)
+    return device, (tokens, [False] * batch, list(range(1, batch + 1)), pages, [context] * batch, rows, False)
+
+
+def _decoding_engine(s, cfg, split, overlap: bool, steps: int):
+    """A ContinuousEngine with --decode_batch requests decoding at --decode_context tokens each, for ``steps`` more
+    decode steps: 1-token prompts are admitted and prefilled as the engine does it, then their lengths are set to the
+    context (the pools hold a constant, as in ``_decode_setup``, so the cached tokens are whatever the lengths say;
+    each request's pages, allocated at admission for its max_tokens, cover them). Sampled at temperature 1 with a
+    seed per request (no top-k / top-p: the step runs without the sort), so the rows spread over the experts."""
+    import jax
+    import jax.numpy as jnp
+
+    from m1jax.serve.config import EngineConfig
+    from m1jax.serve.engine import ContinuousEngine
+    from m1jax.serve.types import SamplingParams
+    batch, context = s["decode_batch"], s["decode_context"]
+    max_tokens = context + steps + 2
+    config = EngineConfig(max_batch=batch, max_context=1 + max_tokens, page_size=s["page_size"],
+                          min_decode_rows=batch, min_context_bucket=1 + max_tokens, token_budget=batch + 512,
+                          prefix_cache_bytes=0, overlap=overlap)
+    engine = ContinuousEngine(split, config)
+    engine.device.pools = jax.tree_util.tree_map(lambda a: jnp.full_like(a, 0.01), engine.device.pools)
+    rng = np.random.default_rng(0)
+    for i in range(batch):
+        engine.submit([int(rng.integers(0, cfg.vocab_size))], SamplingParams(max_tokens=max_tokens, seed=i))
+    while len(engine._active) < batch or any(r.next_token is None for r in engine._active.values()):
+        engine.step()
+    for request in engine._active.values():
+        request.length = context
+    return engine
+
+
+def _engine_step_ms(engine, warm: int, reps: int) -> float:
+    """Steady-state wall time per ``engine.step()`` (ms): ``warm`` steps first (compiling, filling the pipeline)."""
+    for _ in range(warm):
+        engine.step()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        engine.step()
+    return 1e3 * (time.perf_counter() - t0) / reps
 
 
 def _floor_bytes(cfg, split, device, batch: int, context: int) -> tuple[int, int, int]:
@@ -281,16 +323,21 @@ def _floor_bytes(cfg, split, device, batch: int, context: int) -> tuple[int, int
     return weight_bytes, kv_bytes * batch * context, 2 * batch * device.snapshot_bytes
 
 
+def _sync_step(device, args):
+    """One synchronous decode step: inputs over, the program, results back."""
+    return device.fetch(device.decode(*args))
+
+
 def part_decode(s, cfg, split, results):
     batch, context = s["decode_batch"], s["decode_context"]
     device, args = _decode_setup(s, cfg, split)
     t0 = time.perf_counter()
-    device.decode(*args)
+    _sync_step(device, args)
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(s["decode_reps"]):
         t0 = time.perf_counter()
-        device.decode(*args)
+        _sync_step(device, args)
         times.append(time.perf_counter() - t0)
     step = float(np.median(times))
     weight_bytes, kv_bytes, state_bytes = _floor_bytes(cfg, split, device, batch, context)
@@ -301,8 +348,14 @@ def part_decode(s, cfg, split, results):
                          "copy_bandwidth_gbs": bandwidth,
                          "floor_ms_measured_bw": 1e3 * floor / (bandwidth * 1e9),
                          "floor_ms_nominal_bw": 1e3 * floor / (s["nominal_bandwidth_gbs"] * 1e9)}
-    results["decode"]["ratio_to_floor"] = results["decode"]["step_ms"] / results["decode"]["floor_ms_measured_bw"]
+    d = results["decode"]
+    d["ratio_to_floor"] = d["step_ms"] / d["floor_ms_measured_bw"]
     del device
+    for name, overlap in (("pipelined", True), ("engine_sync", False)):
+        engine = _decoding_engine(s, cfg, split, overlap, steps=s["decode_reps"] + 4)
+        d[f"{name}_step_ms"] = _engine_step_ms(engine, 3, s["decode_reps"])
+        d[f"{name}_ratio_to_floor"] = d[f"{name}_step_ms"] / d["floor_ms_measured_bw"]
+        del engine
     results["decode"]["paged_attention"] = _paged_attention_split(cfg, batch, context, s["page_size"], bandwidth,
                                                                   s["decode_reps"])
 
@@ -419,20 +472,20 @@ def _profile_decode(s, cfg, split) -> dict:
 
     from m1jax.serve import programs
     device, args = _decode_setup(s, cfg, split)
-    tokens, slots, pages, lengths, rows = args
-    device.decode(*args)  # compiles
+    tokens, fed_back, slots, pages, lengths, rows, filtering = args
+    _sync_step(device, args)  # compiles
     wall = []
     for _ in range(s["decode_reps"]):
         t0 = time.perf_counter()
-        device.decode(*args)
+        _sync_step(device, args)
         wall.append(time.perf_counter() - t0)
     width = device.table_width(max(lengths) + 1, decode=True)
-    inputs = jax.device_put((np.asarray(tokens, np.int32), np.asarray(slots, np.int32),
+    inputs = jax.device_put((np.asarray(tokens, np.int32), np.asarray(fed_back, bool), np.asarray(slots, np.int32),
                              device._table(pages, len(tokens), width), np.asarray(lengths, np.int32), rows))
 
     def program_only():
-        sampled, device.pools = programs._decode_jit(device.static, device.params, device.pools, *inputs,
-                                                     device.repeats)
+        sampled, device.pools, device.feedback = programs._decode_jit(
+            device.static, device.params, device.pools, device.feedback, *inputs, device.repeats, filtering)
         jax.block_until_ready(sampled)
 
     program_only()
@@ -446,7 +499,7 @@ def _profile_decode(s, cfg, split) -> dict:
     out["host_ms"] = out["step_wall_ms"] - out["program_ms"]
     out["floor_bytes"] = sum(_floor_bytes(cfg, split, device, len(tokens), lengths[0]))
     try:
-        out["trace"] = _device_trace(lambda: device.decode(*args), s["profile_steps"])
+        out["trace"] = _device_trace(lambda: _sync_step(device, args), s["profile_steps"])
     except Exception as e:  # noqa: BLE001  (no profiler on this host: the timings above still stand)
         out["trace"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     del device, inputs
@@ -458,6 +511,14 @@ def _profile_decode(s, cfg, split) -> dict:
         f"width_{w}": _paged_attention_split(cfg, len(tokens), lengths[0], s["page_size"], bandwidth,
                                              s["decode_reps"], width=w)
         for w in sorted({width, old_width})}
+    engine = _decoding_engine(s, cfg, split, True, steps=s["decode_reps"] + s["profile_steps"] + 4)
+    pipelined = {"step_ms": _engine_step_ms(engine, 3, s["decode_reps"])}
+    pipelined["ratio_to_floor"] = pipelined["step_ms"] / out["floor_ms"]
+    try:
+        pipelined["trace"] = _device_trace(engine.step, s["profile_steps"])
+    except Exception as e:  # noqa: BLE001
+        pipelined["trace"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    out["pipelined"] = pipelined
     return out
 
 
@@ -547,6 +608,10 @@ def _table(results) -> str:
         lines.append(f"  decode step {d['batch']} x {d['context']}: {d['step_ms']:.2f} ms; floor "
                      f"{d['floor_ms_measured_bw']:.2f} ms at {d['copy_bandwidth_gbs']:.0f} GB/s "
                      f"({d['ratio_to_floor']:.2f}x, target <= 2x; {d['floor_ms_nominal_bw']:.2f} ms at nominal)")
+        if "pipelined_step_ms" in d:
+            lines.append(f"    engine steady state per step: pipelined {d['pipelined_step_ms']:.2f} ms "
+                         f"({d['pipelined_ratio_to_floor']:.2f}x the floor), synchronous "
+                         f"{d['engine_sync_step_ms']:.2f} ms ({d['engine_sync_ratio_to_floor']:.2f}x)")
         for name, r in d.get("paged_attention", {}).items():
             if isinstance(r, dict) and "layer_ms" in r:
                 lines.append(f"    paged attention {name}: {r['layer_ms']:.2f} ms per layer x "
@@ -593,6 +658,11 @@ def _profile_table(p) -> list[str]:
                 if isinstance(v, dict) and "layer_ms" in v:
                     lines.append(f"    paged attention {name} at {key}: {v['layer_ms']:.2f} ms per layer "
                                  f"({v['ratio_to_layer_floor']:.2f}x its KV read)")
+        pipe = d.get("pipelined")
+        if isinstance(pipe, dict) and "step_ms" in pipe:
+            lines.append(f"  profile: pipelined engine steady state: {pipe['step_ms']:.2f} ms per step "
+                         f"({pipe['ratio_to_floor']:.2f}x the floor)")
+            lines += _trace_lines(pipe.get("trace"))
     w = p.get("warm_prefix")
     if isinstance(w, dict) and "warm_ttft_ms" in w:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in w["parts_ms"].items())

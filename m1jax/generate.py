@@ -133,11 +133,14 @@ def _column(x: jax.Array) -> jax.Array:
     return jnp.reshape(x, (-1, 1))
 
 
-def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+def filter_logits(logits: jax.Array, sampling: Sampling, active: bool | None = None) -> jax.Array:
     """logits [B, V] f32 -> logits / temperature with tokens outside top-k / top-p set to -inf.
 
     One descending sort serves both filters (temperature does not change the order); the sort is skipped when no
     row filters. Ties at a threshold are kept. The knobs are scalars or [B] (``Sampling``).
+    ``active``: whether any row filters, when the caller knows it (a static bool: the program has no branch; a
+    serving engine knows every row's settings), or None to decide on the device (a ``lax.cond``, whose predicate a
+    GPU runtime reads back on the host mid-program). Rows that do not filter come out the same either way.
     """
     temperature = _column(jnp.where(sampling.temperature > 0, sampling.temperature, 1.0))
     scaled = logits / temperature
@@ -154,8 +157,9 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
         threshold = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
-    active = jnp.any((sampling.top_k > 0) | (sampling.top_p < 1))
-    return jax.lax.cond(active, filtered, lambda s: s, scaled)
+    if active is None:
+        return jax.lax.cond(jnp.any((sampling.top_k > 0) | (sampling.top_p < 1)), filtered, lambda s: s, scaled)
+    return filtered(scaled) if active else scaled
 
 
 def _is_key_batch(key: jax.Array) -> bool:
@@ -164,15 +168,16 @@ def _is_key_batch(key: jax.Array) -> bool:
     return key.ndim == (1 if typed else 2)
 
 
-def sample_tokens(key: jax.Array, logits: jax.Array, sampling: Sampling):
+def sample_tokens(key: jax.Array, logits: jax.Array, sampling: Sampling, filtering: bool | None = None):
     """logits [B, V] f32 -> (tokens [B] int32, logp under the sampling distribution [B], raw-model logp [B],
     raw-model max probability [B]).
 
     ``key`` is one PRNG key for the batch, or one per row ([B]: a row's draws then depend only on its own key, so a
     request samples the same tokens whatever it is batched with). ``sampling`` knobs are scalars or [B].
+    ``filtering``: ``filter_logits``'s ``active``.
     """
     model_logp = jax.nn.log_softmax(logits, axis=-1)
-    filtered = filter_logits(logits, sampling)
+    filtered = filter_logits(logits, sampling, filtering)
     greedy = sampling.temperature <= 0
     if _is_key_batch(key):
         sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row, axis=-1))(key, filtered)

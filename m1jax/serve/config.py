@@ -27,6 +27,8 @@ class EngineConfig(Config):
                                    help="KV page dtype (None: the model's compute dtype)")
     max_stop_tokens: int = setting(8, help="stop tokens per request (a fixed count keeps shapes static)")
     seed: int = setting(0, help="draws the seeds of requests that give none")
+    overlap: bool = setting(True, help="dispatch decode step N + 1 before reading step N back (its tokens are fed "
+                                       "on the device); a stop is then seen one step late")
 
     def validate(self) -> None:
         for name in ("max_batch", "max_context", "page_size", "chunk_size", "token_budget", "snapshot_interval",

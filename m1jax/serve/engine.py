@@ -6,7 +6,10 @@ One step (``_step``, on the engine thread):
    longest cached prefix (at most prompt - 1 tokens: the last prompt token is always computed, for its logits),
    share its full pages, copy its partly filled last page, restore its lightning snapshot into the slot, and
    allocate every other page the request can ever need (so a running request never waits for memory);
-2. decode: every request that has a sampled token feeds it and samples the next, all in one call;
+2. decode: every request that has a sampled token feeds it and samples the next, all in one call. With
+   ``EngineConfig.overlap`` the call is dispatched before the previous step's results are read back: a row that
+   continues feeds the token the previous step sampled for it on the device, and the host reads step N (streams
+   its tokens, finishes requests) while the device runs step N + 1 (see ``_decode``);
 3. prefill: with the step's remaining token budget, prompt chunks of the requests still prefilling, oldest first.
    A chunk ends at the next multiple of ``chunk_size`` or of ``snapshot_interval`` or at the prompt's end, so its
    boundaries depend only on positions: a request that starts from a cached prefix computes the same chunks, with
@@ -27,7 +30,7 @@ from m1jax.serve.config import EngineConfig
 from m1jax.serve.loop import FINISH_BY_STOP_REASON, EngineLoop
 from m1jax.serve.pages import PagePool
 from m1jax.serve.prefix_cache import PrefixCache
-from m1jax.serve.programs import DevicePrograms, row_settings
+from m1jax.serve.programs import DevicePrograms, row_settings, uses_filters
 from m1jax.serve.requests import Request
 
 
@@ -61,6 +64,7 @@ class ContinuousEngine(EngineLoop):
         self.prefix_cache = PrefixCache(config.snapshot_interval, config.prefix_cache_bytes, self.device.page_bytes,
                                         self.device.snapshot_bytes, self.pages)
         self._free_slots = list(range(config.max_batch, 0, -1))  # slot 0 is scratch
+        self._in_flight = None  # (requests, device Sampled) of a decode step dispatched and not read back yet
 
     def warmup(self) -> None:
         """Compile every bucketed program now (serving then compiles nothing)."""
@@ -97,9 +101,15 @@ class ContinuousEngine(EngineLoop):
     def _step(self, new: list[Request]) -> bool:
         self._waiting.extend(new)
         admitted = self._admit()
-        decoding = [r for r in self._active.values() if r.next_token is not None]
-        if decoding:
-            self._decode(decoding)
+        # A request whose tokens in flight reach max_tokens is done whatever they are: it gets no further step.
+        decoding = [r for r in self._active.values()
+                    if r.next_token is not None and len(r.tokens) + r.pending < r.params.max_tokens]
+        previous = self._in_flight
+        self._in_flight = self._decode(decoding) if decoding else None
+        if not self.config.overlap:
+            previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            self._read(*previous)
         budget = self.config.token_budget - len(decoding)
         prefilled = False
         for request in [r for r in self._active.values() if r.prefilling]:
@@ -110,7 +120,7 @@ class ContinuousEngine(EngineLoop):
                 budget -= end - request.length
                 self._prefill_chunk(request, end)
                 prefilled = True
-        return bool(admitted or decoding or prefilled)
+        return bool(admitted or decoding or previous or prefilled)
 
     def _chunk_end(self, request: Request) -> int:
         """End of the next prompt chunk: the next multiple of chunk_size or snapshot_interval, or the prompt end."""
@@ -174,17 +184,37 @@ class ContinuousEngine(EngineLoop):
             request.node = node if node.alive else None
         if not request.prefilling:
             request.node = None
-            sampled = self.device.sample(logits, row_settings([request], 1, self.config.max_stop_tokens))
+            sampled = self.device.sample(logits, row_settings([request], 1, self.config.max_stop_tokens),
+                                         uses_filters([request]))
             self._record(request, sampled, 0)
 
-    def _decode(self, requests: list[Request]) -> None:
+    def _decode(self, requests: list[Request]) -> tuple:
+        """Dispatch one decode step for ``requests`` (not waited for) -> what ``_read`` takes.
+
+        A request with a step in flight feeds the token that step samples, on the device; the others feed
+        ``next_token``. The host knows the step's inputs without its predecessor's results: a request's pages are
+        fixed at admission, its length and counter advance by one per step. A request that the step in flight
+        finishes (stop token, truncation) still runs in this step and its row is discarded: it writes position
+        ``length``, inside its own pages (a request past max_tokens gets no step), and its slot, which a next owner
+        restores or starts from zero after this step (device calls run in order: the pools go through every one).
+        """
         rows = self.device.row_bucket(len(requests))
-        sampled = self.device.decode([r.next_token for r in requests], [r.slot for r in requests],
-                                     [r.pages for r in requests], [r.length for r in requests],
-                                     row_settings(requests, rows, self.config.max_stop_tokens))
-        for i, request in enumerate(requests):
+        sampled = self.device.decode([r.next_token for r in requests], [r.pending > 0 for r in requests],
+                                     [r.slot for r in requests], [r.pages for r in requests],
+                                     [r.length for r in requests],
+                                     row_settings(requests, rows, self.config.max_stop_tokens), uses_filters(requests))
+        for request in requests:
             request.length += 1
-            self._record(request, sampled, i)
+            request.pending += 1
+        return requests, sampled
+
+    def _read(self, requests: list[Request], sampled) -> None:
+        """Read a decode step back and record its rows (a request finished or cancelled since: row discarded)."""
+        sampled = self.device.fetch(sampled)
+        for i, request in enumerate(requests):
+            if self._active.get(request.request_id) is request:
+                request.pending -= 1
+                self._record(request, sampled, i)
 
     def _record(self, request: Request, sampled, row: int) -> None:
         """Stream row ``row`` of a sampling step's outputs and finish the request if it is done."""

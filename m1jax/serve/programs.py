@@ -5,8 +5,12 @@ state compiles nothing):
 * ``prefill``: one prompt chunk [1, L] (L a chunk bucket, right-padded) -> next-token logits after its last real
   token; writes the chunk's keys and values into the sequence's pages and its lightning state into its slot.
 * ``decode``: one token for each of R rows (R a row bucket; padding rows use scratch slot 0 and page 0), then per-row
-  sampling and stop rules (``m1jax.generate``'s functions with per-row settings and keys).
+  sampling and stop rules (``m1jax.generate``'s functions with per-row settings and keys). A row feeds either a
+  token from the host or the token (and truncation run) that the previous step sampled for its slot, kept on the
+  device (``feedback``): so the engine can dispatch step N + 1 before it reads step N back (``EngineConfig.overlap``).
 * ``sample``: the first token of a request from its last prefill logits (the same sampling code).
+``decode`` and ``sample`` compile a filtering and a non-filtering variant (a static bool: does any row use top-k or
+top-p); the host knows every row's settings, so the program has no device-side branch.
 * ``snapshot`` / ``restore``: a slot's lightning states out to the prefix cache and back into a slot.
 * ``copy_page``: copy-on-write of a partly filled shared page, in every softmax layer.
 The page-table width of a call is a context bucket (a power of two of pages; a decode call's widest one a multiple the
@@ -101,11 +105,12 @@ class Sampled:
     stop_reason: jax.Array
 
 
-def sample_rows(logits: jax.Array, rows: RowSettings) -> Sampled:
-    """logits [R, V] f32 -> one token per row with its own settings and key, and the stop rules applied."""
+def sample_rows(logits: jax.Array, rows: RowSettings, filtering: bool) -> Sampled:
+    """logits [R, V] f32 -> one token per row with its own settings and key, and the stop rules applied.
+    ``filtering``: whether any row uses top-k or top-p (static)."""
     keys = jax.vmap(lambda seed, counter: jax.random.fold_in(jax.random.key(seed), counter))(rows.seeds,
                                                                                             rows.counters)
-    tokens, _, model_logp, _ = sample_tokens(keys, logits, rows.sampling)
+    tokens, _, model_logp, _ = sample_tokens(keys, logits, rows.sampling, filtering)
     zeros = jnp.zeros_like(rows.run)
     done, run, reason = update_stop_state(rows.stop, tokens, model_logp, jnp.zeros(zeros.shape, bool), rows.run, zeros)
     return Sampled(tokens, model_logp, done, run, reason)
@@ -120,17 +125,25 @@ def _prefill(static, params, pools, tokens, slots, page_table, lengths, num_new,
     return model.logits(last), out.cache.layers
 
 
-def _decode(static, params, pools, tokens, slots, page_table, lengths, rows, repeats):
+def _decode(static, params, pools, feedback, tokens, fed_back, slots, page_table, lengths, rows, repeats, filtering):
+    """Rows with ``fed_back`` [R] bool feed ``feedback["tokens"][slot]`` and continue the truncation run
+    ``feedback["run"][slot]`` (what the previous step sampled for the slot) instead of ``tokens`` and ``rows.run``;
+    every row's sampled token and run go back to ``feedback`` at its slot (padding rows: scratch slot 0)."""
     TRACE_COUNTS["decode"] += 1
+    tokens = jnp.where(fed_back, feedback["tokens"][slots], tokens)
+    rows = dataclasses.replace(rows, run=jnp.where(fed_back, feedback["run"][slots], rows.run))
     model = nnx.merge(static.graphdef, params)
     cache = PagedCache(pools, slots, page_table, lengths, jnp.ones_like(lengths), repeats)
     out = model.backbone(tokens[:, None], cache=cache)
-    return sample_rows(model.logits(out.hidden[:, 0]), rows), out.cache.layers
+    sampled = sample_rows(model.logits(out.hidden[:, 0]), rows, filtering)
+    feedback = {"tokens": feedback["tokens"].at[slots].set(sampled.tokens),
+                "run": feedback["run"].at[slots].set(sampled.run)}
+    return sampled, out.cache.layers, feedback
 
 
-def _sample(logits, rows):
+def _sample(logits, rows, filtering):
     TRACE_COUNTS["sample"] += 1
-    return sample_rows(logits, rows)
+    return sample_rows(logits, rows, filtering)
 
 
 def _snapshot(pools, slot):
@@ -153,8 +166,8 @@ def _copy_page(pools, src, dst, repeats):
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=(0, 8), donate_argnums=2)
-_decode_jit = jax.jit(_decode, static_argnums=(0, 8), donate_argnums=2)
-_sample_jit = jax.jit(_sample)
+_decode_jit = jax.jit(_decode, static_argnums=(0, 10, 11), donate_argnums=(2, 3))
+_sample_jit = jax.jit(_sample, static_argnums=2)
 _snapshot_jit = jax.jit(_snapshot)
 _restore_jit = jax.jit(_restore, donate_argnums=0)
 _copy_page_jit = jax.jit(_copy_page, static_argnums=3, donate_argnums=0)
@@ -163,8 +176,9 @@ _copy_page_jit = jax.jit(_copy_page, static_argnums=3, donate_argnums=0)
 class DevicePrograms:
     """The model's parameters, the pools, and the programs above with the engine's buckets applied.
 
-    Host arrays in, host arrays out (``decode`` and ``sample`` return ``Sampled`` as NumPy arrays, which also waits
-    for the step to finish). Slot 0 and page 0 are scratch; sequences use slots 1..max_batch and pages 1...
+    Host arrays in; ``sample`` returns ``Sampled`` as NumPy arrays (which waits for it), ``decode`` returns it on the
+    device without waiting (``fetch`` brings it over). Slot 0 and page 0 are scratch; sequences use slots
+    1..max_batch and pages 1...
     """
 
     def __init__(self, graphdef, params, model_cfg: ModelConfig, config: EngineConfig):
@@ -173,14 +187,17 @@ class DevicePrograms:
         self.model_cfg, self.config = model_cfg, config
         self.repeats = model_cfg.num_hidden_layers // model_cfg.layer_period
         self.kv_dtype = config.kv_dtype or model_cfg.compute_dtype
-        self.pools = None
+        self.pools = self.feedback = None
         self.reset_pools()
 
     def reset_pools(self) -> None:
+        """Fresh pools and feedback (a decode step's sampled token and run per slot: [max_batch + 1] int32 each)."""
         self.pools = None  # the old pools go before the new ones are allocated
         self.pools = PagedCache.init_pools(self.model_cfg, num_slots=self.config.max_batch + 1,
                                            num_pages=self.config.total_pages, page_size=self.config.page_size,
                                            kv_dtype=self.kv_dtype)
+        slots = self.config.max_batch + 1
+        self.feedback = {"tokens": jnp.zeros(slots, jnp.int32), "run": jnp.zeros(slots, jnp.int32)}
 
     # ---- sizes
     @property
@@ -220,8 +237,8 @@ class DevicePrograms:
                                          for n in range(1, c.max_context + 1, c.page_size)})}
 
     def warmup(self) -> None:
-        """Compile every program for every bucket (on scratch slot 0 and page 0, which no sequence uses), so that
-        serving afterwards compiles nothing."""
+        """Compile every program for every bucket and both sampling variants (on scratch slot 0 and page 0, which no
+        sequence uses), so that serving afterwards compiles nothing."""
         b = self.buckets()
         s = self.config.max_stop_tokens
         for width in b["widths"]:
@@ -233,11 +250,12 @@ class DevicePrograms:
                                                   self.repeats)
         for width in b["decode_widths"]:
             for rows in b["rows"]:
-                zeros = np.zeros(rows, np.int32)
-                _, self.pools = _decode_jit(self.static, self.params, self.pools, zeros, zeros,
-                                            np.zeros((rows, width), np.int32), zeros, row_settings([], rows, s),
-                                            self.repeats)
-        self.sample(logits, row_settings([], 1, s))
+                for filtering in (False, True):
+                    zeros = np.zeros(rows, np.int32)
+                    self._decode_padded(zeros, np.zeros(rows, bool), zeros, np.zeros((rows, width), np.int32), zeros,
+                                        row_settings([], rows, s), filtering)
+        for filtering in (False, True):
+            self.sample(logits, row_settings([], 1, s), filtering)
         self.restore(0, self.snapshot(0))
         self.copy_page(0, 0)
         jax.block_until_ready(self.pools)
@@ -267,20 +285,32 @@ class DevicePrograms:
         logits, self.pools = _prefill_jit(self.static, self.params, self.pools, *inputs, self.repeats)
         return logits
 
-    def decode(self, tokens, slots, page_lists, lengths, rows: RowSettings) -> Sampled:
-        """Feed one token per row (the sequences' lengths before it) and sample the next; arrays are padded here to
-        the row bucket (``rows`` must already be padded: see ``row_settings``)."""
+    def decode(self, tokens, fed_back, slots, page_lists, lengths, rows: RowSettings, filtering: bool) -> Sampled:
+        """Feed one token per row (the sequences' lengths before it) and sample the next: dispatched, not waited
+        for (the result stays on the device: ``fetch``). A row with ``fed_back`` feeds what the last decode step
+        sampled for its slot (its entry of ``tokens`` is ignored). Arrays are padded here to the row bucket (``rows``
+        must already be padded: see ``row_settings``); ``filtering``: whether any row uses top-k or top-p."""
         r = self.row_bucket(len(tokens))
         pad = r - len(tokens)
         table = self._table(page_lists, r, self.table_width(max(lengths) + 1, decode=True))
-        inputs = jax.device_put((np.pad(np.asarray(tokens, np.int32), (0, pad)),
-                                 np.pad(np.asarray(slots, np.int32), (0, pad)), table,
-                                 np.pad(np.asarray(lengths, np.int32), (0, pad)), rows))
-        sampled, self.pools = _decode_jit(self.static, self.params, self.pools, *inputs, self.repeats)
+        return self._decode_padded(np.pad(np.asarray(tokens, np.int32), (0, pad)),
+                                   np.pad(np.asarray(fed_back, bool), (0, pad)),
+                                   np.pad(np.asarray(slots, np.int32), (0, pad)), table,
+                                   np.pad(np.asarray(lengths, np.int32), (0, pad)), rows, filtering)
+
+    def _decode_padded(self, tokens, fed_back, slots, table, lengths, rows: RowSettings, filtering: bool) -> Sampled:
+        inputs = jax.device_put((tokens, fed_back, slots, table, lengths, rows))
+        sampled, self.pools, self.feedback = _decode_jit(self.static, self.params, self.pools, self.feedback,
+                                                         *inputs, self.repeats, bool(filtering))
+        return sampled
+
+    @staticmethod
+    def fetch(sampled: Sampled) -> Sampled:
+        """A decode step's result as NumPy arrays (waits for that step, not for steps dispatched after it)."""
         return jax.device_get(sampled)
 
-    def sample(self, logits: jax.Array, rows: RowSettings) -> Sampled:
-        return jax.device_get(_sample_jit(logits, jax.device_put(rows)))
+    def sample(self, logits: jax.Array, rows: RowSettings, filtering: bool) -> Sampled:
+        return jax.device_get(_sample_jit(logits, jax.device_put(rows), bool(filtering)))
 
     def snapshot(self, slot: int) -> tuple:
         return _snapshot_jit(self.pools, jax.device_put(np.int32(slot)))
@@ -294,7 +324,7 @@ class DevicePrograms:
 
 def row_settings(requests, rows: int, max_stop_tokens: int) -> RowSettings:
     """The settings of ``requests`` (``m1jax.serve.requests.Request``) padded to ``rows`` rows with greedy,
-    never-stopping rows."""
+    never-stopping rows. A request's counter counts its tokens sampled in steps still in flight too."""
     temperature = np.zeros(rows, np.float32)
     top_k = np.zeros(rows, np.int32)
     top_p = np.ones(rows, np.float32)
@@ -309,6 +339,11 @@ def row_settings(requests, rows: int, max_stop_tokens: int) -> RowSettings:
         temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
         stops[i, :len(p.stop_token_ids)] = p.stop_token_ids
         truncate_after[i], truncate_prob[i] = p.truncate_after, p.truncate_prob
-        seeds[i], counters[i], run[i] = r.seed, len(r.tokens), r.run
+        seeds[i], counters[i], run[i] = r.seed, len(r.tokens) + r.pending, r.run
     return RowSettings(Sampling(temperature, top_k, top_p), StopRules(stops, truncate_after, truncate_prob), seeds,
                        counters, run)
+
+
+def uses_filters(requests) -> bool:
+    """Whether any of ``requests`` uses top-k or top-p: the sampling variant its decode or sample call runs."""
+    return any(r.params.top_k > 0 or r.params.top_p < 1 for r in requests)

@@ -54,8 +54,10 @@ class Request:
     pages: np.ndarray | list = dataclasses.field(default_factory=list)
     length: int = 0                        # tokens in the cache
     node: object = None                    # prefix-cache node the next snapshot extends (None: do not cache)
-    next_token: int | None = None          # sampled, not yet fed to the model
-    run: int = 0                           # M1's truncation: current run of confident tokens
+    next_token: int | None = None          # the last token read back (None: not decoding); fed by the next step
+    #                                        unless a step in flight already feeds the token after it (pending)
+    run: int = 0                           # M1's truncation: current run of confident tokens (as of next_token)
+    pending: int = 0                       # decode steps dispatched for it whose results are not read yet
 
     @property
     def prefilling(self) -> bool:

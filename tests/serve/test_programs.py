@@ -38,9 +38,10 @@ def test_pools_are_donated_and_updated_in_place(split, program):
     rows, width = (4, 16) if program == "decode" else (1, 16)
     ints = np.zeros(rows, np.int32)
     if program == "decode":
-        lowered = programs._decode_jit.lower(device.static, device.params, device.pools, ints, ints,
-                                             np.zeros((rows, width), np.int32), ints,
-                                             programs.row_settings([], rows, ENGINE.max_stop_tokens), device.repeats)
+        lowered = programs._decode_jit.lower(device.static, device.params, device.pools, device.feedback, ints,
+                                             np.zeros(rows, bool), ints, np.zeros((rows, width), np.int32), ints,
+                                             programs.row_settings([], rows, ENGINE.max_stop_tokens), device.repeats,
+                                             True)
     else:
         lowered = programs._prefill_jit.lower(device.static, device.params, device.pools, np.zeros((1, 8), np.int32),
                                               ints, np.zeros((1, width), np.int32), ints, ints + 8, device.repeats)

@@ -31,6 +31,25 @@ def test_per_row_sampling_filters_against_numpy():
         np.testing.assert_allclose(got[row][np.isfinite(want)], want[np.isfinite(want)], rtol=1e-6)
 
 
+def test_static_filtering_variants_equal_the_device_decided_one_and_have_no_branch():
+    """``active`` True / False (the engine's static variants) give what ``active=None`` (a ``lax.cond`` on the
+    device) gives, bit for bit: a batch where some rows filter takes the filtering branch, one where none does the
+    other; a static variant's program has no cond (whose predicate a GPU runtime reads back mid-program)."""
+    logits = jnp.asarray(np.random.default_rng(3).normal(0, 2, (4, 64)), jnp.float32)
+    mixed = gen.Sampling.rows([1.0, 0.7, 0.0, 1.3], [0, 5, 0, 0], [1.0, 1.0, 1.0, 0.8])
+    plain = gen.Sampling.rows([1.0, 0.7, 0.0, 1.3], [0, 0, 0, 0], [1.0, 1.0, 1.0, 1.0])
+    for sampling, active in ((mixed, True), (plain, False)):
+        decided = np.asarray(jax.jit(gen.filter_logits)(logits, sampling))
+        static = jax.jit(gen.filter_logits, static_argnums=2)
+        np.testing.assert_array_equal(np.asarray(static(logits, sampling, active)), decided)
+        for row, (t, k, p) in enumerate(zip(*(np.asarray(x) for x in (sampling.temperature, sampling.top_k,
+                                                                      sampling.top_p)))):
+            want = _filter_numpy(np.asarray(logits[row]), t, k, p)
+            np.testing.assert_array_equal(np.isfinite(decided[row]), np.isfinite(want))
+        assert "cond" not in str(jax.make_jaxpr(gen.filter_logits, static_argnums=2)(logits, sampling, active))
+    assert "cond" in str(jax.make_jaxpr(gen.filter_logits)(logits, mixed))
+
+
 def test_per_row_keys_make_each_row_independent_of_the_batch():
     logits = jnp.asarray(np.random.default_rng(2).normal(0, 1, (5, 32)), jnp.float32)
     sampling = gen.Sampling.rows([1.0, 0.0, 0.8, 1.0, 1.5], [0, 0, 4, 0, 0], [1.0, 1.0, 1.0, 0.7, 1.0])

@@ -23,8 +23,12 @@ def test_serving_benchmark_smoke(tmp_path):
     assert prefix["cold_cached_tokens"] == 0 and prefix["warm_cached_tokens"] == prefix["prefix_tokens"] == 64
     assert prefix["warm_prefilled_tokens"] == prefix["suffix_tokens"]
     # 4 rows x 256 tokens x one softmax layer's K and V (2 heads x 16 dims, bf16)
-    assert results["decode"]["step_ms"] > 0 and results["decode"]["kv_bytes"] == 4 * 256 * (2 * 2 * 16 * 2)
+    decode = results["decode"]
+    assert decode["step_ms"] > 0 and decode["kv_bytes"] == 4 * 256 * (2 * 2 * 16 * 2)
+    for name in ("", "pipelined_", "engine_sync_"):  # the synchronous step and the engine's steady states
+        assert decode[f"{name}ratio_to_floor"] == decode[f"{name}step_ms"] / decode["floor_ms_measured_bw"] > 0
     assert "throughput continuous/static" in proc.stdout and "decode step 4 x 256" in proc.stdout
+    assert "engine steady state per step: pipelined" in proc.stdout
 
 
 def test_serving_profile_smoke(tmp_path):
@@ -41,8 +45,11 @@ def test_serving_profile_smoke(tmp_path):
     assert decode["program_ms"] > 0 and decode["table_width"] == 64
     assert abs(decode["step_wall_ms"] - decode["program_ms"] - decode["host_ms"]) < 1e-9
     assert sorted(decode["paged_attention"]) == ["width_33", "width_64"]
+    pipelined = decode["pipelined"]  # the engine's own overlapped steps at the same shape
+    assert pipelined["ratio_to_floor"] == pipelined["step_ms"] / decode["floor_ms"] > 0 and "trace" in pipelined
     warm = profile["warm_prefix"]
     assert warm["warm_cached_tokens"] == 64
     assert {"prefix lookup", "snapshot restore", "prefill program", "first-token sampling"} <= set(warm["parts_ms"])
     assert abs(sum(warm["parts_ms"].values()) + warm["other_host_ms"] - warm["warm_ttft_ms"]) < 1e-6
     assert "profile: decode step 4 x 256" in proc.stdout and "profile: warm request" in proc.stdout
+    assert "profile: pipelined engine steady state" in proc.stdout
