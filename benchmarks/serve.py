@@ -44,6 +44,8 @@ import traceback
 import numpy as np
 from absl import app, flags
 
+from benchmarks.profiling import device_trace
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("smoke", False, "Tiny model and sizes (CPU); overrides the size flags.")
 flags.DEFINE_string("preset", "m1-1b", "Model preset.")
@@ -403,70 +405,6 @@ def _paged_attention_split(cfg, batch: int, context: int, page_size: int, bandwi
 
 
 # ------------------------------------------------------------------------------------------------ profile
-def _device_trace(run, steps: int) -> dict:
-    """``run()`` ``steps`` times under ``jax.profiler``; the trace's device kernels summed per name (ms per run),
-    by category, the device busy time per run, and the host<->device copies per run."""
-    import gzip
-    import glob
-    import tempfile
-
-    import jax
-    with tempfile.TemporaryDirectory() as log_dir:
-        with jax.profiler.trace(log_dir):
-            for _ in range(steps):
-                run()
-        paths = glob.glob(f"{log_dir}/plugins/profile/*/*.trace.json.gz")
-        if not paths:
-            return {"error": "the profiler wrote no trace"}
-        with gzip.open(paths[0]) as fh:
-            events = json.load(fh)["traceEvents"]
-    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    device = {pid for pid, name in processes.items() if "/device:" in name}
-    # GPU kernels sit on the device's stream lines; lines derived from them (XLA Ops, XLA Modules, Steps) would count
-    # them twice.
-    streams = {key for key, name in threads.items() if key[0] in device and "stream" in name.lower()}
-    per_kernel, copies = {}, {}
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in device or (streams and (e["pid"], e.get("tid")) not in streams):
-            continue
-        name = e.get("name", "?")
-        if "memcpy" in name.lower() or "memset" in name.lower():
-            copies[name] = copies.get(name, 0) + 1
-            continue
-        total, count = per_kernel.get(name, (0.0, 0))
-        per_kernel[name] = (total + e.get("dur", 0) / 1e3, count + 1)
-    categories = {}
-    for name, (ms, count) in per_kernel.items():
-        cat = _kernel_category(name)
-        c_ms, c_count = categories.get(cat, (0.0, 0))
-        categories[cat] = (c_ms + ms, c_count + count)
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
-    return {"devices": sorted(processes[p] for p in device), "steps": steps,
-            "device_busy_ms": sum(ms for ms, _ in per_kernel.values()) / steps,
-            "kernels_per_step": sum(n for _, n in per_kernel.values()) / steps,
-            "top": [{"kernel": k[:90], "ms": ms / steps, "calls": n / steps} for k, (ms, n) in top[:FLAGS.profile_top]],
-            "categories": {c: {"ms": ms / steps, "calls": n / steps} for c, (ms, n) in
-                           sorted(categories.items(), key=lambda kv: -kv[1][0])},
-            "copies_per_step": {k: n / steps for k, n in copies.items()}}
-
-
-# Kernel name fragments -> what they are (XLA names fusions by their root op; Pallas kernels by their function).
-_CATEGORIES = (("paged_attention", "paged attention"), ("gmm", "MoE grouped matmul"), ("flash", "prefill attention"),
-               ("cudnn", "prefill attention"), ("gemm", "dense matmul"), ("cublas", "dense matmul"),
-               ("cutlass", "dense matmul"), ("xmma", "dense matmul"), ("nvjet", "dense matmul"), ("scatter", "scatter"),
-               ("dynamic_update_slice", "dynamic-update-slice"), ("dynamic-update-slice", "dynamic-update-slice"),
-               ("dynamic_slice", "dynamic-slice"), ("dynamic-slice", "dynamic-slice"), ("copy", "copy"),
-               ("transpose", "copy"), ("sort", "sort"), ("reduce", "reduction"), ("gather", "gather"),
-               ("triton", "other triton"))
-
-
-def _kernel_category(name: str) -> str:
-    low = name.lower()
-    return next((cat for fragment, cat in _CATEGORIES if fragment in low), "other fusion")
-
-
 def _profile_decode(s, cfg, split) -> dict:
     import jax
 
@@ -499,7 +437,7 @@ def _profile_decode(s, cfg, split) -> dict:
     out["host_ms"] = out["step_wall_ms"] - out["program_ms"]
     out["floor_bytes"] = sum(_floor_bytes(cfg, split, device, len(tokens), lengths[0]))
     try:
-        out["trace"] = _device_trace(lambda: _sync_step(device, args), s["profile_steps"])
+        out["trace"] = device_trace(lambda: _sync_step(device, args), s["profile_steps"], s["profile_top"])
     except Exception as e:  # noqa: BLE001  (no profiler on this host: the timings above still stand)
         out["trace"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     del device, inputs
@@ -515,7 +453,7 @@ def _profile_decode(s, cfg, split) -> dict:
     pipelined = {"step_ms": _engine_step_ms(engine, 3, s["decode_reps"])}
     pipelined["ratio_to_floor"] = pipelined["step_ms"] / out["floor_ms"]
     try:
-        pipelined["trace"] = _device_trace(engine.step, s["profile_steps"])
+        pipelined["trace"] = device_trace(engine.step, s["profile_steps"], s["profile_top"])
     except Exception as e:  # noqa: BLE001
         pipelined["trace"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     out["pipelined"] = pipelined
@@ -565,7 +503,7 @@ def _profile_prefix(s, cfg, split) -> dict:
            "other_host_ms": 1e3 * t - sum(parts.values())}
     # The device kernels of one warm request (submission to its last token: prefill, sampling, its decode steps).
     try:
-        out["trace"] = _device_trace(lambda: ttft(prompt(shared)), s["profile_steps"])
+        out["trace"] = device_trace(lambda: ttft(prompt(shared)), s["profile_steps"], s["profile_top"])
     except Exception as e:  # noqa: BLE001
         out["trace"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return out
