@@ -21,9 +21,21 @@ Per chunk (C tokens), per walker:
           the slot is free now: refilled (or the producer told) before the stores
     TMA   o (bf16) to HBM; S rounded to bf16 into SMEM for the next chunk's ``q S``.
 
-So ``q k^T`` is computed once per (chunk, walker), nothing but q, k, v, o crosses HBM (the programs of one
-(row, head) are adjacent in launch order, so their repeated q/k reads should hit L2), and the TMA of the next chunks
-runs under both wgmma pairs. The math is ``chunk_math``'s (``walk_step``): the same geometry (``a``, ``b``, the last
+So ``q k^T`` is computed once per (chunk, walker), nothing but q, k, v, o crosses HBM, and the TMA of the next
+chunks runs under both wgmma pairs. The Dv-tile programs of one (row, head) each read the same q, k chunks; they hit
+L2 only while the programs walk close together. (Launch order does not pair them: Pallas's grid is row-major, so the
+tile axis, first, varies slowest; at B1 H64 the 128 programs are all resident at once on 132 SMs anyway.)
+
+Cluster variant (``KernelConfig.cluster`` = 2, one warpgroup per program, exactly two Dv tiles): the two tile
+programs of a (row, head) run as a thread-block cluster (grid ``(H, rows)``, cluster axis = the tile) and q, k are
+read once per (row, head): each program issues the same q and k copies with ``collective_axes="cluster"``, which
+Mosaic GPU splits so that each loads half of the chunk's rows and multicasts it into both programs' SMEM (each
+program's load barrier still expects the whole chunk); each program loads its own v tile. A slot can be refilled only
+when both programs have read it, since a refill writes both SMEMs: after its last wgmma on a slot each program arrives
+on a cluster barrier (``consumed``: one arrival from each program completes a phase in both), and at the start of the
+next chunk each waits on its own copy and issues its halves of the refill (one chunk later than the single-program
+walk's refill, so a peer a little behind rarely stalls it: ``stages - 1`` chunks stay in flight ahead). A last cluster
+barrier keeps either program from exiting before the other has received every chunk it multicast. The math is ``chunk_math``'s (``walk_step``): the same geometry (``a``, ``b``, the last
 partial chunk, chunks wholly in the padding), decay factors computed in float32, the state rounded to the input dtype
 for the tensor cores and its decay applied in float32 after. One difference: the state update scales v (the walker's
 ``[C, block_v]`` tile) rather than k by the per-token decay before rounding to bf16, which has the same rounding error
@@ -57,8 +69,8 @@ forward kernel's walk of (q, dO)) is what fills 132 SMs. W = 1 is the natural sh
 
 Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk and Dv multiples of 64, block_v a multiple
 of 32 dividing both and ``width`` dividing both (the backward's walks swap Dk and Dv), 0-2 consumers, chunk 64 or 128,
-the scratch within Hopper's 227 KiB of SMEM (chunk 128 with ``block_v`` 128 does not fit), no segment ids (``doc``):
-use the Triton kernel for packed documents.
+the scratch within Hopper's 227 KiB of SMEM (chunk 128 with ``block_v`` 128 does not fit), a cluster of 1 or 2 (2:
+no consumers and ``block_v`` = Dk / 2 = Dv / 2), no segment ids (``doc``): use the Triton kernel for packed documents.
 """
 from __future__ import annotations
 
