@@ -26,6 +26,12 @@ chunks runs under both wgmma pairs. The Dv-tile programs of one (row, head) each
 L2 only while the programs walk close together. (Launch order does not pair them: Pallas's grid is row-major, so the
 tile axis, first, varies slowest; at B1 H64 the 128 programs are all resident at once on 132 SMs anyway.)
 
+The math is ``chunk_math``'s (``walk_step``): the same geometry (``a``, ``b``, the last partial chunk, chunks wholly
+in the padding), decay factors computed in float32, the state rounded to the input dtype for the tensor cores and its
+decay applied in float32 after. One difference: the state update scales v (the walker's ``[C, block_v]`` tile) rather
+than k by the per-token decay before rounding to bf16, which has the same rounding error and half the work at
+``block_v`` = Dk / 2.
+
 Cluster variant (``KernelConfig.cluster`` = 2, one warpgroup per program, exactly two Dv tiles): the two tile
 programs of a (row, head) run as a thread-block cluster (grid ``(H, rows)``, cluster axis = the tile) and q, k are
 read once per (row, head): each program issues the same q and k copies with ``collective_axes="cluster"``, which
@@ -35,11 +41,7 @@ when both programs have read it, since a refill writes both SMEMs: after its las
 on a cluster barrier (``consumed``: one arrival from each program completes a phase in both), and at the start of the
 next chunk each waits on its own copy and issues its halves of the refill (one chunk later than the single-program
 walk's refill, so a peer a little behind rarely stalls it: ``stages - 1`` chunks stay in flight ahead). A last cluster
-barrier keeps either program from exiting before the other has received every chunk it multicast. The math is ``chunk_math``'s (``walk_step``): the same geometry (``a``, ``b``, the last
-partial chunk, chunks wholly in the padding), decay factors computed in float32, the state rounded to the input dtype
-for the tensor cores and its decay applied in float32 after. One difference: the state update scales v (the walker's
-``[C, block_v]`` tile) rather than k by the per-token decay before rounding to bf16, which has the same rounding error
-and half the work at ``block_v`` = Dk / 2.
+barrier keeps either program from exiting before the other has received every chunk it multicast.
 
 Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
 scores or the state; the kernel only has to get the decay distances right.
