@@ -379,6 +379,8 @@ def main(argv):
         out.write(json.dumps(row, default=str) + "\n")
         out.flush()
 
+    if unknown := sorted(set(FLAGS.check_impls) - set(KERNELS)):
+        raise app.UsageError(f"--check_impls takes our kernels ({', '.join(KERNELS)}); got {unknown}")
     d = FLAGS.head_dim
     fla = Fla() if "fla" in FLAGS.impls else None
     device_kind = jax.devices()[0].device_kind
