@@ -1,7 +1,6 @@
 """Lightning attention benchmark on one GPU: our Pallas kernels (Triton: ``ours``; Mosaic GPU, Hopper only:
-``mosaic``; ``mosaic_fused``: the same forward, the backward's dk and dv from the fused walk; ``mosaic_cluster``: every
-walk with the two Dv-tile programs of a (row, head) as a cluster of 2 sharing the q/k loads by TMA multicast) vs fla,
-the XLA chunked scan, cuDNN softmax.
+``mosaic``; ``mosaic_fused``: the same forward, the backward's dk and dv from the fused walk) vs fla, the XLA chunked
+scan, cuDNN softmax.
 
 Run from the repository root on a GPU machine with fla-core 0.6.0 installed (the competitor; it needs torch and triton):
 
@@ -31,12 +30,6 @@ Fused vs three-walk Mosaic backward vs fla, forward+backward (``--fused_walkers`
 
     python -m benchmarks.lightning --impls=mosaic_fused,mosaic,fla --modes=fwdbwd \
         --shapes=1x64x32768,1x64x131072 --sweep_shapes= --out_dir=$OUT
-
-Cluster of 2 (q/k loaded once per (row, head)) vs one program per Dv tile vs fla, forward and forward+backward, with
-the GPU check of the cluster kernel only and no per-shape XLA comparison (under ~200 s on an H200):
-
-    python -m benchmarks.lightning --impls=mosaic_cluster,mosaic,fla --modes=fwd,fwdbwd \
-        --shapes=1x64x32768,1x64x131072 --sweep_shapes= --check_impls=mosaic_cluster --nocompare_xla --out_dir=$OUT
 
 Each implementation's time is printed as soon as it is measured (a ``start`` row before, a ``timed`` row after).
 """
@@ -69,7 +62,7 @@ flags.DEFINE_list("shapes", ["1x64x8192", "1x64x32768", "1x64x131072", "8x64x819
 flags.DEFINE_list("sweep_shapes", ["1x64x32768", "1x8x1048576"], "shapes at which our config is tuned")
 flags.DEFINE_list("impls", ["ours", "mosaic", "fla", "xla", "cudnn"],
                   "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), mosaic_fused (Mosaic GPU with the "
-                  "fused backward walk), mosaic_cluster (Mosaic GPU, clusters of 2 Dv-tile programs), fla, xla, cudnn")
+                  "fused backward walk), fla, xla, cudnn")
 flags.DEFINE_list("sweep_impls", ["ours", "mosaic"], "which of our kernels to tune (the others run their default)")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "forward, forward+backward")
 flags.DEFINE_bool("check", True, "phase 1 and the per-shape comparison against the XLA scan")
@@ -83,13 +76,11 @@ flags.DEFINE_integer("fused_groups", 0, "mosaic_fused: sequence groups (0: those
                      "has one program per (row, head), so B1 H64 fills 64 SMs at 1 group, 128 at 2)")
 
 # Our kernels: --impls name -> pallas backend.
-KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_fused": "mosaic_gpu", "mosaic_cluster": "mosaic_gpu"}
-FUSED, CLUSTER = "mosaic_fused", "mosaic_cluster"
-# Variants of the Mosaic GPU kernel (not swept): their config from mosaic's (swept or default) one. mosaic_cluster
-# keeps its chunk, stages and groups; a cluster needs one warpgroup per program and two Dv tiles.
+KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_fused": "mosaic_gpu"}
+FUSED = "mosaic_fused"
+# Variants of the Mosaic GPU kernel (not swept): their config from mosaic's (swept or default) one.
 MOSAIC_VARIANTS = {
     FUSED: lambda c: dataclasses.replace(c, fused_backward=FLAGS.fused_walkers, groups=FLAGS.fused_groups or c.groups),
-    CLUSTER: lambda c: dataclasses.replace(c, cluster=2, consumers=0, block_v=FLAGS.head_dim // 2),
 }
 # Triton: (chunk, block_v, num_warps, num_stages); sequence groups are swept separately around the automatic choice.
 LAUNCH_GRIDS = {
@@ -248,13 +239,7 @@ def check_small(log, impls=("ours",), shape=(2, 1000, 4)):
              # and without a sequence split.
              FUSED: [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1, fused_backward=2), False),
                      (jnp.bfloat16, dataclasses.replace(mosaic, groups=3, fused_backward=2), False),
-                     (jnp.bfloat16, dataclasses.replace(mosaic, groups=1, fused_backward=1), False)],
-             # Clusters of 2 in every walk: the default, a split (the state-only walks), 2 stages (more slot
-             # refills across the pair), with the fused backward walk.
-             CLUSTER: [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1, cluster=2), False),
-                       (jnp.bfloat16, dataclasses.replace(mosaic, groups=3, cluster=2), False),
-                       (jnp.bfloat16, dataclasses.replace(mosaic, groups=1, num_stages=2, cluster=2), False),
-                       (jnp.bfloat16, dataclasses.replace(mosaic, groups=1, cluster=2, fused_backward=2), False)]}
+                     (jnp.bfloat16, dataclasses.replace(mosaic, groups=1, fused_backward=1), False)]}
     rows = []
     for impl, dtype, config, with_segments in [(name, *c) for name in impls for c in cases[name]]:
         backend = KERNELS[impl]
@@ -351,12 +336,11 @@ def compare_to_xla(s, configs, with_bwd, args, fla):
 
 def print_table(table):
     """The markdown table: each timed implementation's ms (% floor), the speedups of ours over fla, the errors."""
-    names = [n for n in (CLUSTER, FUSED, "mosaic", "ours", "fla", "xla", "cudnn")
-             if any(f"{n}_ms" in r for r in table)]
-    label = {CLUSTER: "mosaic cluster", FUSED: "mosaic fused bwd", "mosaic": "mosaic", "ours": "triton", "fla": "fla",
-             "xla": "XLA", "cudnn": "cuDNN softmax"}
-    ratios = [(a, b) for a, b in ((CLUSTER, "mosaic"), (CLUSTER, "fla"), (FUSED, "mosaic"), (FUSED, "fla"),
-                                  ("mosaic", "fla"), ("ours", "fla"), ("mosaic", "ours")) if a in names and b in names]
+    names = [n for n in (FUSED, "mosaic", "ours", "fla", "xla", "cudnn") if any(f"{n}_ms" in r for r in table)]
+    label = {FUSED: "mosaic fused bwd", "mosaic": "mosaic", "ours": "triton", "fla": "fla", "xla": "XLA",
+             "cudnn": "cuDNN softmax"}
+    ratios = [(a, b) for a, b in ((FUSED, "mosaic"), (FUSED, "fla"), ("mosaic", "fla"), ("ours", "fla"),
+                                  ("mosaic", "ours")) if a in names and b in names]
     head = ([f"{label[n]} ms (% floor)" for n in names] + [f"{label[a]} vs {label[b]}" for a, b in ratios]
             + ["rel. errors vs XLA scan"])
     print("\n| shape | mode | " + " | ".join(head) + " |")

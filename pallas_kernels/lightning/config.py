@@ -23,10 +23,6 @@ class KernelConfig:
         1 or 2: from one fused reverse walk (``pallas_mosaic_gpu.fused_backward_scan``: one program per
         (row, head) with that many consumer warpgroups, each holding ``Dv / fused_backward`` columns of the state,
         and as many of ``num_stages`` TMA stages as fit in shared memory).
-    cluster: Mosaic GPU only. 1: every Dv-tile program loads its own q and k chunks. 2: the two Dv-tile programs of
-        one (row, head) run as a thread-block cluster and each loads half of every q and k chunk by TMA multicast
-        into both (one HBM/L2 read of q and k per (row, head)); needs exactly two tiles per walk (``block_v`` =
-        Dv / 2 = Dk / 2) and ``consumers`` = 0.
     """
     chunk: int = 64
     block_v: int = 32
@@ -35,7 +31,6 @@ class KernelConfig:
     num_stages: int = 3
     consumers: int = 0
     fused_backward: int = 0
-    cluster: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,26 +22,16 @@ Per chunk (C tokens), per walker:
     TMA   o (bf16) to HBM; S rounded to bf16 into SMEM for the next chunk's ``q S``.
 
 So ``q k^T`` is computed once per (chunk, walker), nothing but q, k, v, o crosses HBM, and the TMA of the next
-chunks runs under both wgmma pairs. The Dv-tile programs of one (row, head) each read the same q, k chunks; they hit
-L2 only while the programs walk close together. (Launch order does not pair them: Pallas's grid is row-major, so the
-tile axis, first, varies slowest; at B1 H64 the 128 programs are all resident at once on 132 SMs anyway.)
-
-The math is ``chunk_math``'s (``walk_step``): the same geometry (``a``, ``b``, the last partial chunk, chunks wholly
-in the padding), decay factors computed in float32, the state rounded to the input dtype for the tensor cores and its
-decay applied in float32 after. One difference: the state update scales v (the walker's ``[C, block_v]`` tile) rather
-than k by the per-token decay before rounding to bf16, which has the same rounding error and half the work at
-``block_v`` = Dk / 2.
-
-Cluster variant (``KernelConfig.cluster`` = 2, one warpgroup per program, exactly two Dv tiles): the two tile
-programs of a (row, head) run as a thread-block cluster (grid ``(H, rows)``, cluster axis = the tile) and q, k are
-read once per (row, head): each program issues the same q and k copies with ``collective_axes="cluster"``, which
-Mosaic GPU splits so that each loads half of the chunk's rows and multicasts it into both programs' SMEM (each
-program's load barrier still expects the whole chunk); each program loads its own v tile. A slot can be refilled only
-when both programs have read it, since a refill writes both SMEMs: after its last wgmma on a slot each program arrives
-on a cluster barrier (``consumed``: one arrival from each program completes a phase in both), and at the start of the
-next chunk each waits on its own copy and issues its halves of the refill (one chunk later than the single-program
-walk's refill, so a peer a little behind rarely stalls it: ``stages - 1`` chunks stay in flight ahead). A last cluster
-barrier keeps either program from exiting before the other has received every chunk it multicast.
+chunks runs under both wgmma pairs. The Dv-tile programs of one (row, head) each read the same q, k chunks, from L2
+while they walk close together. (Launch order does not pair them: Pallas's grid is row-major, so the tile axis, first,
+varies slowest; at B1 H64 the 128 programs are all resident at once on 132 SMs anyway.) Reading q, k once per
+(row, head) instead, the two tile programs as a thread-block cluster sharing each chunk by TMA multicast, was built and
+measured on an H200 (code 96e991c): no faster at 32K or 128K, forward or backward (`benchmarks/RESULTS.md`), so the
+re-reads are not what bounds the walk. The math is ``chunk_math``'s (``walk_step``): the same geometry (``a``, ``b``, the last
+partial chunk, chunks wholly in the padding), decay factors computed in float32, the state rounded to the input dtype
+for the tensor cores and its decay applied in float32 after. One difference: the state update scales v (the walker's
+``[C, block_v]`` tile) rather than k by the per-token decay before rounding to bf16, which has the same rounding error
+and half the work at ``block_v`` = Dk / 2.
 
 Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
 scores or the state; the kernel only has to get the decay distances right.
@@ -71,8 +61,8 @@ forward kernel's walk of (q, dO)) is what fills 132 SMs. W = 1 is the natural sh
 
 Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk and Dv multiples of 64, block_v a multiple
 of 32 dividing both and ``width`` dividing both (the backward's walks swap Dk and Dv), 0-2 consumers, chunk 64 or 128,
-the scratch within Hopper's 227 KiB of SMEM (chunk 128 with ``block_v`` 128 does not fit), a cluster of 1 or 2 (2:
-no consumers and ``block_v`` = Dk / 2 = Dv / 2), no segment ids (``doc``): use the Triton kernel for packed documents.
+the scratch within Hopper's 227 KiB of SMEM (chunk 128 with ``block_v`` 128 does not fit), no segment ids (``doc``):
+use the Triton kernel for packed documents.
 """
 from __future__ import annotations
 
@@ -138,7 +128,7 @@ def _accumulate(issue, inits, interpret: bool):
 
 
 def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, stages: int, reverse: bool,
-            with_output: bool, has_init: bool, cluster: bool, interpret: bool):
+            with_output: bool, has_init: bool, interpret: bool):
     refs = list(refs)
     s_ref = refs.pop(0)
     q_ref = refs.pop(0) if with_output else None
@@ -146,14 +136,11 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
     init_ref = refs.pop(0) if has_init else None
     o_ref = refs.pop(0) if with_output else None
     state_out_ref = refs.pop(0)
-    q_smem, k_smem, v_smem, vw_smem, st_smem, o_smem, probs_smem, load_bars, consumed_bars, done_bar = refs
+    q_smem, k_smem, v_smem, vw_smem, st_smem, o_smem, probs_smem, load_bars, consumed_bars = refs
 
     specialized = consumers > 0
     walkers = max(consumers, 1)  # warpgroups that walk a Dv tile
-    tile = lax.axis_index("cluster" if cluster else "tile")
-    head, row = lax.axis_index("head"), lax.axis_index("row")
-    # Under a cluster both programs issue the same q/k copies: each loads half the rows into both SMEMs (multicast).
-    shared_qk = dict(collective_axes="cluster") if cluster else {}
+    tile, head, row = lax.axis_index("tile"), lax.axis_index("head"), lax.axis_index("row")
     n_chunks = layout.length // chunk
     n_valid = layout.row_valid(row)
     s = s_ref[head]
@@ -165,8 +152,8 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
     def issue_loads(step, slot):
         rows = pl.ds(chunk_of(step) * chunk, chunk)
         if with_output:
-            plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], q_smem.at[slot], load_bars.at[slot], **shared_qk)
-        plgpu.copy_gmem_to_smem(k_ref.at[row, rows, head], k_smem.at[slot], load_bars.at[slot], **shared_qk)
+            plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], q_smem.at[slot], load_bars.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[row, rows, head], k_smem.at[slot], load_bars.at[slot])
         for w in range(walkers):
             cols = pl.ds((tile * walkers + w) * block_v, block_v)
             v_slot = v_smem.at[slot, w] if specialized else v_smem.at[slot]
@@ -199,14 +186,6 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
             limit = n_valid - c * chunk  # valid tokens from this chunk's start; chunk_math.chunk_geometry
             a = jnp.minimum(limit, 0) - 1
             b = jnp.minimum(limit, chunk) - 1
-            if cluster:
-                # Refill the previous chunk's slot once both programs have read it (a multicast writes both
-                # SMEMs): one chunk late, so that the wait rarely stalls on a peer that is a little behind.
-                @pl.when((step > 0) & (step - 1 + stages < n_chunks))
-                def _():
-                    prev_slot = lax.rem(step - 1, stages)
-                    plgpu.barrier_wait(consumed_bars.at[prev_slot])
-                    issue_loads(step - 1 + stages, prev_slot)
             plgpu.barrier_wait(load_bars.at[slot])
             q_s, k_s, v_s = q_smem.at[slot] if with_output else None, k_smem.at[slot], mine(v_smem.at[slot])
 
@@ -248,11 +227,10 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
             o, state = _accumulate(update, (o, state * carry), interpret)
 
             # The slot's last reader is done: refill it now, before this chunk's stores (under warp specialization,
-            # tell the producer; in a cluster, both programs: the next step refills it. Only for slots that are
-            # refilled, so that every phase the barrier completes is awaited).
+            # tell the producer; only for slots it refills, so that it waits on every phase the barrier completes).
             @pl.when(step + stages < n_chunks)
             def _():
-                if specialized or cluster:
+                if specialized:
                     plgpu.barrier_arrive(consumed_bars.at[slot])
                 else:
                     issue_loads(step + stages, slot)
@@ -270,11 +248,6 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
         state = lax.fori_loop(0, n_chunks, body, state0)
         state_out_ref.at[row, head, :, cols][...] = state
         plgpu.wait_smem_to_gmem(0)
-        if cluster:
-            # Neither program exits before the other has received every chunk (the copies it issued land in the
-            # other's SMEM).
-            plgpu.barrier_arrive(done_bar)
-            plgpu.barrier_wait(done_bar)
 
     if not specialized:
         for step in range(min(stages, n_chunks)):
@@ -325,7 +298,7 @@ def tile_width(config: KernelConfig, dv: int) -> int:
 
 
 def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *, consumers: int = 0,
-               cluster: int = 1, with_output: bool = True, interpret: bool = False) -> int:
+               with_output: bool = True, interpret: bool = False) -> int:
     """SMEM of one program (see ``chunk_scan``'s scratch): the shared q, k slots and each walker's v slots, scaled v,
     bf16 state and o buffers."""
     walkers = max(consumers, 1)
@@ -333,8 +306,7 @@ def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *,
     total = stages * per_stage + walkers * (chunk * block_v + dk * block_v)
     if with_output:
         total += walkers * (2 * chunk * block_v + (chunk * chunk if interpret else 0))
-    barriers = stages * (2 if consumers or cluster > 1 else 1) + (cluster > 1)  # load, consumed, cluster done
-    return total * itemsize + 8 * barriers
+    return total * itemsize + 8 * stages * (2 if consumers else 1)  # + the load (and consumed) barriers
 
 
 def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool):
@@ -347,12 +319,6 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
     if config.consumers not in (0, 1, 2):
         raise ValueError(f"the Mosaic GPU lightning kernel takes 0, 1 or 2 consumer warpgroups; got "
                          f"consumers={config.consumers}")
-    if config.cluster not in (1, 2):
-        raise ValueError(f"the Mosaic GPU lightning kernel takes cluster 1 or 2; got cluster={config.cluster}")
-    if config.cluster == 2 and (config.consumers or any(b != 2 * tile_width(config, b) for b in (dk, dv))):
-        raise ValueError(f"the Mosaic GPU lightning kernel's cluster of 2 needs consumers=0 and exactly two Dv tiles "
-                         f"per walk (block_v = Dk / 2 = Dv / 2: the backward swaps Dk and Dv); got Dk={dk}, "
-                         f"Dv={dv}, block_v={config.block_v}, consumers={config.consumers}")
     for a, b in ((dk, dv), (dv, dk)):  # the forward walk's (Dk, Dv), the backward's swapped walks
         tile = min(config.block_v, b)
         if a % 64 or b % 64 or tile % 32 or a % min(tile, a) or b % tile_width(config, b):
@@ -362,7 +328,7 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
     if config.chunk not in (64, 128):
         raise ValueError(f"the Mosaic GPU lightning kernel needs chunk 64 or 128; got {config.chunk}")
     need = max(smem_bytes(config.chunk, a, min(config.block_v, b), config.num_stages, jnp.dtype(dtype).itemsize,
-                          consumers=config.consumers, cluster=config.cluster) for a, b in ((dk, dv), (dv, dk)))
+                          consumers=config.consumers) for a, b in ((dk, dv), (dv, dk)))
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(f"the Mosaic GPU lightning kernel would need {need} bytes of shared memory (> "
                          f"{SMEM_LIMIT_BYTES}) at chunk={config.chunk}, block_v={config.block_v}, "
@@ -384,7 +350,6 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     block_v = min(config.block_v, dv)
     consumers = config.consumers
     walkers = max(consumers, 1)
-    cluster = config.cluster > 1
     check_supported(k.dtype, dk, dv, config, doc is not None)
     if length % chunk:
         raise ValueError(f"L={length} must be a multiple of the chunk {chunk}")
@@ -403,10 +368,7 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
         plgpu.SMEM((*mine, chunk, chunk), dtype, transforms=tv)
         if with_output and interpret else None,  # scores (interpret mode only, see _kernel)
         plgpu.Barrier(num_arrivals=walkers + (2 if with_output else 1), num_barriers=stages),  # one per TMA copy
-        # Slot free again: every consumer (warp specialization) or both programs of the cluster have read it.
-        plgpu.Barrier(num_arrivals=consumers, num_barriers=stages) if consumers else
-        plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=stages) if cluster else None,
-        plgpu.ClusterBarrier(collective_axes=("cluster",)) if cluster else None,  # both programs are done
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=stages) if consumers else None,  # slot free again
     ]
     out_type = [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)]
     if with_output:
@@ -414,17 +376,14 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     args = [s] + ([q] if with_output else []) + [k, v] + ([init] if init is not None else [])
     kernel = functools.partial(_kernel, layout=layout, chunk=chunk, block_v=block_v, consumers=consumers,
                                stages=stages, reverse=reverse, with_output=with_output, has_init=init is not None,
-                               cluster=cluster, interpret=interpret)
+                               interpret=interpret)
     threads = dict(num_threads=consumers + 1, thread_name="wg") if consumers else {}
-    tiles = dv // (walkers * block_v)
-    # A cluster's programs are its Dv tiles (``check_supported``: exactly two).
-    launch = (dict(grid=(heads, rows), grid_names=("head", "row"), cluster=(tiles,), cluster_names=("cluster",))
-              if cluster else dict(grid=(tiles, heads, rows), grid_names=("tile", "head", "row")))
     outs = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, **launch, **threads,
+        kernel, out_type=out_type, scratch_types=scratch, grid=(dv // (walkers * block_v), heads, rows),
+        grid_names=("tile", "head", "row"), **threads,
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}"
-                    f"{f'_ws{consumers}' if consumers else ''}{'_cluster' if cluster else ''}",
+                    f"{f'_ws{consumers}' if consumers else ''}",
     )(*args)
     return (outs[0], outs[1]) if with_output else (None, outs[0])
 

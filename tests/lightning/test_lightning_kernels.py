@@ -5,7 +5,7 @@ Forward output, final state and every gradient (dq, dk, dv, d_initial_state), on
 Dv tiles and sequence-group counts (including a group wholly in the padding), with and without segment ids and an
 initial state. The Mosaic GPU kernel takes bf16, head dims that are multiples of 64 and no segment ids; its backward
 walks run the same kernel (Dk and Dv swap there, hence the Dk != Dv case), or dk and dv come from its fused backward
-walk; its walks run one program per Dv tile, or a cluster of two sharing the q/k loads.
+walk.
 """
 from __future__ import annotations
 
@@ -48,29 +48,18 @@ MOSAIC_FUSED = [
     (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 128, 64, 64, 3, False, False), 2, 2),  # split, Dk != Dv (32-wide dk)
     (("mosaic_gpu", "bfloat16", 1, 130, 1, 64, 64, 64, 32, 4, False, True), 1, 2),  # group 3 all padding, 1 slot
 ]
-# Mosaic GPU with the two Dv-tile programs of a (row, head) as a cluster of 2 sharing each q/k chunk by TMA multicast
-# (interpret mode runs the cluster's programs and its cluster barriers; each program's multicast copy lands the whole
-# chunk in its own SMEM there): (case as above, stages, fused backward walkers).
-MOSAIC_CLUSTER = [
-    (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 128, 64, 64, 1, False, True), 2, 0),  # slots refilled across the pair
-    (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 64, 64, 32, 3, False, False), 3, 0),  # split: the state-only walks too
-    (("mosaic_gpu", "bfloat16", 1, 200, 1, 128, 128, 64, 64, 1, False, True), 1, 0),  # one slot: refill, then wait
-    (("mosaic_gpu", "bfloat16", 1, 130, 2, 128, 128, 64, 64, 1, False, True), 4, 2),  # fewer chunks than slots; fused
-]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
-@pytest.mark.parametrize("case,consumers,stages,fused,cluster",
-                         [(c, 0, None, 0, 1) for c in CASES] + [(*c, 0, 1) for c in MOSAIC_STAGED]
-                         + [(c, 0, stages, walkers, 1) for c, stages, walkers in MOSAIC_FUSED]
-                         + [(c, 0, stages, walkers, 2) for c, stages, walkers in MOSAIC_CLUSTER],
+@pytest.mark.parametrize("case,consumers,stages,fused",
+                         [(c, 0, None, 0) for c in CASES] + [(*c, 0) for c in MOSAIC_STAGED]
+                         + [(c, 0, stages, walkers) for c, stages, walkers in MOSAIC_FUSED],
                          ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None)
-def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, cluster, lt):
+def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
     prob = lt.random_problem(sum(case[2:8]), batch, length, heads, dk, dv, segments=segments, init=init)
     config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups, consumers=consumers,
-                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused,
-                          cluster=cluster)
+                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused)
     cast = lambda x: jnp.asarray(x, dtype)
     # The oracle sees exactly the (rounded) inputs the kernel sees.
     q, k, v, d_o = (np.asarray(cast(prob[n]).astype(jnp.float32)) for n in ("q", "k", "v", "d_o"))
@@ -146,19 +135,14 @@ def test_triton_rejects_non_power_of_two_head_dim():
     ("consumer tiles", jnp.bfloat16, (128, 64), 64, False, "times the consumers"),
     ("fused walkers", jnp.bfloat16, (128, 128), 64, False, "1 or 2 consumer warpgroups"),
     ("fused shared memory", jnp.bfloat16, (128, 128), 128, False, "fused Mosaic GPU backward does not fit"),
-    ("cluster size", jnp.bfloat16, (128, 128), 64, False, "cluster 1 or 2"),
-    ("cluster tiles", jnp.bfloat16, (128, 64), 64, False, "exactly two Dv tiles"),  # the swapped walk has four
-    ("cluster consumers", jnp.bfloat16, (128, 128), 64, False, "needs consumers=0"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
     v = jnp.zeros((1, 8, 1, dims[1]), dtype)
-    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64, "cluster tiles": 32,
-               "cluster consumers": 32}.get(what, 128)
-    consumers = {"consumers": 3, "consumer tiles": 2, "cluster consumers": 2}.get(what, 0)
+    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64}.get(what, 128)
+    consumers = {"consumers": 3, "consumer tiles": 2}.get(what, 0)
     config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=2, consumers=consumers,
-                          fused_backward={"fused walkers": 3, "fused shared memory": 2}.get(what, 0),
-                          cluster={"cluster size": 4, "cluster tiles": 2, "cluster consumers": 2}.get(what, 1))
+                          fused_backward={"fused walkers": 3, "fused shared memory": 2}.get(what, 0))
     segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
     with pytest.raises(ValueError, match=match):
         pallas.lightning_attention_pallas(q, q, v, jnp.ones(1), segment_ids=segment_ids, backend="mosaic_gpu",
