@@ -99,6 +99,14 @@ def _decay(s, dist, valid):
     return jnp.where(valid, jnp.exp(-s * jnp.maximum(dist, 0).astype(jnp.float32)), 0.0)
 
 
+def _initial_state(init_ref, row, head, cols, shape):
+    """A walker's fp32 state block ``shape`` = [Dk, width] in wgmma layout: its columns ``cols`` of the initial
+    state [R, H, Dk, Dv] (``init_ref``), or zeros when there is none."""
+    if init_ref is None:
+        return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+    return plgpu.load(init_ref.at[row, head, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
+
+
 def _accumulate(issue, inits, interpret: bool):
     """Final values of wgmma accumulators that start at ``inits`` (arrays, or None for an absent one) after
     ``issue(*accumulator refs)``.
@@ -166,10 +174,7 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
         mine = (lambda ref: ref) if w is None else (lambda ref: ref.at[w])
         cols = pl.ds((tile * walkers + (0 if w is None else w)) * block_v, block_v)
         vw_w, st_w, o_w = mine(vw_smem), mine(st_smem), mine(o_smem) if with_output else None
-        if has_init:
-            state0 = plgpu.load(init_ref.at[row, head, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
-        else:
-            state0 = plgpu.layout_cast(jnp.zeros((dk, block_v), jnp.float32), plgpu.Layout.WGMMA)
+        state0 = _initial_state(init_ref, row, head, cols, (dk, block_v))
         st_w[...] = state0.astype(st_w.dtype)
         plgpu.commit_smem()
 
@@ -255,14 +260,29 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
         walk(None)
         return
 
+    _warp_specialized(walk, issue_loads, consumed_bars, walkers=consumers, stages=stages, n_chunks=n_chunks,
+                      static_walker=False)
+
+
+def _warp_specialized(walk, issue_loads, consumed_bars, *, walkers: int, stages: int, n_chunks: int,
+                      static_walker: bool):
+    """Warpgroups 0..walkers-1 run ``walk(index)``; warpgroup ``walkers`` is the producer: it issues the first
+    ``stages`` chunks' TMA loads, then refills each slot once every walker has arrived on its ``consumed`` barrier.
+    ``static_walker``: pass each walker its index as a Python int (one branch per walker: scratch indexed by it must
+    be static), else the traced warpgroup index (one branch for all)."""
     wg = lax.axis_index("wg")
 
-    @pl.when(wg < consumers)
-    def _():
-        plgpu.set_max_registers(_consumer_registers(consumers), action="increase")
-        walk(wg)
+    def consumer(index):
+        plgpu.set_max_registers(_consumer_registers(walkers), action="increase")
+        walk(index)
 
-    @pl.when(wg == consumers)
+    if static_walker:
+        for w in range(walkers):
+            pl.when(wg == w)(functools.partial(consumer, w))
+    else:
+        pl.when(wg < walkers)(lambda: consumer(wg))
+
+    @pl.when(wg == walkers)
     def _():
         plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
         for step in range(min(stages, n_chunks)):
@@ -271,7 +291,7 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
             @pl.loop(stages, n_chunks)
             def _(step):
                 slot = lax.rem(step, stages)
-                plgpu.barrier_wait(consumed_bars.at[slot])  # every consumer is done with the chunk step - stages
+                plgpu.barrier_wait(consumed_bars.at[slot])  # every walker is done with the chunk step - stages
                 issue_loads(step, slot)
 
 
@@ -443,10 +463,7 @@ def _fused_kernel(*refs, layout: RowLayout, chunk: int, walkers: int, stages: in
         """Walker ``w``: owns dS[:, w*bv:(w+1)*bv] (registers), dv[:, w*bv:...] and dk[:, w*bk:...]."""
         cols, kcols = pl.ds(w * bv, bv), pl.ds(w * bk, bk)
         st_cols, dow_w = st_smem.at[:, cols], dow_smem.at[:, cols]
-        if has_init:
-            state0 = plgpu.load(init_ref.at[row, head, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
-        else:
-            state0 = plgpu.layout_cast(jnp.zeros((dk, bv), jnp.float32), plgpu.Layout.WGMMA)
+        state0 = _initial_state(init_ref, row, head, cols, (dk, bv))
         st_cols[...] = state0.astype(st_smem.dtype)
         plgpu.commit_smem()
         if shared:
@@ -533,24 +550,8 @@ def _fused_kernel(*refs, layout: RowLayout, chunk: int, walkers: int, stages: in
         state_out_ref.at[row, head, :, cols][...] = state
         plgpu.wait_smem_to_gmem(0)
 
-    wg = lax.axis_index("wg")
-    for w in range(walkers):
-        @pl.when(wg == w)
-        def _():
-            plgpu.set_max_registers(_consumer_registers(walkers), action="increase")
-            walk(w)
-
-    @pl.when(wg == walkers)
-    def _():
-        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-        for step in range(min(stages, n_chunks)):
-            issue_loads(step, step)
-        if n_chunks > stages:
-            @pl.loop(stages, n_chunks)
-            def _(step):
-                slot = lax.rem(step, stages)
-                plgpu.barrier_wait(consumed_bars.at[slot])  # every walker is done with the chunk step - stages
-                issue_loads(step, slot)
+    _warp_specialized(walk, issue_loads, consumed_bars, walkers=walkers, stages=stages, n_chunks=n_chunks,
+                      static_walker=True)
 
 
 def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: KernelConfig,

@@ -89,6 +89,17 @@ def test_default_jitted_function_runs_the_xla_scan_on_cpu(lt):
 MOSAIC_GPU_CALL_TARGET = "mosaic_gpu_v2"
 
 
+def _mosaic_grad_export(config, args) -> str:
+    """The cuda export (StableHLO text) of the value and gradients of a Mosaic GPU lightning call at ``config``."""
+    def f(q, k, v, s, init):
+        def loss(q, k, v, init):
+            o, final = pallas.lightning_attention_pallas(q, k, v, s, initial_state=init, backend="mosaic_gpu",
+                                                         config=config)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, init)
+    return export.export(jax.jit(f), platforms=("cuda",))(*args).mlir_module()
+
+
 @pytest.mark.parametrize("config", [KernelConfig(chunk=64, block_v=64, num_stages=2, groups=2),
                                     KernelConfig(chunk=128, block_v=64, num_stages=2, groups=1),
                                     KernelConfig(chunk=64, block_v=32, num_stages=3, groups=1),
@@ -96,14 +107,7 @@ MOSAIC_GPU_CALL_TARGET = "mosaic_gpu_v2"
                                     KernelConfig(chunk=64, block_v=64, num_stages=3, groups=1, consumers=1)])
 def test_mosaic_gpu_lowering_exports_for_cuda(config):
     """The full Mosaic GPU lowering (layouts, TMA, wgmma, shared-memory budget) runs on the export; no segment ids."""
-    def f(q, k, v, s, init):
-        def loss(q, k, v, init):
-            o, final = pallas.lightning_attention_pallas(q, k, v, s, initial_state=init, backend="mosaic_gpu",
-                                                         config=config)
-            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
-        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, init)
-
-    text = export.export(jax.jit(f), platforms=("cuda",))(*_args()[:5]).mlir_module()
+    text = _mosaic_grad_export(config, _args()[:5])
     assert text.count(MOSAIC_GPU_CALL_TARGET) == (EXPECTED_CALLS if config.groups > 1 else EXPECTED_CALLS // 2)
 
 
@@ -120,17 +124,9 @@ def test_mosaic_gpu_lowering_exports_for_cuda(config):
 ])
 def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
     """The fused backward walk's lowering for sm_90a (TMA, wgmma, the walkers' barriers, its SMEM budget)."""
-    def f(q, k, v, s, init):
-        def loss(q, k, v, init):
-            o, final = pallas.lightning_attention_pallas(q, k, v, s, initial_state=init, backend="mosaic_gpu",
-                                                         config=config)
-            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
-        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, init)
-
     sds = jax.ShapeDtypeStruct
     x = sds((B, T, H, dim), jnp.bfloat16)
-    args = (x, x, x, sds((H,), jnp.float32), sds((B, H, dim, dim), jnp.float32))
-    text = export.export(jax.jit(f), platforms=("cuda",))(*args).mlir_module()
+    text = _mosaic_grad_export(config, (x, x, x, sds((H,), jnp.float32), sds((B, H, dim, dim), jnp.float32)))
     assert text.count(MOSAIC_GPU_CALL_TARGET) == calls
     assert text.count("lightning_mgpu_bwd_fused") >= 1
 
