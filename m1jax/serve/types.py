@@ -85,8 +85,12 @@ class RequestHandle:
     def put(self, event: TokenEvent) -> None:
         with self._lock:
             self._queue.put(event)
-            for loop, notify in self._listeners:
-                loop.call_soon_threadsafe(notify)
+            for listener in list(self._listeners):
+                loop, notify = listener
+                try:
+                    loop.call_soon_threadsafe(notify)
+                except RuntimeError:  # its event loop has closed (a server shut down mid-stream): nobody waits there
+                    self._listeners.remove(listener)
 
     # ---- consumer side
     def __iter__(self) -> Iterator[TokenEvent]:
@@ -98,21 +102,25 @@ class RequestHandle:
 
     async def stream(self) -> AsyncIterator[TokenEvent]:
         """The events as an async iterator (for an asyncio server): no thread blocks while waiting."""
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
+        listener = (asyncio.get_running_loop(), (ready := asyncio.Event()).set)
         with self._lock:
-            self._listeners.append((loop, ready.set))
-        while True:
-            try:
-                event = self._queue.get_nowait()
-            except queue.Empty:
-                ready.clear()
-                if self._queue.empty():
-                    await ready.wait()
-                continue
-            yield event
-            if event.finish_reason is not None:
-                return
+            self._listeners.append(listener)
+        try:
+            while True:
+                try:
+                    event = self._queue.get_nowait()
+                except queue.Empty:
+                    ready.clear()
+                    if self._queue.empty():
+                        await ready.wait()
+                    continue
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:  # finished, or the consumer stopped reading (a client that went away): no more wake-ups for it
+            with self._lock:
+                if listener in self._listeners:  # ``put`` drops one whose loop has closed
+                    self._listeners.remove(listener)
 
     def result(self) -> Completion:
         """Block until the request finishes; its tokens and finish reason."""

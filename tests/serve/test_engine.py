@@ -7,7 +7,7 @@ import pytest
 
 from m1jax import generate as gen
 from m1jax.serve import programs
-from m1jax.serve.types import SamplingParams
+from m1jax.serve.types import RequestHandle, SamplingParams, TokenEvent
 from tests.serve.conftest import (CFG, REFERENCE_NEW, TOL, generate_greedy, make_engine, model_logprobs,
                                   random_prompts)
 
@@ -181,3 +181,25 @@ def test_no_recompilation_once_every_bucket_is_compiled(split):
     engine.run_until_idle()
     assert engine.stats()["generated_tokens"] > 20 and engine.stats()["cached_prompt_tokens"] >= 0
     assert dict(programs.TRACE_COUNTS) == before
+
+
+def test_a_stream_left_on_a_closed_event_loop_does_not_fail_the_engine_side():
+    """A server that shut down mid-stream leaves its reader suspended on a closed event loop: the engine's next event
+    for that request must still go through (it used to raise "Event loop is closed" in the engine thread), and a
+    stream that ends stops listening."""
+    handle = RequestHandle("r", 3)
+    loop = asyncio.new_event_loop()
+    stream = handle.stream()
+    handle.put(TokenEvent("r", 7, -0.5))
+    assert loop.run_until_complete(stream.__anext__()).token_id == 7  # the reader now waits on this loop
+    loop.close()
+    handle.put(TokenEvent("r", 8, -0.25, finish_reason="length"))
+    assert [e.token_id for e in handle] == [8]
+
+    done = RequestHandle("s", 1)
+    done.put(TokenEvent("s", 1, 0.0, finish_reason="stop"))
+    assert asyncio.run(_drain(done)) == [1] and not done._listeners
+
+
+async def _drain(handle):
+    return [e.token_id async for e in handle.stream()]
