@@ -4,8 +4,9 @@
 Mosaic kernel (pallas_tpu); cuda/rocm: the kernel ``GPU_DEFAULT`` names for the GPU generation traced for (the Mosaic
 GPU kernel on Hopper, Triton elsewhere) when it handles the call (see ``default_implementation``); otherwise (cpu,
 other dims) the XLA chunked scan. An explicit Pallas backend runs compiled on its platform and in Pallas interpret
-mode when lowered for cpu. ``pallas_mosaic_gpu`` (TMA + wgmma) needs a Hopper GPU (when traced for a GPU), bf16/fp16 inputs, Dk and Dv
-multiples of 64 and no segment ids; asked for explicitly with anything else it raises a ValueError.
+mode when lowered for cpu. ``pallas_mosaic_gpu`` (TMA + wgmma) needs a Hopper GPU (when traced for a GPU),
+bf16/fp16 inputs, Dk and Dv multiples of 64 and no segment ids; asked for explicitly with anything else it raises a
+ValueError.
 """
 from __future__ import annotations
 

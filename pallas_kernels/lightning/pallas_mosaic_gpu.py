@@ -27,11 +27,13 @@ while they walk close together. (Launch order does not pair them: Pallas's grid 
 varies slowest; at B1 H64 the 128 programs are all resident at once on 132 SMs anyway.) Reading q, k once per
 (row, head) instead, the two tile programs as a thread-block cluster sharing each chunk by TMA multicast, was built and
 measured on an H200 (code 96e991c): no faster at 32K or 128K, forward or backward (`benchmarks/RESULTS.md`), so the
-re-reads are not what bounds the walk. The math is ``chunk_math``'s (``walk_step``): the same geometry (``a``, ``b``, the last
-partial chunk, chunks wholly in the padding), decay factors computed in float32, the state rounded to the input dtype
-for the tensor cores and its decay applied in float32 after. One difference: the state update scales v (the walker's
-``[C, block_v]`` tile) rather than k by the per-token decay before rounding to bf16, which has the same rounding error
-and half the work at ``block_v`` = Dk / 2.
+re-reads are not what bounds the walk.
+
+The math is ``chunk_math``'s (``walk_step``): the same geometry (``a``, ``b``, the last partial chunk, chunks wholly
+in the padding), decay factors computed in float32, the state rounded to the input dtype for the tensor cores and its
+decay applied in float32 after. One difference: the state update scales v (the walker's ``[C, block_v]`` tile) rather
+than k by the per-token decay before rounding to bf16, which has the same rounding error and half the work at
+``block_v`` = Dk / 2.
 
 Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
 scores or the state; the kernel only has to get the decay distances right.

@@ -73,8 +73,9 @@ def _inputs():
     return h, w, t
 
 
+# (fp32, precision, expected mode): without fp32 the precision is not read
 CASES = [(True, "bf16_3x", "bf16_3x"), (True, "float32", "float32"), (True, "bf16_3x_fused", "split"),
-         (False, "bf16_3x", "bf16"), (False, "float32", "bf16"), (False, "bf16_3x_fused", "bf16")]  # (fp32, precision, expected mode): without fp32 the precision is not read
+         (False, "bf16_3x", "bf16"), (False, "float32", "bf16"), (False, "bf16_3x_fused", "bf16")]
 
 
 @pytest.mark.parametrize("fp32,precision,mode", CASES)
