@@ -157,27 +157,38 @@ def ours_fn(s, config, with_bwd, backend="triton"):
     def fwd(q, k, v):
         return pallas.lightning_attention_pallas(q, k, v, s, backend=backend, config=config)
 
+    return _jit_timed(fwd, with_bwd, output=lambda out: out[0])
+
+
+def _jit_timed(fwd, with_bwd, output=lambda out: out):
+    """The jitted function the benchmark times: ``fwd`` alone, or forward + backward returning (o, (dq, dk, dv)),
+    o = ``output(fwd(q, k, v))``.
+
+    The forward's output must be returned with the gradients: the backward only needs q, k, v, so with the gradients
+    alone jit drops the whole forward kernel (a custom call with no side effects) and the time is the backward's.
+    fla's forward + backward (``o.backward(do)``) always runs its forward.
+    """
     if not with_bwd:
         return jax.jit(fwd)
-    return jax.jit(lambda q, k, v, do: jax.vjp(lambda *a: fwd(*a)[0], q, k, v)[1](do))
+
+    def fwd_bwd(q, k, v, do):
+        o, vjp = jax.vjp(lambda *a: output(fwd(*a)), q, k, v)
+        return o, vjp(do)
+    return jax.jit(fwd_bwd)
 
 
 def xla_fn(s, with_bwd, block=64):
     def fwd(q, k, v):
         return reference.lightning_attention_chunked(q, k, v, s, block_size=block)[0]
 
-    if not with_bwd:
-        return jax.jit(fwd)
-    return jax.jit(lambda q, k, v, do: jax.vjp(fwd, q, k, v)[1](do))
+    return _jit_timed(fwd, with_bwd)
 
 
 def cudnn_fn(with_bwd):
     def fwd(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-    if not with_bwd:
-        return jax.jit(fwd)
-    return jax.jit(lambda q, k, v, do: jax.vjp(fwd, q, k, v)[1](do))
+    return _jit_timed(fwd, with_bwd)
 
 
 class Fla:
@@ -325,8 +336,8 @@ def compare_to_xla(s, configs, with_bwd, args, fla):
         except Exception as e:  # reported in the row; the other kernels still get checked
             errs[f"{name}_check_error"] = str(e)[:200]
             continue
-        if with_bwd:
-            errs.update({f"err_{name}_{g}": rel_err(a, r) for g, a, r in zip(("dq", "dk", "dv"), out, ref_out)})
+        if with_bwd:  # (o, (dq, dk, dv))
+            errs.update({f"err_{name}_{g}": rel_err(a, r) for g, a, r in zip(("dq", "dk", "dv"), out[1], ref_out[1])})
         else:
             errs[f"err_{name}_o"] = rel_err(out[0], ref_out)
     if fla is not None and not with_bwd:
