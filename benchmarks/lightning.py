@@ -1,6 +1,6 @@
 """Lightning attention benchmark on one GPU: our Pallas kernels (Triton: ``ours``; Mosaic GPU, Hopper only:
-``mosaic``; ``mosaic_fused``: the same forward, the backward's dk and dv from the fused walk) vs fla, the XLA chunked
-scan, cuDNN softmax.
+``mosaic``, whose backward pairs the dv and dk walks in one program; ``mosaic_3walks``: the same forward, the
+backward's three separate walks) vs fla, the XLA chunked scan, cuDNN softmax.
 
 Run from the repository root on a GPU machine with fla-core 0.6.0 installed (the competitor; it needs torch and triton):
 
@@ -26,9 +26,9 @@ Mosaic vs Triton vs fla, forward only, in under five minutes (H200):
 
 (the 1M shape runs the 32K shape's fastest Mosaic config with its sequence groups scaled to as many programs).
 
-Fused vs three-walk Mosaic backward vs fla, forward+backward (``--fused_walkers``, ``--fused_groups``):
+Paired vs three-walk Mosaic backward vs fla, forward+backward:
 
-    python -m benchmarks.lightning --impls=mosaic_fused,mosaic,fla --modes=fwdbwd \
+    python -m benchmarks.lightning --impls=mosaic,mosaic_3walks,fla --modes=fwdbwd \
         --shapes=1x64x32768,1x64x131072 --sweep_shapes= --out_dir=$OUT
 
 Each implementation's time is printed as soon as it is measured (a ``start`` row before, a ``timed`` row after).
@@ -53,6 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.timing import time_pipelined  # noqa: E402
 from pallas_kernels.lightning import pallas, reference  # noqa: E402
 from pallas_kernels.lightning.config import KernelConfig, pick_groups  # noqa: E402
 
@@ -61,8 +62,8 @@ flags.DEFINE_string("out_dir", os.environ.get("OUT", "/tmp/bench_lightning"), "w
 flags.DEFINE_list("shapes", ["1x64x8192", "1x64x32768", "1x64x131072", "8x64x8192", "1x8x1048576"], "BxHxN")
 flags.DEFINE_list("sweep_shapes", ["1x64x32768", "1x8x1048576"], "shapes at which our config is tuned")
 flags.DEFINE_list("impls", ["ours", "mosaic", "fla", "xla", "cudnn"],
-                  "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), mosaic_fused (Mosaic GPU with the "
-                  "fused backward walk), fla, xla, cudnn")
+                  "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), mosaic_3walks (Mosaic GPU, the "
+                  "backward's dv and dk walks not paired), fla, xla, cudnn")
 flags.DEFINE_list("sweep_impls", ["ours", "mosaic"], "which of our kernels to tune (the others run their default)")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "forward, forward+backward")
 flags.DEFINE_bool("check", True, "phase 1 and the per-shape comparison against the XLA scan")
@@ -71,16 +72,13 @@ flags.DEFINE_bool("compare_xla", True, "with --check: compare each timed kernel 
                   "(minutes at 128K forward+backward)")
 flags.DEFINE_integer("cudnn_max_n", 131072, "skip cuDNN softmax above this N (1M would take seconds per call)")
 flags.DEFINE_integer("head_dim", 128, "d")
-flags.DEFINE_integer("fused_walkers", 2, "mosaic_fused: consumer warpgroups of the fused backward walk (1 or 2)")
-flags.DEFINE_integer("fused_groups", 0, "mosaic_fused: sequence groups (0: those of mosaic's config; the fused walk "
-                     "has one program per (row, head), so B1 H64 fills 64 SMs at 1 group, 128 at 2)")
 
 # Our kernels: --impls name -> pallas backend.
-KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_fused": "mosaic_gpu"}
-FUSED = "mosaic_fused"
+KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu"}
+WALKS3 = "mosaic_3walks"
 # Variants of the Mosaic GPU kernel (not swept): their config from mosaic's (swept or default) one.
 MOSAIC_VARIANTS = {
-    FUSED: lambda c: dataclasses.replace(c, fused_backward=FLAGS.fused_walkers, groups=FLAGS.fused_groups or c.groups),
+    WALKS3: lambda c: dataclasses.replace(c, fused_backward=0),
 }
 # Triton: (chunk, block_v, num_warps, num_stages); sequence groups are swept separately around the automatic choice.
 LAUNCH_GRIDS = {
@@ -121,24 +119,6 @@ def peaks(device_kind: str):
 def floor_seconds(b, h, n, d, mode, peak=PEAKS["H100"]):
     flops, bytes_ = (4, 8) if mode == "fwd" else (14, 22)
     return max(flops * b * h * n * d * (64 + d) / peak[0], bytes_ * b * h * n * d / peak[1])
-
-
-def time_jax(fn, *args) -> float:
-    """Median seconds per call of a jitted ``fn`` (host wall time over back-to-back calls)."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    once = time.perf_counter() - t0
-    n = max(1, min(200, int(0.03 / max(once, 1e-6))))
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(n):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / n)
-    return float(np.median(times))
 
 
 def rel_err(x, ref) -> float:
@@ -246,11 +226,9 @@ def check_small(log, impls=("ours",), shape=(2, 1000, 4)):
                             (jnp.bfloat16, KernelConfig(block_v=64, consumers=1, num_stages=3, groups=1), False),
                             (jnp.bfloat16, KernelConfig(block_v=32, consumers=2, num_stages=3, groups=1), False),
                             (jnp.bfloat16, KernelConfig(block_v=64, consumers=2, num_stages=2, groups=3), False)],
-             # The fused backward walk: 2 consumer warpgroups (64 state columns each) or 1 (the whole state), with
-             # and without a sequence split.
-             FUSED: [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1, fused_backward=2), False),
-                     (jnp.bfloat16, dataclasses.replace(mosaic, groups=3, fused_backward=2), False),
-                     (jnp.bfloat16, dataclasses.replace(mosaic, groups=1, fused_backward=1), False)]}
+             # The three separate backward walks (the default pairs the dv and dk walks), with and without a split.
+             WALKS3: [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1, fused_backward=0), False),
+                      (jnp.bfloat16, dataclasses.replace(mosaic, groups=3, fused_backward=0), False)]}
     rows = []
     for impl, dtype, config, with_segments in [(name, *c) for name in impls for c in cases[name]]:
         backend = KERNELS[impl]
@@ -316,7 +294,7 @@ def sweep(shape, s_np, d, log, backend="triton"):
     results = []
     for config in launch_configs(backend, b, h, n, d):
         try:
-            sec = time_jax(ours_fn(s, config, False, backend), q, k, v)
+            sec = time_pipelined(ours_fn(s, config, False, backend), q, k, v)
         except Exception as e:  # a config the compiler rejects is skipped, not fatal
             log({"phase": "sweep", "backend": backend, "shape": shape, "config": repr(config), "error": str(e)[:300]})
             continue
@@ -347,10 +325,10 @@ def compare_to_xla(s, configs, with_bwd, args, fla):
 
 def print_table(table):
     """The markdown table: each timed implementation's ms (% floor), the speedups of ours over fla, the errors."""
-    names = [n for n in (FUSED, "mosaic", "ours", "fla", "xla", "cudnn") if any(f"{n}_ms" in r for r in table)]
-    label = {FUSED: "mosaic fused bwd", "mosaic": "mosaic", "ours": "triton", "fla": "fla", "xla": "XLA",
+    names = [n for n in ("mosaic", WALKS3, "ours", "fla", "xla", "cudnn") if any(f"{n}_ms" in r for r in table)]
+    label = {WALKS3: "mosaic 3 bwd walks", "mosaic": "mosaic", "ours": "triton", "fla": "fla", "xla": "XLA",
              "cudnn": "cuDNN softmax"}
-    ratios = [(a, b) for a, b in ((FUSED, "mosaic"), (FUSED, "fla"), ("mosaic", "fla"), ("ours", "fla"),
+    ratios = [(a, b) for a, b in (("mosaic", WALKS3), ("mosaic", "fla"), (WALKS3, "fla"), ("ours", "fla"),
                                   ("mosaic", "ours")) if a in names and b in names]
     head = ([f"{label[n]} ms (% floor)" for n in names] + [f"{label[a]} vs {label[b]}" for a, b in ratios]
             + ["rel. errors vs XLA scan"])
@@ -417,10 +395,10 @@ def main(argv):
                    **{f"{name}_config": repr(c) for name, c in configs.items()}}
             args = (q, k, v, do) if with_bwd else (q, k, v)
             timers = {"fla": lambda: fla.time(q, k, v, do, s, with_bwd),
-                      "xla": lambda: time_jax(xla_fn(s, with_bwd), *args),
-                      "cudnn": lambda: time_jax(cudnn_fn(with_bwd), *args)}
+                      "xla": lambda: time_pipelined(xla_fn(s, with_bwd), *args),
+                      "cudnn": lambda: time_pipelined(cudnn_fn(with_bwd), *args)}
             for name in kernels:
-                timers[name] = functools.partial(lambda c, be: time_jax(ours_fn(s, c, with_bwd, be), *args),
+                timers[name] = functools.partial(lambda c, be: time_pipelined(ours_fn(s, c, with_bwd, be), *args),
                                                  configs[name], KERNELS[name])
             for name in FLAGS.impls:
                 if name == "cudnn" and n > FLAGS.cudnn_max_n:

@@ -20,9 +20,11 @@ class KernelConfig:
         walks its own ``block_v`` tile of the same (row, head), sharing the q/k loads (a program covers
         ``consumers * block_v`` columns of Dv).
     fused_backward: Mosaic GPU only. 0: the backward's dv and dk come from two reverse walks of the forward kernel.
-        1 or 2: from one fused reverse walk (``pallas_mosaic_gpu.fused_backward_scan``: one program per
-        (row, head) with that many consumer warpgroups, each holding ``Dv / fused_backward`` columns of the state,
-        and as many of ``num_stages`` TMA stages as fit in shared memory).
+        1: from one pass (``pallas_mosaic_gpu.fused_backward_scan``): the two reverse walks as two consumer
+        warpgroups of one program, on the same TMA-loaded chunks of q, k, v and dO (Dk = Dv; as many of
+        ``num_stages`` TMA stages as fit in shared memory).
+    lookahead: Mosaic GPU only. Each walk step computes the next chunk's ``q k^T`` together with its own update, so
+        the step's first matmul wait covers ``q S`` alone and the score decay runs under it (needs 2+ stages).
     """
     chunk: int = 64
     block_v: int = 32
@@ -31,6 +33,7 @@ class KernelConfig:
     num_stages: int = 3
     consumers: int = 0
     fused_backward: int = 0
+    lookahead: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,10 +13,12 @@ BACKENDS = ("triton", "mosaic_gpu", "tpu")
 # 32-wide Dv tiles give 4 programs per (row, head) whose q/k re-reads hit L2, and 3 pipeline stages hide the chunk
 # loads. Mosaic GPU (Hopper): the fastest of benchmarks/lightning.py's sweep on an H200 at B1 H64 32K (2026-11-30;
 # benchmarks/RESULTS.md, "Mosaic GPU kernel, H200"): 64-token chunks, 64-wide Dv tiles (2 programs per (row, head)
-# at Dv = 128, one warpgroup each), 4 TMA stages. TPU: 128-token chunks (MXU tiles; segment-id blocks need a
+# at Dv = 128, one warpgroup each), 4 TMA stages; the backward's dv and dk walks paired in one program where
+# Dk = Dv (``fused_backward``: faster than the two walks on an H200, RESULTS.md "Paired reverse walks"; where it does
+# not apply, the default falls back to three walks). TPU: 128-token chunks (MXU tiles; segment-id blocks need a
 # multiple of 128), untuned.
 DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num_stages=3),
-                   "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=4),
+                   "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=4, fused_backward=1),
                    "tpu": KernelConfig(chunk=128, block_v=128)}
 
 
@@ -27,9 +29,12 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; decay: [H]; initial_state: [B, H, Dk, Dv] float32 or None;
     segment_ids: [B, T] or None. Returns (o [B, T, H, Dv] in v's dtype, final state [B, H, Dk, Dv] float32).
     Differentiable in q, k, v and initial_state (custom VJP); ``interpret`` runs the kernels in Pallas interpret mode.
+    ``config``: None for the backend's ``DEFAULT_CONFIGS`` entry. An explicit config's ``fused_backward`` that the
+    call's shapes do not allow raises; the default's falls back to three backward walks.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown Pallas backend {backend!r}; choose from {BACKENDS}")
+    explicit = config is not None
     config = config or DEFAULT_CONFIGS[backend]
     if config.fused_backward and backend != "mosaic_gpu":
         raise ValueError(f"fused_backward is a Mosaic GPU kernel option; the {backend} backend walks three times")
@@ -46,9 +51,13 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
         pallas_mosaic_gpu.check_supported(q.dtype, dk, dv, config, segment_ids is not None)
         scan = functools.partial(pallas_mosaic_gpu.chunk_scan, config=config, interpret=interpret)
         if config.fused_backward:
-            pallas_mosaic_gpu.check_fused_supported(q.dtype, dk, dv, config)
-            fused_backward = functools.partial(pallas_mosaic_gpu.fused_backward_scan, config=config,
-                                               interpret=interpret)
+            try:
+                pallas_mosaic_gpu.check_fused_supported(q.dtype, dk, dv, config)
+                fused_backward = functools.partial(pallas_mosaic_gpu.fused_backward_scan, config=config,
+                                                   interpret=interpret)
+            except ValueError:
+                if explicit:  # asked for: say why not; the default config falls back to the three walks
+                    raise
         tiles = max(dv // pallas_mosaic_gpu.tile_width(config, dv), 1)
         target_programs = pallas_mosaic_gpu.TARGET_PROGRAMS
     else:

@@ -137,16 +137,37 @@ def _accumulate(issue, inits, interpret: bool):
     return tuple(out)
 
 
+def _walker_operands(w, tile, *, pair: bool, with_output: bool, walkers: int, block_v: int):
+    """Walker ``w``'s operands: (stream of its q or None, stream of its k, stream of its v, its v columns within that
+    stream's SMEM tile, the output it writes, its columns of that output, its state and its initial state).
+
+    One walk (forward or a backward walk): streams (q, k, v) with v loaded as the program's ``walkers * block_v``
+    columns, walker w taking block ``w`` of them; every walker writes output 0. ``pair`` (the backward's two reverse
+    walks in one program): streams (k, q, dO, v), all full width; walker 0 is the dv walk (q=k, k=q, v=dO), walker 1
+    the dk walk (q=v, k=dO, v=q), each on Dv tile ``tile`` and writing its own output (dv, dk).
+    """
+    if pair:
+        cols = pl.ds(tile * block_v, block_v)
+        q, k, v = ((0, 1, 2), (3, 2, 1))[w]
+        return q, k, v, cols, w, cols
+    v_cols = None if walkers == 1 else pl.ds(w * block_v, block_v)  # None: the whole v tile
+    w = 0 if w is None else w
+    return (0 if with_output else None), (1 if with_output else 0), (2 if with_output else 1), v_cols, 0, \
+        pl.ds((tile * walkers + w) * block_v, block_v)
+
+
 def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, stages: int, reverse: bool,
-            with_output: bool, has_init: bool, interpret: bool):
+            with_output: bool, has_init: bool, pair: bool, lookahead: bool, interpret: bool):
+    n_walks = 2 if pair else 1  # outputs (o, final state, initial state): one per walk the program runs
+    n_streams = 4 if pair else (3 if with_output else 2)
     refs = list(refs)
     s_ref = refs.pop(0)
-    q_ref = refs.pop(0) if with_output else None
-    k_ref, v_ref = refs.pop(0), refs.pop(0)
-    init_ref = refs.pop(0) if has_init else None
-    o_ref = refs.pop(0) if with_output else None
-    state_out_ref = refs.pop(0)
-    q_smem, k_smem, v_smem, vw_smem, st_smem, o_smem, probs_smem, load_bars, consumed_bars = refs
+    streams = [refs.pop(0) for _ in range(n_streams)]
+    inits = [refs.pop(0) for _ in range(n_walks)] if has_init else [None] * n_walks
+    outs = [refs.pop(0) for _ in range(n_walks)] if with_output else [None] * n_walks
+    states_out = [refs.pop(0) for _ in range(n_walks)]
+    slots = [refs.pop(0) for _ in range(n_streams)]
+    vw_smem, st_smem, o_smem, probs_smem, load_bars, consumed_bars = refs
 
     specialized = consumers > 0
     walkers = max(consumers, 1)  # warpgroups that walk a Dv tile
@@ -154,28 +175,31 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
     n_chunks = layout.length // chunk
     n_valid = layout.row_valid(row)
     s = s_ref[head]
-    dk = k_ref.shape[-1]
+    # Columns of each stream a program loads: all of them, except one walk's v (its walkers' tiles).
+    stream_cols = [None] * n_streams
+    if not pair:
+        stream_cols[-1] = pl.ds(tile * walkers * block_v, walkers * block_v)
 
     def chunk_of(step):
         return (n_chunks - 1 - step) if reverse else step
 
     def issue_loads(step, slot):
         rows = pl.ds(chunk_of(step) * chunk, chunk)
-        if with_output:
-            plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], q_smem.at[slot], load_bars.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[row, rows, head], k_smem.at[slot], load_bars.at[slot])
-        for w in range(walkers):
-            cols = pl.ds((tile * walkers + w) * block_v, block_v)
-            v_slot = v_smem.at[slot, w] if specialized else v_smem.at[slot]
-            plgpu.copy_gmem_to_smem(v_ref.at[row, rows, head, cols], v_slot, load_bars.at[slot])
+        for ref, smem, cols in zip(streams, slots, stream_cols):
+            src = ref.at[row, rows, head] if cols is None else ref.at[row, rows, head, cols]
+            plgpu.copy_gmem_to_smem(src, smem.at[slot], load_bars.at[slot])
 
     def walk(w):
-        """Walk the row for Dv tile ``w`` of this program: the consumer warpgroup's index under warp specialization
-        (the per-walker scratch has a leading walker axis), else None (no such axis: a static index there would
-        reach ``run_state``'s lowering as a constant it rejects)."""
-        mine = (lambda ref: ref) if w is None else (lambda ref: ref.at[w])
-        cols = pl.ds((tile * walkers + (0 if w is None else w)) * block_v, block_v)
+        """Walk the row for walker ``w``: the consumer warpgroup's index under warp specialization, else None. The
+        per-walker scratch (a leading walker axis under warp specialization) is indexed by the traced warpgroup
+        index even where ``w`` is static (the pair's walkers): a static index would reach ``run_state``'s lowering
+        as a constant it rejects."""
+        mine = (lambda ref: ref) if w is None else (lambda ref: ref.at[lax.axis_index("wg")])
+        q_i, k_i, v_i, v_cols, out_i, cols = _walker_operands(w, tile, pair=pair, with_output=with_output,
+                                                              walkers=walkers, block_v=block_v)
+        o_ref, init_ref, state_out_ref = outs[out_i], inits[out_i], states_out[out_i]
         vw_w, st_w, o_w = mine(vw_smem), mine(st_smem), mine(o_smem) if with_output else None
+        dk = slots[k_i].shape[-1]
         state0 = _initial_state(init_ref, row, head, cols, (dk, block_v))
         st_w[...] = state0.astype(st_w.dtype)
         plgpu.commit_smem()
@@ -187,14 +211,30 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
             dist = (j - i) if reverse else (i - j)
             decay_cc = _decay(s, dist, dist >= 0)
 
-        def body(step, state):
+        def slot_refs(step):
             slot = lax.rem(step, stages)
+            q_s = slots[q_i].at[slot] if with_output else None
+            v_s = slots[v_i].at[slot] if v_cols is None else slots[v_i].at[slot].at[:, v_cols]
+            return slot, q_s, slots[k_i].at[slot], v_s
+
+        def scores_of(step):
+            """q k^T [C, C] float32 of chunk ``step`` (its slot loaded)."""
+            _, q_s, k_s, _ = slot_refs(step)
+
+            def issue(acc):
+                plgpu.wgmma(acc, q_s, k_s.T)
+                return acc[...]
+            return pl.run_scoped(issue, plgpu.ACC((chunk, chunk), jnp.float32))
+
+        def body(step, carried):
+            state, scores = carried if lookahead else (carried, None)
+            slot, q_s, k_s, v_s = slot_refs(step)
             c = chunk_of(step)
             limit = n_valid - c * chunk  # valid tokens from this chunk's start; chunk_math.chunk_geometry
             a = jnp.minimum(limit, 0) - 1
             b = jnp.minimum(limit, chunk) - 1
-            plgpu.barrier_wait(load_bars.at[slot])
-            q_s, k_s, v_s = q_smem.at[slot] if with_output else None, k_smem.at[slot], mine(v_smem.at[slot])
+            if not lookahead:
+                plgpu.barrier_wait(load_bars.at[slot])  # (with lookahead: waited for by the step before)
 
             def scale_v():
                 # Token j enters the state decayed to the walk's end of the chunk.
@@ -203,8 +243,18 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
                 vw_w[...] = _scale_rows(v.astype(jnp.float32), wt).astype(vw_w.dtype)
                 plgpu.commit_smem()
 
-            o = None
-            if with_output:
+            o = probs = None
+            if with_output and lookahead:
+                # This chunk's scores came with the step before's update: only q S waits here, and the scores'
+                # decay runs under it.
+                def inter_and_probs(acc_o):
+                    plgpu.wgmma(acc_o, q_s, st_w)
+                    scale_v()
+                    probs = (scores * decay_cc).astype(q_s.dtype)
+                    return acc_o[...], probs
+
+                inter, probs = pl.run_scoped(inter_and_probs, plgpu.ACC((chunk, block_v), jnp.float32))
+            elif with_output:
                 def scores_and_inter(acc_s, acc_o):
                     plgpu.wgmma(acc_s, q_s, k_s.T)
                     plgpu.wgmma(acc_o, q_s, st_w)
@@ -213,11 +263,12 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
 
                 scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
                                               plgpu.ACC((chunk, block_v), jnp.float32))
-                w_q = _row_vector(lambda pos: _decay(s, (b - pos) if reverse else (pos - a), pos < limit), chunk)
-                o = _scale_rows(inter, w_q)
                 probs = (scores * decay_cc).astype(q_s.dtype)
             else:
                 scale_v()
+            if with_output:
+                w_q = _row_vector(lambda pos: _decay(s, (b - pos) if reverse else (pos - a), pos < limit), chunk)
+                o = _scale_rows(inter, w_q)
             carry = jnp.exp(-s * (b - a).astype(jnp.float32))
 
             if with_output and interpret:
@@ -226,12 +277,23 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
                 plgpu.commit_smem()
                 probs = mine(probs_smem)
 
-            def update(acc_o, acc_st):
+            next_scores = None
+            if lookahead:
+                # The next chunk's q k^T joins this chunk's update (after the last chunk: a stale slot, unused).
+                @pl.when(step + 1 < n_chunks)
+                def _():
+                    plgpu.barrier_wait(load_bars.at[lax.rem(step + 1, stages)])
+                _, q_next, k_next, _ = slot_refs(step + 1)
+                next_scores = plgpu.layout_cast(jnp.zeros((chunk, chunk), jnp.float32), plgpu.Layout.WGMMA)
+
+            def update(acc_o, acc_st, acc_next):
                 if with_output:
                     plgpu.wgmma(acc_o, probs, v_s)
                 plgpu.wgmma(acc_st, k_s.T, vw_w)
+                if acc_next is not None:
+                    plgpu.wgmma(acc_next, q_next, k_next.T)
 
-            o, state = _accumulate(update, (o, state * carry), interpret)
+            o, state, next_scores = _accumulate(update, (o, state * carry, next_scores), interpret)
 
             # The slot's last reader is done: refill it now, before this chunk's stores (under warp specialization,
             # tell the producer; only for slots it refills, so that it waits on every phase the barrier completes).
@@ -250,9 +312,13 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
             plgpu.commit_smem()
             if with_output:
                 plgpu.copy_smem_to_gmem(o_w.at[o_slot], o_ref.at[row, pl.ds(c * chunk, chunk), head, cols])
-            return state
+            return (state, next_scores) if lookahead else state
 
-        state = lax.fori_loop(0, n_chunks, body, state0)
+        if lookahead:
+            plgpu.barrier_wait(load_bars.at[0])
+            state, _ = lax.fori_loop(0, n_chunks, body, (state0, scores_of(0)))
+        else:
+            state = lax.fori_loop(0, n_chunks, body, state0)
         state_out_ref.at[row, head, :, cols][...] = state
         plgpu.wait_smem_to_gmem(0)
 
@@ -262,8 +328,9 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
         walk(None)
         return
 
+    # The pair's walkers read different streams: one branch each (static stream indices).
     _warp_specialized(walk, issue_loads, consumed_bars, walkers=consumers, stages=stages, n_chunks=n_chunks,
-                      static_walker=False)
+                      static_walker=pair)
 
 
 def _warp_specialized(walk, issue_loads, consumed_bars, *, walkers: int, stages: int, n_chunks: int,
@@ -320,15 +387,15 @@ def tile_width(config: KernelConfig, dv: int) -> int:
 
 
 def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *, consumers: int = 0,
-               with_output: bool = True, interpret: bool = False) -> int:
-    """SMEM of one program (see ``chunk_scan``'s scratch): the shared q, k slots and each walker's v slots, scaled v,
-    bf16 state and o buffers."""
-    walkers = max(consumers, 1)
-    per_stage = chunk * (dk * (2 if with_output else 1) + walkers * block_v)
+               with_output: bool = True, pair: bool = False, interpret: bool = False) -> int:
+    """SMEM of one program (see ``_walk_call``'s scratch): the stream slots (q, k and the walkers' v columns; the
+    pair's four full-width streams, Dk = Dv), and each walker's scaled v, bf16 state and o buffers."""
+    walkers = 2 if pair else max(consumers, 1)
+    per_stage = chunk * (4 * dk if pair else dk * (2 if with_output else 1) + walkers * block_v)
     total = stages * per_stage + walkers * (chunk * block_v + dk * block_v)
     if with_output:
         total += walkers * (2 * chunk * block_v + (chunk * chunk if interpret else 0))
-    return total * itemsize + 8 * stages * (2 if consumers else 1)  # + the load (and consumed) barriers
+    return total * itemsize + 8 * stages * (2 if consumers or pair else 1)  # + the load (and consumed) barriers
 
 
 def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool):
@@ -349,6 +416,9 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
                              f"block_v={config.block_v}, consumers={config.consumers}")
     if config.chunk not in (64, 128):
         raise ValueError(f"the Mosaic GPU lightning kernel needs chunk 64 or 128; got {config.chunk}")
+    if config.lookahead and config.num_stages < 2:
+        raise ValueError("the Mosaic GPU lightning kernel's lookahead reads the next chunk's slot: it needs "
+                         f"num_stages >= 2; got {config.num_stages}")
     need = max(smem_bytes(config.chunk, a, min(config.block_v, b), config.num_stages, jnp.dtype(dtype).itemsize,
                           consumers=config.consumers) for a, b in ((dk, dv), (dv, dk)))
     if need > SMEM_LIMIT_BYTES:
@@ -356,6 +426,45 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
                          f"{SMEM_LIMIT_BYTES}) at chunk={config.chunk}, block_v={config.block_v}, "
                          f"num_stages={config.num_stages}, consumers={config.consumers}, Dk={dk}, Dv={dv}; use "
                          f"fewer stages, consumers or smaller tiles")
+
+
+def _walk_call(streams, s, inits, *, layout: RowLayout, chunk: int, block_v: int, consumers: int, reverse: bool,
+               with_output: bool, pair: bool, stages: int, lookahead: bool, interpret: bool, name: str):
+    """``_kernel`` over ``streams`` (each [R, L, H, D]: (q, k, v), (k, v) or the pair's (k, q, dO, v)); grid
+    (Dv tiles, H, R). inits: one [R, H, Dk, Dv] float32 per walk, or None. Returns (outputs [R, L, H, Dv] per walk or
+    None, final states [R, H, Dk, Dv] float32 per walk)."""
+    rows, length, heads, dk = streams[1 if with_output and not pair else 0].shape
+    dv = streams[2 if pair else -1].shape[-1]
+    walkers = 2 if pair else max(consumers, 1)
+    n_walks = 2 if pair else 1
+    dtype = streams[0].dtype
+    t = _smem_transforms(min(dk, block_v), dtype)
+    mine = (walkers,) if consumers else ()  # per-walker scratch: a leading walker axis under warp specialization
+    widths = [x.shape[-1] for x in streams]
+    if not pair:
+        widths[-1] = walkers * block_v  # one walk's v: the program's tiles
+    scratch = [plgpu.SMEM((stages, chunk, width), dtype, transforms=t) for width in widths] + [
+        plgpu.SMEM((*mine, chunk, block_v), dtype, transforms=t),  # v scaled by its state decay
+        plgpu.SMEM((*mine, dk, block_v), dtype, transforms=t),  # state rounded to the input dtype (wgmma operand)
+        plgpu.SMEM((*mine, 2, chunk, block_v), dtype, transforms=t) if with_output else None,  # o, double-buffered
+        plgpu.SMEM((*mine, chunk, chunk), dtype, transforms=t)
+        if with_output and interpret else None,  # scores (interpret mode only, see _kernel)
+        plgpu.Barrier(num_arrivals=len(streams), num_barriers=stages),  # one arrival per TMA copy
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=stages) if consumers else None,  # slot free again
+    ]
+    out_type = ([jax.ShapeDtypeStruct((rows, length, heads, dv), dtype)] * n_walks if with_output else [])
+    out_type += [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)] * n_walks
+    has_init = inits[0] is not None
+    kernel = functools.partial(_kernel, layout=layout, chunk=chunk, block_v=block_v, consumers=consumers,
+                               stages=stages, reverse=reverse, with_output=with_output, has_init=has_init,
+                               pair=pair, lookahead=lookahead and with_output, interpret=interpret)
+    threads = dict(num_threads=consumers + 1, thread_name="wg") if consumers else {}
+    outs = plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch,
+        grid=(dv // ((1 if pair else walkers) * block_v), heads, rows), grid_names=("tile", "head", "row"),
+        **threads, interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name=name,
+    )(s, *streams, *(inits if has_init else ()))
+    return (outs[:n_walks] if with_output else None), outs[-n_walks:]
 
 
 def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_output: bool,
@@ -368,238 +477,62 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     """
     rows, length, heads, dk = k.shape
     dv = v.shape[-1]
-    chunk = config.chunk
-    block_v = min(config.block_v, dv)
-    consumers = config.consumers
-    walkers = max(consumers, 1)
     check_supported(k.dtype, dk, dv, config, doc is not None)
-    if length % chunk:
-        raise ValueError(f"L={length} must be a multiple of the chunk {chunk}")
-    n_chunks = length // chunk
-    stages = max(1, min(config.num_stages, n_chunks))
-    dtype = k.dtype
-    tk = tv = _smem_transforms(min(dk, block_v), dtype)
-    mine = (walkers,) if consumers else ()  # per-walker scratch: a leading walker axis under warp specialization
-    scratch = [
-        plgpu.SMEM((stages, chunk, dk), dtype, transforms=tk) if with_output else None,  # q
-        plgpu.SMEM((stages, chunk, dk), dtype, transforms=tk),  # k
-        plgpu.SMEM((stages, *mine, chunk, block_v), dtype, transforms=tv),  # v
-        plgpu.SMEM((*mine, chunk, block_v), dtype, transforms=tv),  # v scaled by its state decay
-        plgpu.SMEM((*mine, dk, block_v), dtype, transforms=tv),  # state rounded to the input dtype (wgmma operand)
-        plgpu.SMEM((*mine, 2, chunk, block_v), dtype, transforms=tv) if with_output else None,  # o, double-buffered
-        plgpu.SMEM((*mine, chunk, chunk), dtype, transforms=tv)
-        if with_output and interpret else None,  # scores (interpret mode only, see _kernel)
-        plgpu.Barrier(num_arrivals=walkers + (2 if with_output else 1), num_barriers=stages),  # one per TMA copy
-        plgpu.Barrier(num_arrivals=consumers, num_barriers=stages) if consumers else None,  # slot free again
-    ]
-    out_type = [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)]
-    if with_output:
-        out_type.insert(0, jax.ShapeDtypeStruct(v.shape, v.dtype))
-    args = [s] + ([q] if with_output else []) + [k, v] + ([init] if init is not None else [])
-    kernel = functools.partial(_kernel, layout=layout, chunk=chunk, block_v=block_v, consumers=consumers,
-                               stages=stages, reverse=reverse, with_output=with_output, has_init=init is not None,
-                               interpret=interpret)
-    threads = dict(num_threads=consumers + 1, thread_name="wg") if consumers else {}
-    outs = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, grid=(dv // (walkers * block_v), heads, rows),
-        grid_names=("tile", "head", "row"), **threads,
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}"
-                    f"{f'_ws{consumers}' if consumers else ''}",
-    )(*args)
-    return (outs[0], outs[1]) if with_output else (None, outs[0])
+    if length % config.chunk:
+        raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
+    consumers = config.consumers
+    outs, states = _walk_call(
+        ([q] if with_output else []) + [k, v], s, [init], layout=layout, chunk=config.chunk,
+        block_v=min(config.block_v, dv), consumers=consumers, reverse=reverse, with_output=with_output, pair=False,
+        stages=max(1, min(config.num_stages, length // config.chunk)), lookahead=config.lookahead,
+        interpret=interpret, name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}"
+             f"{f'_ws{consumers}' if consumers else ''}")
+    return (outs[0] if with_output else None), states[0]
 
 
-def fused_smem_bytes(chunk: int, dk: int, dv: int, stages: int, itemsize: int, walkers: int, *,
-                     interpret: bool = False) -> int:
-    """SMEM of one fused backward program: q, k, v, dO slots, the scaled dO tiles, the shared bf16 state, one dk and
-    one dv output buffer (and the scores in interpret mode)."""
-    total = stages * chunk * 2 * (dk + dv) + chunk * dv + dk * dv + chunk * (dk + dv)
-    if interpret:
-        total += walkers * 2 * chunk * chunk
-    return total * itemsize + 8 * (2 * stages + 2)
-
-
-def fused_stages(chunk: int, dk: int, dv: int, itemsize: int, config: KernelConfig) -> int:
-    """TMA stages of the fused walk: the most, up to ``config.num_stages``, whose scratch fits in SMEM (0: none)."""
-    walkers = max(config.fused_backward, 1)
+def pair_stages(chunk: int, d: int, block_v: int, itemsize: int, config: KernelConfig) -> int:
+    """TMA stages of the paired reverse walks: the most, up to ``config.num_stages``, whose scratch fits (0: none)."""
     return next((st for st in range(config.num_stages, 0, -1)
-                 if fused_smem_bytes(chunk, dk, dv, st, itemsize, walkers) <= SMEM_LIMIT_BYTES), 0)
+                 if smem_bytes(chunk, d, block_v, st, itemsize, pair=True) <= SMEM_LIMIT_BYTES), 0)
 
 
 def check_fused_supported(dtype, dk: int, dv: int, config: KernelConfig):
-    """One-line ValueError for what the fused backward walk does not handle (on top of ``check_supported``)."""
-    walkers = config.fused_backward
-    if walkers not in (1, 2) or dk % (32 * walkers) or dv % (32 * walkers):
-        raise ValueError(f"the fused Mosaic GPU backward takes fused_backward = 1 or 2 consumer warpgroups, each "
-                         f"with a multiple of 32 of Dk and Dv; got fused_backward={walkers}, Dk={dk}, Dv={dv}")
-    if not fused_stages(config.chunk, dk, dv, jnp.dtype(dtype).itemsize, config):
+    """One-line ValueError for what the paired reverse walks (``fused_backward_scan``) do not handle, on top of
+    ``check_supported``."""
+    if config.fused_backward not in (0, 1):
+        raise ValueError(f"fused_backward is 0 (three backward walks) or 1 (dk and dv from one paired reverse "
+                         f"walk); got {config.fused_backward}")
+    if dk != dv:
+        raise ValueError(f"the fused Mosaic GPU backward needs Dk == Dv (its two walkers share scratch shapes); got "
+                         f"Dk={dk}, Dv={dv}")
+    if not pair_stages(config.chunk, dk, min(config.block_v, dv), jnp.dtype(dtype).itemsize, config):
         raise ValueError(f"the fused Mosaic GPU backward does not fit in shared memory at chunk={config.chunk}, "
-                         f"Dk={dk}, Dv={dv}; use chunk 64")
-
-
-def _fused_kernel(*refs, layout: RowLayout, chunk: int, walkers: int, stages: int, has_init: bool,
-                  interpret: bool):
-    refs = list(refs)
-    s_ref, q_ref, k_ref, v_ref, do_ref = refs[:5]
-    del refs[:5]
-    init_ref = refs.pop(0) if has_init else None
-    dk_ref, dv_ref, state_out_ref = refs[:3]
-    (q_smem, k_smem, v_smem, do_smem, dow_smem, st_smem, dk_smem, dv_smem, probs_smem, load_bars, consumed_bars,
-     ready_bar, free_bar) = refs[3:]
-
-    head, row = lax.axis_index("head"), lax.axis_index("row")
-    n_chunks = layout.length // chunk
-    n_valid = layout.row_valid(row)
-    s = s_ref[head]
-    dk, dv = k_ref.shape[-1], v_ref.shape[-1]
-    bv, bk = dv // walkers, dk // walkers
-    shared = walkers > 1  # the state tiles of both walkers are read by both: hand-offs through two barriers
-
-    def issue_loads(step, slot):
-        rows = pl.ds((n_chunks - 1 - step) * chunk, chunk)
-        for ref, smem in ((q_ref, q_smem), (k_ref, k_smem), (v_ref, v_smem), (do_ref, do_smem)):
-            plgpu.copy_gmem_to_smem(ref.at[row, rows, head], smem.at[slot], load_bars.at[slot])
-
-    def walk(w: int):
-        """Walker ``w``: owns dS[:, w*bv:(w+1)*bv] (registers), dv[:, w*bv:...] and dk[:, w*bk:...]."""
-        cols, kcols = pl.ds(w * bv, bv), pl.ds(w * bk, bk)
-        st_cols, dow_w = st_smem.at[:, cols], dow_smem.at[:, cols]
-        state0 = _initial_state(init_ref, row, head, cols, (dk, bv))
-        st_cols[...] = state0.astype(st_smem.dtype)
-        plgpu.commit_smem()
-        if shared:
-            plgpu.barrier_arrive(ready_bar)
-        i = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 0, layout=plgpu.Layout.WGMMA)
-        j = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 1, layout=plgpu.Layout.WGMMA)
-        decay_cc = _decay(s, j - i, j >= i)  # token j (later) feeds token i in the reverse walk
-
-        def body(step, state):
-            slot = lax.rem(step, stages)
-            c = n_chunks - 1 - step
-            limit = n_valid - c * chunk
-            a = jnp.minimum(limit, 0) - 1
-            b = jnp.minimum(limit, chunk) - 1
-            plgpu.barrier_wait(load_bars.at[slot])
-            q_s, k_s, v_s, do_s = (ref.at[slot] for ref in (q_smem, k_smem, v_smem, do_smem))
-            if shared:
-                plgpu.barrier_wait(ready_bar)  # both state tiles of this chunk are in SMEM
-            w_row = _row_vector(lambda pos: _decay(s, b - pos, pos < limit), chunk)
-
-            def dv_side(acc_s, acc_i):
-                plgpu.wgmma(acc_s, k_s, q_s.T)  # k q^T
-                plgpu.wgmma(acc_i, k_s, st_cols)  # k dS[:, cols]
-                # Token i enters the state decayed to the chunk's start: scale this walker's dO tile.
-                wt = _row_vector(lambda pos: _decay(s, pos - a, pos < limit), chunk)
-                d_o = plgpu.load(do_s.at[:, cols], layout=plgpu.Layout.WGMMA)
-                dow_w[...] = _scale_rows(d_o.astype(jnp.float32), wt).astype(dow_smem.dtype)
-                plgpu.commit_smem()
-                return acc_s[...], acc_i[...]
-
-            scores_v, inter_v = pl.run_scoped(dv_side, plgpu.ACC((chunk, chunk), jnp.float32),
-                                              plgpu.ACC((chunk, bv), jnp.float32))
-
-            def dk_side(acc_s, acc_i):
-                plgpu.wgmma(acc_s, v_s, do_s.T)  # v dO^T over the whole Dv
-                plgpu.wgmma(acc_i, v_s, st_smem.at[kcols].T)  # v dS[kcols, :]^T: both walkers' tiles
-                probs = (scores_v * decay_cc).astype(q_s.dtype)  # under the wgmmas
-                return acc_s[...], acc_i[...], probs, _scale_rows(inter_v, w_row)
-
-            scores_k, inter_k, probs_v, dv0 = pl.run_scoped(dk_side, plgpu.ACC((chunk, chunk), jnp.float32),
-                                                            plgpu.ACC((chunk, bk), jnp.float32))
-            more = step + 1 < n_chunks  # another chunk reads the state written below (every phase is awaited)
-            if shared:
-                @pl.when(more)
-                def _():
-                    plgpu.barrier_arrive(free_bar)  # done reading the shared state
-            probs_k = (scores_k * decay_cc).astype(q_s.dtype)
-            dk0 = _scale_rows(inter_k, w_row)
-            if interpret:  # the interpreter's wgmma reads operands from SMEM only (see _kernel)
-                probs_smem.at[w, 0][...] = probs_v
-                probs_smem.at[w, 1][...] = probs_k
-                plgpu.commit_smem()
-                probs_v, probs_k = probs_smem.at[w, 0], probs_smem.at[w, 1]
-
-            def update(acc_dv, acc_dk, acc_st):
-                plgpu.wgmma(acc_dv, probs_v, do_s.at[:, cols])
-                plgpu.wgmma(acc_dk, probs_k, q_s.at[:, kcols])
-                plgpu.wgmma(acc_st, q_s.T, dow_w)
-
-            carry = jnp.exp(-s * (b - a).astype(jnp.float32))
-            dv_c, dk_c, state = _accumulate(update, (dv0, dk0, state * carry), interpret)
-
-            @pl.when(step + stages < n_chunks)
-            def _():
-                plgpu.barrier_arrive(consumed_bars.at[slot])
-
-            rows = pl.ds(c * chunk, chunk)
-            for grad, smem, ref, out_cols in ((dv_c, dv_smem, dv_ref, cols), (dk_c, dk_smem, dk_ref, kcols)):
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this buffer's previous store has read it
-                smem.at[w][...] = grad.astype(smem.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(smem.at[w], ref.at[row, rows, head, out_cols])
-            @pl.when(more)
-            def _():
-                if shared:
-                    plgpu.barrier_wait(free_bar)  # the other walker is done with this chunk's state tiles
-                st_cols[...] = state.astype(st_smem.dtype)
-                plgpu.commit_smem()
-                if shared:
-                    plgpu.barrier_arrive(ready_bar)
-            return state
-
-        state = lax.fori_loop(0, n_chunks, body, state0)
-        state_out_ref.at[row, head, :, cols][...] = state
-        plgpu.wait_smem_to_gmem(0)
-
-    _warp_specialized(walk, issue_loads, consumed_bars, walkers=walkers, stages=stages, n_chunks=n_chunks,
-                      static_walker=True)
+                         f"block_v={config.block_v}, D={dk}; use chunk 64 or a smaller block_v")
 
 
 def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: KernelConfig,
                         interpret: bool = False):
-    """The backward's two reverse walks in one: dk, dv and the reverse walk's final state from one pass.
+    """The backward's two reverse walks in one pass: dk, dv and the reverse walk's final state.
 
-    q, k: [R, L, H, Dk]; v, d_o: [R, L, H, Dv] (zero-padded rows, L a multiple of ``config.chunk``); s: [H];
-    init: [R, H, Dk, Dv] float32 state entering the reverse walk (the gradient of the forward's final state) or None.
-    Returns (dk [R, L, H, Dk], dv [R, L, H, Dv] in the inputs' dtype, state [R, H, Dk, Dv] float32): the outputs of
-    ``ops``' reverse walks (q=k, k=q, v=dO) and (q=v, k=dO, v=q) and the first one's final state.
+    One program per (Dv tile, head, row) runs ``ops``' dv walk (q=k, k=q, v=dO) and dk walk (q=v, k=dO, v=q) as two
+    consumer warpgroups over the same TMA-loaded chunks of q, k, v and dO: each chunk is read once for both, and two
+    independent dependency chains share the SM (one's wgmmas run under the other's register work).
+
+    q, k: [R, L, H, D]; v, d_o: [R, L, H, D] (zero-padded rows, L a multiple of ``config.chunk``; Dk = Dv); s: [H];
+    init: [R, H, D, D] float32 state entering the reverse walk (the gradient of the forward's final state) or None.
+    Returns (dk [R, L, H, D], dv [R, L, H, D] in the inputs' dtype, state [R, H, D, D] float32, the dv walk's).
     """
     rows, length, heads, dk = k.shape
     dv = v.shape[-1]
-    chunk = config.chunk
     check_supported(k.dtype, dk, dv, config, False)
     check_fused_supported(k.dtype, dk, dv, config)
-    if length % chunk:
-        raise ValueError(f"L={length} must be a multiple of the chunk {chunk}")
-    walkers = config.fused_backward
-    n_chunks = length // chunk
-    stages = max(1, min(fused_stages(chunk, dk, dv, jnp.dtype(k.dtype).itemsize, config), n_chunks))
-    dtype = k.dtype
-    t = _smem_transforms(min(dk, dv) // walkers, dtype)
-    scratch = [
-        plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # q
-        plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # k
-        plgpu.SMEM((stages, chunk, dv), dtype, transforms=t),  # v
-        plgpu.SMEM((stages, chunk, dv), dtype, transforms=t),  # dO
-        plgpu.SMEM((chunk, dv), dtype, transforms=t),  # dO scaled by its state decay (walker w: its Dv tile)
-        plgpu.SMEM((dk, dv), dtype, transforms=t),  # the state rounded to the input dtype (walker w writes its tile)
-        plgpu.SMEM((walkers, chunk, dk // walkers), dtype, transforms=t),  # dk store buffer (TMA: one per walker)
-        plgpu.SMEM((walkers, chunk, dv // walkers), dtype, transforms=t),  # dv store buffer
-        plgpu.SMEM((walkers, 2, chunk, chunk), dtype, transforms=t) if interpret else None,  # scores
-        plgpu.Barrier(num_arrivals=4, num_barriers=stages),  # one arrival per TMA copy
-        plgpu.Barrier(num_arrivals=walkers, num_barriers=stages),  # slot free again
-        plgpu.Barrier(num_arrivals=walkers, num_barriers=1),  # the state tiles are written
-        plgpu.Barrier(num_arrivals=walkers, num_barriers=1),  # the state tiles are read
-    ]
-    out_type = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype),
-                jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)]
-    args = [s, q, k, v, d_o] + ([init] if init is not None else [])
-    kernel = functools.partial(_fused_kernel, layout=layout, chunk=chunk, walkers=walkers, stages=stages,
-                               has_init=init is not None, interpret=interpret)
-    dk_out, dv_out, state = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, grid=(heads, rows), grid_names=("head", "row"),
-        num_threads=walkers + 1, thread_name="wg", interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name=f"lightning_mgpu_bwd_fused{walkers}",
-    )(*args)
+    if length % config.chunk:
+        raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
+    block_v = min(config.block_v, dv)
+    stages = pair_stages(config.chunk, dk, block_v, jnp.dtype(k.dtype).itemsize, config)
+    inits = [None, None] if init is None else [init, jnp.swapaxes(init, -1, -2)]
+    (dv_out, dk_out), (state, _) = _walk_call(
+        [k, q, d_o, v], s, inits, layout=layout, chunk=config.chunk, block_v=block_v, consumers=2, reverse=True,
+        with_output=True, pair=True, stages=max(1, min(stages, length // config.chunk)),
+        lookahead=config.lookahead, interpret=interpret, name="lightning_mgpu_rev_pair")
     return dk_out, dv_out, state

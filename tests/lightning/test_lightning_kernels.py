@@ -40,26 +40,37 @@ MOSAIC_STAGED = [
     (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 64, 64, 64, 1, False, False), 1, 1),  # one slot: load waits for use
     (("mosaic_gpu", "bfloat16", 1, 100, 1, 128, 128, 64, 64, 1, False, True), 2, 3),  # 128-wide, fewer chunks than slots
 ]
-# Mosaic GPU with the fused backward walk (dk, dv and d_init in one reverse pass): (case as above, stages, consumer
-# warpgroups of the fused walk). The forward and dq walks are the forward kernel's.
+# Mosaic GPU with the fused backward (the dv and dk reverse walks as two consumer warpgroups of one program, on the
+# same loaded chunks; Dk = Dv): (case as above, TMA stages asked for; the most of them that fit are used). The forward
+# and dq walks are the forward kernel's.
 MOSAIC_FUSED = [
-    (("mosaic_gpu", "bfloat16", 1, 150, 2, 64, 64, 64, 64, 1, False, True), 4, 1),  # one walker, partial last chunk
-    (("mosaic_gpu", "bfloat16", 1, 150, 1, 128, 128, 64, 64, 1, False, True), 2, 2),  # two walkers share the state
-    (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 128, 64, 64, 3, False, False), 2, 2),  # split, Dk != Dv (32-wide dk)
-    (("mosaic_gpu", "bfloat16", 1, 130, 1, 64, 64, 64, 32, 4, False, True), 1, 2),  # group 3 all padding, 1 slot
+    (("mosaic_gpu", "bfloat16", 1, 150, 2, 64, 64, 64, 64, 1, False, True), 4),  # partial last chunk, 4 stages fit
+    (("mosaic_gpu", "bfloat16", 1, 150, 1, 128, 128, 64, 64, 1, False, True), 4),  # two Dv tiles; 2 stages fit
+    (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 64, 64, 32, 3, False, False), 2),  # split, 32-wide tiles
+    (("mosaic_gpu", "bfloat16", 1, 130, 1, 64, 64, 64, 32, 4, False, True), 1),  # group 3 all padding, 1 slot
+]
+# Mosaic GPU with the score lookahead (each step computes the next chunk's q k^T with its own update): (case as
+# above, consumers, stages, fused backward).
+MOSAIC_LOOKAHEAD = [
+    (("mosaic_gpu", "bfloat16", 1, 300, 1, 64, 64, 64, 64, 1, False, True), 0, 2, 0),  # 5 chunks in 2 slots
+    (("mosaic_gpu", "bfloat16", 1, 50, 2, 64, 64, 64, 64, 1, False, True), 0, 2, 0),  # a single (partial) chunk
+    (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 128, 64, 32, 3, False, True), 2, 3, 0),  # 2 consumers, a split
+    (("mosaic_gpu", "bfloat16", 1, 150, 1, 128, 128, 64, 64, 1, False, True), 0, 4, 1),  # the paired backward
 ]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
-@pytest.mark.parametrize("case,consumers,stages,fused",
-                         [(c, 0, None, 0) for c in CASES] + [(*c, 0) for c in MOSAIC_STAGED]
-                         + [(c, 0, stages, walkers) for c, stages, walkers in MOSAIC_FUSED],
+@pytest.mark.parametrize("case,consumers,stages,fused,lookahead",
+                         [(c, 0, None, 0, False) for c in CASES] + [(*c, 0, False) for c in MOSAIC_STAGED]
+                         + [(c, 0, stages, 1, False) for c, stages in MOSAIC_FUSED]
+                         + [(*c, True) for c in MOSAIC_LOOKAHEAD],
                          ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None)
-def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, lt):
+def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, lookahead, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
     prob = lt.random_problem(sum(case[2:8]), batch, length, heads, dk, dv, segments=segments, init=init)
     config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups, consumers=consumers,
-                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused)
+                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused,
+                          lookahead=lookahead)
     cast = lambda x: jnp.asarray(x, dtype)
     # The oracle sees exactly the (rounded) inputs the kernel sees.
     q, k, v, d_o = (np.asarray(cast(prob[n]).astype(jnp.float32)) for n in ("q", "k", "v", "d_o"))
@@ -133,16 +144,17 @@ def test_triton_rejects_non_power_of_two_head_dim():
     ("shared memory", jnp.bfloat16, (128, 128), 128, False, "shared memory"),
     ("consumers", jnp.bfloat16, (64, 64), 64, False, "consumer warpgroups"),
     ("consumer tiles", jnp.bfloat16, (128, 64), 64, False, "times the consumers"),
-    ("fused walkers", jnp.bfloat16, (128, 128), 64, False, "1 or 2 consumer warpgroups"),
+    ("fused value", jnp.bfloat16, (128, 128), 64, False, "fused_backward is 0"),
+    ("fused dims", jnp.bfloat16, (128, 64), 64, False, "needs Dk == Dv"),
     ("fused shared memory", jnp.bfloat16, (128, 128), 128, False, "fused Mosaic GPU backward does not fit"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
     v = jnp.zeros((1, 8, 1, dims[1]), dtype)
-    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64}.get(what, 128)
+    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64, "fused dims": 64}.get(what, 128)
     consumers = {"consumers": 3, "consumer tiles": 2}.get(what, 0)
     config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=2, consumers=consumers,
-                          fused_backward={"fused walkers": 3, "fused shared memory": 2}.get(what, 0))
+                          fused_backward={"fused value": 2, "fused dims": 1, "fused shared memory": 1}.get(what, 0))
     segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
     with pytest.raises(ValueError, match=match):
         pallas.lightning_attention_pallas(q, q, v, jnp.ones(1), segment_ids=segment_ids, backend="mosaic_gpu",
