@@ -26,7 +26,7 @@ _NATIVE_PLATFORMS = {"pallas_triton": platform.GPU, "pallas_mosaic_gpu": ("cuda"
 # Switch a generation here only after benchmarks/lightning.py has shown the kernel faster on it (the Mosaic GPU
 # kernel is written for Hopper; calls it cannot handle still go to Triton, see ``default_implementation``). Hopper:
 # on an H200 the Mosaic kernel's forward took 0.65 / 2.78 / 4.34 ms at B1 H64 32K / 128K / B1 H8 1M against Triton's
-# 1.05 / 4.31 / 6.04, and forward + backward 2.20 ms at 32K against 3.37 (benchmarks/RESULTS.md).
+# 1.05 / 4.31 / 6.04, and its backward walks 2.20 ms at 32K against 3.37 (benchmarks/RESULTS.md).
 GPU_DEFAULT = {"hopper": "pallas_mosaic_gpu"}
 # jax.Device.device_kind substrings -> generation.
 _GPU_GENERATIONS = {"H100": "hopper", "H200": "hopper", "H800": "hopper", "H20": "hopper", "GH200": "hopper"}

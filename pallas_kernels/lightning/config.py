@@ -23,8 +23,6 @@ class KernelConfig:
         1: from one pass (``pallas_mosaic_gpu.fused_backward_scan``): the two reverse walks as two consumer
         warpgroups of one program, on the same TMA-loaded chunks of q, k, v and dO (Dk = Dv; as many of
         ``num_stages`` TMA stages as fit in shared memory).
-    lookahead: Mosaic GPU only. Each walk step computes the next chunk's ``q k^T`` together with its own update, so
-        the step's first matmul wait covers ``q S`` alone and the score decay runs under it (needs 2+ stages).
     """
     chunk: int = 64
     block_v: int = 32
@@ -33,7 +31,6 @@ class KernelConfig:
     num_stages: int = 3
     consumers: int = 0
     fused_backward: int = 0
-    lookahead: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +59,15 @@ def pick_groups(batch: int, heads: int, length: int, tiles: int, chunk: int,
     """Sequence groups so that batch * heads * tiles * groups reaches ``target_programs`` (a few per H100 SM).
 
     Splitting costs one extra read of k and v (the state-only pass), so only split when the walk would otherwise
-    leave SMs idle, and keep each group long enough that its walk amortises the launch.
+    leave SMs idle, and keep each group long enough that its walk amortises the launch. Among the counts from that
+    target down to half of it, the largest that cuts ``length`` into whole chunks per group wins: a count that does
+    not pads every row, and the pad copies q, k and v (on an H200 at B1 H8 1M, 9 groups took 12.4 ms where 8 took
+    4.3 ms; ``benchmarks/RESULTS.md``).
     """
     programs = batch * heads * tiles
     if programs >= target_programs // 2:
         return 1
     groups = -(-target_programs // programs)
     max_groups = max(1, length // (chunk * min_chunks_per_group))
-    return int(max(1, min(groups, max_groups)))
+    groups = int(max(1, min(groups, max_groups)))
+    return next((g for g in range(groups, (groups - 1) // 2, -1) if length % (g * chunk) == 0), groups)

@@ -2,8 +2,8 @@
 here."""
 from __future__ import annotations
 
+import dataclasses
 import functools
-
 
 from pallas_kernels.lightning import ops, pallas_mosaic_gpu, pallas_tpu, pallas_triton, reference
 from pallas_kernels.lightning.config import DEFAULT_TARGET_PROGRAMS, KernelConfig, pick_groups
@@ -14,12 +14,39 @@ BACKENDS = ("triton", "mosaic_gpu", "tpu")
 # loads. Mosaic GPU (Hopper): the fastest of benchmarks/lightning.py's sweep on an H200 at B1 H64 32K (2026-11-30;
 # benchmarks/RESULTS.md, "Mosaic GPU kernel, H200"): 64-token chunks, 64-wide Dv tiles (2 programs per (row, head)
 # at Dv = 128, one warpgroup each), 4 TMA stages; the backward's dv and dk walks paired in one program where
-# Dk = Dv (``fused_backward``: faster than the two walks on an H200, RESULTS.md "Paired reverse walks"; where it does
-# not apply, the default falls back to three walks). TPU: 128-token chunks (MXU tiles; segment-id blocks need a
+# Dk = Dv (``fused_backward``: faster than the two walks on an H200, RESULTS.md "Paired reverse walks";
+# ``default_config`` falls back to three walks where it does not apply). TPU: 128-token chunks (MXU tiles; segment-id blocks need a
 # multiple of 128), untuned.
 DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num_stages=3),
                    "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=4, fused_backward=1),
                    "tpu": KernelConfig(chunk=128, block_v=128)}
+# Mosaic GPU where the (row, head) walks leave SMs idle without a sequence split (few heads, long rows): the two Dv
+# tiles of a head as two consumer warpgroups of one program, sharing each chunk's q, k loads, in 2 TMA stages. On an
+# H200 at B1 H8 1M: 3.38 ms against 4.50 ms for the one-warpgroup default at its 8 groups (benchmarks/RESULTS.md,
+# "1M tokens, 8 heads").
+MOSAIC_SPLIT_CONFIG = {"consumers": 2, "num_stages": 2}
+
+
+def default_config(backend: str, dtype, batch: int, heads: int, dk: int, dv: int) -> KernelConfig:
+    """``DEFAULT_CONFIGS[backend]`` fitted to a call of that dtype and shape (``groups`` stays None: ``pick_groups``).
+
+    Mosaic GPU: ``MOSAIC_SPLIT_CONFIG`` where the call needs a sequence split and Dk and Dv hold two tiles each;
+    the paired backward (``fused_backward``) only where it applies (Dk = Dv, shared memory), else three walks.
+    """
+    config = DEFAULT_CONFIGS[backend]
+    if backend != "mosaic_gpu":
+        return config
+    split = dataclasses.replace(config, **MOSAIC_SPLIT_CONFIG)
+    width = pallas_mosaic_gpu.tile_width(split, dv)
+    needs_split = batch * heads * (dv // pallas_mosaic_gpu.tile_width(config, dv)) < (
+        pallas_mosaic_gpu.TARGET_PROGRAMS // 2)
+    if needs_split and dk % width == 0 and dv % width == 0:
+        config = split
+    try:
+        pallas_mosaic_gpu.check_fused_supported(dtype, dk, dv, config)
+    except ValueError:
+        config = dataclasses.replace(config, fused_backward=0)
+    return config
 
 
 def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_ids=None, backend: str = "triton",
@@ -29,17 +56,15 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; decay: [H]; initial_state: [B, H, Dk, Dv] float32 or None;
     segment_ids: [B, T] or None. Returns (o [B, T, H, Dv] in v's dtype, final state [B, H, Dk, Dv] float32).
     Differentiable in q, k, v and initial_state (custom VJP); ``interpret`` runs the kernels in Pallas interpret mode.
-    ``config``: None for the backend's ``DEFAULT_CONFIGS`` entry. An explicit config's ``fused_backward`` that the
-    call's shapes do not allow raises; the default's falls back to three backward walks.
+    ``config``: None for the backend's default fitted to the call (``default_config``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown Pallas backend {backend!r}; choose from {BACKENDS}")
-    explicit = config is not None
-    config = config or DEFAULT_CONFIGS[backend]
-    if config.fused_backward and backend != "mosaic_gpu":
-        raise ValueError(f"fused_backward is a Mosaic GPU kernel option; the {backend} backend walks three times")
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
+    config = config or default_config(backend, q.dtype, batch, heads, dk, dv)
+    if config.fused_backward and backend != "mosaic_gpu":
+        raise ValueError(f"fused_backward is a Mosaic GPU kernel option; the {backend} backend walks three times")
     fused_backward = None
     if backend == "triton":
         for name, dim in (("Dk", dk), ("Dv", dv), ("chunk", config.chunk)):
@@ -51,13 +76,9 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
         pallas_mosaic_gpu.check_supported(q.dtype, dk, dv, config, segment_ids is not None)
         scan = functools.partial(pallas_mosaic_gpu.chunk_scan, config=config, interpret=interpret)
         if config.fused_backward:
-            try:
-                pallas_mosaic_gpu.check_fused_supported(q.dtype, dk, dv, config)
-                fused_backward = functools.partial(pallas_mosaic_gpu.fused_backward_scan, config=config,
-                                                   interpret=interpret)
-            except ValueError:
-                if explicit:  # asked for: say why not; the default config falls back to the three walks
-                    raise
+            pallas_mosaic_gpu.check_fused_supported(q.dtype, dk, dv, config)
+            fused_backward = functools.partial(pallas_mosaic_gpu.fused_backward_scan, config=config,
+                                               interpret=interpret)
         tiles = max(dv // pallas_mosaic_gpu.tile_width(config, dv), 1)
         target_programs = pallas_mosaic_gpu.TARGET_PROGRAMS
     else:

@@ -38,28 +38,17 @@ than k by the per-token decay before rounding to bf16, which has the same roundi
 Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
 scores or the state; the kernel only has to get the decay distances right.
 
-The fused backward walk (``fused_backward_scan``, ``KernelConfig.fused_backward`` = W consumer warpgroups): dk and dv
-from one reverse pass that carries the one state dS [Dk, Dv] = sum (decayed) q_i^T dO_i (``ops``' two reverse walks
-carry it and its transpose). Grid ``(H, rows)``; a producer warpgroup loads q, k, v, dO per chunk; walker w holds
-dS[:, w Dv/W : (w+1) Dv/W] in registers and per chunk (same geometry and decays as the reverse walk above):
-
-    dv[:, w-tile]  = (k q^T * D) dO[:, w-tile]   + w_row * k dS[:, w-tile]
-    dk[:, w-ktile] = (v dO^T * D) q[:, w-ktile]  + w_row * v dS[w-ktile, :]^T     (contracts over the whole Dv)
-    dS[:, w-tile]  = carry * dS[:, w-tile] + q^T (dO[:, w-tile] * w_state)
-
-dv contracts over Dk and dk over Dv, so Dv is split for the state and dv, and Dk for dk: each walker's dk columns
-read the bf16 copy of the whole state in SMEM (which the ``q S`` wgmma operand needs anyway), written tile by tile by
-both walkers; two barriers hand it over per chunk (every walker's tile written; every walker done reading it before
-it is overwritten). So no fp32 partial crosses warpgroups, at the price of each walker computing both [C, C] score
-matrices. Why this shape (at Dk = Dv = 128, chunk 64): one warpgroup holding the whole fp32 state (W = 1) keeps
-128 registers per thread for it, plus 32 for the decay table and up to 96 for a score matrix and a [C, 128]
-accumulator in flight: at the 255-register ceiling, and one warpgroup per SM. Two walkers (W = 2, jax's Hopper
-attention backward has the same producer + 2 consumer shape) keep 64 each, by count ~210 live under their 232 cap,
-and two independent wgmma chains per SM. Splitting dk's output instead (each walker a full [C, Dk] fp32 partial)
-would need a 32 KiB fp32 exchange and sum per chunk. SMEM at D = 128: 64 KiB per TMA stage, 32 KiB state, 48 KiB
-scaled dO and store buffers: 2 stages fit (``fused_stages`` takes the most of ``num_stages`` that fit). One program
-per (row, head): at B1 H64 that is 64 programs, so a sequence split (``groups``; its state-only pass is the
-forward kernel's walk of (q, dO)) is what fills 132 SMs. W = 1 is the natural shape at Dk = Dv = 64.
+The backward's dv and dk walks in one pass (``fused_backward_scan``, ``KernelConfig.fused_backward`` = 1): both are
+reverse walks over the same chunks (``ops``: dv walks q=k, k=q, v=dO; dk walks q=v, k=dO, v=q), so one program per
+(Dv tile, head, row) runs them as two consumer warpgroups (``pair``): a producer warpgroup loads each chunk of k, q,
+dO and v once, and walker 0 (dv) and walker 1 (dk) each carry their own [D, block_v] state, as in two separate
+walks. What it saves: one read of q and dO (a pass over 2 of the 8 arrays the two walks move), one launch, and,
+mostly, the two walks' serial chunk chains now share each SM, so one's wgmmas run while the other does its register
+math (measured on an H200: 0.98 ms against 2 x 0.64 ms at B1 H64 32K). Needs Dk = Dv (the walkers share scratch
+shapes); at D = 128 its 64 KiB per TMA stage leave room for 2 stages. An earlier version held one state dS for both
+gradients, split by columns across two walkers that handed its bf16 copy to each other through SMEM every chunk:
+64 programs at B1 H64 and both [C, C] score matrices per walker made it 0.82x the separate walks, and it was
+replaced (``benchmarks/RESULTS.md``).
 
 Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk and Dv multiples of 64, block_v a multiple
 of 32 dividing both and ``width`` dividing both (the backward's walks swap Dk and Dv), 0-2 consumers, chunk 64 or 128,
@@ -157,7 +146,7 @@ def _walker_operands(w, tile, *, pair: bool, with_output: bool, walkers: int, bl
 
 
 def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, stages: int, reverse: bool,
-            with_output: bool, has_init: bool, pair: bool, lookahead: bool, interpret: bool):
+            with_output: bool, has_init: bool, pair: bool, interpret: bool):
     n_walks = 2 if pair else 1  # outputs (o, final state, initial state): one per walk the program runs
     n_streams = 4 if pair else (3 if with_output else 2)
     refs = list(refs)
@@ -211,30 +200,16 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
             dist = (j - i) if reverse else (i - j)
             decay_cc = _decay(s, dist, dist >= 0)
 
-        def slot_refs(step):
+        def body(step, state):
             slot = lax.rem(step, stages)
-            q_s = slots[q_i].at[slot] if with_output else None
-            v_s = slots[v_i].at[slot] if v_cols is None else slots[v_i].at[slot].at[:, v_cols]
-            return slot, q_s, slots[k_i].at[slot], v_s
-
-        def scores_of(step):
-            """q k^T [C, C] float32 of chunk ``step`` (its slot loaded)."""
-            _, q_s, k_s, _ = slot_refs(step)
-
-            def issue(acc):
-                plgpu.wgmma(acc, q_s, k_s.T)
-                return acc[...]
-            return pl.run_scoped(issue, plgpu.ACC((chunk, chunk), jnp.float32))
-
-        def body(step, carried):
-            state, scores = carried if lookahead else (carried, None)
-            slot, q_s, k_s, v_s = slot_refs(step)
             c = chunk_of(step)
             limit = n_valid - c * chunk  # valid tokens from this chunk's start; chunk_math.chunk_geometry
             a = jnp.minimum(limit, 0) - 1
             b = jnp.minimum(limit, chunk) - 1
-            if not lookahead:
-                plgpu.barrier_wait(load_bars.at[slot])  # (with lookahead: waited for by the step before)
+            plgpu.barrier_wait(load_bars.at[slot])
+            q_s = slots[q_i].at[slot] if with_output else None
+            k_s = slots[k_i].at[slot]
+            v_s = slots[v_i].at[slot] if v_cols is None else slots[v_i].at[slot].at[:, v_cols]
 
             def scale_v():
                 # Token j enters the state decayed to the walk's end of the chunk.
@@ -243,18 +218,8 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
                 vw_w[...] = _scale_rows(v.astype(jnp.float32), wt).astype(vw_w.dtype)
                 plgpu.commit_smem()
 
-            o = probs = None
-            if with_output and lookahead:
-                # This chunk's scores came with the step before's update: only q S waits here, and the scores'
-                # decay runs under it.
-                def inter_and_probs(acc_o):
-                    plgpu.wgmma(acc_o, q_s, st_w)
-                    scale_v()
-                    probs = (scores * decay_cc).astype(q_s.dtype)
-                    return acc_o[...], probs
-
-                inter, probs = pl.run_scoped(inter_and_probs, plgpu.ACC((chunk, block_v), jnp.float32))
-            elif with_output:
+            o = None
+            if with_output:
                 def scores_and_inter(acc_s, acc_o):
                     plgpu.wgmma(acc_s, q_s, k_s.T)
                     plgpu.wgmma(acc_o, q_s, st_w)
@@ -263,12 +228,11 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
 
                 scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
                                               plgpu.ACC((chunk, block_v), jnp.float32))
+                w_q = _row_vector(lambda pos: _decay(s, (b - pos) if reverse else (pos - a), pos < limit), chunk)
+                o = _scale_rows(inter, w_q)
                 probs = (scores * decay_cc).astype(q_s.dtype)
             else:
                 scale_v()
-            if with_output:
-                w_q = _row_vector(lambda pos: _decay(s, (b - pos) if reverse else (pos - a), pos < limit), chunk)
-                o = _scale_rows(inter, w_q)
             carry = jnp.exp(-s * (b - a).astype(jnp.float32))
 
             if with_output and interpret:
@@ -277,23 +241,12 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
                 plgpu.commit_smem()
                 probs = mine(probs_smem)
 
-            next_scores = None
-            if lookahead:
-                # The next chunk's q k^T joins this chunk's update (after the last chunk: a stale slot, unused).
-                @pl.when(step + 1 < n_chunks)
-                def _():
-                    plgpu.barrier_wait(load_bars.at[lax.rem(step + 1, stages)])
-                _, q_next, k_next, _ = slot_refs(step + 1)
-                next_scores = plgpu.layout_cast(jnp.zeros((chunk, chunk), jnp.float32), plgpu.Layout.WGMMA)
-
-            def update(acc_o, acc_st, acc_next):
+            def update(acc_o, acc_st):
                 if with_output:
                     plgpu.wgmma(acc_o, probs, v_s)
                 plgpu.wgmma(acc_st, k_s.T, vw_w)
-                if acc_next is not None:
-                    plgpu.wgmma(acc_next, q_next, k_next.T)
 
-            o, state, next_scores = _accumulate(update, (o, state * carry, next_scores), interpret)
+            o, state = _accumulate(update, (o, state * carry), interpret)
 
             # The slot's last reader is done: refill it now, before this chunk's stores (under warp specialization,
             # tell the producer; only for slots it refills, so that it waits on every phase the barrier completes).
@@ -312,13 +265,9 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
             plgpu.commit_smem()
             if with_output:
                 plgpu.copy_smem_to_gmem(o_w.at[o_slot], o_ref.at[row, pl.ds(c * chunk, chunk), head, cols])
-            return (state, next_scores) if lookahead else state
+            return state
 
-        if lookahead:
-            plgpu.barrier_wait(load_bars.at[0])
-            state, _ = lax.fori_loop(0, n_chunks, body, (state0, scores_of(0)))
-        else:
-            state = lax.fori_loop(0, n_chunks, body, state0)
+        state = lax.fori_loop(0, n_chunks, body, state0)
         state_out_ref.at[row, head, :, cols][...] = state
         plgpu.wait_smem_to_gmem(0)
 
@@ -416,9 +365,6 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
                              f"block_v={config.block_v}, consumers={config.consumers}")
     if config.chunk not in (64, 128):
         raise ValueError(f"the Mosaic GPU lightning kernel needs chunk 64 or 128; got {config.chunk}")
-    if config.lookahead and config.num_stages < 2:
-        raise ValueError("the Mosaic GPU lightning kernel's lookahead reads the next chunk's slot: it needs "
-                         f"num_stages >= 2; got {config.num_stages}")
     need = max(smem_bytes(config.chunk, a, min(config.block_v, b), config.num_stages, jnp.dtype(dtype).itemsize,
                           consumers=config.consumers) for a, b in ((dk, dv), (dv, dk)))
     if need > SMEM_LIMIT_BYTES:
@@ -429,7 +375,7 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
 
 
 def _walk_call(streams, s, inits, *, layout: RowLayout, chunk: int, block_v: int, consumers: int, reverse: bool,
-               with_output: bool, pair: bool, stages: int, lookahead: bool, interpret: bool, name: str):
+               with_output: bool, pair: bool, stages: int, interpret: bool, name: str):
     """``_kernel`` over ``streams`` (each [R, L, H, D]: (q, k, v), (k, v) or the pair's (k, q, dO, v)); grid
     (Dv tiles, H, R). inits: one [R, H, Dk, Dv] float32 per walk, or None. Returns (outputs [R, L, H, Dv] per walk or
     None, final states [R, H, Dk, Dv] float32 per walk)."""
@@ -457,7 +403,7 @@ def _walk_call(streams, s, inits, *, layout: RowLayout, chunk: int, block_v: int
     has_init = inits[0] is not None
     kernel = functools.partial(_kernel, layout=layout, chunk=chunk, block_v=block_v, consumers=consumers,
                                stages=stages, reverse=reverse, with_output=with_output, has_init=has_init,
-                               pair=pair, lookahead=lookahead and with_output, interpret=interpret)
+                               pair=pair, interpret=interpret)
     threads = dict(num_threads=consumers + 1, thread_name="wg") if consumers else {}
     outs = plgpu.kernel(
         kernel, out_type=out_type, scratch_types=scratch,
@@ -484,8 +430,8 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     outs, states = _walk_call(
         ([q] if with_output else []) + [k, v], s, [init], layout=layout, chunk=config.chunk,
         block_v=min(config.block_v, dv), consumers=consumers, reverse=reverse, with_output=with_output, pair=False,
-        stages=max(1, min(config.num_stages, length // config.chunk)), lookahead=config.lookahead,
-        interpret=interpret, name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}"
+        stages=max(1, min(config.num_stages, length // config.chunk)), interpret=interpret,
+        name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}"
              f"{f'_ws{consumers}' if consumers else ''}")
     return (outs[0] if with_output else None), states[0]
 
@@ -533,6 +479,6 @@ def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: Ker
     inits = [None, None] if init is None else [init, jnp.swapaxes(init, -1, -2)]
     (dv_out, dk_out), (state, _) = _walk_call(
         [k, q, d_o, v], s, inits, layout=layout, chunk=config.chunk, block_v=block_v, consumers=2, reverse=True,
-        with_output=True, pair=True, stages=max(1, min(stages, length // config.chunk)),
-        lookahead=config.lookahead, interpret=interpret, name="lightning_mgpu_rev_pair")
+        with_output=True, pair=True, stages=max(1, min(stages, length // config.chunk)), interpret=interpret,
+        name="lightning_mgpu_rev_pair")
     return dk_out, dv_out, state

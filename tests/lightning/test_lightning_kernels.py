@@ -41,36 +41,28 @@ MOSAIC_STAGED = [
     (("mosaic_gpu", "bfloat16", 1, 100, 1, 128, 128, 64, 64, 1, False, True), 2, 3),  # 128-wide, fewer chunks than slots
 ]
 # Mosaic GPU with the fused backward (the dv and dk reverse walks as two consumer warpgroups of one program, on the
-# same loaded chunks; Dk = Dv): (case as above, TMA stages asked for; the most of them that fit are used). The forward
-# and dq walks are the forward kernel's.
+# same loaded chunks; Dk = Dv): (case as above, consumers of the forward and dq walks, TMA stages asked for; the pair
+# uses the most of them that fit).
 MOSAIC_FUSED = [
-    (("mosaic_gpu", "bfloat16", 1, 150, 2, 64, 64, 64, 64, 1, False, True), 4),  # partial last chunk, 4 stages fit
-    (("mosaic_gpu", "bfloat16", 1, 150, 1, 128, 128, 64, 64, 1, False, True), 4),  # two Dv tiles; 2 stages fit
-    (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 64, 64, 32, 3, False, False), 2),  # split, 32-wide tiles
-    (("mosaic_gpu", "bfloat16", 1, 130, 1, 64, 64, 64, 32, 4, False, True), 1),  # group 3 all padding, 1 slot
-]
-# Mosaic GPU with the score lookahead (each step computes the next chunk's q k^T with its own update): (case as
-# above, consumers, stages, fused backward).
-MOSAIC_LOOKAHEAD = [
-    (("mosaic_gpu", "bfloat16", 1, 300, 1, 64, 64, 64, 64, 1, False, True), 0, 2, 0),  # 5 chunks in 2 slots
-    (("mosaic_gpu", "bfloat16", 1, 50, 2, 64, 64, 64, 64, 1, False, True), 0, 2, 0),  # a single (partial) chunk
-    (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 128, 64, 32, 3, False, True), 2, 3, 0),  # 2 consumers, a split
-    (("mosaic_gpu", "bfloat16", 1, 150, 1, 128, 128, 64, 64, 1, False, True), 0, 4, 1),  # the paired backward
+    (("mosaic_gpu", "bfloat16", 1, 150, 2, 64, 64, 64, 64, 1, False, True), 0, 4),  # partial last chunk, 4 stages fit
+    (("mosaic_gpu", "bfloat16", 1, 150, 1, 128, 128, 64, 64, 1, False, True), 0, 4),  # two Dv tiles; 2 stages fit
+    (("mosaic_gpu", "bfloat16", 2, 200, 2, 64, 64, 64, 32, 3, False, False), 0, 2),  # split, 32-wide tiles
+    (("mosaic_gpu", "bfloat16", 1, 130, 1, 64, 64, 64, 32, 4, False, True), 0, 1),  # group 3 all padding, 1 slot
+    # default_config's split regime: a 2-consumer forward and dq walk over a split, the paired reverse walks
+    (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 128, 64, 64, 3, False, True), 2, 2),
 ]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
-@pytest.mark.parametrize("case,consumers,stages,fused,lookahead",
-                         [(c, 0, None, 0, False) for c in CASES] + [(*c, 0, False) for c in MOSAIC_STAGED]
-                         + [(c, 0, stages, 1, False) for c, stages in MOSAIC_FUSED]
-                         + [(*c, True) for c in MOSAIC_LOOKAHEAD],
+@pytest.mark.parametrize("case,consumers,stages,fused",
+                         [(c, 0, None, 0) for c in CASES] + [(*c, 0) for c in MOSAIC_STAGED]
+                         + [(c, consumers, stages, 1) for c, consumers, stages in MOSAIC_FUSED],
                          ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None)
-def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, lookahead, lt):
+def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
     prob = lt.random_problem(sum(case[2:8]), batch, length, heads, dk, dv, segments=segments, init=init)
     config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups, consumers=consumers,
-                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused,
-                          lookahead=lookahead)
+                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused)
     cast = lambda x: jnp.asarray(x, dtype)
     # The oracle sees exactly the (rounded) inputs the kernel sees.
     q, k, v, d_o = (np.asarray(cast(prob[n]).astype(jnp.float32)) for n in ("q", "k", "v", "d_o"))
@@ -120,6 +112,30 @@ def test_decay_gets_no_gradient(lt):
     grad = jax.grad(lambda s: jnp.sum(pallas.lightning_attention_pallas(
         q, k, v, s, config=config, interpret=True)[0]))(jnp.asarray(prob["decay"]))
     assert not np.any(np.asarray(grad))
+
+
+def test_pick_groups_avoids_padding_the_rows():
+    """The sequence split picks a group count that cuts T into whole chunks when one is near its target: a pad
+    copies q, k and v (3x the time of the walk at 1M on an H200)."""
+    from pallas_kernels.lightning.config import pick_groups
+    # B1 H8 1M, 2 tiles, 132 SMs: the target is 9 groups; 2^20 / (9 * 64) is not whole, 8 is.
+    assert pick_groups(1, 8, 1 << 20, 2, 64, 132) == 8
+    # 1009 chunks (a prime): no count from 9 down to 5 divides it, so the target stays.
+    assert pick_groups(1, 8, 64 * 1009, 2, 64, 132) == 9
+    # Enough programs without a split.
+    assert pick_groups(1, 64, 32768, 2, 64, 132) == 1
+
+
+@pytest.mark.parametrize("batch,heads,dk,dv,consumers,stages,fused", [
+    (1, 64, 128, 128, 0, 4, 1),  # M1's 64 heads: 128 one-warpgroup programs fill the SMs without a split
+    (1, 8, 128, 128, 2, 2, 1),  # 8 heads need a split: the two tiles of a head in one program
+    (1, 8, 64, 64, 0, 4, 1),  # one 64-wide tile per head: nothing to pair
+    (1, 8, 128, 64, 0, 4, 0),  # Dk != Dv: three backward walks
+])
+def test_mosaic_default_config_fits_the_call(batch, heads, dk, dv, consumers, stages, fused):
+    config = pallas.default_config("mosaic_gpu", jnp.bfloat16, batch, heads, dk, dv)
+    assert (config.consumers, config.num_stages, config.fused_backward) == (consumers, stages, fused)
+    assert config.groups is None
 
 
 def test_fused_backward_is_mosaic_gpu_only():
