@@ -53,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks.timing import time_pipelined  # noqa: E402
+from benchmarks.timing import jit_timed, time_pipelined  # noqa: E402
 from pallas_kernels.lightning import pallas, reference  # noqa: E402
 from pallas_kernels.lightning.config import KernelConfig, pick_groups  # noqa: E402
 
@@ -137,38 +137,21 @@ def ours_fn(s, config, with_bwd, backend="triton"):
     def fwd(q, k, v):
         return pallas.lightning_attention_pallas(q, k, v, s, backend=backend, config=config)
 
-    return _jit_timed(fwd, with_bwd, output=lambda out: out[0])
-
-
-def _jit_timed(fwd, with_bwd, output=lambda out: out):
-    """The jitted function the benchmark times: ``fwd`` alone, or forward + backward returning (o, (dq, dk, dv)),
-    o = ``output(fwd(q, k, v))``.
-
-    The forward's output must be returned with the gradients: the backward only needs q, k, v, so with the gradients
-    alone jit drops the whole forward kernel (a custom call with no side effects) and the time is the backward's.
-    fla's forward + backward (``o.backward(do)``) always runs its forward.
-    """
-    if not with_bwd:
-        return jax.jit(fwd)
-
-    def fwd_bwd(q, k, v, do):
-        o, vjp = jax.vjp(lambda *a: output(fwd(*a)), q, k, v)
-        return o, vjp(do)
-    return jax.jit(fwd_bwd)
+    return jit_timed(fwd, with_bwd, output=lambda out: out[0])
 
 
 def xla_fn(s, with_bwd, block=64):
     def fwd(q, k, v):
         return reference.lightning_attention_chunked(q, k, v, s, block_size=block)[0]
 
-    return _jit_timed(fwd, with_bwd)
+    return jit_timed(fwd, with_bwd)
 
 
 def cudnn_fn(with_bwd):
     def fwd(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-    return _jit_timed(fwd, with_bwd)
+    return jit_timed(fwd, with_bwd)
 
 
 class Fla:

@@ -76,3 +76,20 @@ def time_pipelined(fn, *args) -> float:
         times.append((time.perf_counter() - t0) / n)
         del outs
     return float(np.median(times))
+
+
+def jit_timed(fwd, with_bwd, output=lambda out: out):
+    """The jitted function the benchmark times: ``fwd`` alone, or forward + backward returning (o, (dq, dk, dv)),
+    o = ``output(fwd(q, k, v))``.
+
+    The forward's output must be returned with the gradients: the backward only needs q, k, v, so with the gradients
+    alone jit drops the whole forward kernel (a custom call with no side effects) and the time is the backward's.
+    fla's forward + backward (``o.backward(do)``) always runs its forward.
+    """
+    if not with_bwd:
+        return jax.jit(fwd)
+
+    def fwd_bwd(q, k, v, do):
+        o, vjp = jax.vjp(lambda *a: output(fwd(*a)), q, k, v)
+        return o, vjp(do)
+    return jax.jit(fwd_bwd)
