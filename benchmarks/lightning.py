@@ -363,7 +363,7 @@ def main(argv):
             swept = best.get("mosaic" if name in MOSAIC_VARIANTS else name, {})
             near = min(swept, key=lambda sh: (abs(math.log(sh[0] * sh[1] / (b * h))), abs(math.log(sh[2] / n))),
                        default=None)
-            config = swept[near] if near else pallas.default_config(KERNELS[name], jnp.bfloat16, b, h, d, d)
+            config = swept[near] if near else pallas.default_config(KERNELS[name], jnp.bfloat16, b, h, n, d, d)
             if near and config.groups:  # as many programs as at the swept shape
                 config = dataclasses.replace(config, groups=scale_groups(
                     config.groups, near[0] * near[1], b * h, n, config.chunk))

@@ -62,7 +62,7 @@ def pick_groups(batch: int, heads: int, length: int, tiles: int, chunk: int,
     leave SMs idle, and keep each group long enough that its walk amortises the launch. Among the counts from that
     target down to half of it, the largest that cuts ``length`` into whole chunks per group wins: a count that does
     not pads every row, and the pad copies q, k and v (on an H200 at B1 H8 1M, 9 groups took 12.4 ms where 8 took
-    4.3 ms; ``benchmarks/RESULTS.md``).
+    4.5 ms; ``benchmarks/RESULTS.md``).
     """
     programs = batch * heads * tiles
     if programs >= target_programs // 2:

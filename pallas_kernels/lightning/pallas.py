@@ -14,9 +14,9 @@ BACKENDS = ("triton", "mosaic_gpu", "tpu")
 # loads. Mosaic GPU (Hopper): the fastest of benchmarks/lightning.py's sweep on an H200 at B1 H64 32K (2026-11-30;
 # benchmarks/RESULTS.md, "Mosaic GPU kernel, H200"): 64-token chunks, 64-wide Dv tiles (2 programs per (row, head)
 # at Dv = 128, one warpgroup each), 4 TMA stages; the backward's dv and dk walks paired in one program where
-# Dk = Dv (``fused_backward``: faster than the two walks on an H200, RESULTS.md "Paired reverse walks";
-# ``default_config`` falls back to three walks where it does not apply). TPU: 128-token chunks (MXU tiles; segment-id blocks need a
-# multiple of 128), untuned.
+# Dk = Dv (``fused_backward``: faster than the two walks on an H200, RESULTS.md "Forward + backward with the forward,
+# the paired reverse walks"; ``default_config`` falls back to three walks where it does not apply). TPU: 128-token
+# chunks (MXU tiles; segment-id blocks need a multiple of 128), untuned.
 DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num_stages=3),
                    "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=4, fused_backward=1),
                    "tpu": KernelConfig(chunk=128, block_v=128)}
@@ -27,19 +27,20 @@ DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num
 MOSAIC_SPLIT_CONFIG = {"consumers": 2, "num_stages": 2}
 
 
-def default_config(backend: str, dtype, batch: int, heads: int, dk: int, dv: int) -> KernelConfig:
+def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk: int, dv: int) -> KernelConfig:
     """``DEFAULT_CONFIGS[backend]`` fitted to a call of that dtype and shape (``groups`` stays None: ``pick_groups``).
 
-    Mosaic GPU: ``MOSAIC_SPLIT_CONFIG`` where the call needs a sequence split and Dk and Dv hold two tiles each;
-    the paired backward (``fused_backward``) only where it applies (Dk = Dv, shared memory), else three walks.
+    Mosaic GPU: ``MOSAIC_SPLIT_CONFIG`` where ``pick_groups`` splits the call's rows and Dk and Dv hold two tiles
+    each (rows too short to split keep one program per tile: more programs); the paired backward
+    (``fused_backward``) only where it applies (Dk = Dv, shared memory), else three walks.
     """
     config = DEFAULT_CONFIGS[backend]
     if backend != "mosaic_gpu":
         return config
     split = dataclasses.replace(config, **MOSAIC_SPLIT_CONFIG)
     width = pallas_mosaic_gpu.tile_width(split, dv)
-    needs_split = batch * heads * (dv // pallas_mosaic_gpu.tile_width(config, dv)) < (
-        pallas_mosaic_gpu.TARGET_PROGRAMS // 2)
+    needs_split = pick_groups(batch, heads, length, dv // pallas_mosaic_gpu.tile_width(config, dv), config.chunk,
+                              pallas_mosaic_gpu.TARGET_PROGRAMS) > 1
     if needs_split and dk % width == 0 and dv % width == 0:
         config = split
     try:
@@ -62,7 +63,7 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
         raise ValueError(f"unknown Pallas backend {backend!r}; choose from {BACKENDS}")
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
-    config = config or default_config(backend, q.dtype, batch, heads, dk, dv)
+    config = config or default_config(backend, q.dtype, batch, heads, length, dk, dv)
     if config.fused_backward and backend != "mosaic_gpu":
         raise ValueError(f"fused_backward is a Mosaic GPU kernel option; the {backend} backend walks three times")
     fused_backward = None

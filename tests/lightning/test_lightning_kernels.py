@@ -126,14 +126,15 @@ def test_pick_groups_avoids_padding_the_rows():
     assert pick_groups(1, 64, 32768, 2, 64, 132) == 1
 
 
-@pytest.mark.parametrize("batch,heads,dk,dv,consumers,stages,fused", [
-    (1, 64, 128, 128, 0, 4, 1),  # M1's 64 heads: 128 one-warpgroup programs fill the SMs without a split
-    (1, 8, 128, 128, 2, 2, 1),  # 8 heads need a split: the two tiles of a head in one program
-    (1, 8, 64, 64, 0, 4, 1),  # one 64-wide tile per head: nothing to pair
-    (1, 8, 128, 64, 0, 4, 0),  # Dk != Dv: three backward walks
+@pytest.mark.parametrize("batch,heads,length,dk,dv,consumers,stages,fused", [
+    (1, 64, 1 << 20, 128, 128, 0, 4, 1),  # M1's 64 heads: 128 one-warpgroup programs fill the SMs without a split
+    (1, 8, 1 << 20, 128, 128, 2, 2, 1),  # 8 heads need a split: the two tiles of a head in one program
+    (1, 8, 4096, 128, 128, 0, 4, 1),  # too short to split: one program per tile keeps twice the programs
+    (1, 8, 1 << 20, 64, 64, 0, 4, 1),  # one 64-wide tile per head: nothing to pair
+    (1, 8, 1 << 20, 128, 64, 0, 4, 0),  # Dk != Dv: three backward walks
 ])
-def test_mosaic_default_config_fits_the_call(batch, heads, dk, dv, consumers, stages, fused):
-    config = pallas.default_config("mosaic_gpu", jnp.bfloat16, batch, heads, dk, dv)
+def test_mosaic_default_config_fits_the_call(batch, heads, length, dk, dv, consumers, stages, fused):
+    config = pallas.default_config("mosaic_gpu", jnp.bfloat16, batch, heads, length, dk, dv)
     assert (config.consumers, config.num_stages, config.fused_backward) == (consumers, stages, fused)
     assert config.groups is None
 
