@@ -148,6 +148,11 @@ def fsdp_params(enabled: bool = True) -> Iterator[None]:
         _FSDP_PARAMS.reset(token)
 
 
+def fsdp_params_active() -> bool:
+    """Whether the step being traced declared FSDP parameter layouts (``fsdp_params``)."""
+    return _FSDP_PARAMS.get()
+
+
 def param_spec(logical_names: Sequence[str | None], shape: Sequence[int], mesh) -> P:
     """The mesh spec of a parameter with these logical names while a step is traced: its FSDP layout under
     ``fsdp_params()``, the plain rules' layout otherwise (what ``state_shardings`` gives it in either case)."""

@@ -19,6 +19,7 @@ from m1jax.layers.common import param, param_value
 # Imported at module load, not inside a trace: importing Pallas registers jax config options that are part of jit's
 # trace context, so a first import during tracing would make every jitted function retrace on its second call.
 from pallas_kernels.gmm import api as gmm_api
+from sharding.rules import fsdp_params_active
 
 
 def route_top_k(router_logits: jax.Array, k: int):
@@ -82,7 +83,14 @@ class MoE(nnx.Module):
                                    precision=jax.lax.Precision.HIGHEST)
         weights, experts = route_top_k(router_logits, cfg.num_experts_per_tok)
         weights = weights.astype(cdt)  # as MiniMax's code: routing weights in the activation dtype for the sum
-        w1, w2, w3 = (param_value(w, cdt) for w in (self.w1, self.w2, self.w3))
+        if cfg.moe_implementation == "sorted" and not fsdp_params_active():
+            # The grouped matmul takes the masters and multiplies in cdt; its backward writes the weight gradient
+            # in the master's dtype from fp32 accumulators (no bf16 rounding of it, no cast pass over the gradients
+            # of every expert weight). Under FSDP the cast stays before the all-gather (param_value), which then
+            # moves cdt bytes.
+            w1, w2, w3 = (w[...] for w in (self.w1, self.w2, self.w3))
+        else:
+            w1, w2, w3 = (param_value(w, cdt) for w in (self.w1, self.w2, self.w3))
         if cfg.moe_implementation == "dense":
             y = moe_dense(x.astype(cdt), weights, experts, w1, w3, w2)
         elif cfg.moe_implementation == "expert_parallel":
@@ -96,11 +104,32 @@ class MoE(nnx.Module):
         return y.reshape(b, t, d).astype(cdt), router_logits, experts
 
 
-@jax.checkpoint
+@jax.custom_vjp
 def _swiglu(gate, up):
-    """silu(gate) * up in fp32 ([rows, F] each). Checkpointed: the backward recomputes the fp32 silu from the saved
-    gate/up instead of keeping two fp32 [rows, F] arrays per layer (11 GB per 8-layer period at M1's shapes)."""
-    return jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+    """silu(gate) * up computed in fp32, returned in gate's dtype ([rows, F] each).
+
+    A custom VJP for two reasons: the backward recomputes the fp32 silu from the saved gate and up (instead of
+    keeping two fp32 [rows, F] arrays per layer: 11 GB per 8-layer period at M1's shapes), and it does so in one
+    element-wise pass that reads gate, up and the bf16 cotangent and writes both gradients (autodiff of the
+    checkpointed fp32 expression took three kernels on an H200, one of them an fp32 copy of the cotangent).
+    """
+    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+def _swiglu_fwd(gate, up):
+    return _swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dh):
+    gate, up = residuals
+    g, u, dh = gate.astype(jnp.float32), up.astype(jnp.float32), dh.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g)
+    silu = g * sig
+    d_gate = dh * u * sig * (1.0 + g * (1.0 - sig))  # d silu(g) / dg = sig + g sig (1 - sig)
+    return d_gate.astype(gate.dtype), (dh * silu).astype(up.dtype)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def moe_dense(x, weights, experts, w1, w3, w2):

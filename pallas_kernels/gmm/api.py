@@ -51,24 +51,41 @@ def default_implementation(target: str, k: int, n: int, tiling: Tiling | None = 
     return "ragged_dot"
 
 
+def _operands(lhs, rhs, cast_rhs: bool = True):
+    """The operands in the dtype the product runs in. A wider floating rhs (fp32 master weights with bf16 rows) is
+    multiplied in lhs's dtype, ``lhs @ rhs.astype(lhs.dtype)``: rounded here (``cast_rhs``), or by the kernel's
+    custom VJP (pallas_triton, which then writes d_rhs in rhs's dtype from its fp32 accumulator, without the bf16
+    rounding and the cast pass of the cast's gradient). Otherwise both in their promoted dtype."""
+    if jnp.finfo(rhs.dtype).bits > jnp.finfo(lhs.dtype).bits:
+        return lhs, (rhs.astype(lhs.dtype) if cast_rhs else rhs)
+    dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+    return lhs.astype(dtype), rhs.astype(dtype)
+
+
+def _in_product_dtype(fn):
+    """fn(lhs, rhs, group_sizes, ...) with its operands first brought to the product's dtype (``_operands``)."""
+    def wrapped(lhs, rhs, *args, **kwargs):
+        return fn(*_operands(lhs, rhs), *args, **kwargs)
+    return wrapped
+
+
 @functools.cache
 def _implementation(name: str, out_dtype, tiling: Tiling | None):
     """name -> jitted fn(lhs, rhs, group_sizes[, interpret]) -> [M, N]. One object per arguments, so that the many
     calls of a model (and the per-platform branches, all traced) reuse one trace per shape."""
     if name == "pallas_triton":
         def triton(lhs, rhs, group_sizes, interpret=False):
-            # Triton's dot needs one operand dtype; the backward runs in it too.
-            dtype = jnp.result_type(lhs.dtype, rhs.dtype)
-            return pallas_triton.grouped_matmul(lhs.astype(dtype), rhs.astype(dtype), group_sizes, out_dtype,
-                                                tiling or Tiling(), interpret)
+            # Triton's dot needs one operand dtype; the backward runs in it too. A wider rhs: see _operands.
+            lhs, rhs = _operands(lhs, rhs, cast_rhs=False)
+            return pallas_triton.grouped_matmul(lhs, rhs, group_sizes, out_dtype, tiling or Tiling(), interpret)
         return jax.jit(triton, static_argnames="interpret")
     if name == "megablox":
-        return jax.jit(functools.partial(backends.megablox, out_dtype=out_dtype, tiling=tiling),
+        return jax.jit(_in_product_dtype(functools.partial(backends.megablox, out_dtype=out_dtype, tiling=tiling)),
                        static_argnames="interpret")
     if name == "tokamax":
-        return jax.jit(functools.partial(backends.tokamax, out_dtype=out_dtype, tiling=tiling))
+        return jax.jit(_in_product_dtype(functools.partial(backends.tokamax, out_dtype=out_dtype, tiling=tiling)))
     if name == "ragged_dot":
-        return jax.jit(functools.partial(backends.ragged_dot, out_dtype=out_dtype, tiling=tiling))
+        return jax.jit(_in_product_dtype(functools.partial(backends.ragged_dot, out_dtype=out_dtype, tiling=tiling)))
     raise ValueError(f"unknown grouped-matmul implementation {name!r}; choose from {IMPLEMENTATIONS}")
 
 
@@ -78,7 +95,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
 
     Args:
       lhs: [M, K] rows sorted by group: group g owns rows ``offset_g .. offset_g + group_sizes[g]``.
-      rhs: [G, K, N] one weight matrix per group.
+      rhs: [G, K, N] one weight matrix per group. A wider rhs than lhs (fp32 master weights with bf16 rows) is
+        multiplied in lhs's dtype, as ``lhs @ rhs.astype(lhs.dtype)``; its gradient comes back in rhs's dtype
+        (pallas_triton writes d_rhs from its fp32 accumulator: no bf16 rounding of it, and no cast pass after it).
       group_sizes: [G] int32, non-negative, summing to at most M; rows past the sum give zeros.
       implementation: None (per target platform, see the module docstring), or one of ``IMPLEMENTATIONS``.
       preferred_element_type: output dtype (default: the promoted input dtype); accumulation is float32.

@@ -5,6 +5,11 @@ Three kernels, all with a 1-D grid (Triton programs run in parallel, so no kerne
   with ``transpose_rhs`` it multiplies by ``rhs[g].T`` instead (the d_lhs kernel, no transposed copy of rhs).
 - ``tgmm``: ``out[g] = lhs[rows of g].T @ dout[rows of g]`` -> [G, K, N] (the d_rhs kernel), one program per
   (group, K tile, N tile), looping over the group's rows.
+Mixed precision: rhs may be wider than lhs (the MoE's fp32 master weights with bf16 rows). The forward multiplies by
+``rhs.astype(lhs.dtype)`` (one cast, whose result the backward's d_lhs kernel reads again), and ``tgmm`` writes d_rhs
+in rhs's dtype straight from its fp32 accumulator: no bf16 rounding of the weight gradient and no cast pass after
+it. (Rounding the fp32 tiles inside ``gmm`` instead, which would also save the forward's cast, halved the kernels'
+speed on an H200: Triton then stages fp32 tiles and converts them in registers before each dot.)
 Rows are addressed with dynamic offsets read from small int32 tables (``schedule.py``); out-of-range rows, K and
 N columns are masked at load (to zero) and at store, so no operand needs padding.
 """
@@ -156,23 +161,26 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, out_dtype, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def grouped_matmul(lhs, rhs, group_sizes, out_dtype, tiling: Tiling, interpret: bool):
-    """Differentiable [M, K] x [G, K, N] -> [M, N] (see api.grouped_matmul)."""
-    return gmm(lhs, rhs, group_sizes, out_dtype=out_dtype, tile=tiling.fwd, interpret=interpret)
+    """Differentiable [M, K] x [G, K, N] -> [M, N] (see api.grouped_matmul). rhs may be wider than lhs: it is
+    multiplied in lhs's dtype, and d_rhs comes back in rhs's dtype from tgmm's fp32 accumulator."""
+    return gmm(lhs, rhs.astype(lhs.dtype), group_sizes, out_dtype=out_dtype, tile=tiling.fwd, interpret=interpret)
 
 
 def _grouped_matmul_fwd(lhs, rhs, group_sizes, out_dtype, tiling, interpret):
-    return grouped_matmul(lhs, rhs, group_sizes, out_dtype, tiling, interpret), (lhs, rhs, group_sizes)
+    rhs_product = rhs.astype(lhs.dtype)  # the weights as multiplied, kept for d_lhs (a no-op for equal dtypes)
+    out = gmm(lhs, rhs_product, group_sizes, out_dtype=out_dtype, tile=tiling.fwd, interpret=interpret)
+    return out, (lhs, rhs_product, group_sizes, jnp.zeros((), rhs.dtype))  # the last: rhs's dtype, for d_rhs
 
 
 def _grouped_matmul_bwd(out_dtype, tiling, interpret, residuals, dout):
     del out_dtype
-    lhs, rhs, group_sizes = residuals
-    dout = dout.astype(lhs.dtype)  # Triton's dot takes one operand dtype (bf16 grads for bf16 weights)
+    lhs, rhs_product, group_sizes, rhs_dtype_of = residuals
+    dout = dout.astype(lhs.dtype)  # Triton's dot takes one operand dtype: the product's, lhs's
     # Rows outside every group got a constant zero, so their cotangents drop out: d_lhs rows there are zero
     # (the zero-tail visits) and tgmm never reads them.
-    d_lhs = gmm(dout, rhs, group_sizes, out_dtype=lhs.dtype, tile=tiling.dlhs, transpose_rhs=True,
+    d_lhs = gmm(dout, rhs_product, group_sizes, out_dtype=lhs.dtype, tile=tiling.dlhs, transpose_rhs=True,
                 interpret=interpret)
-    d_rhs = tgmm(lhs, dout, group_sizes, out_dtype=rhs.dtype, tile=tiling.drhs, interpret=interpret)
+    d_rhs = tgmm(lhs, dout, group_sizes, out_dtype=rhs_dtype_of.dtype, tile=tiling.drhs, interpret=interpret)
     return d_lhs, d_rhs, None
 
 

@@ -68,6 +68,28 @@ def test_pallas_triton_bf16_with_float32_output():
     assert _rel_err(d_lhs, r_lhs) < 1e-2 and _rel_err(d_rhs, r_rhs) < 1e-2
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float32_weights_are_multiplied_in_the_rows_dtype(impl):
+    """bf16 rows x fp32 master weights: the product of the weights rounded to bf16 (in the kernel for pallas_triton)
+    and d_rhs in fp32. pallas_triton writes d_rhs from its fp32 accumulator, so it holds the exact sums of the bf16
+    products to fp32 precision; the other implementations round it to bf16 first (the cast's gradient)."""
+    lhs, rhs, sizes, dout = _inputs(CASES[0], seed=2)
+    lhs, dout = lhs.astype(jnp.bfloat16), dout.astype(jnp.bfloat16).astype(jnp.float32)
+    fn = lambda x, w: _impl_fn(impl)(x, w, sizes, preferred_element_type=jnp.float32)
+    out, vjp = jax.vjp(fn, lhs, rhs)
+    rounded = rhs.astype(jnp.bfloat16).astype(jnp.float32)
+    ref, ref_vjp = jax.vjp(lambda x, w: reference.grouped_matmul(x, w, sizes, jnp.float32),
+                           lhs.astype(jnp.float32), rounded)
+    assert out.dtype == jnp.float32
+    assert _rel_err(out, ref) < 1e-5
+    # The product with the unrounded weights is farther away than that by orders of magnitude.
+    assert _rel_err(reference.grouped_matmul(lhs.astype(jnp.float32), rhs, sizes), ref) > 1e-4
+    (d_lhs, d_rhs), (r_lhs, r_rhs) = vjp(dout), ref_vjp(dout)
+    assert d_lhs.dtype == jnp.bfloat16 and d_rhs.dtype == jnp.float32
+    assert _rel_err(d_lhs, r_lhs) < 1e-2
+    assert _rel_err(d_rhs, r_rhs) < (1e-6 if impl == "pallas_triton" else 1e-2)
+
+
 def test_megablox_in_interpret_mode():
     # megablox needs K and N divisible by its tiles; M and the group boundaries may be ragged.
     case = ("megablox", 40, 128, 128, (13, 0, 27))

@@ -14,10 +14,11 @@ from pallas_kernels.compat import TRITON_CALL_TARGET as TRITON_CALL
 from pallas_kernels.gmm import grouped_matmul
 
 
-def test_forward_and_backward_export_to_cuda():
+@pytest.mark.parametrize("rhs_dtype", [jnp.bfloat16, jnp.float32])
+def test_forward_and_backward_export_to_cuda(rhs_dtype):
     m, k, n, g = 1000, 256, 384, 8   # M not a multiple of the tile; default (production) tiles
     lhs = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-    rhs = jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16)
+    rhs = jax.ShapeDtypeStruct((g, k, n), rhs_dtype)
     sizes = jax.ShapeDtypeStruct((g,), jnp.int32)
 
     def loss(x, w, s):
@@ -35,6 +36,9 @@ def test_forward_and_backward_export_to_cuda():
     for name in ("gmm_triton", "gmm_triton_transposed_rhs", "tgmm_triton"):
         assert name in text
     assert [a.shape for a in exported.out_avals] == [(m, k), (g, k, n)]
+    assert [a.dtype for a in exported.out_avals] == [jnp.bfloat16, rhs_dtype]
+    # fp32 weights: tgmm writes their gradient in fp32; no cast of a bf16 [G, K, N] gradient to fp32 after it.
+    assert not re.search(r"stablehlo.convert[^\n]*tensor<8x256x384xbf16>\) -> tensor<8x256x384xf32>", text)
 
 
 def _default_loss(x, w, s):
