@@ -163,7 +163,7 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, out_dtype, 
 def grouped_matmul(lhs, rhs, group_sizes, out_dtype, tiling: Tiling, interpret: bool):
     """Differentiable [M, K] x [G, K, N] -> [M, N] (see api.grouped_matmul). rhs may be wider than lhs: it is
     multiplied in lhs's dtype, and d_rhs comes back in rhs's dtype from tgmm's fp32 accumulator."""
-    return gmm(lhs, rhs.astype(lhs.dtype), group_sizes, out_dtype=out_dtype, tile=tiling.fwd, interpret=interpret)
+    return _grouped_matmul_fwd(lhs, rhs, group_sizes, out_dtype, tiling, interpret)[0]
 
 
 def _grouped_matmul_fwd(lhs, rhs, group_sizes, out_dtype, tiling, interpret):

@@ -70,9 +70,10 @@ def test_pallas_triton_bf16_with_float32_output():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_float32_weights_are_multiplied_in_the_rows_dtype(impl):
-    """bf16 rows x fp32 master weights: the product of the weights rounded to bf16 (in the kernel for pallas_triton)
-    and d_rhs in fp32. pallas_triton writes d_rhs from its fp32 accumulator, so it holds the exact sums of the bf16
-    products to fp32 precision; the other implementations round it to bf16 first (the cast's gradient)."""
+    """bf16 rows x fp32 master weights: the product of the weights rounded to bf16 (inside pallas_triton's custom
+    VJP, before the call for the others) and d_rhs in fp32. pallas_triton writes d_rhs from its fp32 accumulator, so
+    it holds the exact sums of the bf16 products to fp32 precision; the others round it to bf16 first (the cast's
+    gradient)."""
     lhs, rhs, sizes, dout = _inputs(CASES[0], seed=2)
     lhs, dout = lhs.astype(jnp.bfloat16), dout.astype(jnp.bfloat16).astype(jnp.float32)
     fn = lambda x, w: _impl_fn(impl)(x, w, sizes, preferred_element_type=jnp.float32)
