@@ -94,7 +94,8 @@ class MiniMaxM1(nnx.Module):
             return Period(cfg, rngs=r)
 
         self.periods = make_periods(rngs)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype,
+                            implementation=cfg.norm_implementation, rngs=rngs)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         LMHead(cfg.hidden_size, cfg.vocab_size, std=std, param_dtype=cfg.param_dtype, rngs=rngs))
 

@@ -1,4 +1,5 @@
-"""Run the attention kernels per device under a mesh: ``jax.shard_map`` over the batch and head axes.
+"""Run the attention and norm kernels per device under a mesh: ``jax.shard_map`` over the batch and head axes (the
+norms: over their rows).
 
 A ``pallas_call`` has no partitioning rule, so under GSPMD the partitioner would gather its operands onto every device
 and run the whole kernel there (correct, but every device does all the work). Lightning and softmax attention are
@@ -14,6 +15,20 @@ from jax.sharding import PartitionSpec as P
 from sharding.rules import logical_to_mesh_spec
 
 
+def _local_spec(logical, shape) -> P | None:
+    """PartitionSpec of an operand with these logical axes under the current mesh, or None for the plain call (no
+    mesh, or inside a shard_map already)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    spec = logical_to_mesh_spec(logical, shape=shape, mesh=mesh)
+    manual = set(mesh.manual_axes)
+    used = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+    if used & manual or (manual and not used):
+        return None
+    return spec
+
+
 def batch_head_specs(shape_bthd) -> P | None:
     """PartitionSpec [B, T, H, D] of the kernel operands under the current mesh, or None for the plain call (no mesh,
     or inside a shard_map already).
@@ -22,15 +37,29 @@ def batch_head_specs(shape_bthd) -> P | None:
     device runs the whole kernel, which is what GSPMD would do too, but a Mosaic ``pallas_call`` cannot be handed to
     the partitioner at all, so it still needs the ``shard_map``.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None
-    spec = logical_to_mesh_spec(("batch", None, "heads", None), shape=shape_bthd, mesh=mesh)
-    manual = set(mesh.manual_axes)
-    used = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
-    if used & manual or (manual and not used):
-        return None
-    return spec
+    return _local_spec(("batch", None, "heads", None), shape_bthd)
+
+
+def norm_rows_parallel(norm, x, weight, gate=None, *, feature_axis: str | None):
+    """``norm(x, weight, gate)``, a row-wise op over the last axis (``pallas_kernels.norms.rms_norm`` with its
+    settings bound), with the rows split over the mesh as the activations' are (call under jax.set_mesh).
+
+    x, gate: [B, T, D] (rows by "batch" and "length") or [N, D] (by "batch"); weight [D], replicated (its gradient is
+    summed over the devices by the shard_map's transpose). ``feature_axis`` is D's logical name: where the mesh splits
+    it (the lightning norm over tensor-parallel heads) the statistics cross devices, so ``norm`` is called with
+    ``implementation="xla"`` and GSPMD partitions it. Falls back to the plain call without a mesh.
+    """
+    if x.ndim not in (2, 3):
+        return norm(x, weight, gate)
+    spec = _local_spec(("batch", "length")[: x.ndim - 1] + (feature_axis,), x.shape)
+    if spec is None:
+        return norm(x, weight, gate)
+    if spec[-1] is not None:
+        return norm(x, weight, gate, implementation="xla")
+    if gate is None:
+        return jax.shard_map(lambda x, w: norm(x, w, None), in_specs=(spec, P()), out_specs=spec,
+                             check_vma=False)(x, weight)
+    return jax.shard_map(norm, in_specs=(spec, P(), spec), out_specs=spec, check_vma=False)(x, weight, gate)
 
 
 def lightning_batch_head_parallel(q, k, v, decay, *, initial_state=None, segment_ids=None, lightning_attention,

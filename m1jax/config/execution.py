@@ -27,6 +27,7 @@ REMAT_GRANULARITIES = ("period", "layer", "nested")
 LIGHTNING_IMPLEMENTATIONS = ("xla_chunked", "recurrent", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu")
 GMM_IMPLEMENTATIONS = ("pallas_triton", "tokamax", "megablox", "ragged_dot")
 ATTENTION_IMPLEMENTATIONS = ("xla", "xla_blockwise", "cudnn", "pallas_triton", "pallas_tpu")
+NORM_IMPLEMENTATIONS = ("pallas_triton", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Execution(Config):
     lightning_implementation: str | None = setting(None, choices=LIGHTNING_IMPLEMENTATIONS, resume=False)
     gmm_implementation: str | None = setting(None, choices=GMM_IMPLEMENTATIONS, resume=False)
     attention_implementation: str | None = setting(None, choices=ATTENTION_IMPLEMENTATIONS, resume=False)
+    norm_implementation: str | None = setting(None, choices=NORM_IMPLEMENTATIONS, resume=False)
     scan_layers: bool = setting(True, resume=False, help="compile the layer periods as one lax.scan body")
     remat: bool = setting(False, resume=False)
     # With remat: "period" (jax.checkpoint around each scanned period), "layer" (around each decoder layer) or

@@ -20,7 +20,8 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.layer_type = layer_type
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype,
+                                       implementation=cfg.norm_implementation, rngs=rngs)
         if layer_type == LIGHTNING:
             self.self_attn = LightningAttention(cfg, rngs=rngs)
             self.alpha, self.beta = cfg.linear_attn_alpha, cfg.linear_attn_beta
@@ -28,7 +29,7 @@ class DecoderLayer(nnx.Module):
             self.self_attn = SoftmaxAttention(cfg, rngs=rngs)
             self.alpha, self.beta = cfg.full_attn_alpha, cfg.full_attn_beta
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype,
-                                                rngs=rngs)
+                                                implementation=cfg.norm_implementation, rngs=rngs)
         self.block_sparse_moe = MoE(cfg, rngs=rngs)
 
     def __call__(self, x, *, layer_index, positions, segment_ids=None, cache=None, cache_index=None,

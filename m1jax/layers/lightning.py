@@ -54,7 +54,8 @@ class LightningAttention(nnx.Module):
         d, w, std, pd = cfg.hidden_size, cfg.attention_width, cfg.initializer_range, cfg.param_dtype
         self.qkv_proj = param(rngs, (d, 3 * w), ("embed", "heads"), std=std, dtype_name=pd)
         self.output_gate = param(rngs, (d, w), ("embed", "heads"), std=std, dtype_name=pd)
-        self.norm = RMSNorm(w, cfg.lightning_norm_eps, axes=("heads",), param_dtype=pd, rngs=rngs)
+        self.norm = RMSNorm(w, cfg.lightning_norm_eps, axes=("heads",), param_dtype=pd,
+                            implementation=cfg.norm_implementation, rngs=rngs)
         self.out_proj = param(rngs, (w, d), ("heads", "embed"), std=std, dtype_name=pd)
 
     def __call__(self, h: jax.Array, layer_index, *, segment_ids=None, state=None, valid=None):
@@ -94,9 +95,10 @@ class LightningAttention(nnx.Module):
                 attend = functools.partial(lightning_batch_head_parallel, lightning_attention=attend)
             o, new_state = attend(q, k, v, decay, initial_state=state, segment_ids=segment_ids,
                                   return_final_state=True)
-        o = self.norm(o.reshape(b, t, heads * hd).astype(jnp.float32))  # one norm over all heads, eps 1e-6
-        gate = jax.nn.sigmoid(matmul(h, param_value(self.output_gate, cdt), cdt, jnp.float32))
-        out = matmul((gate * o).astype(cdt), param_value(self.out_proj, cdt), cdt)
+        # One norm over all heads (eps 1e-6), in fp32, times sigmoid(gate) in fp32, rounded once: one kernel.
+        gate_logits = matmul(h, param_value(self.output_gate, cdt), cdt, jnp.float32)
+        o = self.norm(o.reshape(b, t, heads * hd), gate=gate_logits, norm_dtype=jnp.float32, out_dtype=cdt)
+        out = matmul(o, param_value(self.out_proj, cdt), cdt)
         if slots is not None:
             # Right padding would decay the kernel's final state past the last real token: recompute it per row.
             # (Decode rows feed one real token, or none: then the state stays.)

@@ -139,9 +139,11 @@ def test_execution_choices_match_the_kernel_apis():
     from m1jax.config import execution
     from pallas_kernels.gmm import api as gmm_api
     from pallas_kernels.lightning import api as lightning_api
+    from pallas_kernels.norms import api as norms_api
     from sharding import expert_parallel
     assert execution.LIGHTNING_IMPLEMENTATIONS == lightning_api.IMPLEMENTATIONS
     assert execution.GMM_IMPLEMENTATIONS == gmm_api.IMPLEMENTATIONS
+    assert execution.NORM_IMPLEMENTATIONS == norms_api.IMPLEMENTATIONS
     assert execution.MOE_TRANSPORTS == expert_parallel.TRANSPORTS
 
 
