@@ -8,7 +8,7 @@ of M1 (6144) over 4 x 8K tokens, and the lightning output norm (gated, fp32 gate
 (``benchmarks.timing.time_pipelined``); the floor is the bytes the op must move at the card's HBM bandwidth
 (``--hbm_tbps``): forward x + gate + out; backward x + gate + dout + dx + dgate (the weight is negligible). Before
 timing, each shape's output and gradients from the kernel are compared with XLA's on the device (relative L2 error,
-``check_rel_err``: the two differ by bf16 rounding flips only).
+``check_rel_err``: bf16 rounding flips, and where x is bf16 XLA's weight gradient, which autodiff sums in bf16).
 """
 from __future__ import annotations
 

@@ -52,7 +52,11 @@ def _implementation(name: str, eps: float, norm_dtype, out_dtype, tiling: pallas
                                           interpret)
         return jax.jit(triton, static_argnames="interpret")
     if name == "xla":
-        return jax.jit(functools.partial(reference.rms_norm, eps=eps, norm_dtype=norm_dtype, out_dtype=out_dtype))
+        # Rematerialised: the backward keeps only the inputs and recomputes the element-wise forward in its fusions.
+        # Autodiff of the formula would keep fp32 copies instead (x in fp32 and, gated, four more [N, D] fp32
+        # arrays: 20 bytes an element where the inputs are 6), which the forward writes and the backward reads.
+        return jax.jit(jax.checkpoint(functools.partial(reference.rms_norm, eps=eps, norm_dtype=norm_dtype,
+                                                        out_dtype=out_dtype)))
     raise ValueError(f"unknown rms_norm implementation {name!r}; choose from {IMPLEMENTATIONS}")
 
 
