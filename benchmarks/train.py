@@ -17,7 +17,9 @@ its shapes and settings, each against its floor (FLOPs at the bf16 peak, bytes a
 each kind and the LM head + chunked CE (forward + backward), the AdamW + clip update (the step's optax chain, 32 bytes
 per parameter) and the gradient-accumulation add (12 bytes per parameter), the last two in place on donated buffers;
 the glue (embedding, final norm, layer scan, loss plumbing) is the variant's measured step minus these parts. The
-breakdown tables come last but one, the variants' table last.
+breakdown tables come last but one, the variants' table last. A fifth, ``profile=1``, runs two more steps under
+``jax.profiler`` after the timing and prints where their device time goes, by kind of kernel, with the heaviest
+kernels.
 
 The hidden-4096 variant (8 layers = one period, 32 heads of 128, 8 experts of 4096; 4.1B parameters, 1.56B active
 with the head) is ``hidden_size=4096;num_hidden_layers=8;num_attention_heads=32;head_dim=128;num_local_experts=8;
@@ -60,11 +62,11 @@ flags.DEFINE_bool("breakdown", False, "First time each component of the step aga
                   "layer of each kind, the LM head + CE, the AdamW update, the accumulation add) at the first "
                   "variant's shapes and settings; the glue is that variant's step minus the parts.")
 
-BENCH_KEYS = ("batch", "docs", "accum", "breakdown")
+BENCH_KEYS = ("batch", "docs", "accum", "breakdown", "profile")
 
 
 def split_variant(spec: str) -> tuple[str, list[str], dict[str, int]]:
-    """'name=k=v;k=v' -> (name, ModelConfig overrides, bench settings {batch, docs, accum, breakdown})."""
+    """'name=k=v;k=v' -> (name, ModelConfig overrides, bench settings {batch, docs, accum, breakdown, profile})."""
     name, _, rest = spec.partition("=")
     overrides, bench = [], {}
     for item in (o for o in rest.split(";") if o):
@@ -390,7 +392,33 @@ def bench_variant(name: str, overrides: list[str], bench: dict) -> dict:
               "temp_gib": mem.temp_size_in_bytes / 2 ** 30 if mem else None,
               "params_total": cfg.param_counts()["total"], "active_with_head": cfg.param_counts()["active_with_head"]}
     print(json.dumps(result), flush=True)
+    if bench.get("profile"):
+        result["profile"] = profile_steps(compiled, state, batch)
     return result
+
+
+def profile_steps(compiled, state, batch, steps: int = 2, top_n: int = 25) -> dict:
+    """Two more steps under ``jax.profiler``: the device time per kind of kernel and the heaviest kernels, printed
+    (``benchmarks.profiling.device_trace``)."""
+    import jax
+
+    from benchmarks.profiling import device_trace
+    carry = [state]
+
+    def run():
+        carry[0], metrics = compiled(carry[0], batch)
+        jax.block_until_ready(metrics)
+
+    trace = device_trace(run, steps, top_n)
+    if "error" in trace:
+        print(f"  profile: {trace['error']}", flush=True)
+        return trace
+    print(f"  device busy {trace['device_busy_ms']:.1f} ms a step in {trace['kernels_per_step']:.0f} kernels")
+    for category, c in trace["categories"].items():
+        print(f"    {category:24} {c['ms']:8.2f} ms {c['calls']:7.0f} kernels")
+    for k in trace["top"]:
+        print(f"      {k['ms']:7.2f} ms x {k['calls']:4.0f}  {k['kernel']}")
+    return trace
 
 
 def main(argv):
