@@ -89,7 +89,8 @@ def main(argv):
                     fn, args = jit_timed(fwd, False), (x, w, g)
                 times[impl] = time_pipelined(fn, *args) * 1e3
             best = min((t, n) for n, t in times.items() if n != "xla")
-            row = dict(shape=name, rows=rows, d=d, gated=gated, check_rel_err=check, pass_="fwd+bwd" if with_bwd else "fwd",
+            row = dict(shape=name, rows=rows, d=d, gated=gated, check_rel_err=check,
+                       pass_="fwd+bwd" if with_bwd else "fwd",
                        floor_ms=floor_ms, times_ms=times, best=best[1], xla_over_best=times["xla"] / best[0],
                        best_pct_floor=100 * floor_ms / best[0], xla_pct_floor=100 * floor_ms / times["xla"])
             results.append(row)

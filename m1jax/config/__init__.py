@@ -9,5 +9,5 @@ from m1jax.config.model import PRESETS, ModelConfig, apply_overrides
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "Architecture", "Config", "ConfigError", "DTYPES", "Execution",
            "GMM_IMPLEMENTATIONS", "LAYER_TYPES", "LIGHTNING", "LIGHTNING_IMPLEMENTATIONS", "LM_HEAD_PRECISIONS",
-           "MOE_IMPLEMENTATIONS", "MOE_TRANSPORTS", "ModelConfig", "NORM_IMPLEMENTATIONS", "PRESETS", "REMAT_GRANULARITIES", "SOFTMAX",
-           "apply_overrides", "apply_section_overrides", "m1_layer_types", "setting"]
+           "MOE_IMPLEMENTATIONS", "MOE_TRANSPORTS", "ModelConfig", "NORM_IMPLEMENTATIONS", "PRESETS",
+           "REMAT_GRANULARITIES", "SOFTMAX", "apply_overrides", "apply_section_overrides", "m1_layer_types", "setting"]

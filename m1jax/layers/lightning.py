@@ -95,7 +95,7 @@ class LightningAttention(nnx.Module):
                 attend = functools.partial(lightning_batch_head_parallel, lightning_attention=attend)
             o, new_state = attend(q, k, v, decay, initial_state=state, segment_ids=segment_ids,
                                   return_final_state=True)
-        # One norm over all heads (eps 1e-6), in fp32, times sigmoid(gate) in fp32, rounded once: one kernel.
+        # One norm over all heads (eps 1e-6) in fp32, times sigmoid(gate) in fp32, rounded once: the gated norm.
         gate_logits = matmul(h, param_value(self.output_gate, cdt), cdt, jnp.float32)
         o = self.norm(o.reshape(b, t, heads * hd), gate=gate_logits, norm_dtype=jnp.float32, out_dtype=cdt)
         out = matmul(o, param_value(self.out_proj, cdt), cdt)
