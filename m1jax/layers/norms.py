@@ -12,7 +12,8 @@ from sharding.kernel_parallel import norm_rows_parallel
 class RMSNorm(nnx.Module):
     """``x * rsqrt(mean(x^2) + eps)`` computed in fp32, rounded to ``norm_dtype`` (default x's), times the weight
     (init 1, no offset); with a gate, times ``sigmoid(gate)`` in fp32. ``pallas_kernels.norms.rms_norm`` does the
-    math (XLA by default; its Triton kernels when asked for, which under a mesh run per device on their rows).
+    math: XLA's form by default, which GSPMD partitions like any other op; the Triton kernels when asked for, which
+    under a mesh run per device on their rows (``norm_rows_parallel``).
 
     ``implementation``: None (per platform) or one of ``pallas_kernels.norms.IMPLEMENTATIONS``.
     """
@@ -30,4 +31,6 @@ class RMSNorm(nnx.Module):
         def norm(x, weight, gate, implementation=self.implementation):
             return rms_norm(x, weight, eps=self.eps, gate=gate, norm_dtype=norm_dtype, out_dtype=out_dtype,
                             implementation=implementation)
+        if self.implementation != "pallas_triton":  # XLA's form (None is XLA on every platform): no shard_map
+            return norm(x, self.weight[...], gate)
         return norm_rows_parallel(norm, x, self.weight[...], gate, feature_axis=self.feature_axis)
