@@ -9,8 +9,9 @@ import json
 
 def device_trace(run, steps: int, top_n: int = 12) -> dict:
     """``run()`` ``steps`` times under ``jax.profiler``; the trace's device kernels summed per name (ms per run),
-    by category (the ``top_n`` heaviest kernels listed), the device busy time per run, and the host<->device copies
-    per run."""
+    by category (the ``top_n`` heaviest kernels listed), the device busy time per run (kernels only), and the
+    copies and memsets per run: how many of each name and the ms they take (``copies_per_step``,
+    ``copy_ms_per_step``)."""
     import gzip
     import glob
     import tempfile
@@ -32,13 +33,14 @@ def device_trace(run, steps: int, top_n: int = 12) -> dict:
     # GPU kernels sit on the device's stream lines; lines derived from them (XLA Ops, XLA Modules, Steps) would count
     # them twice.
     streams = {key for key, name in threads.items() if key[0] in device and "stream" in name.lower()}
-    per_kernel, copies = {}, {}
+    per_kernel, copies, copy_ms = {}, {}, {}
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in device or (streams and (e["pid"], e.get("tid")) not in streams):
             continue
         name = e.get("name", "?")
         if "memcpy" in name.lower() or "memset" in name.lower():
             copies[name] = copies.get(name, 0) + 1
+            copy_ms[name] = copy_ms.get(name, 0.0) + e.get("dur", 0) / 1e3
             continue
         total, count = per_kernel.get(name, (0.0, 0))
         per_kernel[name] = (total + e.get("dur", 0) / 1e3, count + 1)
@@ -54,7 +56,8 @@ def device_trace(run, steps: int, top_n: int = 12) -> dict:
             "top": [{"kernel": k[:90], "ms": ms / steps, "calls": n / steps} for k, (ms, n) in top[:top_n]],
             "categories": {c: {"ms": ms / steps, "calls": n / steps} for c, (ms, n) in
                            sorted(categories.items(), key=lambda kv: -kv[1][0])},
-            "copies_per_step": {k: n / steps for k, n in copies.items()}}
+            "copies_per_step": {k: n / steps for k, n in copies.items()},
+            "copy_ms_per_step": {k: ms / steps for k, ms in copy_ms.items()}}
 
 
 # Kernel name fragments -> what they are (XLA names fusions by their root op; Pallas kernels by their function).

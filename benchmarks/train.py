@@ -418,6 +418,8 @@ def profile_steps(compiled, state, batch, steps: int = 2, top_n: int = 25) -> di
         print(f"    {category:24} {c['ms']:8.2f} ms {c['calls']:7.0f} kernels")
     for k in trace["top"]:
         print(f"      {k['ms']:7.2f} ms x {k['calls']:4.0f}  {k['kernel']}")
+    for name, n in trace["copies_per_step"].items():
+        print(f"    {name:24} {trace['copy_ms_per_step'][name]:8.2f} ms {n:7.0f} copies")
     return trace
 
 

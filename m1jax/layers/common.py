@@ -25,16 +25,15 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def matmul(x: jax.Array, w: jax.Array, compute_dtype, out_dtype=None) -> jax.Array:
-    """``x @ w`` over the last axis of x with operands and result in ``compute_dtype`` (then cast to ``out_dtype``).
+def matmul(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
+    """``x @ w`` over the last axis of x with operands and result in ``compute_dtype``.
 
     Accumulation is fp32 inside the dot (XLA's bf16 GEMMs on GPU and TPU, and XLA:CPU's upcast). The result is not
     requested in fp32: an fp32 result makes the cotangent fp32, and the backward then upcasts the weight and
     all-gathers it in fp32 under FSDP. Rounding to bf16 here is what the bf16 reference does (vLLM's qkv_proj).
     """
-    y = jnp.einsum("...i,io->...o", x.astype(compute_dtype), w.astype(compute_dtype),
-                   preferred_element_type=compute_dtype)
-    return y.astype(out_dtype or compute_dtype)
+    return jnp.einsum("...i,io->...o", x.astype(compute_dtype), w.astype(compute_dtype),
+                      preferred_element_type=compute_dtype)
 
 
 def param_value(p: nnx.Param, dtype) -> jax.Array:

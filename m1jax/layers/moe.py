@@ -79,8 +79,7 @@ class MoE(nnx.Module):
         cdt = jnp.dtype(cfg.compute_dtype)
         b, t, d = h.shape
         x = h.reshape(b * t, d)
-        router_logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), self.gate[...].astype(jnp.float32),
-                                   precision=jax.lax.Precision.HIGHEST)
+        router_logits = _router_logits(x, self.gate[...])
         weights, experts = route_top_k(router_logits, cfg.num_experts_per_tok)
         weights = weights.astype(cdt)  # as MiniMax's code: routing weights in the activation dtype for the sum
         if cfg.moe_implementation == "sorted" and not fsdp_params_active():
@@ -102,6 +101,17 @@ class MoE(nnx.Module):
         else:
             y = moe_sorted(x.astype(cdt), weights, experts, w1, w3, w2, implementation=cfg.gmm_implementation)
         return y.reshape(b, t, d).astype(cdt), router_logits, experts
+
+
+@jax.checkpoint
+def _router_logits(x: jax.Array, gate: jax.Array) -> jax.Array:
+    """x [N, D] (compute dtype) x gate [D, E] -> [N, E] fp32 logits from fp32 operands (exact fp32 products).
+
+    Rematerialised: the backward keeps x in its own dtype and upcasts it again, where autodiff would keep the fp32
+    copy (twice the bytes of bf16 x, for every layer of a scan).
+    """
+    return jnp.einsum("nd,de->ne", x.astype(jnp.float32), gate.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.custom_vjp
@@ -184,5 +194,17 @@ def moe_sorted(x, weights, experts, w1, w3, w2, *, implementation=None):
     gate = _grouped_matmul(xs, w1, group_sizes, implementation)
     up = _grouped_matmul(xs, w3, group_sizes, implementation)
     ys = _grouped_matmul(_swiglu(gate, up).astype(x.dtype), w2, group_sizes, implementation)  # [N*k, D]
+    return _combine(ys, position, order, weights)
+
+
+@jax.checkpoint
+def _combine(ys, position, order, weights):
+    """ys [N*k, D] in expert order -> [N, D] fp32: back to assignment order, weighted sum of each token's k rows.
+
+    Rematerialised: the backward keeps the grouped matmul's output ys (which exists anyway) and redoes the gather,
+    where autodiff would keep the gathered rows in fp32 ([N, k, D], 4 bytes an element, for every layer of a
+    scan).
+    """
+    n, k = weights.shape
     y_slots = _gather_rows(ys, position, order).reshape(n, k, -1)  # back to assignment order
     return jnp.einsum("nkd,nk->nd", y_slots.astype(jnp.float32), weights.astype(jnp.float32))
