@@ -17,7 +17,10 @@ Phases, all in one process so every number in the final table comes from the sam
 4BHNd(64+d) FLOPs and 8BHNd bytes; forward+backward 14BHNd(64+d) FLOPs and 22BHNd bytes. Peaks by card (``PEAKS``):
 H100 800 TFLOP/s, 3.0 TB/s; H200 989 TFLOP/s, 4.8 TB/s. Inputs are bf16 silu(randn), d = 128, decay = MiniMax
 layer-0 slopes. JAX timing: median over 5 measurements of the host wall time of n back-to-back calls (n so that one
-measurement takes >= 30 ms) after two warm-ups; torch: ``triton.testing.do_bench`` median.
+measurement takes >= 30 ms) after two warm-ups; torch: ``triton.testing.do_bench`` median (``fla``), or the same
+pipelined host wall time as ours (``fla_pipelined``: one protocol for both sides). ``--rounds=R`` times every
+implementation R times, one after the other in each round, and reports the median round (the card's speed drifts
+between and within calls by up to 10%).
 
 Mosaic vs Triton vs fla, forward only, in under five minutes (H200):
 
@@ -53,7 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks.timing import jit_timed, time_pipelined  # noqa: E402
+from benchmarks.timing import jit_timed, pipelined_seconds, time_pipelined  # noqa: E402
 from pallas_kernels.lightning import pallas, reference  # noqa: E402
 from pallas_kernels.lightning.config import KernelConfig, pick_groups  # noqa: E402
 
@@ -63,7 +66,8 @@ flags.DEFINE_list("shapes", ["1x64x8192", "1x64x32768", "1x64x131072", "8x64x819
 flags.DEFINE_list("sweep_shapes", ["1x64x32768", "1x8x1048576"], "shapes at which our config is tuned")
 flags.DEFINE_list("impls", ["ours", "mosaic", "fla", "xla", "cudnn"],
                   "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), mosaic_3walks (Mosaic GPU, the "
-                  "backward's dv and dk walks not paired), fla, xla, cudnn")
+                  "backward's dv and dk walks not paired), fla (do_bench), fla_pipelined (timed as ours are), xla, "
+                  "cudnn")
 flags.DEFINE_list("sweep_impls", ["ours", "mosaic"], "which of our kernels to tune (the others run their default)")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "forward, forward+backward")
 flags.DEFINE_bool("check", True, "phase 1 and the per-shape comparison against the XLA scan")
@@ -72,6 +76,7 @@ flags.DEFINE_bool("compare_xla", True, "with --check: compare each timed kernel 
                   "(minutes at 128K forward+backward)")
 flags.DEFINE_integer("cudnn_max_n", 131072, "skip cuDNN softmax above this N (1M would take seconds per call)")
 flags.DEFINE_integer("head_dim", 128, "d")
+flags.DEFINE_integer("rounds", 1, "time every implementation this many times, interleaved; the median is reported")
 
 # Our kernels: --impls name -> pallas backend.
 KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu"}
@@ -168,7 +173,9 @@ class Fla:
     def tensors(self, *xs):
         return [self.torch.from_dlpack(x) for x in xs]
 
-    def time(self, q, k, v, do, s, with_bwd) -> float:
+    def time(self, q, k, v, do, s, with_bwd, pipelined=False) -> float:
+        """Seconds per call: ``do_bench``'s median (events around each call, L2 flushed before it), or with
+        ``pipelined`` the host wall time of back-to-back calls, as ``benchmarks.timing.time_pipelined`` times ours."""
         torch = self.torch
         q, k, v, do = self.tensors(q, k, v, do)
         g = -torch.from_dlpack(jnp.asarray(s))
@@ -182,9 +189,12 @@ class Fla:
                 o.backward(do)
         fn()
         torch.cuda.synchronize()
-        ms = self.triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0]
+        if pipelined:
+            sec = pipelined_seconds(fn, lambda _: torch.cuda.synchronize())
+        else:
+            sec = self.triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0] / 1e3
         torch.cuda.empty_cache()
-        return ms / 1e3
+        return sec
 
     def output(self, q, k, v, s):
         q, k, v = self.tensors(q, k, v)
@@ -308,11 +318,12 @@ def compare_to_xla(s, configs, with_bwd, args, fla):
 
 def print_table(table):
     """The markdown table: each timed implementation's ms (% floor), the speedups of ours over fla, the errors."""
-    names = [n for n in ("mosaic", WALKS3, "ours", "fla", "xla", "cudnn") if any(f"{n}_ms" in r for r in table)]
-    label = {WALKS3: "mosaic 3 bwd walks", "mosaic": "mosaic", "ours": "triton", "fla": "fla", "xla": "XLA",
-             "cudnn": "cuDNN softmax"}
-    ratios = [(a, b) for a, b in (("mosaic", WALKS3), ("mosaic", "fla"), (WALKS3, "fla"), ("ours", "fla"),
-                                  ("mosaic", "ours")) if a in names and b in names]
+    names = [n for n in ("mosaic", WALKS3, "ours", "fla", "fla_pipelined", "xla", "cudnn")
+             if any(f"{n}_ms" in r for r in table)]
+    label = {WALKS3: "mosaic 3 bwd walks", "mosaic": "mosaic", "ours": "triton", "fla": "fla",
+             "fla_pipelined": "fla pipelined", "xla": "XLA", "cudnn": "cuDNN softmax"}
+    ratios = [(a, b) for a, b in (("mosaic", WALKS3), ("mosaic", "fla"), ("mosaic", "fla_pipelined"), (WALKS3, "fla"),
+                                  ("ours", "fla"), ("mosaic", "ours")) if a in names and b in names]
     head = ([f"{label[n]} ms (% floor)" for n in names] + [f"{label[a]} vs {label[b]}" for a, b in ratios]
             + ["rel. errors vs XLA scan"])
     print("\n| shape | mode | " + " | ".join(head) + " |")
@@ -338,7 +349,7 @@ def main(argv):
     if unknown := sorted(set(FLAGS.check_impls) - set(KERNELS)):
         raise app.UsageError(f"--check_impls takes our kernels ({', '.join(KERNELS)}); got {unknown}")
     d = FLAGS.head_dim
-    fla = Fla() if "fla" in FLAGS.impls else None
+    fla = Fla() if {"fla", "fla_pipelined"} & set(FLAGS.impls) else None
     device_kind = jax.devices()[0].device_kind
     peak = peaks(device_kind)
     kernels = [name for name in FLAGS.impls if name in KERNELS]
@@ -378,27 +389,34 @@ def main(argv):
                    **{f"{name}_config": repr(c) for name, c in configs.items()}}
             args = (q, k, v, do) if with_bwd else (q, k, v)
             timers = {"fla": lambda: fla.time(q, k, v, do, s, with_bwd),
+                      "fla_pipelined": lambda: fla.time(q, k, v, do, s, with_bwd, pipelined=True),
                       "xla": lambda: time_pipelined(xla_fn(s, with_bwd), *args),
                       "cudnn": lambda: time_pipelined(cudnn_fn(with_bwd), *args)}
             for name in kernels:
                 timers[name] = functools.partial(lambda c, be: time_pipelined(ours_fn(s, c, with_bwd, be), *args),
                                                  configs[name], KERNELS[name])
-            for name in FLAGS.impls:
-                if name == "cudnn" and n > FLAGS.cudnn_max_n:
-                    continue
-                # Logged before and after, so that a slow or hung implementation shows in the output at once.
-                log({"phase": "start", "shape": row["shape"], "mode": mode, "impl": name,
-                     "time": datetime.datetime.now().isoformat(timespec="seconds")})
-                try:
-                    row[f"{name}_ms"] = timers[name]() * 1e3
-                    log({"phase": "timed", "shape": row["shape"], "mode": mode, "impl": name,
-                         "ms": row[f"{name}_ms"]})
-                except Exception as e:  # e.g. out of memory: record it and go on with the next one
-                    row[f"{name}_error"] = str(e)[:200]
-                    log({"phase": "timed", "shape": row["shape"], "mode": mode, "impl": name,
-                         "error": row[f"{name}_error"]})
-                    if fla is not None:
-                        fla.torch.cuda.empty_cache()
+            rounds = {}
+            for round_ in range(FLAGS.rounds):
+                for name in FLAGS.impls:
+                    if name == "cudnn" and n > FLAGS.cudnn_max_n or f"{name}_error" in row:
+                        continue
+                    # Logged before and after, so that a slow or hung implementation shows in the output at once.
+                    log({"phase": "start", "shape": row["shape"], "mode": mode, "impl": name, "round": round_,
+                         "time": datetime.datetime.now().isoformat(timespec="seconds")})
+                    try:
+                        rounds.setdefault(name, []).append(timers[name]() * 1e3)
+                        log({"phase": "timed", "shape": row["shape"], "mode": mode, "impl": name, "round": round_,
+                             "ms": rounds[name][-1]})
+                    except Exception as e:  # e.g. out of memory: record it and go on with the next one
+                        row[f"{name}_error"] = str(e)[:200]
+                        log({"phase": "timed", "shape": row["shape"], "mode": mode, "impl": name,
+                             "error": row[f"{name}_error"]})
+                        if fla is not None:
+                            fla.torch.cuda.empty_cache()
+            for name, ms in rounds.items():
+                row[f"{name}_ms"] = float(np.median(ms))
+                if FLAGS.rounds > 1:
+                    row[f"{name}_rounds_ms"] = ms
             row["floor_ms"] = floor_seconds(b, h, n, d, mode, peak) * 1e3
             if FLAGS.check and FLAGS.compare_xla:  # ours vs the XLA scan (block 256: fewer saved states), same inputs
                 try:

@@ -59,20 +59,26 @@ def time_pipelined(fn, *args) -> float:
     before it can free them, which stalls the queue (measured on an H200: a lightning forward at 32K timed 0.737 ms
     that way against 0.641 ms with the outputs kept; ``benchmarks/RESULTS.md``).
     """
-    jax.block_until_ready(fn(*args))
+    return pipelined_seconds(lambda: fn(*args), jax.block_until_ready)
+
+
+def pipelined_seconds(call, wait) -> float:
+    """``time_pipelined`` for any framework: ``call()`` queues one call on the device and returns its outputs,
+    ``wait(outputs)`` blocks until the device has finished them (torch: ``lambda _: torch.cuda.synchronize()``)."""
+    wait(call())
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    wait(call())
     once = time.perf_counter() - t0
     n = max(1, min(200, int(0.03 / max(once, 1e-6))))
     # Warm the clocks up again after the compile's idle time: 0.3 s of calls (on an H200 the first implementation
     # timed after a compile ran up to 10% slower than the same kernel timed later).
     for _ in range(max(1, int(0.3 / max(once, 1e-6)))):
-        jax.block_until_ready(fn(*args))
+        wait(call())
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        outs = [fn(*args) for _ in range(n)]
-        jax.block_until_ready(outs)
+        outs = [call() for _ in range(n)]
+        wait(outs)
         times.append((time.perf_counter() - t0) / n)
         del outs
     return float(np.median(times))
