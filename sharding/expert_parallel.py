@@ -92,7 +92,8 @@ def _pack(dest: jax.Array, ep: int, cap: int):
 
 
 def _expert_ffn(xs, group_sizes, w1, w3, w2, swiglu, grouped_matmul):
-    """xs [R, D] grouped by local expert (group_sizes [E_local], summing to <= R) -> [R, D] fp32 SwiGLU outputs.
+    """xs [R, D] grouped by local expert (group_sizes [E_local], summing to <= R) -> [R, D] SwiGLU outputs (in xs's
+    dtype).
 
     Rows past sum(group_sizes) belong to no group; their outputs are never read."""
     gate = grouped_matmul(xs, w1, group_sizes)
@@ -101,7 +102,8 @@ def _expert_ffn(xs, group_sizes, w1, w3, w2, swiglu, grouped_matmul):
 
 
 def _combine(y_slots, kept, weights):
-    """y_slots [n*k, D] fp32 expert outputs in assignment order, kept [n*k], weights [n, k] -> [n, D] fp32."""
+    """y_slots [n*k, D] expert outputs in assignment order, kept [n*k], weights [n, k] -> [n, D] fp32 (the einsum
+    multiplies y_slots in fp32 without keeping an fp32 copy of it for the backward)."""
     n, k = weights.shape
     y = y_slots * kept[:, None]                                 # dropped slots may hold anything: zero them
     return jnp.einsum("nkd,nk->nd", y.reshape(n, k, -1), weights.astype(jnp.float32))
@@ -111,7 +113,7 @@ def _combine(y_slots, kept, weights):
 
 
 def _padded_transport(x, flat, dest, position, kept, ffn, *, ep, cap, num_local):
-    """All-to-all of a ``[EP * cap, D]`` buffer each way -> y_slots [n*k, D] fp32 (valid where kept)."""
+    """All-to-all of a ``[EP * cap, D]`` buffer each way -> y_slots [n*k, D] (valid where kept)."""
     k = flat.shape[0] // x.shape[0]
     slot = jnp.where(kept, dest * cap + position, ep * cap)     # dropped -> out of bounds, discarded by mode="drop"
     send = jnp.zeros((ep * cap, x.shape[1]), x.dtype).at[slot].set(jnp.repeat(x, k, axis=0), mode="drop")
@@ -126,7 +128,7 @@ def _padded_transport(x, flat, dest, position, kept, ffn, *, ep, cap, num_local)
     order = jnp.argsort(key, stable=True)
     group_sizes = jnp.bincount(key, length=num_local + 1)[:num_local].astype(jnp.int32)
     ys = ffn(jnp.take(rows, order, axis=0), group_sizes)
-    back = exchange(jnp.zeros_like(ys).at[order].set(ys))       # [EP*cap, D] fp32, in send order
+    back = exchange(jnp.zeros_like(ys).at[order].set(ys))       # [EP*cap, D], in send order
     return jnp.take(back, jnp.minimum(slot, ep * cap - 1), axis=0)
 
 
@@ -209,7 +211,7 @@ def _ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets,
 
 
 def _ragged_transport(x, flat, kept, ffn, *, ep, cap, num_local, emulate):
-    """ragged_all_to_all of the kept rows each way (receive buffer ``[EP * cap, D]``) -> y_slots [n*k, D] fp32."""
+    """ragged_all_to_all of the kept rows each way (receive buffer ``[EP * cap, D]``) -> y_slots [n*k, D]."""
     num_experts = ep * num_local
     k = flat.shape[0] // x.shape[0]
     key = jnp.where(kept, flat, num_experts)                    # dropped assignments sort last and are not sent
@@ -225,7 +227,7 @@ def _ragged_transport(x, flat, kept, ffn, *, ep, cap, num_local, emulate):
                     plan.output_offsets, plan.recv_sizes)       # [EP*cap, D], grouped by local expert
     ys = ffn(recv, plan.group_sizes)
     back = exchange(ys, jnp.zeros((flat.shape[0], ys.shape[1]), ys.dtype), plan.recv_offsets, plan.recv_sizes,
-                    plan.return_offsets, plan.send_sizes)      # [S, D] fp32 in send order; unsent rows stay 0
+                    plan.return_offsets, plan.send_sizes)      # [S, D] in send order; unsent rows stay 0
     return jnp.zeros_like(back).at[order].set(back)
 
 
