@@ -76,7 +76,8 @@ flags.DEFINE_bool("compare_xla", True, "with --check: compare each timed kernel 
                   "(minutes at 128K forward+backward)")
 flags.DEFINE_integer("cudnn_max_n", 131072, "skip cuDNN softmax above this N (1M would take seconds per call)")
 flags.DEFINE_integer("head_dim", 128, "d")
-flags.DEFINE_integer("rounds", 1, "time every implementation this many times, interleaved; the median is reported")
+flags.DEFINE_integer("rounds", 1, "time every implementation this many times, interleaved; the median is reported",
+                     lower_bound=1)
 
 # Our kernels: --impls name -> pallas backend.
 KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu"}
@@ -398,7 +399,7 @@ def main(argv):
             rounds = {}
             for round_ in range(FLAGS.rounds):
                 for name in FLAGS.impls:
-                    if name == "cudnn" and n > FLAGS.cudnn_max_n or f"{name}_error" in row:
+                    if (name == "cudnn" and n > FLAGS.cudnn_max_n) or f"{name}_error" in row:
                         continue
                     # Logged before and after, so that a slow or hung implementation shows in the output at once.
                     log({"phase": "start", "shape": row["shape"], "mode": mode, "impl": name, "round": round_,
