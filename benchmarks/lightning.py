@@ -66,8 +66,7 @@ flags.DEFINE_list("shapes", ["1x64x8192", "1x64x32768", "1x64x131072", "8x64x819
 flags.DEFINE_list("sweep_shapes", ["1x64x32768", "1x8x1048576"], "shapes at which our config is tuned")
 flags.DEFINE_list("impls", ["ours", "mosaic", "fla", "xla", "cudnn"],
                   "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), mosaic_3walks (Mosaic GPU, the "
-                  "backward's dv and dk walks not paired), mosaic_nomulticast (Mosaic GPU, the paired walks' tile "
-                  "programs not a cluster), fla (do_bench), fla_pipelined (timed as ours are), xla, "
+                  "backward's dv and dk walks not paired), fla (do_bench), fla_pipelined (timed as ours are), xla, "
                   "cudnn")
 flags.DEFINE_list("sweep_impls", ["ours", "mosaic"], "which of our kernels to tune (the others run their default)")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "forward, forward+backward")
@@ -81,12 +80,11 @@ flags.DEFINE_integer("rounds", 1, "time every implementation this many times, in
                      lower_bound=1)
 
 # Our kernels: --impls name -> pallas backend.
-KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu", "mosaic_nomulticast": "mosaic_gpu"}
-WALKS3, NO_MULTICAST = "mosaic_3walks", "mosaic_nomulticast"
+KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu"}
+WALKS3 = "mosaic_3walks"
 # Variants of the Mosaic GPU kernel (not swept): their config from mosaic's (swept or default) one.
 MOSAIC_VARIANTS = {
-    WALKS3: lambda c: dataclasses.replace(c, fused_backward=0, multicast=0),
-    NO_MULTICAST: lambda c: dataclasses.replace(c, multicast=0),
+    WALKS3: lambda c: dataclasses.replace(c, fused_backward=0),
 }
 # Triton: (chunk, block_v, num_warps, num_stages); sequence groups are swept separately around the automatic choice.
 LAUNCH_GRIDS = {
@@ -223,11 +221,8 @@ def check_small(log, impls=("ours",), shape=(2, 1000, 4)):
                             (jnp.bfloat16, KernelConfig(block_v=32, consumers=2, num_stages=3, groups=1), False),
                             (jnp.bfloat16, KernelConfig(block_v=64, consumers=2, num_stages=2, groups=3), False)],
              # The three separate backward walks (the default pairs the dv and dk walks), with and without a split.
-             WALKS3: [(jnp.bfloat16, MOSAIC_VARIANTS[WALKS3](dataclasses.replace(mosaic, groups=g)), False)
-                      for g in (1, 3)],
-             # The paired walks without multicast (the default runs each (row, head)'s tile programs as a cluster).
-             NO_MULTICAST: [(jnp.bfloat16, MOSAIC_VARIANTS[NO_MULTICAST](dataclasses.replace(mosaic, groups=g)),
-                             False) for g in (1, 3)]}
+             WALKS3: [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1, fused_backward=0), False),
+                      (jnp.bfloat16, dataclasses.replace(mosaic, groups=3, fused_backward=0), False)]}
     rows = []
     for impl, dtype, config, with_segments in [(name, *c) for name in impls for c in cases[name]]:
         backend = KERNELS[impl]
@@ -324,12 +319,11 @@ def compare_to_xla(s, configs, with_bwd, args, fla):
 
 def print_table(table):
     """The markdown table: each timed implementation's ms (% floor), the speedups of ours over fla, the errors."""
-    names = [n for n in ("mosaic", NO_MULTICAST, WALKS3, "ours", "fla", "fla_pipelined", "xla", "cudnn")
+    names = [n for n in ("mosaic", WALKS3, "ours", "fla", "fla_pipelined", "xla", "cudnn")
              if any(f"{n}_ms" in r for r in table)]
-    label = {WALKS3: "mosaic 3 bwd walks", NO_MULTICAST: "mosaic no multicast", "mosaic": "mosaic", "ours": "triton",
-             "fla": "fla", "fla_pipelined": "fla pipelined", "xla": "XLA", "cudnn": "cuDNN softmax"}
-    ratios = [(a, b) for a, b in (("mosaic", NO_MULTICAST), ("mosaic", WALKS3), ("mosaic", "fla"),
-                                  ("mosaic", "fla_pipelined"), (WALKS3, "fla"),
+    label = {WALKS3: "mosaic 3 bwd walks", "mosaic": "mosaic", "ours": "triton", "fla": "fla",
+             "fla_pipelined": "fla pipelined", "xla": "XLA", "cudnn": "cuDNN softmax"}
+    ratios = [(a, b) for a, b in (("mosaic", WALKS3), ("mosaic", "fla"), ("mosaic", "fla_pipelined"), (WALKS3, "fla"),
                                   ("ours", "fla"), ("mosaic", "ours")) if a in names and b in names]
     head = ([f"{label[n]} ms (% floor)" for n in names] + [f"{label[a]} vs {label[b]}" for a, b in ratios]
             + ["rel. errors vs XLA scan"])

@@ -23,10 +23,6 @@ class KernelConfig:
         1: from one pass (``pallas_mosaic_gpu.fused_backward_scan``): the two reverse walks as two consumer
         warpgroups of one program, on the same TMA-loaded chunks of q, k, v and dO (Dk = Dv; as many of
         ``num_stages`` TMA stages as fit in shared memory).
-    multicast: Mosaic GPU paired backward only (``fused_backward`` = 1). 1: the Dv-tile programs of a (row, head) run
-        as one thread-block cluster; each program loads its share of every chunk's rows of k, q, dO and v into all
-        of them (TMA multicast), so each chunk crosses L2 once per (row, head) instead of once per tile, and the
-        programs stay in step. 0: every program loads whole chunks itself.
     """
     chunk: int = 64
     block_v: int = 32
@@ -35,7 +31,6 @@ class KernelConfig:
     num_stages: int = 3
     consumers: int = 0
     fused_backward: int = 0
-    multicast: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

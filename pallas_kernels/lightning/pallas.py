@@ -15,12 +15,10 @@ BACKENDS = ("triton", "mosaic_gpu", "tpu")
 # benchmarks/RESULTS.md, "Mosaic GPU kernel, H200"): 64-token chunks, 64-wide Dv tiles (2 programs per (row, head)
 # at Dv = 128, one warpgroup each), 4 TMA stages; the backward's dv and dk walks paired in one program where
 # Dk = Dv (``fused_backward``: faster than the two walks on an H200, RESULTS.md "Forward + backward with the forward,
-# the paired reverse walks"), its two Dv-tile programs of a (row, head) a cluster that loads each chunk once for both
-# (``multicast``: 1.13x the pair without it on an H200, RESULTS.md "The paired backward as a cluster");
-# ``default_config`` falls back to three walks where they do not apply. TPU: 128-token chunks (MXU tiles; segment-id
-# blocks need a multiple of 128), untuned.
+# the paired reverse walks"; ``default_config`` falls back to three walks where it does not apply). TPU: 128-token
+# chunks (MXU tiles; segment-id blocks need a multiple of 128), untuned.
 DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num_stages=3),
-                   "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=4, fused_backward=1, multicast=1),
+                   "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=4, fused_backward=1),
                    "tpu": KernelConfig(chunk=128, block_v=128)}
 # Mosaic GPU where the (row, head) walks leave SMs idle without a sequence split (few heads, long rows): the two Dv
 # tiles of a head as two consumer warpgroups of one program, sharing each chunk's q, k loads, in 2 TMA stages. On an
@@ -34,8 +32,7 @@ def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk:
 
     Mosaic GPU: ``MOSAIC_SPLIT_CONFIG`` where ``pick_groups`` splits the call's rows and Dk and Dv hold two tiles
     each (rows too short to split keep one program per tile: more programs); the paired backward
-    (``fused_backward``) only where it applies (Dk = Dv, shared memory), else three walks, and as a cluster
-    (``multicast``) only where Dv holds 2 to 8 tiles.
+    (``fused_backward``) only where it applies (Dk = Dv, shared memory), else three walks.
     """
     config = DEFAULT_CONFIGS[backend]
     if backend != "mosaic_gpu":
@@ -46,12 +43,10 @@ def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk:
                               pallas_mosaic_gpu.TARGET_PROGRAMS) > 1
     if needs_split and dk % width == 0 and dv % width == 0:
         config = split
-    for fallback in ({"multicast": 0}, {"fused_backward": 0}):
-        try:
-            pallas_mosaic_gpu.check_fused_supported(dtype, dk, dv, config)
-            break
-        except ValueError:
-            config = dataclasses.replace(config, **fallback)
+    try:
+        pallas_mosaic_gpu.check_fused_supported(dtype, dk, dv, config)
+    except ValueError:
+        config = dataclasses.replace(config, fused_backward=0)
     return config
 
 
@@ -69,9 +64,8 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     config = config or default_config(backend, q.dtype, batch, heads, length, dk, dv)
-    if (config.fused_backward or config.multicast) and backend != "mosaic_gpu":
-        raise ValueError(f"fused_backward and multicast are Mosaic GPU kernel options; the {backend} backend walks "
-                         f"three times")
+    if config.fused_backward and backend != "mosaic_gpu":
+        raise ValueError(f"fused_backward is a Mosaic GPU kernel option; the {backend} backend walks three times")
     fused_backward = None
     if backend == "triton":
         for name, dim in (("Dk", dk), ("Dv", dv), ("chunk", config.chunk)):

@@ -27,7 +27,9 @@ while they walk close together. (Launch order does not pair them: Pallas's grid 
 varies slowest; at B1 H64 the 128 programs are all resident at once on 132 SMs anyway.) Reading q, k once per
 (row, head) instead, the two tile programs as a thread-block cluster sharing each chunk by TMA multicast, was built and
 measured on an H200 (code 96e991c): no faster at 32K or 128K, forward or backward (`benchmarks/RESULTS.md`), so the
-re-reads are not what bounds the walk.
+re-reads are not what bounds the walk. The paired backward's tile programs as such a cluster (code 10cca68) were
+1.13x faster timed alone, back to back, but 1.00-1.01x in a forward + backward, where the pair follows the dq walk;
+taken out again too.
 
 The math is ``chunk_math``'s (``walk_step``): the same geometry (``a``, ``b``, the last partial chunk, chunks wholly
 in the padding), decay factors computed in float32, the state rounded to the input dtype for the tensor cores and its
@@ -146,7 +148,7 @@ def _walker_operands(w, tile, *, pair: bool, with_output: bool, walkers: int, bl
 
 
 def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, stages: int, reverse: bool,
-            with_output: bool, has_init: bool, pair: bool, interpret: bool, cluster: bool):
+            with_output: bool, has_init: bool, pair: bool, interpret: bool):
     n_walks = 2 if pair else 1  # outputs (o, final state, initial state): one per walk the program runs
     n_streams = 4 if pair else (3 if with_output else 2)
     refs = list(refs)
@@ -156,15 +158,11 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
     outs = [refs.pop(0) for _ in range(n_walks)] if with_output else [None] * n_walks
     states_out = [refs.pop(0) for _ in range(n_walks)]
     slots = [refs.pop(0) for _ in range(n_streams)]
-    vw_smem, st_smem, o_smem, probs_smem, load_bars, consumed_bars, done_bar = refs
+    vw_smem, st_smem, o_smem, probs_smem, load_bars, consumed_bars = refs
 
     specialized = consumers > 0
     walkers = max(consumers, 1)  # warpgroups that walk a Dv tile
-    tile = lax.axis_index("cluster" if cluster else "tile")
-    head, row = lax.axis_index("head"), lax.axis_index("row")
-    # In a cluster the Dv-tile programs of a (row, head) issue the same full-width copies: each loads part of the
-    # rows into every program's SMEM (TMA multicast), so each chunk crosses L2 once per (row, head).
-    multicast = dict(collective_axes="cluster") if cluster else {}
+    tile, head, row = lax.axis_index("tile"), lax.axis_index("head"), lax.axis_index("row")
     n_chunks = layout.length // chunk
     n_valid = layout.row_valid(row)
     s = s_ref[head]
@@ -180,7 +178,7 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
         rows = pl.ds(chunk_of(step) * chunk, chunk)
         for ref, smem, cols in zip(streams, slots, stream_cols):
             src = ref.at[row, rows, head] if cols is None else ref.at[row, rows, head, cols]
-            plgpu.copy_gmem_to_smem(src, smem.at[slot], load_bars.at[slot], **(multicast if cols is None else {}))
+            plgpu.copy_gmem_to_smem(src, smem.at[slot], load_bars.at[slot])
 
     def walk(w):
         """Walk the row for walker ``w``: the consumer warpgroup's index under warp specialization, else None. The
@@ -274,10 +272,6 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
         state = lax.fori_loop(0, n_chunks, body, state0)
         state_out_ref.at[row, head, :, cols][...] = state
         plgpu.wait_smem_to_gmem(0)
-        if cluster:
-            # No program exits while a peer may still signal its barriers.
-            plgpu.barrier_arrive(done_bar)
-            plgpu.barrier_wait(done_bar)
 
     if not specialized:
         for step in range(min(stages, n_chunks)):
@@ -325,8 +319,6 @@ def _warp_specialized(walk, issue_loads, consumed_bars, *, walkers: int, stages:
 # SM's shared memory; splitting further costs an extra read of k and v (measured: at B1 H64 32K one group of 128
 # programs was the fastest config of the sweep, 0.67 ms; the split ones took 0.84 ms and more).
 TARGET_PROGRAMS = 132
-# Thread blocks one cluster may hold portably on Hopper (the paired backward's ``multicast``: one per Dv tile).
-MAX_CLUSTER = 8
 # Shared memory one program may use on Hopper (227 KiB).
 SMEM_LIMIT_BYTES = 232448
 # Per-thread registers of the producer warpgroup under warp specialization (it only issues TMA copies); the consumers
@@ -375,9 +367,6 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
                              f"block_v={config.block_v}, consumers={config.consumers}")
     if config.chunk not in (64, 128):
         raise ValueError(f"the Mosaic GPU lightning kernel needs chunk 64 or 128; got {config.chunk}")
-    if config.multicast not in (0, 1) or (config.multicast and config.fused_backward != 1):
-        raise ValueError(f"multicast is 0 or 1, and 1 only with the paired backward (fused_backward=1); got "
-                         f"multicast={config.multicast}, fused_backward={config.fused_backward}")
     need = max(smem_bytes(config.chunk, a, min(config.block_v, b), config.num_stages, jnp.dtype(dtype).itemsize,
                           consumers=config.consumers) for a, b in ((dk, dv), (dv, dk)))
     if need > SMEM_LIMIT_BYTES:
@@ -388,15 +377,10 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
 
 
 def _walk_call(streams, s, inits, *, layout: RowLayout, chunk: int, block_v: int, consumers: int, reverse: bool,
-               with_output: bool, pair: bool, stages: int, interpret: bool, name: str, cluster: bool = False):
+               with_output: bool, pair: bool, stages: int, interpret: bool, name: str):
     """``_kernel`` over ``streams`` (each [R, L, H, D]: (q, k, v), (k, v) or the pair's (k, q, dO, v)); grid
     (Dv tiles, H, R). inits: one [R, H, Dk, Dv] float32 per walk, or None. Returns (outputs [R, L, H, Dv] per walk or
-    None, final states [R, H, Dk, Dv] float32 per walk).
-
-    ``cluster`` (warp specialization only: the producer refills a slot once the consumers of every program have read
-    it): the Dv-tile programs of each (row, head) form one thread-block cluster and load each full-width chunk once for
-    all of them (TMA multicast)."""
-    assert consumers or not cluster, "a cluster's slots are refilled by a producer warpgroup"
+    None, final states [R, H, Dk, Dv] float32 per walk)."""
     rows, length, heads, dk = streams[1 if with_output and not pair else 0].shape
     dv = streams[2 if pair else -1].shape[-1]
     walkers = 2 if pair else max(consumers, 1)
@@ -414,25 +398,19 @@ def _walk_call(streams, s, inits, *, layout: RowLayout, chunk: int, block_v: int
         plgpu.SMEM((*mine, chunk, chunk), dtype, transforms=t)
         if with_output and interpret else None,  # scores (interpret mode only, see _kernel)
         plgpu.Barrier(num_arrivals=len(streams), num_barriers=stages),  # one arrival per TMA copy
-        # Slot free again: every consumer has read it (in every program of a cluster: the copies write all of them).
-        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=consumers, num_barriers=stages)
-        if cluster else plgpu.Barrier(num_arrivals=consumers, num_barriers=stages) if consumers else None,
-        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=walkers) if cluster else None,  # all done
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=stages) if consumers else None,  # slot free again
     ]
     out_type = ([jax.ShapeDtypeStruct((rows, length, heads, dv), dtype)] * n_walks if with_output else [])
     out_type += [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)] * n_walks
     has_init = inits[0] is not None
     kernel = functools.partial(_kernel, layout=layout, chunk=chunk, block_v=block_v, consumers=consumers,
                                stages=stages, reverse=reverse, with_output=with_output, has_init=has_init,
-                               pair=pair, interpret=interpret, cluster=cluster)
+                               pair=pair, interpret=interpret)
     threads = dict(num_threads=consumers + 1, thread_name="wg") if consumers else {}
-    tiles = dv // ((1 if pair else walkers) * block_v)
-    # A cluster's programs are the Dv tiles of one (row, head).
-    launch = (dict(grid=(heads, rows), grid_names=("head", "row"), cluster=(tiles,), cluster_names=("cluster",))
-              if cluster else dict(grid=(tiles, heads, rows), grid_names=("tile", "head", "row")))
     outs = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, **launch, **threads,
-        interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name=name,
+        kernel, out_type=out_type, scratch_types=scratch,
+        grid=(dv // ((1 if pair else walkers) * block_v), heads, rows), grid_names=("tile", "head", "row"),
+        **threads, interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name=name,
     )(s, *streams, *(inits if has_init else ()))
     return (outs[:n_walks] if with_output else None), outs[-n_walks:]
 
@@ -472,10 +450,6 @@ def check_fused_supported(dtype, dk: int, dv: int, config: KernelConfig):
     if config.fused_backward not in (0, 1):
         raise ValueError(f"fused_backward is 0 (three backward walks) or 1 (dk and dv from one paired reverse "
                          f"walk); got {config.fused_backward}")
-    tiles = dv // min(config.block_v, dv)
-    if config.multicast and not (2 <= tiles <= MAX_CLUSTER and config.chunk % (8 * tiles) == 0):
-        raise ValueError(f"multicast needs 2 to {MAX_CLUSTER} Dv tiles that split a chunk into multiples of 8 rows; "
-                         f"got Dv={dv}, block_v={config.block_v} ({tiles} tiles), chunk={config.chunk}")
     if dk != dv:
         raise ValueError(f"the fused Mosaic GPU backward needs Dk == Dv (its two walkers share scratch shapes); got "
                          f"Dk={dk}, Dv={dv}")
@@ -508,5 +482,5 @@ def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: Ker
     (dv_out, dk_out), (state, _) = _walk_call(
         [k, q, d_o, v], s, inits, layout=layout, chunk=config.chunk, block_v=block_v, consumers=2, reverse=True,
         with_output=True, pair=True, stages=max(1, min(stages, length // config.chunk)), interpret=interpret,
-        name=f"lightning_mgpu_rev_pair{'_multicast' if config.multicast else ''}", cluster=bool(config.multicast))
+        name="lightning_mgpu_rev_pair")
     return dk_out, dv_out, state

@@ -51,27 +51,18 @@ MOSAIC_FUSED = [
     # default_config's split regime: a 2-consumer forward and dq walk over a split, the paired reverse walks
     (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 128, 64, 64, 3, False, True), 2, 2),
 ]
-# The paired walks with multicast: the Dv-tile programs of a (row, head) as one cluster, each loading its share of
-# every chunk's rows into all of them (same columns as MOSAIC_FUSED).
-MOSAIC_MULTICAST = [
-    (("mosaic_gpu", "bfloat16", 1, 150, 1, 128, 128, 64, 64, 1, False, True), 0, 4),  # cluster of 2, partial chunk
-    (("mosaic_gpu", "bfloat16", 2, 200, 2, 128, 128, 64, 32, 3, False, False), 0, 2),  # cluster of 4, split
-    (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 128, 64, 64, 3, False, True), 2, 2),  # default_config's split regime
-]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
-@pytest.mark.parametrize("case,consumers,stages,fused,multicast",
-                         [(c, 0, None, 0, 0) for c in CASES] + [(*c, 0, 0) for c in MOSAIC_STAGED]
-                         + [(c, consumers, stages, 1, 0) for c, consumers, stages in MOSAIC_FUSED]
-                         + [(c, consumers, stages, 1, 1) for c, consumers, stages in MOSAIC_MULTICAST],
+@pytest.mark.parametrize("case,consumers,stages,fused",
+                         [(c, 0, None, 0) for c in CASES] + [(*c, 0) for c in MOSAIC_STAGED]
+                         + [(c, consumers, stages, 1) for c, consumers, stages in MOSAIC_FUSED],
                          ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None)
-def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, multicast, lt):
+def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
     prob = lt.random_problem(sum(case[2:8]), batch, length, heads, dk, dv, segments=segments, init=init)
     config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups, consumers=consumers,
-                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused,
-                          multicast=multicast)
+                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused)
     cast = lambda x: jnp.asarray(x, dtype)
     # The oracle sees exactly the (rounded) inputs the kernel sees.
     q, k, v, d_o = (np.asarray(cast(prob[n]).astype(jnp.float32)) for n in ("q", "k", "v", "d_o"))
@@ -135,25 +126,23 @@ def test_pick_groups_avoids_padding_the_rows():
     assert pick_groups(1, 64, 32768, 2, 64, 132) == 1
 
 
-@pytest.mark.parametrize("batch,heads,length,dk,dv,consumers,stages,fused,multicast", [
-    (1, 64, 1 << 20, 128, 128, 0, 4, 1, 1),  # M1's 64 heads: 128 one-warpgroup programs fill the SMs without a split
-    (1, 8, 1 << 20, 128, 128, 2, 2, 1, 1),  # 8 heads need a split: the two tiles of a head in one program
-    (1, 8, 4096, 128, 128, 0, 4, 1, 1),  # too short to split: one program per tile keeps twice the programs
-    (1, 8, 1 << 20, 64, 64, 0, 4, 1, 0),  # one 64-wide tile per head: paired walks, nothing to multicast to
-    (1, 8, 1 << 20, 128, 64, 0, 4, 0, 0),  # Dk != Dv: three backward walks
+@pytest.mark.parametrize("batch,heads,length,dk,dv,consumers,stages,fused", [
+    (1, 64, 1 << 20, 128, 128, 0, 4, 1),  # M1's 64 heads: 128 one-warpgroup programs fill the SMs without a split
+    (1, 8, 1 << 20, 128, 128, 2, 2, 1),  # 8 heads need a split: the two tiles of a head in one program
+    (1, 8, 4096, 128, 128, 0, 4, 1),  # too short to split: one program per tile keeps twice the programs
+    (1, 8, 1 << 20, 64, 64, 0, 4, 1),  # one 64-wide tile per head: nothing to pair
+    (1, 8, 1 << 20, 128, 64, 0, 4, 0),  # Dk != Dv: three backward walks
 ])
-def test_mosaic_default_config_fits_the_call(batch, heads, length, dk, dv, consumers, stages, fused, multicast):
+def test_mosaic_default_config_fits_the_call(batch, heads, length, dk, dv, consumers, stages, fused):
     config = pallas.default_config("mosaic_gpu", jnp.bfloat16, batch, heads, length, dk, dv)
-    assert (config.consumers, config.num_stages, config.fused_backward, config.multicast) == (
-        consumers, stages, fused, multicast)
+    assert (config.consumers, config.num_stages, config.fused_backward) == (consumers, stages, fused)
     assert config.groups is None
 
 
-@pytest.mark.parametrize("option", ["fused_backward", "multicast"])
-def test_fused_backward_and_multicast_are_mosaic_gpu_only(option):
+def test_fused_backward_is_mosaic_gpu_only():
     x = jnp.zeros((1, 8, 1, 16))
-    with pytest.raises(ValueError, match="Mosaic GPU kernel options"):
-        pallas.lightning_attention_pallas(x, x, x, jnp.ones(1), config=KernelConfig(chunk=8, **{option: 1}),
+    with pytest.raises(ValueError, match="Mosaic GPU kernel option"):
+        pallas.lightning_attention_pallas(x, x, x, jnp.ones(1), config=KernelConfig(chunk=8, fused_backward=1),
                                           interpret=True)
 
 
@@ -175,21 +164,14 @@ def test_triton_rejects_non_power_of_two_head_dim():
     ("fused value", jnp.bfloat16, (128, 128), 64, False, "fused_backward is 0"),
     ("fused dims", jnp.bfloat16, (128, 64), 64, False, "needs Dk == Dv"),
     ("fused shared memory", jnp.bfloat16, (128, 128), 128, False, "fused Mosaic GPU backward does not fit"),
-    ("multicast value", jnp.bfloat16, (128, 128), 64, False, "multicast is 0 or 1"),
-    ("multicast unpaired", jnp.bfloat16, (128, 128), 64, False, "only with the paired backward"),
-    ("multicast one tile", jnp.bfloat16, (64, 64), 64, False, "needs 2 to 8 Dv tiles"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
     v = jnp.zeros((1, 8, 1, dims[1]), dtype)
-    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64, "fused dims": 64, "multicast value": 64,
-               "multicast unpaired": 64, "multicast one tile": 64}.get(what, 128)
+    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64, "fused dims": 64}.get(what, 128)
     consumers = {"consumers": 3, "consumer tiles": 2}.get(what, 0)
-    fused = {"fused value": 2, "fused dims": 1, "fused shared memory": 1, "multicast value": 1,
-             "multicast one tile": 1}.get(what, 0)
-    multicast = {"multicast value": 2, "multicast unpaired": 1, "multicast one tile": 1}.get(what, 0)
-    config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=2, consumers=consumers, fused_backward=fused,
-                          multicast=multicast)
+    config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=2, consumers=consumers,
+                          fused_backward={"fused value": 2, "fused dims": 1, "fused shared memory": 1}.get(what, 0))
     segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
     with pytest.raises(ValueError, match=match):
         pallas.lightning_attention_pallas(q, q, v, jnp.ones(1), segment_ids=segment_ids, backend="mosaic_gpu",

@@ -119,19 +119,14 @@ def test_mosaic_gpu_lowering_exports_for_cuda(config):
     # m1-1b's heads: one 64-wide tile, 4 stages fit
     (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=1), 3),
     (64, KernelConfig(chunk=64, block_v=32, num_stages=3, groups=1, fused_backward=1), 3),
-    # the pair's Dv-tile programs as a cluster (TMA multicast): of 2, and of 4 over a split
-    (128, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=1, multicast=1), 3),
-    (128, KernelConfig(chunk=64, block_v=32, num_stages=2, groups=2, fused_backward=1, multicast=1), 6),
 ])
 def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
-    """The paired reverse walks' lowering for sm_90a (TMA, wgmma, two walkers on four streams, the SMEM budget; with
-    multicast the cluster launch and its barriers)."""
+    """The paired reverse walks' lowering for sm_90a (TMA, wgmma, two walkers on four streams, the SMEM budget)."""
     sds = jax.ShapeDtypeStruct
     x = sds((B, T, H, dim), jnp.bfloat16)
     text = _mosaic_grad_export(config, (x, x, x, sds((H,), jnp.float32), sds((B, H, dim, dim), jnp.float32)))
     assert text.count(MOSAIC_GPU_CALL_TARGET) == calls
-    assert text.count("lightning_mgpu_rev_pair_multicast" if config.multicast else "lightning_mgpu_rev_pair") >= 1
-    assert config.multicast or "lightning_mgpu_rev_pair_multicast" not in text
+    assert text.count("lightning_mgpu_rev_pair") >= 1
 
 
 def test_benchmark_times_the_forward_with_the_backward():
