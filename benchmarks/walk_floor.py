@@ -18,9 +18,13 @@ is not the contiguous stream that the card's nominal bandwidth (and an XLA copy)
 Every pattern is timed with the same host wall-clock method as ``benchmarks.lightning``
 (``benchmarks.timing.time_pipelined``) and reported
 as ms and TB/s over the bytes that cross HBM (each array once; the tile programs' repeated q, k reads are L2 hits).
+The walks run for every (chunk, block_v, stages) given that fits in shared memory, ``--rounds`` times interleaved
+(the median is reported), each with the bytes its TMA loads keep in flight (programs x stages x a stage's loads):
+what decides how close a walk gets to the stream (``benchmarks/RESULTS.md``, "What bounds the walks").
 """
 from __future__ import annotations
 
+import itertools
 import json
 
 from absl import app, flags
@@ -28,8 +32,11 @@ from absl import app, flags
 flags.DEFINE_list("shapes", ["1x64x32768", "1x64x131072"], "BxHxN")
 flags.DEFINE_list("patterns", ["stream", "walk", "pair"], "which access patterns to time")
 flags.DEFINE_integer("head_dim", 128, "D")
-flags.DEFINE_integer("block_v", 64, "Dv tile per program (the Mosaic kernel's default)")
-flags.DEFINE_integer("stages", 4, "TMA stages (the pair uses as many as fit, as the kernel does)")
+flags.DEFINE_list("chunk", ["64"], "tokens per chunk (each value is timed)")
+flags.DEFINE_list("block_v", ["64"], "Dv tile per program (the Mosaic kernel's default: 64; each value is timed)")
+flags.DEFINE_list("stages", ["4"], "TMA stages (each value that fits in shared memory is timed)")
+flags.DEFINE_integer("rounds", 1, "time every walk this many times, interleaved; the median is reported",
+                     lower_bound=1)
 flags.DEFINE_string("out", None, "write the rows as JSON here")
 FLAGS = flags.FLAGS
 
@@ -100,22 +107,27 @@ def copy_walk(streams, *, n_out: int, tile_streams: tuple, chunk: int, block_v: 
                         kernel_name="copy_walk")(*streams)
 
 
-def pattern_fn(name: str, *, block_v: int, stages: int):
-    """name -> (jitted fn of (q, k, v, do), number of [B, T, H, D] arrays that cross HBM once)."""
+def pattern_fn(name: str, *, chunk: int, block_v: int, stages: int, d: int):
+    """name -> (jitted fn of (q, k, v, do), number of [B, T, H, D] arrays that cross HBM once, bytes one program's
+    TMA loads keep in flight), or None where the walk does not fit in shared memory."""
     import jax
 
-    from pallas_kernels.lightning.pallas_mosaic_gpu import SMEM_LIMIT_BYTES, smem_bytes
+    from pallas_kernels.lightning.pallas_mosaic_gpu import SMEM_LIMIT_BYTES
     if name == "stream":
-        return jax.jit(lambda q, k, v, do: q * 0.5 + k * 0.25 + v), 4
-    if name == "walk":
-        return jax.jit(lambda q, k, v, do: copy_walk((q, k, v), n_out=1, tile_streams=(2,), chunk=64,
-                                                     block_v=block_v, stages=stages, reverse=False)), 4
-    if name == "pair":
-        fit = next(st for st in range(stages, 0, -1)
-                   if smem_bytes(64, FLAGS.head_dim, block_v, st, 2, pair=True) <= SMEM_LIMIT_BYTES)
-        return jax.jit(lambda q, k, v, do: copy_walk((k, q, do, v), n_out=2, tile_streams=(), chunk=64,
-                                                     block_v=block_v, stages=fit, reverse=True)), 6
-    raise app.UsageError(f"unknown pattern {name!r}")
+        return jax.jit(lambda q, k, v, do: q * 0.5 + k * 0.25 + v), 4, 0
+    if name not in ("walk", "pair"):
+        raise app.UsageError(f"unknown pattern {name!r}")
+    walk = name == "walk"
+    stage_bytes = chunk * ((2 * d + block_v) if walk else 4 * d) * 2
+    if stages * stage_bytes + (1 if walk else 2) * chunk * block_v * 2 > SMEM_LIMIT_BYTES:
+        return None
+    if walk:
+        return jax.jit(lambda q, k, v, do: copy_walk((q, k, v), n_out=1, tile_streams=(2,), chunk=chunk,
+                                                     block_v=block_v, stages=stages, reverse=False)), 4, \
+            stages * stage_bytes
+    return jax.jit(lambda q, k, v, do: copy_walk((k, q, do, v), n_out=2, tile_streams=(), chunk=chunk,
+                                                 block_v=block_v, stages=stages, reverse=True)), 6, \
+        stages * stage_bytes
 
 
 def main(argv):
@@ -124,23 +136,40 @@ def main(argv):
 
     import jax.numpy as jnp
 
+    import numpy as np
+
     from benchmarks.timing import time_pipelined
-    rows = []
+    d, rows = FLAGS.head_dim, []
     for text in FLAGS.shapes:
         b, h, n = (int(x) for x in text.split("x"))
-        q, k, v, do = (jax.random.normal(key, (b, n, h, FLAGS.head_dim), jnp.bfloat16)
+        q, k, v, do = (jax.random.normal(key, (b, n, h, d), jnp.bfloat16)
                        for key in jax.random.split(jax.random.PRNGKey(0), 4))
         array_bytes = q.size * q.dtype.itemsize
+        walks = {}
         for name in FLAGS.patterns:
-            fn, arrays = pattern_fn(name, block_v=FLAGS.block_v, stages=FLAGS.stages)
-            sec = time_pipelined(fn, q, k, v, do)
-            rows.append({"shape": text, "pattern": name, "ms": sec * 1e3, "arrays": arrays,
+            for chunk, block_v, stages in ([(0, 0, 0)] if name == "stream" else itertools.product(
+                    *(map(int, FLAGS[f].value) for f in ("chunk", "block_v", "stages")))):
+                made = pattern_fn(name, chunk=chunk, block_v=block_v, stages=stages, d=d)
+                if made is not None:
+                    walks[(name, chunk, block_v, stages)] = made
+        times = {key: [] for key in walks}
+        for _ in range(FLAGS.rounds):
+            for key, (fn, _, _) in walks.items():
+                times[key].append(time_pipelined(fn, q, k, v, do))
+        for (name, chunk, block_v, stages), (_, arrays, program_bytes) in walks.items():
+            sec = float(np.median(times[(name, chunk, block_v, stages)]))
+            programs = b * h * (d // block_v) if block_v else 0
+            rows.append({"shape": text, "pattern": name, "chunk": chunk, "block_v": block_v, "stages": stages,
+                         "programs": programs, "in_flight_MB": programs * program_bytes / 1e6, "ms": sec * 1e3,
+                         "rounds_ms": [t * 1e3 for t in times[(name, chunk, block_v, stages)]], "arrays": arrays,
                          "TB/s": arrays * array_bytes / sec / 1e12, "device": jax.devices()[0].device_kind})
             print(json.dumps(rows[-1]), flush=True)
         del q, k, v, do
-    print("\n| shape | pattern | ms | HBM arrays | TB/s |\n|---|---|---|---|---|")
+    print("\n| shape | pattern | chunk | block_v | stages | programs | MB in flight | ms | HBM arrays | TB/s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['pattern']} | {r['ms']:.3f} | {r['arrays']} | {r['TB/s']:.2f} |")
+        print(f"| {r['shape']} | {r['pattern']} | {r['chunk']} | {r['block_v']} | {r['stages']} | {r['programs']} | "
+              f"{r['in_flight_MB']:.1f} | {r['ms']:.3f} | {r['arrays']} | {r['TB/s']:.2f} |")
     if FLAGS.out:
         with open(FLAGS.out, "w") as fh:
             json.dump(rows, fh, indent=1)
