@@ -66,7 +66,9 @@ flags.DEFINE_list("shapes", ["1x64x8192", "1x64x32768", "1x64x131072", "8x64x819
 flags.DEFINE_list("sweep_shapes", ["1x64x32768", "1x8x1048576"], "shapes at which our config is tuned")
 flags.DEFINE_list("impls", ["ours", "mosaic", "fla", "xla", "cudnn"],
                   "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), mosaic_3walks (Mosaic GPU, the "
-                  "backward's dv and dk walks not paired), fla (do_bench), fla_pipelined (timed as ours are), xla, "
+                  "backward's dv and dk walks not paired), mosaic_unsplit (Mosaic GPU, each walk with outputs in "
+                  "one warpgroup, 4 stages, no cluster: the default before split_state), fla (do_bench), "
+                  "fla_pipelined (timed as ours are), xla, "
                   "cudnn")
 flags.DEFINE_list("sweep_impls", ["ours", "mosaic"], "which of our kernels to tune (the others run their default)")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "forward, forward+backward")
@@ -80,30 +82,38 @@ flags.DEFINE_integer("rounds", 1, "time every implementation this many times, in
                      lower_bound=1)
 
 # Our kernels: --impls name -> pallas backend.
-KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu"}
-WALKS3 = "mosaic_3walks"
+KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu",
+           "mosaic_unsplit": "mosaic_gpu"}
+WALKS3, UNSPLIT = "mosaic_3walks", "mosaic_unsplit"
 # Variants of the Mosaic GPU kernel (not swept): their config from mosaic's (swept or default) one.
 MOSAIC_VARIANTS = {
     WALKS3: lambda c: dataclasses.replace(c, fused_backward=0),
+    # The one-warpgroup walks in the default's own stages (the sequence-split regime's config is unsplit already).
+    UNSPLIT: lambda c: c if not c.split_state else dataclasses.replace(
+        c, split_state=0, multicast=0, num_stages=pallas.DEFAULT_CONFIGS["mosaic_gpu"].num_stages),
 }
 # Triton: (chunk, block_v, num_warps, num_stages); sequence groups are swept separately around the automatic choice.
 LAUNCH_GRIDS = {
     "triton": [(64, 32, 4, 2), (64, 32, 2, 2), (64, 32, 4, 3), (64, 16, 4, 2), (64, 64, 4, 1), (64, 128, 8, 2),
                (128, 32, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
 }
-# Mosaic GPU: (chunk, block_v, consumers, num_stages, groups), groups given for 64 (row, head) walks (M1's 64 heads at
-# batch 1) and scaled to the shape's (``scale_groups``). consumers 0: one warpgroup per program (the first H200 run's
+# Mosaic GPU: (chunk, block_v, consumers, num_stages, groups, split_state, multicast), groups given for 64 (row, head)
+# walks (M1's 64 heads at batch 1) and scaled to the shape's (``scale_groups``); the rest of each config is the
+# default's fitted to the shape (the paired backward). consumers 0: one warpgroup per program (the first H200 run's
 # best, 128-wide tiles at 8 groups; the 1-group 64-wide tiles it did not try; 32-wide tiles, 2 programs per SM);
 # 1: a producer warpgroup issues the TMA loads (slots refilled as soon as they are read); 2: two consumer warpgroups
 # walk the two halves of a 64- or 128-wide Dv tile and share its q/k loads (one program per SM: shared memory).
 # 1 group avoids the state pass's extra k, v read (+50% traffic: with it the forward cannot get under 67% of the
 # memory floor), and at 64 (row, head) walks 128 programs then need 64-wide programs. Chunk 128 is left out: its
-# [128, 128] fp32 scores and decay table alone take 256 registers per thread.
-MOSAIC_SWEEP = [(64, 128, 0, 2, 8), (64, 64, 0, 2, 1), (64, 64, 0, 3, 1), (64, 64, 0, 4, 1), (64, 32, 0, 2, 1),
-                (64, 64, 1, 3, 1), (64, 64, 1, 4, 1),
-                (64, 32, 2, 2, 1), (64, 32, 2, 3, 1), (64, 32, 2, 4, 1),
-                (64, 64, 2, 3, 1),
-                (64, 64, 2, 2, 2), (64, 64, 2, 3, 2), (64, 64, 2, 3, 4), (64, 32, 2, 3, 2)]
+# [128, 128] fp32 scores and decay table alone take 256 registers per thread. split_state 1: the state chain in a
+# warpgroup of its own (the default since the eighth session), with or without a head's tiles as one cluster.
+MOSAIC_SWEEP = [(64, 128, 0, 2, 8, 0, 0), (64, 64, 0, 2, 1, 0, 0), (64, 64, 0, 3, 1, 0, 0), (64, 64, 0, 4, 1, 0, 0),
+                (64, 32, 0, 2, 1, 0, 0), (64, 64, 1, 3, 1, 0, 0), (64, 64, 1, 4, 1, 0, 0),
+                (64, 32, 2, 2, 1, 0, 0), (64, 32, 2, 3, 1, 0, 0), (64, 32, 2, 4, 1, 0, 0),
+                (64, 64, 2, 3, 1, 0, 0),
+                (64, 64, 2, 2, 2, 0, 0), (64, 64, 2, 3, 2, 0, 0), (64, 64, 2, 3, 4, 0, 0), (64, 32, 2, 3, 2, 0, 0),
+                (64, 64, 0, 3, 1, 1, 0), (64, 64, 0, 4, 1, 1, 0), (64, 64, 0, 2, 1, 1, 1), (64, 64, 0, 3, 1, 1, 1),
+                (64, 64, 0, 4, 1, 1, 1), (64, 64, 0, 3, 2, 1, 1)]
 # device_kind substring -> (peak dense bf16 FLOP/s, peak HBM bytes/s) for % floor; the first match wins.
 PEAKS = {"H200": (989e12, 4.8e12), "H100": (800e12, 3.0e12)}
 
@@ -209,20 +219,24 @@ def check_small(log, impls=("ours",), shape=(2, 1000, 4)):
     (b, t, h), d = shape, 128
     s = jnp.asarray(minimax_slopes(h) * 4)
     segments = jnp.asarray(np.sort(rng.integers(0, 4, (b, t)), axis=1))
-    mosaic = pallas.DEFAULT_CONFIGS["mosaic_gpu"]
+    # The Mosaic default as fitted to M1's B1 H64 32K (a head's two tiles as a cluster, in its stages): this small
+    # shape would get the sequence-split regime's config.
+    fitted = pallas.default_config("mosaic_gpu", jnp.bfloat16, 1, 64, 1 << 15, d, d)
     cases = {"ours": [(jnp.float32, KernelConfig(groups=1), True), (jnp.bfloat16, KernelConfig(groups=1), True),
                         (jnp.bfloat16, KernelConfig(groups=3, block_v=128, num_warps=8), True)],
              # No segment ids (the kernel does not take them); 1000 tokens = 15 full chunks and a partial one.
-             "mosaic": [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1), False),
-                            (jnp.bfloat16, dataclasses.replace(mosaic, groups=3), False),
+             "mosaic": [(jnp.bfloat16, dataclasses.replace(fitted, groups=1), False),
+                            (jnp.bfloat16, dataclasses.replace(fitted, groups=3), False),
                             (jnp.bfloat16, KernelConfig(chunk=128, block_v=64, num_stages=2, groups=1), False),
                             # Warp-specialized: producer + 1 or 2 consumer warpgroups (2: 32- and 64-wide halves).
                             (jnp.bfloat16, KernelConfig(block_v=64, consumers=1, num_stages=3, groups=1), False),
                             (jnp.bfloat16, KernelConfig(block_v=32, consumers=2, num_stages=3, groups=1), False),
                             (jnp.bfloat16, KernelConfig(block_v=64, consumers=2, num_stages=2, groups=3), False)],
              # The three separate backward walks (the default pairs the dv and dk walks), with and without a split.
-             WALKS3: [(jnp.bfloat16, dataclasses.replace(mosaic, groups=1, fused_backward=0), False),
-                      (jnp.bfloat16, dataclasses.replace(mosaic, groups=3, fused_backward=0), False)]}
+             WALKS3: [(jnp.bfloat16, MOSAIC_VARIANTS[WALKS3](dataclasses.replace(fitted, groups=g)), False)
+                      for g in (1, 3)],
+             UNSPLIT: [(jnp.bfloat16, MOSAIC_VARIANTS[UNSPLIT](dataclasses.replace(fitted, groups=g)), False)
+                       for g in (1, 3)]}
     rows = []
     for impl, dtype, config, with_segments in [(name, *c) for name in impls for c in cases[name]]:
         backend = KERNELS[impl]
@@ -269,8 +283,10 @@ def scale_groups(groups: int, walks_from: int, walks_to: int, n: int, chunk: int
 def launch_configs(backend, b, h, n, d):
     """The configs ``sweep`` times at shape (b, h, n) and head dim d."""
     if backend == "mosaic_gpu":
-        return [KernelConfig(chunk=c, block_v=bv, consumers=w, num_stages=st, groups=scale_groups(g, 64, b * h, n, c))
-                for c, bv, w, st, g in MOSAIC_SWEEP]
+        base = pallas.default_config(backend, jnp.bfloat16, b, h, n, d, d)
+        return [dataclasses.replace(base, chunk=c, block_v=bv, consumers=w, num_stages=st, split_state=sp, multicast=mc,
+                                    groups=scale_groups(g, 64, b * h, n, c))
+                for c, bv, w, st, g, sp, mc in MOSAIC_SWEEP]
     configs = []
     for chunk, block_v, warps, stages in LAUNCH_GRIDS[backend]:
         auto = pick_groups(b, h, n, d // block_v, chunk)
@@ -319,11 +335,12 @@ def compare_to_xla(s, configs, with_bwd, args, fla):
 
 def print_table(table):
     """The markdown table: each timed implementation's ms (% floor), the speedups of ours over fla, the errors."""
-    names = [n for n in ("mosaic", WALKS3, "ours", "fla", "fla_pipelined", "xla", "cudnn")
+    names = [n for n in ("mosaic", UNSPLIT, WALKS3, "ours", "fla", "fla_pipelined", "xla", "cudnn")
              if any(f"{n}_ms" in r for r in table)]
-    label = {WALKS3: "mosaic 3 bwd walks", "mosaic": "mosaic", "ours": "triton", "fla": "fla",
-             "fla_pipelined": "fla pipelined", "xla": "XLA", "cudnn": "cuDNN softmax"}
-    ratios = [(a, b) for a, b in (("mosaic", WALKS3), ("mosaic", "fla"), ("mosaic", "fla_pipelined"), (WALKS3, "fla"),
+    label = {WALKS3: "mosaic 3 bwd walks", UNSPLIT: "mosaic unsplit", "mosaic": "mosaic", "ours": "triton",
+             "fla": "fla", "fla_pipelined": "fla pipelined", "xla": "XLA", "cudnn": "cuDNN softmax"}
+    ratios = [(a, b) for a, b in (("mosaic", UNSPLIT), ("mosaic", WALKS3), ("mosaic", "fla"),
+                                  ("mosaic", "fla_pipelined"), (WALKS3, "fla"),
                                   ("ours", "fla"), ("mosaic", "ours")) if a in names and b in names]
     head = ([f"{label[n]} ms (% floor)" for n in names] + [f"{label[a]} vs {label[b]}" for a, b in ratios]
             + ["rel. errors vs XLA scan"])

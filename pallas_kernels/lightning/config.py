@@ -23,6 +23,13 @@ class KernelConfig:
         1: from one pass (``pallas_mosaic_gpu.fused_backward_scan``): the two reverse walks as two consumer
         warpgroups of one program, on the same TMA-loaded chunks of q, k, v and dO (Dk = Dv; as many of
         ``num_stages`` TMA stages as fit in shared memory).
+    split_state: Mosaic GPU walks with outputs (the forward, the dq walk; with ``fused_backward`` = 0 also the dk and
+        dv walks), ``consumers`` = 0. 1: three warpgroups per program (``pallas_mosaic_gpu._split_kernel``): one
+        carries the state, the chunk recurrence's only loop-carried chain, and hands each chunk's state to one that
+        makes the outputs; the third issues the TMA loads. 0: one warpgroup walks the whole chunk chain.
+    multicast: with ``split_state``: 1 runs the Dv-tile programs of a (row, head) as one thread-block cluster; each
+        loads its share of every chunk's q and k rows into all of them (TMA multicast), so q and k cross L2 once per
+        (row, head) instead of once per tile.
     """
     chunk: int = 64
     block_v: int = 32
@@ -31,6 +38,8 @@ class KernelConfig:
     num_stages: int = 3
     consumers: int = 0
     fused_backward: int = 0
+    split_state: int = 0
+    multicast: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,24 +15,33 @@ BACKENDS = ("triton", "mosaic_gpu", "tpu")
 # benchmarks/RESULTS.md, "Mosaic GPU kernel, H200"): 64-token chunks, 64-wide Dv tiles (2 programs per (row, head)
 # at Dv = 128, one warpgroup each), 4 TMA stages; the backward's dv and dk walks paired in one program where
 # Dk = Dv (``fused_backward``: faster than the two walks on an H200, RESULTS.md "Forward + backward with the forward,
-# the paired reverse walks"; ``default_config`` falls back to three walks where it does not apply). TPU: 128-token
-# chunks (MXU tiles; segment-id blocks need a multiple of 128), untuned.
+# the paired reverse walks"; ``default_config`` falls back to three walks where it does not apply); the walks with
+# outputs with their state chain in a warpgroup of its own and, where Dv holds 2 to 8 tiles, a head's tile programs as
+# one cluster loading q and k once, in 3 stages (``split_state``, ``multicast``: 1.11x-1.17x the forward on an H200,
+# RESULTS.md "The state chain in its own warpgroup"). TPU: 128-token chunks (MXU tiles; segment-id blocks need a
+# multiple of 128), untuned.
 DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num_stages=3),
-                   "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=4, fused_backward=1),
+                   "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=4, fused_backward=1, split_state=1,
+                                              multicast=1),
                    "tpu": KernelConfig(chunk=128, block_v=128)}
 # Mosaic GPU where the (row, head) walks leave SMs idle without a sequence split (few heads, long rows): the two Dv
 # tiles of a head as two consumer warpgroups of one program, sharing each chunk's q, k loads, in 2 TMA stages. On an
 # H200 at B1 H8 1M: 3.38 ms against 4.50 ms for the one-warpgroup default at its 8 groups (benchmarks/RESULTS.md,
 # "1M tokens, 8 heads").
-MOSAIC_SPLIT_CONFIG = {"consumers": 2, "num_stages": 2}
+MOSAIC_SPLIT_CONFIG = {"consumers": 2, "num_stages": 2, "split_state": 0, "multicast": 0}
+# TMA stages of the Mosaic GPU walks where their Dv-tile programs run as a cluster (``multicast``): on an H200 at B1
+# H64, 0.592 ms against 0.617 ms with 4 stages at 32K, 2.549 against 2.702 ms at 128K (fewer bytes in flight). The
+# paired backward at D = 128 fits only 2 stages either way.
+MOSAIC_MULTICAST_STAGES = 3
 
 
 def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk: int, dv: int) -> KernelConfig:
     """``DEFAULT_CONFIGS[backend]`` fitted to a call of that dtype and shape (``groups`` stays None: ``pick_groups``).
 
     Mosaic GPU: ``MOSAIC_SPLIT_CONFIG`` where ``pick_groups`` splits the call's rows and Dk and Dv hold two tiles
-    each (rows too short to split keep one program per tile: more programs); the paired backward
-    (``fused_backward``) only where it applies (Dk = Dv, shared memory), else three walks.
+    each (rows too short to split keep one program per tile: more programs); ``multicast`` (with
+    ``MOSAIC_MULTICAST_STAGES``) only where every walk has 2 to 8 Dv tiles; the paired backward (``fused_backward``)
+    only where it applies (Dk = Dv, shared memory), else three walks.
     """
     config = DEFAULT_CONFIGS[backend]
     if backend != "mosaic_gpu":
@@ -43,11 +52,20 @@ def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk:
                               pallas_mosaic_gpu.TARGET_PROGRAMS) > 1
     if needs_split and dk % width == 0 and dv % width == 0:
         config = split
-    try:
-        pallas_mosaic_gpu.check_fused_supported(dtype, dk, dv, config)
-    except ValueError:
+    if config.multicast:
+        fits = _raises_nothing(pallas_mosaic_gpu.check_supported, dtype, dk, dv, config, False)
+        config = dataclasses.replace(config, **({"num_stages": MOSAIC_MULTICAST_STAGES} if fits else {"multicast": 0}))
+    if not _raises_nothing(pallas_mosaic_gpu.check_fused_supported, dtype, dk, dv, config):
         config = dataclasses.replace(config, fused_backward=0)
     return config
+
+
+def _raises_nothing(check, *args) -> bool:
+    try:
+        check(*args)
+    except ValueError:
+        return False
+    return True
 
 
 def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_ids=None, backend: str = "triton",
@@ -64,8 +82,10 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     config = config or default_config(backend, q.dtype, batch, heads, length, dk, dv)
-    if config.fused_backward and backend != "mosaic_gpu":
-        raise ValueError(f"fused_backward is a Mosaic GPU kernel option; the {backend} backend walks three times")
+    for option in ("fused_backward", "split_state", "multicast"):
+        if getattr(config, option) and backend != "mosaic_gpu":
+            raise ValueError(f"{option} is a Mosaic GPU kernel option; the {backend} backend has one program shape "
+                             f"and walks three times")
     fused_backward = None
     if backend == "triton":
         for name, dim in (("Dk", dk), ("Dv", dv), ("chunk", config.chunk)):

@@ -1,8 +1,8 @@
 """Lightning scan on Hopper GPUs: one Mosaic GPU kernel (TMA + wgmma) that keeps the state on chip for a whole row.
 
 Grid ``(Dv / width, H, rows)``. A walker (one warpgroup) walks its row's chunks (forward or reverse) for one
-``block_v``-wide Dv tile and carries its ``[Dk, block_v]`` float32 state in wgmma accumulator registers. Two program
-shapes (``KernelConfig.consumers``):
+``block_v``-wide Dv tile and carries its ``[Dk, block_v]`` float32 state in wgmma accumulator registers. Three program
+shapes (``KernelConfig.consumers``, ``KernelConfig.split_state``):
 
 * 0: one warpgroup per program (``width`` = block_v); it issues its own TMA loads ``stages`` chunks ahead.
 * 1 or 2 (warp specialization, as jax's Hopper attention): a producer warpgroup issues every TMA load and refills a
@@ -10,6 +10,13 @@ shapes (``KernelConfig.consumers``):
   ``block_v`` tile (``width`` = consumers * block_v) and both read the same q, k slots (loaded once per program). Two
   consumers keep two independent dependency chains in flight on one SM: one's wgmmas run while the other does its
   register math, which one warpgroup's strictly serial chunk chain cannot do.
+* ``split_state`` (walks with outputs, ``_split_kernel``; the default): the walker's work in two warpgroups and a
+  producer. The chunk recurrence only runs through the state, so one warpgroup carries the state alone (scale v, S =
+  carry S + k^T v_w) and hands each chunk's bf16 S to the other, which makes the outputs (q k^T, q S, the decays, P v)
+  without waiting on its own previous chunk. On an H200 the chunk chain went from 1.22 to 0.91 us with memory to spare,
+  and the forward at B1 H64 from 0.690 to 0.592 ms at 32K (with ``multicast``, below). ``multicast``: the Dv-tile
+  programs of a (row, head) as one thread-block cluster, each loading part of every chunk's q and k rows into all of
+  them (TMA multicast): q and k cross L2 once per (row, head), and fewer bytes are in flight.
 
 Per chunk (C tokens), per walker:
 
@@ -25,17 +32,19 @@ So ``q k^T`` is computed once per (chunk, walker), nothing but q, k, v, o crosse
 chunks runs under both wgmma pairs. The Dv-tile programs of one (row, head) each read the same q, k chunks, from L2
 while they walk close together. (Launch order does not pair them: Pallas's grid is row-major, so the tile axis, first,
 varies slowest; at B1 H64 the 128 programs are all resident at once on 132 SMs anyway.) Reading q, k once per
-(row, head) instead, the two tile programs as a thread-block cluster sharing each chunk by TMA multicast, was built and
-measured on an H200 (code 96e991c): no faster at 32K or 128K, forward or backward (`benchmarks/RESULTS.md`), so the
-re-reads are not what bounds the walk. The paired backward's tile programs as such a cluster (code 10cca68) were
-1.13x faster timed alone, back to back, but 1.00-1.01x in a forward + backward, where the pair follows the dq walk;
-taken out again too.
+(row, head) instead (``multicast``) did not speed up the one-warpgroup walk on an H200 (code 96e991c): its serial
+chunk chain, not the re-reads, bound it. With the state chain split off it does: 0.592 against 0.619 ms at B1 H64 32K,
+2.549 against 2.644 ms at 128K (`benchmarks/RESULTS.md`). The paired backward's tile programs as such a cluster
+(code 10cca68) were 1.00-1.01x in a forward + backward and were taken out again.
 
 The math is ``chunk_math``'s (``walk_step``): the same geometry (``a``, ``b``, the last partial chunk, chunks wholly
 in the padding), decay factors computed in float32, the state rounded to the input dtype for the tensor cores and its
 decay applied in float32 after. One difference: the state update scales v (the walker's ``[C, block_v]`` tile) rather
 than k by the per-token decay before rounding to bf16, which has the same rounding error and half the work at
 ``block_v`` = Dk / 2.
+
+The split walk's outputs are bit-identical to the one-warpgroup walk's: the same operations and roundings, only
+distributed over two warpgroups.
 
 Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
 scores or the state; the kernel only has to get the decay distances right.
@@ -90,6 +99,28 @@ def _scale_rows(x, w):
 def _decay(s, dist, valid):
     """exp(-s * dist) where ``valid`` (dist >= 0 there), else 0; float32."""
     return jnp.where(valid, jnp.exp(-s * jnp.maximum(dist, 0).astype(jnp.float32)), 0.0)
+
+
+def _intra_decay(s, chunk: int, reverse: bool):
+    """[C, C] float32 in wgmma layout: exp(-s |i - j|) where token j feeds token i in the walk's direction, else 0
+    (loop-invariant: hoisted out of the chunk loop)."""
+    i = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 0, layout=plgpu.Layout.WGMMA)
+    j = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 1, layout=plgpu.Layout.WGMMA)
+    dist = (j - i) if reverse else (i - j)
+    return _decay(s, dist, dist >= 0)
+
+
+def _query_decay(s, a, b, limit, chunk: int, reverse: bool):
+    """[C] per-row decay of a chunk's queries from the state entering the chunk (``chunk_math.chunk_geometry``'s a, b;
+    0 past the valid tokens)."""
+    return _row_vector(lambda pos: _decay(s, (b - pos) if reverse else (pos - a), pos < limit), chunk)
+
+
+def _scaled_v(v_ref, s, a, b, limit, chunk: int, reverse: bool, dtype):
+    """v [C, block_v] scaled per token by its decay to the walk's end of the chunk (how it enters the state), in
+    ``dtype`` for the state wgmma."""
+    wt = _row_vector(lambda pos: _decay(s, (pos - a) if reverse else (b - pos), pos < limit), chunk)
+    return _scale_rows(plgpu.load(v_ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32), wt).astype(dtype)
 
 
 def _initial_state(init_ref, row, head, cols, shape):
@@ -196,11 +227,7 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
         plgpu.commit_smem()
 
         if with_output:
-            # Loop-invariant intra-chunk decay exp(-s |i - j|) where token j feeds token i in the walk's direction.
-            i = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 0, layout=plgpu.Layout.WGMMA)
-            j = plgpu.broadcasted_iota(jnp.int32, (chunk, chunk), 1, layout=plgpu.Layout.WGMMA)
-            dist = (j - i) if reverse else (i - j)
-            decay_cc = _decay(s, dist, dist >= 0)
+            decay_cc = _intra_decay(s, chunk, reverse)
 
         def body(step, state):
             slot = lax.rem(step, stages)
@@ -214,10 +241,7 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
             v_s = slots[v_i].at[slot] if v_cols is None else slots[v_i].at[slot].at[:, v_cols]
 
             def scale_v():
-                # Token j enters the state decayed to the walk's end of the chunk.
-                wt = _row_vector(lambda pos: _decay(s, (pos - a) if reverse else (b - pos), pos < limit), chunk)
-                v = plgpu.load(v_s, layout=plgpu.Layout.WGMMA)
-                vw_w[...] = _scale_rows(v.astype(jnp.float32), wt).astype(vw_w.dtype)
+                vw_w[...] = _scaled_v(v_s, s, a, b, limit, chunk, reverse, vw_w.dtype)
                 plgpu.commit_smem()
 
             o = None
@@ -230,8 +254,7 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
 
                 scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
                                               plgpu.ACC((chunk, block_v), jnp.float32))
-                w_q = _row_vector(lambda pos: _decay(s, (b - pos) if reverse else (pos - a), pos < limit), chunk)
-                o = _scale_rows(inter, w_q)
+                o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, reverse))
                 probs = (scores * decay_cc).astype(q_s.dtype)
             else:
                 scale_v()
@@ -302,23 +325,152 @@ def _warp_specialized(walk, issue_loads, consumed_bars, *, walkers: int, stages:
     else:
         pl.when(wg < walkers)(lambda: consumer(wg))
 
-    @pl.when(wg == walkers)
-    def _():
-        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-        for step in range(min(stages, n_chunks)):
-            issue_loads(step, step)
-        if n_chunks > stages:
-            @pl.loop(stages, n_chunks)
-            def _(step):
-                slot = lax.rem(step, stages)
-                plgpu.barrier_wait(consumed_bars.at[slot])  # every walker is done with the chunk step - stages
-                issue_loads(step, slot)
+    pl.when(wg == walkers)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
+
+
+def _producer(issue_loads, consumed_bars, *, stages: int, n_chunks: int):
+    """The producer warpgroup: the first ``stages`` chunks' TMA loads, then each slot refilled once every consumer has
+    arrived on its ``consumed`` barrier."""
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    for step in range(min(stages, n_chunks)):
+        issue_loads(step, step)
+    if n_chunks > stages:
+        @pl.loop(stages, n_chunks)
+        def _(step):
+            slot = lax.rem(step, stages)
+            plgpu.barrier_wait(consumed_bars.at[slot])  # every consumer is done with the chunk step - stages
+            issue_loads(step, slot)
+
+
+def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, layout: RowLayout, chunk: int, block_v: int, stages: int,
+                  reverse: bool, has_init: bool, cluster: bool, interpret: bool):
+    """One walk with outputs in three warpgroups (``KernelConfig.split_state``): 0 makes the outputs, 1 carries the
+    state, 2 issues the TMA loads.
+
+    The chunk recurrence only runs through the state: S_{c+1} = carry S_c + k_c^T (v_c scaled). Everything else of a
+    chunk (q k^T, q S_c, the decays, P v) hangs off it. So the state warpgroup walks that chain alone and hands each
+    chunk's S_c, rounded to bf16, to the output warpgroup through a double-buffered SMEM copy ("ready" / "free"
+    barriers); the output warpgroup's chunks no longer wait on each other. Same operations and roundings as
+    ``_kernel``'s walk, so the outputs are bit-identical. Under ``cluster`` the Dv-tile programs of a (row, head) are
+    one thread-block cluster and each loads part of every chunk's q and k into all of them (TMA multicast).
+    """
+    refs = list(refs)
+    init_ref = refs.pop(0) if has_init else None
+    o_ref, state_out_ref = refs.pop(0), refs.pop(0)
+    (q_sm, k_sm, v_sm, vw_sm, st_sm, o_sm, probs_sm, load_bars, consumed_bars, ready_bars, free_bars,
+     done_bar) = refs
+    tile = lax.axis_index("cluster" if cluster else "tile")
+    head, row, wg = lax.axis_index("head"), lax.axis_index("row"), lax.axis_index("wg")
+    cols = pl.ds(tile * block_v, block_v)
+    dtype, dk = q_sm.dtype, q_sm.shape[-1]
+    n_chunks = layout.length // chunk
+    n_valid = layout.row_valid(row)
+    s = s_ref[head]
+    multicast = dict(collective_axes="cluster") if cluster else {}
+    registers = _consumer_registers(2)
+
+    def chunk_of(step):
+        return (n_chunks - 1 - step) if reverse else step
+
+    def geometry(step):
+        """(chunk, valid tokens from its start, a, b) as in ``chunk_math.chunk_geometry``."""
+        c = chunk_of(step)
+        limit = n_valid - c * chunk
+        return c, limit, jnp.minimum(limit, 0) - 1, jnp.minimum(limit, chunk) - 1
+
+    def issue_loads(step, slot):
+        rows = pl.ds(chunk_of(step) * chunk, chunk)
+        plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], q_sm.at[slot], load_bars.at[slot], **multicast)
+        plgpu.copy_gmem_to_smem(k_ref.at[row, rows, head], k_sm.at[slot], load_bars.at[slot], **multicast)
+        plgpu.copy_gmem_to_smem(v_ref.at[row, rows, head, cols], v_sm.at[slot], load_bars.at[slot])
+
+    def release(step, slot):
+        @pl.when(step + stages < n_chunks)  # only slots that are refilled: the producer waits on every phase
+        def _():
+            plgpu.barrier_arrive(consumed_bars.at[slot])
+
+    def leave():
+        if cluster:  # no program exits while a peer may still signal its barriers
+            plgpu.barrier_arrive(done_bar)
+            plgpu.barrier_wait(done_bar)
+
+    @pl.when(wg == 0)
+    def _outputs():
+        plgpu.set_max_registers(registers, action="increase")
+        decay_cc = _intra_decay(s, chunk, reverse)
+
+        def body(step, carry):
+            slot, buf = lax.rem(step, stages), lax.rem(step, 2)
+            c, limit, a, b = geometry(step)
+            plgpu.barrier_wait(load_bars.at[slot])
+            plgpu.barrier_wait(ready_bars.at[buf])  # S_c is in st_sm[buf]
+
+            def scores_and_inter(acc_s, acc_o):
+                plgpu.wgmma(acc_s, q_sm.at[slot], k_sm.at[slot].T)
+                plgpu.wgmma(acc_o, q_sm.at[slot], st_sm.at[buf])
+                return acc_s[...], acc_o[...]
+
+            scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
+                                          plgpu.ACC((chunk, block_v), jnp.float32))
+            plgpu.barrier_arrive(free_bars.at[buf])
+            o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, reverse))
+            probs = (scores * decay_cc).astype(dtype)
+            if interpret:  # the interpreter's wgmma reads operands from SMEM only
+                probs_sm[...] = probs
+                plgpu.commit_smem()
+                probs = probs_sm
+            (o,) = _accumulate(lambda acc_o: plgpu.wgmma(acc_o, probs, v_sm.at[slot]), (o,), interpret)
+            release(step, slot)
+            o_slot = lax.rem(step, 2)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last used this slot has read it
+            o_sm[o_slot] = o.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_sm.at[o_slot], o_ref.at[row, pl.ds(c * chunk, chunk), head, cols])
+            return carry
+
+        lax.fori_loop(0, n_chunks, body, 0)
+        plgpu.wait_smem_to_gmem(0)
+        leave()
+
+    @pl.when(wg == 1)
+    def _state():
+        plgpu.set_max_registers(registers, action="increase")
+
+        def body(step, state):
+            slot, buf = lax.rem(step, stages), lax.rem(step, 2)
+            _, limit, a, b = geometry(step)
+
+            @pl.when(step >= 2)
+            def _():
+                plgpu.barrier_wait(free_bars.at[buf])  # the output warpgroup has read S_{c-2} from this buffer
+
+            st_sm[buf] = state.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(ready_bars.at[buf])
+            plgpu.barrier_wait(load_bars.at[slot])
+            vw_sm[...] = _scaled_v(v_sm.at[slot], s, a, b, limit, chunk, reverse, dtype)
+            plgpu.commit_smem()
+            carry = jnp.exp(-s * (b - a).astype(jnp.float32))
+            (state,) = _accumulate(lambda acc: plgpu.wgmma(acc, k_sm.at[slot].T, vw_sm), (state * carry,),
+                                   interpret)
+            release(step, slot)
+            return state
+
+        state = lax.fori_loop(0, n_chunks, body, _initial_state(init_ref, row, head, cols, (dk, block_v)))
+        state_out_ref.at[row, head, :, cols][...] = state
+        for step in range(max(n_chunks - 2, 0), n_chunks):  # observe the last releases of both buffers too
+            plgpu.barrier_wait(free_bars.at[step % 2])
+        leave()
+
+    pl.when(wg == 2)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
 
 
 # Programs the sequence split aims for: one per SM of an H100/H200 (132), since a 4-stage program takes most of an
 # SM's shared memory; splitting further costs an extra read of k and v (measured: at B1 H64 32K one group of 128
 # programs was the fastest config of the sweep, 0.67 ms; the split ones took 0.84 ms and more).
 TARGET_PROGRAMS = 132
+# Thread blocks one cluster may hold portably on Hopper (``multicast``: one per Dv tile).
+MAX_CLUSTER = 8
 # Shared memory one program may use on Hopper (227 KiB).
 SMEM_LIMIT_BYTES = 232448
 # Per-thread registers of the producer warpgroup under warp specialization (it only issues TMA copies); the consumers
@@ -338,9 +490,13 @@ def tile_width(config: KernelConfig, dv: int) -> int:
 
 
 def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *, consumers: int = 0,
-               with_output: bool = True, pair: bool = False, interpret: bool = False) -> int:
+               with_output: bool = True, pair: bool = False, split: bool = False, interpret: bool = False) -> int:
     """SMEM of one program (see ``_walk_call``'s scratch): the stream slots (q, k and the walkers' v columns; the
-    pair's four full-width streams, Dk = Dv), and each walker's scaled v, bf16 state and o buffers."""
+    pair's four full-width streams, Dk = Dv), and each walker's scaled v, bf16 state and o buffers; ``split``: the
+    split walk's (``_split_walk_call``: one v tile, the state double-buffered)."""
+    if split:
+        total = stages * chunk * (2 * dk + block_v) + chunk * block_v + 2 * dk * block_v + 2 * chunk * block_v
+        return (total + (chunk * chunk if interpret else 0)) * itemsize + 8 * (2 * stages + 5)
     walkers = 2 if pair else max(consumers, 1)
     per_stage = chunk * (4 * dk if pair else dk * (2 if with_output else 1) + walkers * block_v)
     total = stages * per_stage + walkers * (chunk * block_v + dk * block_v)
@@ -367,8 +523,20 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
                              f"block_v={config.block_v}, consumers={config.consumers}")
     if config.chunk not in (64, 128):
         raise ValueError(f"the Mosaic GPU lightning kernel needs chunk 64 or 128; got {config.chunk}")
+    if config.split_state not in (0, 1) or (config.split_state and config.consumers):
+        raise ValueError(f"split_state is 0 or 1, and 1 only with consumers=0 (its program is an output, a state and "
+                         f"a producer warpgroup); got split_state={config.split_state}, consumers={config.consumers}")
+    if config.multicast not in (0, 1) or (config.multicast and not config.split_state):
+        raise ValueError(f"multicast is 0 or 1, and 1 only with split_state=1; got multicast={config.multicast}, "
+                         f"split_state={config.split_state}")
+    for a, b in ((dk, dv), (dv, dk)):
+        tiles = b // min(config.block_v, b)
+        if config.multicast and not (2 <= tiles <= MAX_CLUSTER and config.chunk % (8 * tiles) == 0):
+            raise ValueError(f"multicast needs 2 to {MAX_CLUSTER} Dv tiles per walk that split a chunk into "
+                             f"multiples of 8 rows; got Dk={dk}, Dv={dv}, block_v={config.block_v}, "
+                             f"chunk={config.chunk}")
     need = max(smem_bytes(config.chunk, a, min(config.block_v, b), config.num_stages, jnp.dtype(dtype).itemsize,
-                          consumers=config.consumers) for a, b in ((dk, dv), (dv, dk)))
+                          consumers=config.consumers, split=bool(config.split_state)) for a, b in ((dk, dv), (dv, dk)))
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(f"the Mosaic GPU lightning kernel would need {need} bytes of shared memory (> "
                          f"{SMEM_LIMIT_BYTES}) at chunk={config.chunk}, block_v={config.block_v}, "
@@ -415,6 +583,46 @@ def _walk_call(streams, s, inits, *, layout: RowLayout, chunk: int, block_v: int
     return (outs[:n_walks] if with_output else None), outs[-n_walks:]
 
 
+def _split_walk_call(q, k, v, s, init, *, layout: RowLayout, chunk: int, block_v: int, stages: int, reverse: bool,
+                     cluster: bool, interpret: bool):
+    """``_split_kernel`` over q, k [R, L, H, Dk] and v [R, L, H, Dv]; grid (Dv tiles, H, R), or (H, R) with the Dv
+    tiles of a (row, head) as one cluster. init: [R, H, Dk, Dv] float32 or None. Returns (o [R, L, H, Dv], final state
+    [R, H, Dk, Dv] float32)."""
+    rows, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    dtype = q.dtype
+    t = _smem_transforms(min(dk, block_v), dtype)
+    tiles = dv // block_v
+    scratch = [
+        plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # q slots
+        plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # k slots
+        plgpu.SMEM((stages, chunk, block_v), dtype, transforms=t),  # the program's v tile
+        plgpu.SMEM((chunk, block_v), dtype, transforms=t),  # v scaled by its state decay (the state warpgroup's)
+        plgpu.SMEM((2, dk, block_v), dtype, transforms=t),  # S_c in bf16, double-buffered between the warpgroups
+        plgpu.SMEM((2, chunk, block_v), dtype, transforms=t),  # o, double-buffered
+        plgpu.SMEM((chunk, chunk), dtype, transforms=t) if interpret else None,  # scores (interpret mode only)
+        plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # one arrival per TMA copy
+        # Slot free again: both walking warpgroups (of every program of a cluster: the copies write all of them).
+        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2, num_barriers=stages) if cluster
+        else plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c ready in its buffer
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c read: its buffer free
+        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2) if cluster else None,  # all done
+    ]
+    launch = (dict(grid=(heads, rows), grid_names=("head", "row"), cluster=(tiles,), cluster_names=("cluster",))
+              if cluster else dict(grid=(tiles, heads, rows), grid_names=("tile", "head", "row")))
+    kernel = functools.partial(_split_kernel, layout=layout, chunk=chunk, block_v=block_v, stages=stages,
+                               reverse=reverse, has_init=init is not None, cluster=cluster, interpret=interpret)
+    out_type = [jax.ShapeDtypeStruct((rows, length, heads, dv), dtype),
+                jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)]
+    o, state = plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch, **launch, num_threads=3, thread_name="wg",
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if cluster else ''}",
+    )(s, q, k, v, *(() if init is None else (init,)))
+    return o, state
+
+
 def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_output: bool,
                config: KernelConfig, interpret: bool = False):
     """Walk every row of ``k, v`` (and ``q`` when ``with_output``) chunk by chunk; ``pallas_triton.chunk_scan``'s
@@ -428,11 +636,15 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     check_supported(k.dtype, dk, dv, config, doc is not None)
     if length % config.chunk:
         raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
+    stages = max(1, min(config.num_stages, length // config.chunk))
+    if with_output and config.split_state:
+        return _split_walk_call(q, k, v, s, init, layout=layout, chunk=config.chunk, block_v=min(config.block_v, dv),
+                                stages=stages, reverse=reverse, cluster=bool(config.multicast), interpret=interpret)
     consumers = config.consumers
     outs, states = _walk_call(
         ([q] if with_output else []) + [k, v], s, [init], layout=layout, chunk=config.chunk,
         block_v=min(config.block_v, dv), consumers=consumers, reverse=reverse, with_output=with_output, pair=False,
-        stages=max(1, min(config.num_stages, length // config.chunk)), interpret=interpret,
+        stages=stages, interpret=interpret,
         name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}"
              f"{f'_ws{consumers}' if consumers else ''}")
     return (outs[0] if with_output else None), states[0]

@@ -51,18 +51,29 @@ MOSAIC_FUSED = [
     # default_config's split regime: a 2-consumer forward and dq walk over a split, the paired reverse walks
     (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 128, 64, 64, 3, False, True), 2, 2),
 ]
+# Mosaic GPU with the state chain in a warpgroup of its own (split_state; the walks with outputs): (case as above, TMA
+# stages, fused backward, multicast: the Dv-tile programs of a (row, head) as one cluster).
+MOSAIC_SPLIT_STATE = [
+    (("mosaic_gpu", "bfloat16", 1, 150, 2, 64, 64, 64, 64, 1, False, True), 2, 1, 0),  # one tile, partial last chunk
+    (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 128, 64, 64, 1, False, True), 3, 1, 1),  # the default: cluster of 2
+    (("mosaic_gpu", "bfloat16", 1, 200, 1, 128, 128, 64, 64, 1, False, True), 2, 0, 1),  # reverse split walks
+    (("mosaic_gpu", "bfloat16", 2, 200, 2, 128, 128, 64, 32, 3, False, False), 4, 1, 1),  # cluster of 4, split rows
+    (("mosaic_gpu", "bfloat16", 1, 100, 1, 64, 128, 64, 64, 1, False, True), 1, 0, 0),  # Dk != Dv, one slot
+]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
-@pytest.mark.parametrize("case,consumers,stages,fused",
-                         [(c, 0, None, 0) for c in CASES] + [(*c, 0) for c in MOSAIC_STAGED]
-                         + [(c, consumers, stages, 1) for c, consumers, stages in MOSAIC_FUSED],
+@pytest.mark.parametrize("case,consumers,stages,fused,split,multicast",
+                         [(c, 0, None, 0, 0, 0) for c in CASES] + [(*c, 0, 0, 0) for c in MOSAIC_STAGED]
+                         + [(c, consumers, stages, 1, 0, 0) for c, consumers, stages in MOSAIC_FUSED]
+                         + [(c, 0, stages, fused, 1, multicast) for c, stages, fused, multicast in MOSAIC_SPLIT_STATE],
                          ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None)
-def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, lt):
+def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, split, multicast, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
     prob = lt.random_problem(sum(case[2:8]), batch, length, heads, dk, dv, segments=segments, init=init)
     config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups, consumers=consumers,
-                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused)
+                          num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused,
+                          split_state=split, multicast=multicast)
     cast = lambda x: jnp.asarray(x, dtype)
     # The oracle sees exactly the (rounded) inputs the kernel sees.
     q, k, v, d_o = (np.asarray(cast(prob[n]).astype(jnp.float32)) for n in ("q", "k", "v", "d_o"))
@@ -126,23 +137,27 @@ def test_pick_groups_avoids_padding_the_rows():
     assert pick_groups(1, 64, 32768, 2, 64, 132) == 1
 
 
-@pytest.mark.parametrize("batch,heads,length,dk,dv,consumers,stages,fused", [
-    (1, 64, 1 << 20, 128, 128, 0, 4, 1),  # M1's 64 heads: 128 one-warpgroup programs fill the SMs without a split
-    (1, 8, 1 << 20, 128, 128, 2, 2, 1),  # 8 heads need a split: the two tiles of a head in one program
-    (1, 8, 4096, 128, 128, 0, 4, 1),  # too short to split: one program per tile keeps twice the programs
-    (1, 8, 1 << 20, 64, 64, 0, 4, 1),  # one 64-wide tile per head: nothing to pair
-    (1, 8, 1 << 20, 128, 64, 0, 4, 0),  # Dk != Dv: three backward walks
+@pytest.mark.parametrize("batch,heads,length,dk,dv,consumers,stages,fused,split,multicast", [
+    # M1's 64 heads: 128 programs fill the SMs without a split; the two tiles of a head as a cluster in 3 stages
+    (1, 64, 1 << 20, 128, 128, 0, 3, 1, 1, 1),
+    (1, 8, 1 << 20, 128, 128, 2, 2, 1, 0, 0),  # 8 heads need a split: the two tiles of a head in one program
+    (1, 8, 4096, 128, 128, 0, 3, 1, 1, 1),  # too short to split: one program per tile keeps twice the programs
+    (1, 8, 1 << 20, 64, 64, 0, 4, 1, 1, 0),  # one 64-wide tile per head: nothing to pair or to multicast
+    (1, 8, 1 << 20, 128, 64, 0, 4, 0, 1, 0),  # Dk != Dv: three backward walks; the dq walk has one Dv tile
 ])
-def test_mosaic_default_config_fits_the_call(batch, heads, length, dk, dv, consumers, stages, fused):
+def test_mosaic_default_config_fits_the_call(batch, heads, length, dk, dv, consumers, stages, fused, split,
+                                             multicast):
     config = pallas.default_config("mosaic_gpu", jnp.bfloat16, batch, heads, length, dk, dv)
-    assert (config.consumers, config.num_stages, config.fused_backward) == (consumers, stages, fused)
+    assert (config.consumers, config.num_stages, config.fused_backward, config.split_state, config.multicast) == (
+        consumers, stages, fused, split, multicast)
     assert config.groups is None
 
 
-def test_fused_backward_is_mosaic_gpu_only():
+@pytest.mark.parametrize("option", ["fused_backward", "split_state", "multicast"])
+def test_program_shape_options_are_mosaic_gpu_only(option):
     x = jnp.zeros((1, 8, 1, 16))
-    with pytest.raises(ValueError, match="Mosaic GPU kernel option"):
-        pallas.lightning_attention_pallas(x, x, x, jnp.ones(1), config=KernelConfig(chunk=8, fused_backward=1),
+    with pytest.raises(ValueError, match=f"{option} is a Mosaic GPU kernel option"):
+        pallas.lightning_attention_pallas(x, x, x, jnp.ones(1), config=KernelConfig(chunk=8, **{option: 1}),
                                           interpret=True)
 
 
@@ -164,13 +179,23 @@ def test_triton_rejects_non_power_of_two_head_dim():
     ("fused value", jnp.bfloat16, (128, 128), 64, False, "fused_backward is 0"),
     ("fused dims", jnp.bfloat16, (128, 64), 64, False, "needs Dk == Dv"),
     ("fused shared memory", jnp.bfloat16, (128, 128), 128, False, "fused Mosaic GPU backward does not fit"),
+    ("split value", jnp.bfloat16, (128, 128), 64, False, "split_state is 0 or 1"),
+    ("split with consumers", jnp.bfloat16, (128, 128), 64, False, "only with consumers=0"),
+    ("multicast unsplit", jnp.bfloat16, (128, 128), 64, False, "only with split_state=1"),
+    ("multicast one tile", jnp.bfloat16, (64, 64), 64, False, "needs 2 to 8 Dv tiles"),
+    ("split shared memory", jnp.bfloat16, (128, 128), 64, False, "shared memory"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
     v = jnp.zeros((1, 8, 1, dims[1]), dtype)
-    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64, "fused dims": 64}.get(what, 128)
-    consumers = {"consumers": 3, "consumer tiles": 2}.get(what, 0)
-    config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=2, consumers=consumers,
+    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64, "fused dims": 64,
+               "split with consumers": 64, "multicast one tile": 64}.get(what, 128)
+    consumers = {"consumers": 3, "consumer tiles": 2, "split with consumers": 1}.get(what, 0)
+    split = {"split value": 2, "split with consumers": 1, "multicast one tile": 1,
+             "split shared memory": 1}.get(what, 0)
+    # 3 stages of 128-wide tiles fit the one-warpgroup walk (224 KiB), not the split walk's double-buffered state.
+    config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=3 if what == "split shared memory" else 2,
+                          consumers=consumers, split_state=split, multicast=int(what.startswith("multicast")),
                           fused_backward={"fused value": 2, "fused dims": 1, "fused shared memory": 1}.get(what, 0))
     segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
     with pytest.raises(ValueError, match=match):
