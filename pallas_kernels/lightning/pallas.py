@@ -13,11 +13,11 @@ BACKENDS = ("triton", "mosaic_gpu", "tpu")
 # 32-wide Dv tiles give 4 programs per (row, head) whose q/k re-reads hit L2, and 3 pipeline stages hide the chunk
 # loads. Mosaic GPU (Hopper): the fastest of benchmarks/lightning.py's sweep on an H200 at B1 H64 32K (2026-11-30;
 # benchmarks/RESULTS.md, "Mosaic GPU kernel, H200"): 64-token chunks, 64-wide Dv tiles (2 programs per (row, head)
-# at Dv = 128, one warpgroup each), 4 TMA stages; the backward's dv and dk walks paired in one program where
+# at Dv = 128, one walker each), 4 TMA stages; the backward's dv and dk walks paired in one program where
 # Dk = Dv (``fused_backward``: faster than the two walks on an H200, RESULTS.md "Forward + backward with the forward,
 # the paired reverse walks"; ``default_config`` falls back to three walks where it does not apply); the walks with
 # outputs with their state chain in a warpgroup of its own and, where Dv holds 2 to 8 tiles, a head's tile programs as
-# one cluster loading q and k once, in 3 stages (``split_state``, ``multicast``: 1.11x-1.17x the forward on an H200,
+# one cluster loading q and k once, in 3 stages (``split_state``, ``multicast``: 1.11x-1.19x the forward on an H200,
 # RESULTS.md "The state chain in its own warpgroup"). TPU: 128-token chunks (MXU tiles; segment-id blocks need a
 # multiple of 128), untuned.
 DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num_stages=3),
