@@ -62,9 +62,10 @@ gradients, split by columns across two walkers that handed its bf16 copy to each
 replaced (``benchmarks/RESULTS.md``).
 
 Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk and Dv multiples of 64, block_v a multiple
-of 32 dividing both and ``width`` dividing both (the backward's walks swap Dk and Dv), 0-2 consumers, chunk 64 or 128,
-the scratch within Hopper's 227 KiB of SMEM (chunk 128 with ``block_v`` 128 does not fit), no segment ids (``doc``):
-use the Triton kernel for packed documents.
+of 32 dividing both and ``width`` dividing both (the backward's walks swap Dk and Dv), 0-2 consumers, ``split_state``
+only with 0 consumers, ``multicast`` only with ``split_state`` and 2 to ``MAX_CLUSTER`` Dv tiles that split a chunk into
+multiples of 8 rows, chunk 64 or 128, the scratch within Hopper's 227 KiB of SMEM (chunk 128 with ``block_v`` 128 does
+not fit), no segment ids (``doc``): use the Triton kernel for packed documents.
 """
 from __future__ import annotations
 
