@@ -119,6 +119,8 @@ def pattern_fn(name: str, *, chunk: int, block_v: int, stages: int, d: int):
         raise app.UsageError(f"unknown pattern {name!r}")
     walk = name == "walk"
     stage_bytes = chunk * ((2 * d + block_v) if walk else 4 * d) * 2
+    # The copy walk's own scratch (``copy_walk``: the stage slots and its output tiles), not the kernels' walker
+    # scratch that ``pallas_mosaic_gpu.smem_bytes`` counts.
     if stages * stage_bytes + (1 if walk else 2) * chunk * block_v * 2 > SMEM_LIMIT_BYTES:
         return None
     if walk:

@@ -52,9 +52,10 @@ def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk:
                               pallas_mosaic_gpu.TARGET_PROGRAMS) > 1
     if needs_split and dk % width == 0 and dv % width == 0:
         config = split
-    if config.multicast:
-        fits = _raises_nothing(pallas_mosaic_gpu.check_supported, dtype, dk, dv, config, False)
-        config = dataclasses.replace(config, **({"num_stages": MOSAIC_MULTICAST_STAGES} if fits else {"multicast": 0}))
+    if config.multicast:  # checked as it would run: with its stages
+        clustered = dataclasses.replace(config, num_stages=MOSAIC_MULTICAST_STAGES)
+        fits = _raises_nothing(pallas_mosaic_gpu.check_supported, dtype, dk, dv, clustered, False)
+        config = clustered if fits else dataclasses.replace(config, multicast=0)
     if not _raises_nothing(pallas_mosaic_gpu.check_fused_supported, dtype, dk, dv, config):
         config = dataclasses.replace(config, fused_backward=0)
     return config

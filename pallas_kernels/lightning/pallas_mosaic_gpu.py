@@ -102,6 +102,12 @@ def _decay(s, dist, valid):
     return jnp.where(valid, jnp.exp(-s * jnp.maximum(dist, 0).astype(jnp.float32)), 0.0)
 
 
+def _chunk_bounds(n_valid, c, chunk: int):
+    """(valid tokens from chunk ``c``'s start, a, b) as in ``chunk_math.chunk_geometry``."""
+    limit = n_valid - c * chunk
+    return limit, jnp.minimum(limit, 0) - 1, jnp.minimum(limit, chunk) - 1
+
+
 def _intra_decay(s, chunk: int, reverse: bool):
     """[C, C] float32 in wgmma layout: exp(-s |i - j|) where token j feeds token i in the walk's direction, else 0
     (loop-invariant: hoisted out of the chunk loop)."""
@@ -233,9 +239,7 @@ def _kernel(*refs, layout: RowLayout, chunk: int, block_v: int, consumers: int, 
         def body(step, state):
             slot = lax.rem(step, stages)
             c = chunk_of(step)
-            limit = n_valid - c * chunk  # valid tokens from this chunk's start; chunk_math.chunk_geometry
-            a = jnp.minimum(limit, 0) - 1
-            b = jnp.minimum(limit, chunk) - 1
+            limit, a, b = _chunk_bounds(n_valid, c, chunk)
             plgpu.barrier_wait(load_bars.at[slot])
             q_s = slots[q_i].at[slot] if with_output else None
             k_s = slots[k_i].at[slot]
@@ -373,12 +377,6 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, layout: RowLayout, chunk: i
     def chunk_of(step):
         return (n_chunks - 1 - step) if reverse else step
 
-    def geometry(step):
-        """(chunk, valid tokens from its start, a, b) as in ``chunk_math.chunk_geometry``."""
-        c = chunk_of(step)
-        limit = n_valid - c * chunk
-        return c, limit, jnp.minimum(limit, 0) - 1, jnp.minimum(limit, chunk) - 1
-
     def issue_loads(step, slot):
         rows = pl.ds(chunk_of(step) * chunk, chunk)
         plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], q_sm.at[slot], load_bars.at[slot], **multicast)
@@ -401,8 +399,8 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, layout: RowLayout, chunk: i
         decay_cc = _intra_decay(s, chunk, reverse)
 
         def body(step, carry):
-            slot, buf = lax.rem(step, stages), lax.rem(step, 2)
-            c, limit, a, b = geometry(step)
+            slot, buf, c = lax.rem(step, stages), lax.rem(step, 2), chunk_of(step)
+            limit, a, b = _chunk_bounds(n_valid, c, chunk)
             plgpu.barrier_wait(load_bars.at[slot])
             plgpu.barrier_wait(ready_bars.at[buf])  # S_c is in st_sm[buf]
 
@@ -439,7 +437,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, layout: RowLayout, chunk: i
 
         def body(step, state):
             slot, buf = lax.rem(step, stages), lax.rem(step, 2)
-            _, limit, a, b = geometry(step)
+            limit, a, b = _chunk_bounds(n_valid, chunk_of(step), chunk)
 
             @pl.when(step >= 2)
             def _():
