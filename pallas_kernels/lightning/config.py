@@ -20,11 +20,11 @@ class KernelConfig:
         walks its own ``block_v`` tile of the same (row, head), sharing the q/k loads (a program covers
         ``consumers * block_v`` columns of Dv).
     fused_backward: Mosaic GPU only. 0: the backward's dv and dk come from two reverse walks of the forward kernel.
-        1: from one pass (``pallas_mosaic_gpu.fused_backward_scan``): the two reverse walks as two consumer
-        warpgroups of one program, on the same TMA-loaded chunks of q, k, v and dO (Dk = Dv; as many of
-        ``num_stages`` TMA stages as fit in shared memory).
-    split_state: Mosaic GPU walks with outputs (the forward, the dq walk; with ``fused_backward`` = 0 also the dk and
-        dv walks), ``consumers`` = 0. 1: three warpgroups per program (``pallas_mosaic_gpu._split_kernel``): one
+        1: from one launch (``pallas_mosaic_gpu.fused_backward_scan``; Dk = Dv; as many of ``num_stages`` TMA stages
+        as fit in shared memory): with ``split_state``, the two reverse walks as split-walk programs of their own, up
+        to 128 columns wide; without, as two consumer warpgroups of one program on the same TMA-loaded chunks of q,
+        k, v and dO.
+    split_state: Mosaic GPU walks with outputs (the forward, the dq walk, the dk and dv walks), ``consumers`` = 0. 1: three warpgroups per program (``pallas_mosaic_gpu._split_kernel``): one
         carries the state, the chunk recurrence's only loop-carried chain, and hands each chunk's state to one that
         makes the outputs; the third issues the TMA loads. 0: one warpgroup walks the whole chunk chain.
     multicast: with ``split_state``: 1 runs the Dv-tile programs of a (row, head) as one thread-block cluster; each

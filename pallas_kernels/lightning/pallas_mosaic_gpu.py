@@ -49,9 +49,13 @@ distributed over two warpgroups.
 Rows are zero-padded past their valid tokens (``ops.scan_sequence`` guarantees it), so padded keys add nothing to the
 scores or the state; the kernel only has to get the decay distances right.
 
-The backward's dv and dk walks in one pass (``fused_backward_scan``, ``KernelConfig.fused_backward`` = 1): both are
-reverse walks over the same chunks (``ops``: dv walks q=k, k=q, v=dO; dk walks q=v, k=dO, v=q), so one program per
-(Dv tile, head, row) runs them as two consumer warpgroups (``pair``): a producer warpgroup loads each chunk of k, q,
+The backward's dv and dk walks in one launch (``fused_backward_scan``, ``KernelConfig.fused_backward`` = 1), both
+reverse walks over the same chunks (``ops``: dv walks q=k, k=q, v=dO; dk walks q=v, k=dO, v=q). With ``split_state``
+(the default) each walk's programs are split walks of their own, up to 128 columns wide (``_walks_kernel``,
+``PAIRED_WALKS``, ``pair_width``): at D = 128 a head's dv and dk programs each compute q k^T once per chunk, where tile
+programs computed it per tile; on an H200 0.94-1.02 ms against 1.24-1.33 ms for the pair below at B1 H64 32K. The
+pair with both walks in one program and a state warpgroup for both (four warpgroups) reached 1.14-1.21 ms. Without
+``split_state`` one program per (Dv tile, head, row) runs them as two consumer warpgroups (``pair``): a producer warpgroup loads each chunk of k, q,
 dO and v once, and walker 0 (dv) and walker 1 (dk) each carry their own [D, block_v] state, as in two separate
 walks. What it saves: one read of q and dO (a pass over 2 of the 8 arrays the two walks move), one launch, and,
 mostly, the two walks' serial chunk chains now share each SM, so one's wgmmas run while the other does its register
@@ -347,10 +351,10 @@ def _producer(issue_loads, consumed_bars, *, stages: int, n_chunks: int):
             issue_loads(step, slot)
 
 
-def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, layout: RowLayout, chunk: int, block_v: int, stages: int,
+def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, chunk: int, block_v: int, stages: int,
                   reverse: bool, has_init: bool, cluster: bool, interpret: bool):
-    """One walk with outputs in three warpgroups (``KernelConfig.split_state``): 0 makes the outputs, 1 carries the
-    state, 2 issues the TMA loads.
+    """One walk with outputs on Dv tile ``tile`` in three warpgroups (``KernelConfig.split_state``): 0 makes the
+    outputs, 1 carries the state, 2 issues the TMA loads.
 
     The chunk recurrence only runs through the state: S_{c+1} = carry S_c + k_c^T (v_c scaled). Everything else of a
     chunk (q k^T, q S_c, the decays, P v) hangs off it. So the state warpgroup walks that chain alone and hands each
@@ -364,7 +368,6 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, layout: RowLayout, chunk: i
     o_ref, state_out_ref = refs.pop(0), refs.pop(0)
     (q_sm, k_sm, v_sm, vw_sm, st_sm, o_sm, probs_sm, load_bars, consumed_bars, ready_bars, free_bars,
      done_bar) = refs
-    tile = lax.axis_index("cluster" if cluster else "tile")
     head, row, wg = lax.axis_index("head"), lax.axis_index("row"), lax.axis_index("wg")
     cols = pl.ds(tile * block_v, block_v)
     dtype, dk = q_sm.dtype, q_sm.shape[-1]
@@ -582,14 +585,36 @@ def _walk_call(streams, s, inits, *, layout: RowLayout, chunk: int, block_v: int
     return (outs[:n_walks] if with_output else None), outs[-n_walks:]
 
 
-def _split_walk_call(q, k, v, s, init, *, layout: RowLayout, chunk: int, block_v: int, stages: int, reverse: bool,
-                     cluster: bool, interpret: bool):
-    """``_split_kernel`` over q, k [R, L, H, Dk] and v [R, L, H, Dv]; grid (Dv tiles, H, R), or (H, R) with the Dv
-    tiles of a (row, head) as one cluster. init: [R, H, Dk, Dv] float32 or None. Returns (o [R, L, H, Dv], final state
-    [R, H, Dk, Dv] float32)."""
-    rows, length, heads, dk = q.shape
-    dv = v.shape[-1]
-    dtype = q.dtype
+def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_streams: int, tiles: int,
+                 has_init: bool, cluster: bool, **kwargs):
+    """Program p of a row and head runs walk ``walks[p // tiles]`` (indices of its q, k and v among the streams) on Dv
+    tile ``p % tiles`` as ``_split_kernel``; under ``cluster`` (one walk) p is the program's place in the cluster."""
+    refs = list(refs)
+    streams = [refs.pop(0) for _ in range(n_streams)]
+    inits = [refs.pop(0) for _ in walks] if has_init else [None] * len(walks)
+    outs = [refs.pop(0) for _ in walks]
+    states_out = [refs.pop(0) for _ in walks]
+    program = lax.axis_index("cluster" if cluster else "program")
+    for w, (q, k, v) in enumerate(walks):
+        own = [streams[q], streams[k], streams[v]] + ([inits[w]] if has_init else [])
+        run = functools.partial(_split_kernel, s_ref, *own, outs[w], states_out[w], *refs, tile=program % tiles,
+                                has_init=has_init, cluster=cluster, **kwargs)
+        if len(walks) == 1:
+            run()
+        else:
+            pl.when(program // tiles == w)(run)
+
+
+def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ...], layout: RowLayout, chunk: int,
+                     block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str):
+    """``_walks_kernel`` over ``streams`` (each [R, L, H, D]: one walk's (q, k, v), or the backward's (k, q, dO, v)
+    with ``PAIRED_WALKS``); grid (walks x Dv tiles, H, R), or (H, R) with one walk's Dv tiles of a (row, head) as one
+    cluster. inits: one [R, H, Dk, Dv] float32 per walk, or None. The walks share the shapes of walk 0. Returns
+    (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk."""
+    q_i, k_i, v_i = walks[0]
+    rows, length, heads, dk = streams[k_i].shape
+    dv = streams[v_i].shape[-1]
+    dtype = streams[0].dtype
     t = _smem_transforms(min(dk, block_v), dtype)
     tiles = dv // block_v
     scratch = [
@@ -608,18 +633,21 @@ def _split_walk_call(q, k, v, s, init, *, layout: RowLayout, chunk: int, block_v
         plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c read: its buffer free
         plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2) if cluster else None,  # all done
     ]
+    if cluster and len(walks) > 1:
+        raise ValueError("a cluster of Dv-tile programs runs one walk")
     launch = (dict(grid=(heads, rows), grid_names=("head", "row"), cluster=(tiles,), cluster_names=("cluster",))
-              if cluster else dict(grid=(tiles, heads, rows), grid_names=("tile", "head", "row")))
-    kernel = functools.partial(_split_kernel, layout=layout, chunk=chunk, block_v=block_v, stages=stages,
-                               reverse=reverse, has_init=init is not None, cluster=cluster, interpret=interpret)
-    out_type = [jax.ShapeDtypeStruct((rows, length, heads, dv), dtype),
-                jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)]
-    o, state = plgpu.kernel(
+              if cluster else dict(grid=(len(walks) * tiles, heads, rows), grid_names=("program", "head", "row")))
+    has_init = inits[0] is not None
+    kernel = functools.partial(_walks_kernel, walks=walks, n_streams=len(streams), tiles=tiles, has_init=has_init,
+                               cluster=cluster, layout=layout, chunk=chunk, block_v=block_v, stages=stages,
+                               reverse=reverse, interpret=interpret)
+    out_type = ([jax.ShapeDtypeStruct((rows, length, heads, dv), dtype)] * len(walks)
+                + [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)] * len(walks))
+    outs = plgpu.kernel(
         kernel, out_type=out_type, scratch_types=scratch, **launch, num_threads=3, thread_name="wg",
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if cluster else ''}",
-    )(s, q, k, v, *(() if init is None else (init,)))
-    return o, state
+        interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name=name,
+    )(s, *streams, *(inits if has_init else ()))
+    return outs[:len(walks)], outs[len(walks):]
 
 
 def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_output: bool,
@@ -637,8 +665,12 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
         raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
     stages = max(1, min(config.num_stages, length // config.chunk))
     if with_output and config.split_state:
-        return _split_walk_call(q, k, v, s, init, layout=layout, chunk=config.chunk, block_v=min(config.block_v, dv),
-                                stages=stages, reverse=reverse, cluster=bool(config.multicast), interpret=interpret)
+        outs, states = _split_walk_call(
+            [q, k, v], s, [init], walks=((0, 1, 2),), layout=layout, chunk=config.chunk,
+            block_v=min(config.block_v, dv), stages=stages, reverse=reverse, cluster=bool(config.multicast),
+            interpret=interpret,
+            name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if config.multicast else ''}")
+        return outs[0], states[0]
     consumers = config.consumers
     outs, states = _walk_call(
         ([q] if with_output else []) + [k, v], s, [init], layout=layout, chunk=config.chunk,
@@ -649,10 +681,27 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     return (outs[0] if with_output else None), states[0]
 
 
-def pair_stages(chunk: int, d: int, block_v: int, itemsize: int, config: KernelConfig) -> int:
+# Under ``split_state`` the backward's dv and dk walks run as programs of their own (``PAIRED_WALKS``), each as wide as
+# this allows: D = 128 in one Dv tile, so q k^T is computed once per chunk and walk and each program reads three
+# streams, not four. Its [D, D] float32 state takes 128 registers a thread of the state warpgroup at D = 128.
+PAIR_WALK_WIDTH = 128
+# The backward's streams (k, q, dO, v) as ``ops``' dv walk (q=k, k=q, v=dO) and dk walk (q=v, k=dO, v=q).
+PAIRED_WALKS = ((0, 1, 2), (3, 2, 1))
+
+
+def pair_width(d: int, config: KernelConfig) -> int:
+    """Dv columns of each paired program: ``config.block_v`` (the two warpgroup walkers of ``_kernel``), or under
+    ``split_state`` the widest of 128 and 64 that divides D (the walk programs)."""
+    if config.split_state:
+        return next(w for w in (PAIR_WALK_WIDTH, 64) if d % w == 0)
+    return min(config.block_v, d)
+
+
+def pair_stages(chunk: int, d: int, itemsize: int, config: KernelConfig) -> int:
     """TMA stages of the paired reverse walks: the most, up to ``config.num_stages``, whose scratch fits (0: none)."""
+    width, split = pair_width(d, config), bool(config.split_state)
     return next((st for st in range(config.num_stages, 0, -1)
-                 if smem_bytes(chunk, d, block_v, st, itemsize, pair=True) <= SMEM_LIMIT_BYTES), 0)
+                 if smem_bytes(chunk, d, width, st, itemsize, pair=not split, split=split) <= SMEM_LIMIT_BYTES), 0)
 
 
 def check_fused_supported(dtype, dk: int, dv: int, config: KernelConfig):
@@ -664,18 +713,19 @@ def check_fused_supported(dtype, dk: int, dv: int, config: KernelConfig):
     if dk != dv:
         raise ValueError(f"the fused Mosaic GPU backward needs Dk == Dv (its two walkers share scratch shapes); got "
                          f"Dk={dk}, Dv={dv}")
-    if not pair_stages(config.chunk, dk, min(config.block_v, dv), jnp.dtype(dtype).itemsize, config):
+    if not pair_stages(config.chunk, dk, jnp.dtype(dtype).itemsize, config):
         raise ValueError(f"the fused Mosaic GPU backward does not fit in shared memory at chunk={config.chunk}, "
-                         f"block_v={config.block_v}, D={dk}; use chunk 64 or a smaller block_v")
+                         f"width={pair_width(dk, config)}, D={dk}; use chunk 64 or a smaller block_v")
 
 
 def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: KernelConfig,
                         interpret: bool = False):
-    """The backward's two reverse walks in one pass: dk, dv and the reverse walk's final state.
+    """The backward's two reverse walks in one launch: dk, dv and the reverse walk's final state.
 
-    One program per (Dv tile, head, row) runs ``ops``' dv walk (q=k, k=q, v=dO) and dk walk (q=v, k=dO, v=q) as two
-    consumer warpgroups over the same TMA-loaded chunks of q, k, v and dO: each chunk is read once for both, and two
-    independent dependency chains share the SM (one's wgmmas run under the other's register work).
+    ``ops``' dv walk (q=k, k=q, v=dO) and dk walk (q=v, k=dO, v=q). Under ``config.split_state`` each walk's Dv tiles
+    (``pair_width``: all of D = 128 in one) are programs of their own, each a split walk (``_split_kernel``): a head's
+    two programs compute q k^T once each and read q and dO through L2. Otherwise one program per (Dv tile, head, row)
+    runs both as two consumer warpgroups over the same TMA-loaded chunks of q, k, v and dO (``_kernel``'s ``pair``).
 
     q, k: [R, L, H, D]; v, d_o: [R, L, H, D] (zero-padded rows, L a multiple of ``config.chunk``; Dk = Dv); s: [H];
     init: [R, H, D, D] float32 state entering the reverse walk (the gradient of the forward's final state) or None.
@@ -687,11 +737,15 @@ def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: Ker
     check_fused_supported(k.dtype, dk, dv, config)
     if length % config.chunk:
         raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
-    block_v = min(config.block_v, dv)
-    stages = pair_stages(config.chunk, dk, block_v, jnp.dtype(k.dtype).itemsize, config)
+    block_v = pair_width(dv, config)
+    stages = max(1, min(pair_stages(config.chunk, dk, jnp.dtype(k.dtype).itemsize, config), length // config.chunk))
     inits = [None, None] if init is None else [init, jnp.swapaxes(init, -1, -2)]
-    (dv_out, dk_out), (state, _) = _walk_call(
-        [k, q, d_o, v], s, inits, layout=layout, chunk=config.chunk, block_v=block_v, consumers=2, reverse=True,
-        with_output=True, pair=True, stages=max(1, min(stages, length // config.chunk)), interpret=interpret,
-        name="lightning_mgpu_rev_pair")
+    if config.split_state:
+        (dv_out, dk_out), (state, _) = _split_walk_call(
+            [k, q, d_o, v], s, inits, walks=PAIRED_WALKS, layout=layout, chunk=config.chunk, block_v=block_v,
+            stages=stages, reverse=True, cluster=False, interpret=interpret, name="lightning_mgpu_rev_pair_split")
+    else:
+        (dv_out, dk_out), (state, _) = _walk_call(
+            [k, q, d_o, v], s, inits, layout=layout, chunk=config.chunk, block_v=block_v, consumers=2, reverse=True,
+            with_output=True, pair=True, stages=stages, interpret=interpret, name="lightning_mgpu_rev_pair")
     return dk_out, dv_out, state

@@ -119,15 +119,17 @@ def test_mosaic_gpu_lowering_exports_for_cuda(config):
     # m1-1b's heads: one 64-wide tile, 4 stages fit
     (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=1), 3),
     (64, KernelConfig(chunk=64, block_v=32, num_stages=3, groups=1, fused_backward=1), 3),
-    # the forward and dq walks with their state chain in a warpgroup of its own: the default (a cluster of a head's 2
-    # tiles), over a split, and with the three backward walks (the dk and dv walks split too, in reverse)
+    # the walks with their state chain in a warpgroup of its own: the default (forward and dq walk as a cluster of a
+    # head's 2 tiles, the dv and dk walks as 128-wide programs of their own), over a split, m1-1b's heads (64-wide
+    # walk programs, 4 stages), and with the three backward walks (the dk and dv walks split too, in reverse)
     (128, KernelConfig(chunk=64, block_v=64, num_stages=3, groups=1, fused_backward=1, split_state=1, multicast=1), 3),
     (128, KernelConfig(chunk=64, block_v=32, num_stages=2, groups=2, fused_backward=1, split_state=1, multicast=1), 6),
+    (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=1, split_state=1), 3),
     (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=0, split_state=1), 4),
 ])
 def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
     """The paired reverse walks' and the split walks' lowering for sm_90a (TMA, wgmma, two walkers on four streams,
-    the state handed between warpgroups, clusters, the SMEM budget)."""
+    the state handed between warpgroups, walks as programs, clusters, the SMEM budget)."""
     sds = jax.ShapeDtypeStruct
     x = sds((B, T, H, dim), jnp.bfloat16)
     text = _mosaic_grad_export(config, (x, x, x, sds((H,), jnp.float32), sds((B, H, dim, dim), jnp.float32)))
@@ -136,6 +138,7 @@ def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
     split_name = "lightning_mgpu_fwd_split" + ("_multicast" if config.multicast else "")
     assert (split_name in text) == bool(config.split_state)
     assert ("lightning_mgpu_rev_split" in text) == bool(config.split_state and not config.fused_backward)
+    assert ("lightning_mgpu_rev_pair_split" in text) == bool(config.split_state and config.fused_backward)
 
 
 def test_benchmark_times_the_forward_with_the_backward():
