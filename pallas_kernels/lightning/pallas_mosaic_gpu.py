@@ -53,7 +53,9 @@ The backward's dv and dk walks in one launch (``fused_backward_scan``, ``KernelC
 reverse walks over the same chunks (``ops``: dv walks q=k, k=q, v=dO; dk walks q=v, k=dO, v=q). With ``split_state``
 (the default) each walk's programs are split walks of their own, up to 128 columns wide (``_walks_kernel``,
 ``PAIRED_WALKS``, ``pair_width``): at D = 128 a head's dv and dk programs each compute q k^T once per chunk, where tile
-programs computed it per tile; on an H200 0.94-1.02 ms against 1.24-1.33 ms for the pair below at B1 H64 32K. The
+programs computed it per tile; on an H200 0.94-1.02 ms against 1.24-1.33 ms for the pair below at B1 H64 32K. With
+``multicast`` they are one cluster that loads q and dO once for both (``_slot_orders``; 4.06 against 4.25 ms at 128K,
+within the spread at 32K). The
 pair with both walks in one program and a state warpgroup for both (four warpgroups) reached 1.14-1.21 ms. Without
 ``split_state`` one program per (Dv tile, head, row) runs them as two consumer warpgroups (``pair``): a producer warpgroup loads each chunk of k, q,
 dO and v once, and walker 0 (dv) and walker 1 (dk) each carry their own [D, block_v] state, as in two separate
@@ -352,7 +354,8 @@ def _producer(issue_loads, consumed_bars, *, stages: int, n_chunks: int):
 
 
 def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, chunk: int, block_v: int, stages: int,
-                  reverse: bool, has_init: bool, cluster: bool, interpret: bool):
+                  reverse: bool, has_init: bool, cluster: bool, interpret: bool,
+                  shared: tuple[bool, bool, bool] = (True, True, False)):
     """One walk with outputs on Dv tile ``tile`` in three warpgroups (``KernelConfig.split_state``): 0 makes the
     outputs, 1 carries the state, 2 issues the TMA loads.
 
@@ -360,8 +363,9 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     chunk (q k^T, q S_c, the decays, P v) hangs off it. So the state warpgroup walks that chain alone and hands each
     chunk's S_c, rounded to bf16, to the output warpgroup through a double-buffered SMEM copy ("ready" / "free"
     barriers); the output warpgroup's chunks no longer wait on each other. Same operations and roundings as
-    ``_kernel``'s walk, so the outputs are bit-identical. Under ``cluster`` the Dv-tile programs of a (row, head) are
-    one thread-block cluster and each loads part of every chunk's q and k into all of them (TMA multicast).
+    ``_kernel``'s walk, so the outputs are bit-identical. Under ``cluster`` the programs of a (row, head) are one
+    thread-block cluster and each loads part of every chunk of the ``shared`` streams (of q, k, v) into all of them
+    (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the backward's walk programs.
     """
     refs = list(refs)
     init_ref = refs.pop(0) if has_init else None
@@ -374,7 +378,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     n_chunks = layout.length // chunk
     n_valid = layout.row_valid(row)
     s = s_ref[head]
-    multicast = dict(collective_axes="cluster") if cluster else {}
+    multicast = [dict(collective_axes="cluster") if cluster and share else {} for share in shared]
     registers = _consumer_registers(2)
 
     def chunk_of(step):
@@ -382,9 +386,9 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
 
     def issue_loads(step, slot):
         rows = pl.ds(chunk_of(step) * chunk, chunk)
-        plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], q_sm.at[slot], load_bars.at[slot], **multicast)
-        plgpu.copy_gmem_to_smem(k_ref.at[row, rows, head], k_sm.at[slot], load_bars.at[slot], **multicast)
-        plgpu.copy_gmem_to_smem(v_ref.at[row, rows, head, cols], v_sm.at[slot], load_bars.at[slot])
+        plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], q_sm.at[slot], load_bars.at[slot], **multicast[0])
+        plgpu.copy_gmem_to_smem(k_ref.at[row, rows, head], k_sm.at[slot], load_bars.at[slot], **multicast[1])
+        plgpu.copy_gmem_to_smem(v_ref.at[row, rows, head, cols], v_sm.at[slot], load_bars.at[slot], **multicast[2])
 
     def release(step, slot):
         @pl.when(step + stages < n_chunks)  # only slots that are refilled: the producer waits on every phase
@@ -585,20 +589,38 @@ def _walk_call(streams, s, inits, *, layout: RowLayout, chunk: int, block_v: int
     return (outs[:n_walks] if with_output else None), outs[-n_walks:]
 
 
+def _slot_orders(walks: tuple[tuple[int, int, int], ...]) -> list[tuple[int, int, int]]:
+    """Per walk, the scratch slots (0: q's, 1: k's, 2: v's) its q, k and v streams are loaded into: walk 0's own, and
+    a later walk's stream that walk 0 also reads takes walk 0's slot for it, so that a cluster's multicast of that
+    stream writes the same SMEM in every program (the dk walk's dO and q go to the dv walk's v and k slots)."""
+    slot_of = {stream: i for i, stream in enumerate(walks[0])}
+    orders = []
+    for walk in walks:
+        free = iter(i for i in range(3) if i not in {slot_of[x] for x in walk if x in slot_of})
+        orders.append(tuple(slot_of[x] if x in slot_of else next(free) for x in walk))
+    return orders
+
+
 def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_streams: int, tiles: int,
                  has_init: bool, cluster: bool, **kwargs):
     """Program p of a row and head runs walk ``walks[p // tiles]`` (indices of its q, k and v among the streams) on Dv
-    tile ``p % tiles`` as ``_split_kernel``; under ``cluster`` (one walk) p is the program's place in the cluster."""
+    tile ``p % tiles`` as ``_split_kernel``; under ``cluster`` p is the program's place in the cluster, and the
+    streams that every walk reads (all but v for one walk) are loaded once for the cluster (several walks need one
+    tile: a stream may then sit in another role's slot, ``_slot_orders``)."""
     refs = list(refs)
     streams = [refs.pop(0) for _ in range(n_streams)]
     inits = [refs.pop(0) for _ in walks] if has_init else [None] * len(walks)
     outs = [refs.pop(0) for _ in walks]
     states_out = [refs.pop(0) for _ in walks]
+    slots, scratch = refs[:3], refs[3:]
     program = lax.axis_index("cluster" if cluster else "program")
-    for w, (q, k, v) in enumerate(walks):
+    everywhere = set.intersection(*(set(walk) for walk in walks))
+    for w, ((q, k, v), order) in enumerate(zip(walks, _slot_orders(walks))):
         own = [streams[q], streams[k], streams[v]] + ([inits[w]] if has_init else [])
-        run = functools.partial(_split_kernel, s_ref, *own, outs[w], states_out[w], *refs, tile=program % tiles,
-                                has_init=has_init, cluster=cluster, **kwargs)
+        shared = (True, True, False) if len(walks) == 1 else tuple(x in everywhere for x in (q, k, v))
+        run = functools.partial(_split_kernel, s_ref, *own, outs[w], states_out[w], *(slots[i] for i in order),
+                                *scratch, tile=program % tiles, has_init=has_init, cluster=cluster, shared=shared,
+                                **kwargs)
         if len(walks) == 1:
             run()
         else:
@@ -608,8 +630,8 @@ def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_strea
 def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ...], layout: RowLayout, chunk: int,
                      block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str):
     """``_walks_kernel`` over ``streams`` (each [R, L, H, D]: one walk's (q, k, v), or the backward's (k, q, dO, v)
-    with ``PAIRED_WALKS``); grid (walks x Dv tiles, H, R), or (H, R) with one walk's Dv tiles of a (row, head) as one
-    cluster. inits: one [R, H, Dk, Dv] float32 per walk, or None. The walks share the shapes of walk 0. Returns
+    with ``PAIRED_WALKS``); grid (walks x Dv tiles, H, R), or (H, R) with those programs of a (row, head) as one
+    cluster (several walks: one tile each). inits: one [R, H, Dk, Dv] float32 per walk, or None. The walks share the shapes of walk 0. Returns
     (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk."""
     q_i, k_i, v_i = walks[0]
     rows, length, heads, dk = streams[k_i].shape
@@ -633,9 +655,10 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
         plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c read: its buffer free
         plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2) if cluster else None,  # all done
     ]
-    if cluster and len(walks) > 1:
-        raise ValueError("a cluster of Dv-tile programs runs one walk")
-    launch = (dict(grid=(heads, rows), grid_names=("head", "row"), cluster=(tiles,), cluster_names=("cluster",))
+    if cluster and len(walks) > 1 and tiles > 1:
+        raise ValueError("a cluster of several walks takes one Dv tile per walk (its streams swap slots)")
+    launch = (dict(grid=(heads, rows), grid_names=("head", "row"), cluster=(len(walks) * tiles,),
+                   cluster_names=("cluster",))
               if cluster else dict(grid=(len(walks) * tiles, heads, rows), grid_names=("program", "head", "row")))
     has_init = inits[0] is not None
     kernel = functools.partial(_walks_kernel, walks=walks, n_streams=len(streams), tiles=tiles, has_init=has_init,
@@ -741,9 +764,11 @@ def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: Ker
     stages = max(1, min(pair_stages(config.chunk, dk, jnp.dtype(k.dtype).itemsize, config), length // config.chunk))
     inits = [None, None] if init is None else [init, jnp.swapaxes(init, -1, -2)]
     if config.split_state:
+        cluster = bool(config.multicast) and block_v == dv  # the two walk programs of a head load q and dO once
         (dv_out, dk_out), (state, _) = _split_walk_call(
             [k, q, d_o, v], s, inits, walks=PAIRED_WALKS, layout=layout, chunk=config.chunk, block_v=block_v,
-            stages=stages, reverse=True, cluster=False, interpret=interpret, name="lightning_mgpu_rev_pair_split")
+            stages=stages, reverse=True, cluster=cluster, interpret=interpret,
+            name=f"lightning_mgpu_rev_pair_split{'_multicast' if cluster else ''}")
     else:
         (dv_out, dk_out), (state, _) = _walk_call(
             [k, q, d_o, v], s, inits, layout=layout, chunk=config.chunk, block_v=block_v, consumers=2, reverse=True,

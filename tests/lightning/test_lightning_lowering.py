@@ -139,6 +139,9 @@ def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
     assert (split_name in text) == bool(config.split_state)
     assert ("lightning_mgpu_rev_split" in text) == bool(config.split_state and not config.fused_backward)
     assert ("lightning_mgpu_rev_pair_split" in text) == bool(config.split_state and config.fused_backward)
+    # D = 128: the dv and dk walk programs of a head are one cluster, loading q and dO once
+    assert ("lightning_mgpu_rev_pair_split_multicast" in text) == bool(
+        config.split_state and config.fused_backward and config.multicast)
 
 
 def test_benchmark_times_the_forward_with_the_backward():
