@@ -24,12 +24,14 @@ class KernelConfig:
         as fit in shared memory): with ``split_state``, the two reverse walks as split-walk programs of their own, up
         to 128 columns wide; without, as two consumer warpgroups of one program on the same TMA-loaded chunks of q,
         k, v and dO.
-    split_state: Mosaic GPU walks with outputs (the forward, the dq walk, the dk and dv walks), ``consumers`` = 0. 1: three warpgroups per program (``pallas_mosaic_gpu._split_kernel``): one
-        carries the state, the chunk recurrence's only loop-carried chain, and hands each chunk's state to one that
-        makes the outputs; the third issues the TMA loads. 0: one warpgroup walks the whole chunk chain.
+    split_state: Mosaic GPU walks with outputs (the forward, the dq walk, the dk and dv walks), ``consumers`` = 0.
+        1: three warpgroups per program (``pallas_mosaic_gpu._split_kernel``): one carries the state, the chunk
+        recurrence's only loop-carried chain, and hands each chunk's state to one that makes the outputs; the third
+        issues the TMA loads. 0: one warpgroup walks the whole chunk chain.
     multicast: with ``split_state``: 1 runs the Dv-tile programs of a (row, head) as one thread-block cluster; each
         loads its share of every chunk's q and k rows into all of them (TMA multicast), so q and k cross L2 once per
-        (row, head) instead of once per tile.
+        (row, head) instead of once per tile. The backward's dv and dk walk programs (one tile each) likewise load q
+        and dO once.
     """
     chunk: int = 64
     block_v: int = 32

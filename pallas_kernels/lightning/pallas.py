@@ -19,8 +19,8 @@ BACKENDS = ("triton", "mosaic_gpu", "tpu")
 # outputs with their state chain in a warpgroup of its own and, where Dv holds 2 to 8 tiles, a head's tile programs as
 # one cluster loading q and k once, in 3 stages (``split_state``, ``multicast``: 1.11x-1.19x the forward on an H200,
 # RESULTS.md "The state chain in its own warpgroup"); with ``split_state`` the paired dv and dk walks are split-walk
-# programs of their own (1.3x the two-warpgroup pair on an H200, RESULTS.md "The backward's walks as programs"). TPU: 128-token chunks (MXU tiles; segment-id blocks need a
-# multiple of 128), untuned.
+# programs of their own (1.3x the two-warpgroup pair on an H200, RESULTS.md "The backward's walks as programs"). TPU:
+# 128-token chunks (MXU tiles; segment-id blocks need a multiple of 128), untuned.
 DEFAULT_CONFIGS = {"triton": KernelConfig(chunk=64, block_v=32, num_warps=4, num_stages=3),
                    "mosaic_gpu": KernelConfig(chunk=64, block_v=64, num_stages=4, fused_backward=1, split_state=1,
                                               multicast=1),

@@ -55,17 +55,16 @@ reverse walks over the same chunks (``ops``: dv walks q=k, k=q, v=dO; dk walks q
 ``PAIRED_WALKS``, ``pair_width``): at D = 128 a head's dv and dk programs each compute q k^T once per chunk, where tile
 programs computed it per tile; on an H200 0.94-1.02 ms against 1.24-1.33 ms for the pair below at B1 H64 32K. With
 ``multicast`` they are one cluster that loads q and dO once for both (``_slot_orders``; 4.06 against 4.25 ms at 128K,
-within the spread at 32K). The
-pair with both walks in one program and a state warpgroup for both (four warpgroups) reached 1.14-1.21 ms. Without
-``split_state`` one program per (Dv tile, head, row) runs them as two consumer warpgroups (``pair``): a producer warpgroup loads each chunk of k, q,
-dO and v once, and walker 0 (dv) and walker 1 (dk) each carry their own [D, block_v] state, as in two separate
-walks. What it saves: one read of q and dO (a pass over 2 of the 8 arrays the two walks move), one launch, and,
-mostly, the two walks' serial chunk chains now share each SM, so one's wgmmas run while the other does its register
-math (measured on an H200: 0.98 ms against 2 x 0.64 ms at B1 H64 32K). Needs Dk = Dv (the walkers share scratch
-shapes); at D = 128 its 64 KiB per TMA stage leave room for 2 stages. An earlier version held one state dS for both
-gradients, split by columns across two walkers that handed its bf16 copy to each other through SMEM every chunk:
-64 programs at B1 H64 and both [C, C] score matrices per walker made it 0.82x the separate walks, and it was
-replaced (``benchmarks/RESULTS.md``).
+within the spread at 32K). The pair with both walks in one program and a state warpgroup for both (four warpgroups)
+reached 1.14-1.21 ms. Without ``split_state`` one program per (Dv tile, head, row) runs them as two consumer warpgroups
+(``pair``): a producer warpgroup loads each chunk of k, q, dO and v once, and walker 0 (dv) and walker 1 (dk) each
+carry their own [D, block_v] state, as in two separate walks. What it saves: one read of q and dO (a pass over 2 of the
+8 arrays the two walks move), one launch, and, mostly, the two walks' serial chunk chains now share each SM, so one's
+wgmmas run while the other does its register math (measured on an H200: 0.98 ms against 2 x 0.64 ms at B1 H64 32K).
+Needs Dk = Dv (the walkers share scratch shapes); at D = 128 its 64 KiB per TMA stage leave room for 2 stages. An
+earlier version held one state dS for both gradients, split by columns across two walkers that handed its bf16 copy to
+each other through SMEM every chunk: 64 programs at B1 H64 and both [C, C] score matrices per walker made it 0.82x the
+separate walks, and it was replaced (``benchmarks/RESULTS.md``).
 
 Limits (``check_supported``, one-line ValueError): bf16/fp16 inputs, Dk and Dv multiples of 64, block_v a multiple
 of 32 dividing both and ``width`` dividing both (the backward's walks swap Dk and Dv), 0-2 consumers, ``split_state``
@@ -631,8 +630,8 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
                      block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str):
     """``_walks_kernel`` over ``streams`` (each [R, L, H, D]: one walk's (q, k, v), or the backward's (k, q, dO, v)
     with ``PAIRED_WALKS``); grid (walks x Dv tiles, H, R), or (H, R) with those programs of a (row, head) as one
-    cluster (several walks: one tile each). inits: one [R, H, Dk, Dv] float32 per walk, or None. The walks share the shapes of walk 0. Returns
-    (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk."""
+    cluster (several walks: one tile each). inits: one [R, H, Dk, Dv] float32 per walk, or None. The walks share
+    walk 0's shapes. Returns (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk."""
     q_i, k_i, v_i = walks[0]
     rows, length, heads, dk = streams[k_i].shape
     dv = streams[v_i].shape[-1]
@@ -747,7 +746,8 @@ def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: Ker
 
     ``ops``' dv walk (q=k, k=q, v=dO) and dk walk (q=v, k=dO, v=q). Under ``config.split_state`` each walk's Dv tiles
     (``pair_width``: all of D = 128 in one) are programs of their own, each a split walk (``_split_kernel``): a head's
-    two programs compute q k^T once each and read q and dO through L2. Otherwise one program per (Dv tile, head, row)
+    two programs compute q k^T once each and, with ``multicast`` at one tile per walk, load q and dO once as one
+    cluster. Otherwise one program per (Dv tile, head, row)
     runs both as two consumer warpgroups over the same TMA-loaded chunks of q, k, v and dO (``_kernel``'s ``pair``).
 
     q, k: [R, L, H, D]; v, d_o: [R, L, H, D] (zero-padded rows, L a multiple of ``config.chunk``; Dk = Dv); s: [H];
