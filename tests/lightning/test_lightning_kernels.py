@@ -153,6 +153,21 @@ def test_mosaic_default_config_fits_the_call(batch, heads, length, dk, dv, consu
     assert config.groups is None
 
 
+def test_clustered_walk_programs_load_each_shared_stream_into_one_slot():
+    """The backward's dv and dk walk programs multicast the streams both read (q and dO) into the same SMEM slot of
+    both programs. The interpreter does not model multicast (a wrong slot order passes the oracle cases there), so
+    the order is checked here: in every walk, each stream that all walks read sits in the slot walk 0 gives it, and
+    each walk fills slots 0-2 once. Slots hold [C, D] tiles, so a stream may take another role's slot."""
+    from pallas_kernels.lightning.pallas_mosaic_gpu import PAIRED_WALKS, _slot_orders
+    k, q, d_o, v = range(4)  # the backward's streams, as fused_backward_scan passes them
+    assert PAIRED_WALKS == ((k, q, d_o), (v, d_o, q))  # ops: dv walks (q=k, k=q, v=dO); dk walks (q=v, k=dO, v=q)
+    orders = _slot_orders(PAIRED_WALKS)
+    slot = [dict(zip(walk, order)) for walk, order in zip(PAIRED_WALKS, orders)]
+    assert all(sorted(order) == [0, 1, 2] for order in orders)
+    assert slot[1][q] == slot[0][q] and slot[1][d_o] == slot[0][d_o]
+    assert orders[0] == (0, 1, 2)  # one walk (and walk 0) keeps q, k, v in their own slots
+
+
 @pytest.mark.parametrize("option", ["fused_backward", "split_state", "multicast"])
 def test_program_shape_options_are_mosaic_gpu_only(option):
     x = jnp.zeros((1, 8, 1, 16))
