@@ -704,18 +704,23 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
 
 
 # Under ``split_state`` the backward's dv and dk walks run as programs of their own (``PAIRED_WALKS``), each as wide as
-# this allows: D = 128 in one Dv tile, so q k^T is computed once per chunk and walk and each program reads three
-# streams, not four. Its [D, D] float32 state takes 128 registers a thread of the state warpgroup at D = 128.
+# these allow: D = 128 in one Dv tile, so q k^T is computed once per chunk and walk and each program reads three
+# streams, not four. A [D, width] float32 state takes D * width / 128 registers a thread of the state warpgroup: at
+# most 128 (D = 128 whole; D = 256 in 64-wide tiles), as the forward's [Dk, 64] state at Dk = 256.
 PAIR_WALK_WIDTH = 128
+PAIR_STATE_ELEMENTS = 128 * 128
 # The backward's streams (k, q, dO, v) as ``ops``' dv walk (q=k, k=q, v=dO) and dk walk (q=v, k=dO, v=q).
 PAIRED_WALKS = ((0, 1, 2), (3, 2, 1))
 
 
 def pair_width(d: int, config: KernelConfig) -> int:
     """Dv columns of each paired program: ``config.block_v`` (the two warpgroup walkers of ``_kernel``), or under
-    ``split_state`` the widest of 128 and 64 that divides D (the walk programs)."""
+    ``split_state`` the widest of 128 and 64 that divides D and keeps the [D, width] state within
+    ``PAIR_STATE_ELEMENTS`` (the walk programs; ``config.block_v`` where none does)."""
     if config.split_state:
-        return next(w for w in (PAIR_WALK_WIDTH, 64) if d % w == 0)
+        fits = [w for w in (PAIR_WALK_WIDTH, 64) if d % w == 0 and d * w <= PAIR_STATE_ELEMENTS]
+        if fits:
+            return fits[0]
     return min(config.block_v, d)
 
 

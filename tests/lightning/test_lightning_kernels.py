@@ -9,6 +9,8 @@ walk.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,6 +168,18 @@ def test_clustered_walk_programs_load_each_shared_stream_into_one_slot():
     assert all(sorted(order) == [0, 1, 2] for order in orders)
     assert slot[1][q] == slot[0][q] and slot[1][d_o] == slot[0][d_o]
     assert orders[0] == (0, 1, 2)  # one walk (and walk 0) keeps q, k, v in their own slots
+
+
+@pytest.mark.parametrize("d", [64, 128, 192, 256, 512])
+def test_walk_programs_take_the_widest_tile_whose_state_fits(d):
+    """The backward's walk programs cover whole Dv tiles and carry a [D, width] float32 state in one warpgroup's
+    registers: at most 128 x 128 elements (128 a thread), else the config's block_v as the other walks."""
+    from pallas_kernels.lightning.pallas_mosaic_gpu import pair_width
+    config = KernelConfig(chunk=64, block_v=64, fused_backward=1, split_state=1)
+    width = pair_width(d, config)
+    fitting = [w for w in (64, 128) if d % w == 0 and d * w <= 128 * 128]
+    assert d % width == 0 and width == (max(fitting) if fitting else 64)
+    assert pair_width(d, dataclasses.replace(config, split_state=0)) == 64  # the two-warpgroup pair: block_v
 
 
 @pytest.mark.parametrize("option", ["fused_backward", "split_state", "multicast"])
