@@ -605,7 +605,8 @@ def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_strea
     """Program p of a row and head runs walk ``walks[p // tiles]`` (indices of its q, k and v among the streams) on Dv
     tile ``p % tiles`` as ``_split_kernel``; under ``cluster`` p is the program's place in the cluster, and the
     streams that every walk reads (all but v for one walk) are loaded once for the cluster (several walks need one
-    tile: a stream may then sit in another role's slot, ``_slot_orders``)."""
+    tile: a stream may then sit in another role's slot, ``_slot_orders``; unclustered, every walk keeps its roles' slots,
+    whose widths differ when a walk has several tiles)."""
     refs = list(refs)
     streams = [refs.pop(0) for _ in range(n_streams)]
     inits = [refs.pop(0) for _ in walks] if has_init else [None] * len(walks)
@@ -614,7 +615,8 @@ def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_strea
     slots, scratch = refs[:3], refs[3:]
     program = lax.axis_index("cluster" if cluster else "program")
     everywhere = set.intersection(*(set(walk) for walk in walks))
-    for w, ((q, k, v), order) in enumerate(zip(walks, _slot_orders(walks))):
+    orders = _slot_orders(walks) if cluster else [(0, 1, 2)] * len(walks)
+    for w, ((q, k, v), order) in enumerate(zip(walks, orders)):
         own = [streams[q], streams[k], streams[v]] + ([inits[w]] if has_init else [])
         shared = (True, True, False) if len(walks) == 1 else tuple(x in everywhere for x in (q, k, v))
         run = functools.partial(_split_kernel, s_ref, *own, outs[w], states_out[w], *(slots[i] for i in order),
@@ -752,8 +754,8 @@ def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: Ker
     ``ops``' dv walk (q=k, k=q, v=dO) and dk walk (q=v, k=dO, v=q). Under ``config.split_state`` each walk's Dv tiles
     (``pair_width``: all of D = 128 in one) are programs of their own, each a split walk (``_split_kernel``): a head's
     two programs compute q k^T once each and, with ``multicast`` at one tile per walk, load q and dO once as one
-    cluster. Otherwise one program per (Dv tile, head, row)
-    runs both as two consumer warpgroups over the same TMA-loaded chunks of q, k, v and dO (``_kernel``'s ``pair``).
+    cluster. Otherwise one program per (Dv tile, head, row) runs both as two consumer warpgroups over the same
+    TMA-loaded chunks of q, k, v and dO (``_kernel``'s ``pair``).
 
     q, k: [R, L, H, D]; v, d_o: [R, L, H, D] (zero-padded rows, L a multiple of ``config.chunk``; Dk = Dv); s: [H];
     init: [R, H, D, D] float32 state entering the reverse walk (the gradient of the forward's final state) or None.

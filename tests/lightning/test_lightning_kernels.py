@@ -61,6 +61,7 @@ MOSAIC_SPLIT_STATE = [
     (("mosaic_gpu", "bfloat16", 1, 200, 1, 128, 128, 64, 64, 1, False, True), 2, 0, 1),  # reverse split walks
     (("mosaic_gpu", "bfloat16", 2, 200, 2, 128, 128, 64, 32, 3, False, False), 4, 1, 1),  # cluster of 4, split rows
     (("mosaic_gpu", "bfloat16", 1, 100, 1, 64, 128, 64, 64, 1, False, True), 1, 0, 0),  # Dk != Dv, one slot
+    (("mosaic_gpu", "bfloat16", 1, 130, 1, 192, 192, 64, 64, 1, False, True), 2, 1, 0),  # walk programs of 3 tiles
 ]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 

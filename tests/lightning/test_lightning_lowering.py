@@ -125,6 +125,8 @@ def test_mosaic_gpu_lowering_exports_for_cuda(config):
     (128, KernelConfig(chunk=64, block_v=64, num_stages=3, groups=1, fused_backward=1, split_state=1, multicast=1), 3),
     (128, KernelConfig(chunk=64, block_v=32, num_stages=2, groups=2, fused_backward=1, split_state=1, multicast=1), 6),
     (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=1, split_state=1), 3),
+    # D = 192: three 64-wide tiles per walk program, unclustered (each walk's streams in their own roles' slots)
+    (192, KernelConfig(chunk=64, block_v=64, num_stages=2, groups=1, fused_backward=1, split_state=1), 3),
     (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=0, split_state=1), 4),
 ])
 def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
