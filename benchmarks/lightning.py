@@ -35,6 +35,9 @@ Paired vs three-walk Mosaic backward vs fla, forward+backward:
         --shapes=1x64x32768,1x64x131072 --sweep_shapes= --out_dir=$OUT
 
 Each implementation's time is printed as soon as it is measured (a ``start`` row before, a ``timed`` row after).
+
+``--energy`` adds each kernel's energy per call, mean power and SM clocks from NVML (``benchmarks/power.py``; carry the
+``nvidia-ml-py`` wheel): on an H200 our kernels run at the card's power limit, where the energy per call sets the time.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.power import energy_per_call, nvml_handle  # noqa: E402
 from benchmarks.timing import jit_timed, pipelined_seconds, time_pipelined  # noqa: E402
 from pallas_kernels.lightning import pallas, reference  # noqa: E402
 from pallas_kernels.lightning.config import KernelConfig, pick_groups  # noqa: E402
@@ -78,6 +82,9 @@ flags.DEFINE_bool("compare_xla", True, "with --check: compare each timed kernel 
                   "(minutes at 128K forward+backward)")
 flags.DEFINE_integer("cudnn_max_n", 131072, "skip cuDNN softmax above this N (1M would take seconds per call)")
 flags.DEFINE_integer("head_dim", 128, "d")
+flags.DEFINE_bool("energy", False, "after the timing rounds, run each of --impls' kernels (and fla) back to back "
+                  "for 2 s and report its energy per call, mean power and SM clocks from NVML (benchmarks.power; "
+                  "needs nvidia-ml-py)")
 flags.DEFINE_integer("rounds", 1, "time every implementation this many times, interleaved; the median is reported",
                      lower_bound=1)
 
@@ -184,24 +191,32 @@ class Fla:
     def tensors(self, *xs):
         return [self.torch.from_dlpack(x) for x in xs]
 
-    def time(self, q, k, v, do, s, with_bwd, pipelined=False) -> float:
-        """Seconds per call: ``do_bench``'s median (events around each call, L2 flushed before it), or with
-        ``pipelined`` the host wall time of back-to-back calls, as ``benchmarks.timing.time_pipelined`` times ours."""
+    def call(self, q, k, v, do, s, with_bwd):
+        """fla's forward (or forward + backward) on these inputs as a function of nothing."""
         torch = self.torch
         q, k, v, do = self.tensors(q, k, v, do)
         g = -torch.from_dlpack(jnp.asarray(s))
         if not with_bwd:
-            fn = lambda: self.op(q, k, v, g_gamma=g, scale=1.0, output_final_state=True)
-        else:
-            leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+            return lambda: self.op(q, k, v, g_gamma=g, scale=1.0, output_final_state=True)
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
 
-            def fn():
-                o, _ = self.op(*leaves, g_gamma=g, scale=1.0)
-                o.backward(do)
+        def fn():
+            o, _ = self.op(*leaves, g_gamma=g, scale=1.0)
+            o.backward(do)
+        return fn
+
+    def wait(self, _=None):
+        self.torch.cuda.synchronize()
+
+    def time(self, q, k, v, do, s, with_bwd, pipelined=False) -> float:
+        """Seconds per call: ``do_bench``'s median (events around each call, L2 flushed before it), or with
+        ``pipelined`` the host wall time of back-to-back calls, as ``benchmarks.timing.time_pipelined`` times ours."""
+        torch = self.torch
+        fn = self.call(q, k, v, do, s, with_bwd)
         fn()
         torch.cuda.synchronize()
         if pipelined:
-            sec = pipelined_seconds(fn, lambda _: torch.cuda.synchronize())
+            sec = pipelined_seconds(fn, self.wait)
         else:
             sec = self.triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0] / 1e3
         torch.cuda.empty_cache()
@@ -354,6 +369,16 @@ def print_table(table):
         print(f"| {r['shape']} | {r['mode']} | " + " | ".join(cells) + " |")
 
 
+def print_energy_table(table):
+    """Each implementation's energy per call, mean power and SM clocks (``--energy``)."""
+    print("\n| shape | mode | impl | ms | mJ per call | W | SM MHz median (min) | power-capped samples |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in table:
+        for key, e in ((k, v) for k, v in r.items() if k.endswith("_energy")):
+            print(f"| {r['shape']} | {r['mode']} | {key[:-len('_energy')]} | {e['ms']:.3f} | {e['mJ_per_call']:.0f} | "
+                  f"{e['W']:.0f} | {e['sm_mhz_median']} ({e['sm_mhz_min']}) | {100 * e['power_capped']:.0f}% |")
+
+
 def main(argv):
     del argv
     os.makedirs(FLAGS.out_dir, exist_ok=True)
@@ -366,6 +391,9 @@ def main(argv):
 
     if unknown := sorted(set(FLAGS.check_impls) - set(KERNELS)):
         raise app.UsageError(f"--check_impls takes our kernels ({', '.join(KERNELS)}); got {unknown}")
+    nvml = nvml_handle() if FLAGS.energy else None
+    if FLAGS.energy and nvml is None:
+        raise app.UsageError("--energy reads NVML: install nvidia-ml-py, on a machine with an NVIDIA GPU")
     d = FLAGS.head_dim
     fla = Fla() if {"fla", "fla_pipelined"} & set(FLAGS.impls) else None
     device_kind = jax.devices()[0].device_kind
@@ -431,6 +459,16 @@ def main(argv):
                              "error": row[f"{name}_error"]})
                         if fla is not None:
                             fla.torch.cuda.empty_cache()
+            if FLAGS.energy:
+                energy_calls = {name: (functools.partial(lambda fn: fn(*args), ours_fn(
+                    s, configs[name], with_bwd, KERNELS[name])), jax.block_until_ready) for name in kernels}
+                if "fla" in FLAGS.impls:
+                    energy_calls["fla"] = (fla.call(q, k, v, do, s, with_bwd), fla.wait)
+                for name, (call, wait) in energy_calls.items():
+                    if f"{name}_error" not in row:
+                        row[f"{name}_energy"] = energy_per_call(call, wait, nvml=nvml)
+                        log({"phase": "energy", "shape": row["shape"], "mode": mode, "impl": name,
+                             **row[f"{name}_energy"]})
             for name, ms in rounds.items():
                 row[f"{name}_ms"] = float(np.median(ms))
                 if FLAGS.rounds > 1:
@@ -447,6 +485,8 @@ def main(argv):
         if fla is not None:
             fla.torch.cuda.empty_cache()
     print_table(table)
+    if FLAGS.energy:
+        print_energy_table(table)
     for impl in sorted({r["impl"] for r in checks}):
         rows = [r for r in checks if r["impl"] == impl]
         errors = [v for r in rows for k, v in r.items() if k in ("o", "final", "dq", "dk", "dv", "d_init")]
