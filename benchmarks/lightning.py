@@ -211,15 +211,14 @@ class Fla:
     def time(self, q, k, v, do, s, with_bwd, pipelined=False) -> float:
         """Seconds per call: ``do_bench``'s median (events around each call, L2 flushed before it), or with
         ``pipelined`` the host wall time of back-to-back calls, as ``benchmarks.timing.time_pipelined`` times ours."""
-        torch = self.torch
         fn = self.call(q, k, v, do, s, with_bwd)
         fn()
-        torch.cuda.synchronize()
+        self.wait()
         if pipelined:
             sec = pipelined_seconds(fn, self.wait)
         else:
             sec = self.triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0] / 1e3
-        torch.cuda.empty_cache()
+        self.torch.cuda.empty_cache()
         return sec
 
     def output(self, q, k, v, s):
@@ -460,8 +459,8 @@ def main(argv):
                         if fla is not None:
                             fla.torch.cuda.empty_cache()
             if FLAGS.energy:
-                energy_calls = {name: (functools.partial(lambda fn: fn(*args), ours_fn(
-                    s, configs[name], with_bwd, KERNELS[name])), jax.block_until_ready) for name in kernels}
+                energy_calls = {name: (lambda fn=ours_fn(s, configs[name], with_bwd, KERNELS[name]): fn(*args),
+                                       jax.block_until_ready) for name in kernels}
                 if "fla" in FLAGS.impls:
                     energy_calls["fla"] = (fla.call(q, k, v, do, s, with_bwd), fla.wait)
                 for name, (call, wait) in energy_calls.items():

@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from benchmarks.timing import calls_per_batch
+
 # NVML clock event reasons that mean "held down by power": the software power cap and the hardware power brake.
 POWER_REASONS = 0x4 | 0x80
 
@@ -45,10 +47,7 @@ def energy_per_call(call: Callable[[], Any], wait: Callable[[Any], Any], *, seco
     if nvml is None:
         raise RuntimeError("energy_per_call needs NVML (pip install nvidia-ml-py) and an NVIDIA GPU")
     lib, handle = nvml
-    wait(call())
-    t0 = time.perf_counter()
-    wait(call())
-    batch = max(1, int(0.03 / max(time.perf_counter() - t0, 1e-6)))
+    _, batch = calls_per_batch(call, wait)
 
     def run(duration: float) -> int:
         calls, start = 0, time.perf_counter()

@@ -62,17 +62,24 @@ def time_pipelined(fn, *args) -> float:
     return pipelined_seconds(lambda: fn(*args), jax.block_until_ready)
 
 
-def pipelined_seconds(call, wait) -> float:
-    """``time_pipelined`` for any framework: ``call()`` queues one call on the device and returns its outputs,
-    ``wait(outputs)`` blocks until the device has finished them (torch: ``lambda _: torch.cuda.synchronize()``)."""
+def calls_per_batch(call, wait, batch_seconds: float = 0.03) -> tuple[float, int]:
+    """(seconds of one call, calls that take about ``batch_seconds``, at least 1), after one call that compiles and
+    warms up; ``call`` and ``wait`` as in ``pipelined_seconds``."""
     wait(call())
     t0 = time.perf_counter()
     wait(call())
-    once = time.perf_counter() - t0
-    n = max(1, min(200, int(0.03 / max(once, 1e-6))))
+    once = max(time.perf_counter() - t0, 1e-6)
+    return once, max(1, int(batch_seconds / once))
+
+
+def pipelined_seconds(call, wait) -> float:
+    """``time_pipelined`` for any framework: ``call()`` queues one call on the device and returns its outputs,
+    ``wait(outputs)`` blocks until the device has finished them (torch: ``lambda _: torch.cuda.synchronize()``)."""
+    once, n = calls_per_batch(call, wait)
+    n = min(200, n)
     # Warm the clocks up again after the compile's idle time: 0.3 s of calls (on an H200 the first implementation
     # timed after a compile ran up to 10% slower than the same kernel timed later).
-    for _ in range(max(1, int(0.3 / max(once, 1e-6)))):
+    for _ in range(max(1, int(0.3 / once))):
         wait(call())
     times = []
     for _ in range(5):
