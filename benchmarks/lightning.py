@@ -1,6 +1,7 @@
 """Lightning attention benchmark on one GPU: our Pallas kernels (Triton: ``ours``; Mosaic GPU, Hopper only:
-``mosaic``, whose backward pairs the dv and dk walks in one program; ``mosaic_3walks``: the same forward, the
-backward's three separate walks) vs fla, the XLA chunked scan, cuDNN softmax.
+``mosaic``, whose backward at D = 128 runs in one launch; ``mosaic_paired``: the same forward, the dq walk and then
+the dv and dk walks as paired programs; ``mosaic_3walks``: the backward's three separate walks) vs fla, the XLA
+chunked scan, cuDNN softmax.
 
 Run from the repository root on a GPU machine with fla-core 0.6.0 installed (the competitor; it needs torch and triton):
 
@@ -70,7 +71,9 @@ flags.DEFINE_list("shapes", ["1x64x8192", "1x64x32768", "1x64x131072", "8x64x819
 flags.DEFINE_list("sweep_shapes", ["1x64x32768", "1x8x1048576"], "shapes at which our config is tuned")
 flags.DEFINE_list("impls", ["ours", "mosaic", "fla", "xla", "cudnn"],
                   "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), mosaic_3walks (Mosaic GPU, the "
-                  "backward's dv and dk walks not paired), mosaic_unsplit (Mosaic GPU, each walk with outputs in "
+                  "backward's dv and dk walks not paired), mosaic_paired (Mosaic GPU, the dq walk and the paired dv "
+                  "and dk walk programs: the backward before the one-launch default), mosaic_unsplit (Mosaic GPU, "
+                  "each walk with outputs in "
                   "one warpgroup, 4 stages, no cluster: the default before split_state), fla (do_bench), "
                   "fla_pipelined (timed as ours are), xla, "
                   "cudnn")
@@ -90,11 +93,13 @@ flags.DEFINE_integer("rounds", 1, "time every implementation this many times, in
 
 # Our kernels: --impls name -> pallas backend.
 KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu",
-           "mosaic_unsplit": "mosaic_gpu"}
-WALKS3, UNSPLIT = "mosaic_3walks", "mosaic_unsplit"
+           "mosaic_unsplit": "mosaic_gpu", "mosaic_paired": "mosaic_gpu"}
+WALKS3, UNSPLIT, PAIRED = "mosaic_3walks", "mosaic_unsplit", "mosaic_paired"
 # Variants of the Mosaic GPU kernel (not swept): their config from mosaic's (swept or default) one.
 MOSAIC_VARIANTS = {
     WALKS3: lambda c: dataclasses.replace(c, fused_backward=0),
+    # The backward as before the one-launch default: the dq walk, then the paired dv and dk walks.
+    PAIRED: lambda c: dataclasses.replace(c, fused_backward=min(c.fused_backward, 1)),
     # The one-warpgroup walks in the default's own stages (the sequence-split regime's config is unsplit already).
     UNSPLIT: lambda c: c if not c.split_state else dataclasses.replace(
         c, split_state=0, multicast=0, num_stages=pallas.DEFAULT_CONFIGS["mosaic_gpu"].num_stages),
@@ -250,7 +255,8 @@ def check_small(log, impls=("ours",), shape=(2, 1000, 4)):
              WALKS3: [(jnp.bfloat16, MOSAIC_VARIANTS[WALKS3](dataclasses.replace(fitted, groups=g)), False)
                       for g in (1, 3)],
              UNSPLIT: [(jnp.bfloat16, MOSAIC_VARIANTS[UNSPLIT](dataclasses.replace(fitted, groups=g)), False)
-                       for g in (1, 3)]}
+                       for g in (1, 3)],
+             PAIRED: [(jnp.bfloat16, MOSAIC_VARIANTS[PAIRED](dataclasses.replace(fitted, groups=1)), False)]}
     rows = []
     for impl, dtype, config, with_segments in [(name, *c) for name in impls for c in cases[name]]:
         backend = KERNELS[impl]
@@ -349,11 +355,12 @@ def compare_to_xla(s, configs, with_bwd, args, fla):
 
 def print_table(table):
     """The markdown table: each timed implementation's ms (% floor), the speedups of ours over fla, the errors."""
-    names = [n for n in ("mosaic", UNSPLIT, WALKS3, "ours", "fla", "fla_pipelined", "xla", "cudnn")
+    names = [n for n in ("mosaic", PAIRED, UNSPLIT, WALKS3, "ours", "fla", "fla_pipelined", "xla", "cudnn")
              if any(f"{n}_ms" in r for r in table)]
-    label = {WALKS3: "mosaic 3 bwd walks", UNSPLIT: "mosaic unsplit", "mosaic": "mosaic", "ours": "triton",
+    label = {WALKS3: "mosaic 3 bwd walks", UNSPLIT: "mosaic unsplit", PAIRED: "mosaic paired", "mosaic": "mosaic",
+             "ours": "triton",
              "fla": "fla", "fla_pipelined": "fla pipelined", "xla": "XLA", "cudnn": "cuDNN softmax"}
-    ratios = [(a, b) for a, b in (("mosaic", UNSPLIT), ("mosaic", WALKS3), ("mosaic", "fla"),
+    ratios = [(a, b) for a, b in (("mosaic", PAIRED), ("mosaic", UNSPLIT), ("mosaic", WALKS3), ("mosaic", "fla"),
                                   ("mosaic", "fla_pipelined"), (WALKS3, "fla"),
                                   ("ours", "fla"), ("mosaic", "ours")) if a in names and b in names]
     head = ([f"{label[n]} ms (% floor)" for n in names] + [f"{label[a]} vs {label[b]}" for a, b in ratios]

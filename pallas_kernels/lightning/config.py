@@ -23,7 +23,9 @@ class KernelConfig:
         1: from one launch (``pallas_mosaic_gpu.fused_backward_scan``; Dk = Dv; as many of ``num_stages`` TMA stages
         as fit in shared memory): with ``split_state``, the two reverse walks as split-walk programs of their own, up
         to 128 columns wide; without, as two consumer warpgroups of one program on the same TMA-loaded chunks of q,
-        k, v and dO.
+        k, v and dO. 2: the whole backward in one launch (``pallas_mosaic_gpu.one_launch_backward_scan``; Dk = Dv <=
+        128, chunk 64): per (row, head) a dq walk program and a program that walks dv and dk from one dS chain; a
+        sequence split (``groups`` > 1) takes 1's walks.
     split_state: Mosaic GPU walks with outputs (the forward, the dq walk, the dk and dv walks), ``consumers`` = 0.
         1: three warpgroups per program (``pallas_mosaic_gpu._split_kernel``): one carries the state, the chunk
         recurrence's only loop-carried chain, and hands each chunk's state to one that makes the outputs; the third

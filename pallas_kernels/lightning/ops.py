@@ -125,12 +125,13 @@ def scan_sequence(chunk_scan: Callable, q, k, v, s, init, doc, *, chunk: int, gr
 
 @dataclasses.dataclass(frozen=True)
 class _Walker:
-    """Static part of a lightning call (hashable, for ``nondiff_argnums``). ``fused_backward``: the backend's fused
-    backward walk or None (see ``lightning``)."""
+    """Static part of a lightning call (hashable, for ``nondiff_argnums``). ``fused_backward``, ``whole_backward``:
+    the backend's fused backward walk and its one-launch backward, or None (see ``lightning``)."""
     chunk_scan: Callable
     chunk: int
     groups: int
     fused_backward: Callable | None = None
+    whole_backward: Callable | None = None
 
     def __call__(self, q, k, v, s, init, doc, reverse):
         (o,), final = scan_sequence(self.chunk_scan, q, k, v, s, init, doc, chunk=self.chunk, groups=self.groups,
@@ -147,6 +148,17 @@ class _Walker:
         (dk, dv), d_init = scan_sequence(self.chunk_scan, k, q, d_o, s, d_final, None, chunk=self.chunk,
                                          groups=self.groups, reverse=True, output_pass=output_pass, extra=(v,))
         return dk, dv, d_init
+
+    def whole(self, q, k, v, d_o, s, init, d_final):
+        """(dq, dk, dv, dS0) from the one-launch backward, on the zero-padded rows (one sequence group)."""
+        def output_pass(q_, k_, v_, d_o_, s_, d_final_, doc, *, layout, reverse):
+            del doc, reverse  # no documents (``_lightning_bwd``); the hook walks both ways itself
+            dq, dk, dv, d_init = self.whole_backward(q_, k_, v_, d_o_, s_, init, d_final_, layout=layout)
+            return (dq, dk, dv), d_init
+
+        (dq, dk, dv), d_init = scan_sequence(self.chunk_scan, q, k, v, s, d_final, None, chunk=self.chunk, groups=1,
+                                             reverse=True, output_pass=output_pass, extra=(d_o,))
+        return dq, dk, dv, d_init
 
 
 def _swap(state):
@@ -166,6 +178,9 @@ def _lightning_bwd(walker, residuals, cotangents):
     q, k, v, s, init, doc = residuals
     d_o, d_final = cotangents
     d_final = d_final.astype(jnp.float32)
+    if walker.whole_backward is not None and doc is None and walker.groups == 1:
+        dq, dk, dv, d_init = walker.whole(q, k, v, d_o, s, init, d_final)
+        return dq, dk, dv, None, None if init is None else d_init, None
     dq, _ = walker(d_o, v, k, s, _swap(init), doc, reverse=False)
     if walker.fused_backward is not None and doc is None:
         dk, dv, d_init = walker.fused(q, k, v, d_o, s, d_final)
@@ -179,14 +194,19 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
 def lightning(chunk_scan: Callable, q, k, v, decay, *, initial_state=None, doc=None, chunk: int, groups: int,
-              fused_backward: Callable | None = None):
+              fused_backward: Callable | None = None, whole_backward: Callable | None = None):
     """Differentiable lightning attention over a backend's ``chunk_scan`` (arguments as in ``scan_sequence``).
 
     ``fused_backward``: optional backend hook ``fused_backward(q, k, v, d_o, s, init, *, layout) -> (dk, dv, state)``
     on zero-padded rows without documents (``pallas_mosaic_gpu.fused_backward_scan``'s contract): the two reverse
     walks of the backward in one pass. Used when given and ``doc`` is None; otherwise three walks.
+    ``whole_backward``: optional hook ``whole_backward(q, k, v, d_o, s, init, d_final, *, layout) -> (dq, dk, dv,
+    d_init)`` on zero-padded rows without documents (``pallas_mosaic_gpu.one_launch_backward_scan``): the whole
+    backward in one launch. Used when given, ``doc`` is None and the rows are one sequence group (``groups`` = 1);
+    otherwise as above.
     Returns (o [B, T, H, Dv] in v's dtype, final state [B, H, Dk, Dv] float32). ``decay`` gets no gradient.
     """
     s = lax.stop_gradient(jnp.asarray(decay, jnp.float32))
-    walker = _Walker(chunk_scan=chunk_scan, chunk=chunk, groups=groups, fused_backward=fused_backward)
+    walker = _Walker(chunk_scan=chunk_scan, chunk=chunk, groups=groups, fused_backward=fused_backward,
+                     whole_backward=whole_backward)
     return _lightning(walker, q, k, v, s, initial_state, doc)

@@ -34,6 +34,11 @@ MOSAIC_SPLIT_CONFIG = {"consumers": 2, "num_stages": 2, "split_state": 0, "multi
 # H64, 0.592 ms against 0.617 ms with 4 stages at 32K, 2.549 against 2.702 ms at 128K (fewer bytes in flight). The
 # paired backward at D = 128 fits only 2 stages either way.
 MOSAIC_MULTICAST_STAGES = 3
+# Head width at which the Mosaic GPU backward runs in one launch (``fused_backward`` = 2: the dq walk and one program
+# per head walking dv and dk from one dS chain), where it was measured: on an H200 at B1 H64 D128, forward + backward
+# in 2.12 against 2.33 ms at 32K and 8.54 against 9.41 ms at 128K, 10% less energy a call (benchmarks/RESULTS.md,
+# "The backward in one launch"). Other widths keep the paired walk programs (unmeasured).
+MOSAIC_WHOLE_BACKWARD_D = 128
 
 
 def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk: int, dv: int) -> KernelConfig:
@@ -42,7 +47,8 @@ def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk:
     Mosaic GPU: ``MOSAIC_SPLIT_CONFIG`` where ``pick_groups`` splits the call's rows and Dk and Dv hold two tiles
     each (rows too short to split keep one program per tile: more programs); ``multicast`` (with
     ``MOSAIC_MULTICAST_STAGES``) only where every walk has 2 to 8 Dv tiles; the paired backward (``fused_backward``)
-    only where it applies (Dk = Dv, shared memory), else three walks.
+    only where it applies (Dk = Dv, shared memory), else three walks; at Dk = Dv = ``MOSAIC_WHOLE_BACKWARD_D`` the
+    whole backward in one launch (``fused_backward`` = 2).
     """
     config = DEFAULT_CONFIGS[backend]
     if backend != "mosaic_gpu":
@@ -59,6 +65,8 @@ def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk:
         config = clustered if fits else dataclasses.replace(config, multicast=0)
     if not _raises_nothing(pallas_mosaic_gpu.check_fused_supported, dtype, dk, dv, config):
         config = dataclasses.replace(config, fused_backward=0)
+    elif dk == dv == MOSAIC_WHOLE_BACKWARD_D:
+        config = dataclasses.replace(config, fused_backward=2)
     return config
 
 
@@ -88,7 +96,7 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
         if getattr(config, option) and backend != "mosaic_gpu":
             raise ValueError(f"{option} is a Mosaic GPU kernel option; the {backend} backend has one program shape "
                              f"and walks three times")
-    fused_backward = None
+    fused_backward = whole_backward = None
     if backend == "triton":
         for name, dim in (("Dk", dk), ("Dv", dv), ("chunk", config.chunk)):
             if dim & (dim - 1) or dim < 1:
@@ -102,6 +110,9 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
             pallas_mosaic_gpu.check_fused_supported(q.dtype, dk, dv, config)
             fused_backward = functools.partial(pallas_mosaic_gpu.fused_backward_scan, config=config,
                                                interpret=interpret)
+        if config.fused_backward == 2:
+            whole_backward = functools.partial(pallas_mosaic_gpu.one_launch_backward_scan, config=config,
+                                               interpret=interpret)
         tiles = max(dv // pallas_mosaic_gpu.tile_width(config, dv), 1)
         target_programs = pallas_mosaic_gpu.TARGET_PROGRAMS
     else:
@@ -112,5 +123,6 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     # One dtype into the kernels (tensor-core dots need equal operand types); o comes back in v's dtype.
     q, k, v_cast = q, k.astype(q.dtype), v.astype(q.dtype)
     o, final = ops.lightning(scan, q, k, v_cast, decay, initial_state=initial_state, doc=doc,
-                             chunk=config.chunk, groups=groups, fused_backward=fused_backward)
+                             chunk=config.chunk, groups=groups, fused_backward=fused_backward,
+                             whole_backward=whole_backward)
     return o.astype(v.dtype), final

@@ -354,7 +354,7 @@ def _producer(issue_loads, consumed_bars, *, stages: int, n_chunks: int):
 
 def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, chunk: int, block_v: int, stages: int,
                   reverse: bool, has_init: bool, cluster: bool, interpret: bool,
-                  shared: tuple[bool, bool, bool] = (True, True, False)):
+                  shared: tuple[bool, bool, bool] = (True, True, False), registers: int | None = None):
     """One walk with outputs on Dv tile ``tile`` in three warpgroups (``KernelConfig.split_state``): 0 makes the
     outputs, 1 carries the state, 2 issues the TMA loads.
 
@@ -365,6 +365,8 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     ``_kernel``'s walk, so the outputs are bit-identical. Under ``cluster`` the programs of a (row, head) are one
     thread-block cluster and each loads part of every chunk of the ``shared`` streams (of q, k, v) into all of them
     (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the backward's walk programs.
+    ``registers``: the output and state warpgroups' register cap (default: the SM's registers less the producer's,
+    split between the two).
     """
     refs = list(refs)
     init_ref = refs.pop(0) if has_init else None
@@ -378,7 +380,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     n_valid = layout.row_valid(row)
     s = s_ref[head]
     multicast = [dict(collective_axes="cluster") if cluster and share else {} for share in shared]
-    registers = _consumer_registers(2)
+    registers = registers or _consumer_registers(2)
 
     def chunk_of(step):
         return (n_chunks - 1 - step) if reverse else step
@@ -736,9 +738,11 @@ def pair_stages(chunk: int, d: int, itemsize: int, config: KernelConfig) -> int:
 def check_fused_supported(dtype, dk: int, dv: int, config: KernelConfig):
     """One-line ValueError for what the paired reverse walks (``fused_backward_scan``) do not handle, on top of
     ``check_supported``."""
-    if config.fused_backward not in (0, 1):
-        raise ValueError(f"fused_backward is 0 (three backward walks) or 1 (dk and dv from one paired reverse "
-                         f"walk); got {config.fused_backward}")
+    if config.fused_backward not in (0, 1, 2):
+        raise ValueError(f"fused_backward is 0 (three backward walks), 1 (dk and dv from one paired reverse walk) or "
+                         f"2 (the whole backward in one launch); got {config.fused_backward}")
+    if config.fused_backward == 2:
+        check_one_launch_supported(dtype, dk, dv, config)
     if dk != dv:
         raise ValueError(f"the fused Mosaic GPU backward needs Dk == Dv (its two walkers share scratch shapes); got "
                          f"Dk={dk}, Dv={dv}")
@@ -781,3 +785,217 @@ def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: Ker
             [k, q, d_o, v], s, inits, layout=layout, chunk=config.chunk, block_v=block_v, consumers=2, reverse=True,
             with_output=True, pair=True, stages=stages, interpret=interpret, name="lightning_mgpu_rev_pair")
     return dk_out, dv_out, state
+
+
+# ``fused_backward`` = 2: the whole backward in one launch. Program 0 of a (head, row) walks dq (forward in time, the
+# whole head in one split walk: no second q k^T); program 1 walks dv and dk backward from ONE dS chain: its state
+# warpgroup carries dS = sum q^T (dO scaled) once, and two output warpgroups read it, the dk one transposed (its own
+# walk's state is dS^T). The paired walk programs computed dS twice, once per program. Four warpgroups a program
+# (dq programs leave the fourth idle); their per-thread register caps: dv output, dk output, state (the producer has
+# PRODUCER_REGISTERS; 136 + 136 + 200 + 40 = 512), and the dq walk's output and state (216 + 216 + 40 + 24 <= 512).
+SHARED_STATE_REGISTERS = (136, 136, 200)
+ONE_LAUNCH_DQ_REGISTERS = 216
+IDLE_REGISTERS = 24  # setmaxnreg's minimum
+ONE_LAUNCH_STAGES = 2
+ONE_LAUNCH_MAX_D = 128  # a [D, D] float32 state within the state warpgroup's 200 registers
+
+
+def _shared_state_pair(s_ref, k_ref, q_ref, do_ref, v_ref, init_ref, dv_ref, dk_ref, state_out_ref, k_sm, q_sm,
+                       do_sm, v_sm, dow_sm, st_sm, o_sm, probs_sm, load_bars, consumed_bars, ready_bar, free_bar, *,
+                       layout: RowLayout, chunk: int, stages: int, interpret: bool):
+    """A head's dv and dk walks (backward in time) from one dS chain, in four warpgroups: 0 makes dv, 1 makes dk,
+    2 carries dS (``init_ref``'s [D, D] where given), 3 loads k, q, dO and v.
+
+    dv = (k q^T masked) dO + k dS and dk = (v dO^T masked) q + v dS^T, chunk by chunk (``PAIRED_WALKS``' dv and dk
+    walks). The state warpgroup hands each chunk's dS in bf16 to both output warpgroups through one SMEM buffer
+    ("ready": written; "free": both have read it). dv and the final dS are bit-identical to the paired walk
+    programs'; dk differs by the rounding of dS^T: the dk walk rounded its own chain, dO^T (q scaled), to bf16.
+    """
+    head, row, wg = lax.axis_index("head"), lax.axis_index("row"), lax.axis_index("wg")
+    dtype, d = q_sm.dtype, q_sm.shape[-1]
+    n_chunks = layout.length // chunk
+    n_valid = layout.row_valid(row)
+    s = s_ref[head]
+
+    def chunk_of(step):
+        return n_chunks - 1 - step
+
+    def issue_loads(step, slot):
+        rows = pl.ds(chunk_of(step) * chunk, chunk)
+        for ref, sm in ((k_ref, k_sm), (q_ref, q_sm), (do_ref, do_sm), (v_ref, v_sm)):
+            plgpu.copy_gmem_to_smem(ref.at[row, rows, head], sm.at[slot], load_bars.at[slot])
+
+    def release(step, slot):
+        @pl.when(step + stages < n_chunks)  # only slots that are refilled: the producer waits on every phase
+        def _():
+            plgpu.barrier_arrive(consumed_bars.at[slot])
+
+    def outputs(w, a_sm, b_sm, p_sm, out_ref, transposed):
+        """Output warpgroup ``w``: scores a b^T and a dS (dS^T when ``transposed``), then P p, into ``out_ref``."""
+        plgpu.set_max_registers(SHARED_STATE_REGISTERS[w], action="increase")
+        decay_cc = _intra_decay(s, chunk, True)
+        state = st_sm.T if transposed else st_sm
+
+        def body(step, carry):
+            slot, c = lax.rem(step, stages), chunk_of(step)
+            limit, a, b = _chunk_bounds(n_valid, c, chunk)
+            plgpu.barrier_wait(load_bars.at[slot])
+            plgpu.barrier_wait(ready_bar)
+
+            def scores_and_inter(acc_s, acc_o):
+                plgpu.wgmma(acc_s, a_sm.at[slot], b_sm.at[slot].T)
+                plgpu.wgmma(acc_o, a_sm.at[slot], state)
+                return acc_s[...], acc_o[...]
+
+            scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
+                                          plgpu.ACC((chunk, d), jnp.float32))
+            plgpu.barrier_arrive(free_bar)
+            o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, True))
+            probs = (scores * decay_cc).astype(dtype)
+            if interpret:  # the interpreter's wgmma reads operands from SMEM only
+                probs_sm.at[w][...] = probs
+                plgpu.commit_smem()
+                probs = probs_sm.at[w]
+            (o,) = _accumulate(lambda acc_o: plgpu.wgmma(acc_o, probs, p_sm.at[slot]), (o,), interpret)
+            release(step, slot)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's store has read the buffer
+            o_sm.at[w][...] = o.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_sm.at[w], out_ref.at[row, pl.ds(c * chunk, chunk), head])
+            return carry
+
+        lax.fori_loop(0, n_chunks, body, 0)
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.when(wg == 0)(lambda: outputs(0, k_sm, q_sm, do_sm, dv_ref, False))
+    pl.when(wg == 1)(lambda: outputs(1, v_sm, do_sm, q_sm, dk_ref, True))
+
+    @pl.when(wg == 2)
+    def _state():
+        plgpu.set_max_registers(SHARED_STATE_REGISTERS[2], action="increase")
+
+        def body(step, state):
+            slot = lax.rem(step, stages)
+            limit, a, b = _chunk_bounds(n_valid, chunk_of(step), chunk)
+
+            @pl.when(step >= 1)
+            def _():
+                plgpu.barrier_wait(free_bar)  # both output warpgroups have read the last dS
+
+            st_sm[...] = state.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(ready_bar)
+            plgpu.barrier_wait(load_bars.at[slot])
+            dow_sm[...] = _scaled_v(do_sm.at[slot], s, a, b, limit, chunk, True, dtype)
+            plgpu.commit_smem()
+            carry = jnp.exp(-s * (b - a).astype(jnp.float32))
+            (state,) = _accumulate(lambda acc: plgpu.wgmma(acc, q_sm.at[slot].T, dow_sm), (state * carry,),
+                                   interpret)
+            release(step, slot)
+            return state
+
+        state = lax.fori_loop(0, n_chunks, body, _initial_state(init_ref, row, head, pl.ds(0, d), (d, d)))
+        state_out_ref.at[row, head][...] = state
+        plgpu.barrier_wait(free_bar)  # observe the last phase: each barrier's phases are counted by its waiters
+
+    pl.when(wg == 3)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
+
+
+def _one_launch_scratch(kind: str, chunk: int, d: int, stages: int, dtype, interpret: bool) -> list:
+    """Scratch of a one-launch backward program: ``"dq"`` (``_split_kernel``'s at one whole-head tile) or ``"pair"``
+    (``_shared_state_pair``'s); allocated inside each program's branch, so the launch takes the larger."""
+    t = _smem_transforms(d, dtype)
+    streams, states, scores = (3, 2, 1) if kind == "dq" else (4, 1, 2)
+    scratch = [plgpu.SMEM((stages, chunk, d), dtype, transforms=t) for _ in range(streams)] + [
+        plgpu.SMEM((chunk, d), dtype, transforms=t),  # the scaled v (the dq walk's k, the pair's dO)
+        plgpu.SMEM((states, d, d) if states > 1 else (d, d), dtype, transforms=t),  # the state in bf16
+        plgpu.SMEM((2, chunk, d), dtype, transforms=t),  # outputs (dq double-buffered; dv and dk one each)
+        plgpu.SMEM((scores, chunk, chunk) if scores > 1 else (chunk, chunk), dtype, transforms=t)
+        if interpret else None,
+        plgpu.Barrier(num_arrivals=streams, num_barriers=stages),  # one arrival per TMA copy
+        plgpu.Barrier(num_arrivals=streams - 1, num_barriers=stages),  # slot free: every walking warpgroup
+    ]
+    if kind == "dq":
+        return scratch + [plgpu.Barrier(num_arrivals=1, num_barriers=2)] * 2  # S ready / S read, per buffer
+    return scratch + [plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=2)]  # dS ready / read by both
+
+
+def one_launch_smem_bytes(chunk: int, d: int, stages: int, itemsize: int) -> int:
+    """SMEM of the larger of a one-launch backward's two programs (``_one_launch_scratch``, compiled)."""
+    dq = 3 * stages * chunk * d + chunk * d + 2 * d * d + 2 * chunk * d
+    pair = 4 * stages * chunk * d + chunk * d + d * d + 2 * chunk * d
+    return max(dq, pair) * itemsize + 8 * (2 * stages + 4)
+
+
+def _one_launch_kernel(s_ref, k_ref, q_ref, do_ref, v_ref, dq_init, pair_init, dq_ref, dv_ref, dk_ref, dq_state_ref,
+                       state_ref, *, layout: RowLayout, chunk: int, stages: int, interpret: bool):
+    """Program 0 of a (head, row): the dq walk (``_split_kernel`` on dO, v, k, the whole head, from ``dq_init``);
+    program 1: the dv and dk walks (``_shared_state_pair``, from ``pair_init``). ``dq_state_ref`` takes the dq
+    walk's final state (unused), ``state_ref`` the pair's (d_init)."""
+    program = lax.axis_index("program")
+    d, dtype = k_ref.shape[-1], k_ref.dtype
+
+    @pl.when(program == 0)
+    def _dq():
+        def run(*scratch):
+            scratch = list(scratch)
+            probs = scratch.pop(6) if interpret else None
+            _split_kernel(s_ref, do_ref, v_ref, k_ref, dq_init, dq_ref, dq_state_ref, *scratch[:6], probs,
+                          *scratch[6:], None, tile=0, layout=layout, chunk=chunk, block_v=d, stages=stages,
+                          reverse=False, has_init=True, cluster=False, interpret=interpret,
+                          registers=ONE_LAUNCH_DQ_REGISTERS)
+            pl.when(lax.axis_index("wg") == 3)(lambda: plgpu.set_max_registers(IDLE_REGISTERS, action="decrease"))
+
+        scratch = [x for x in _one_launch_scratch("dq", chunk, d, stages, dtype, interpret) if x is not None]
+        pl.run_scoped(run, *scratch, collective_axes="wg")
+
+    @pl.when(program == 1)
+    def _pair():
+        def run(*scratch):
+            scratch = list(scratch)
+            probs = scratch.pop(7) if interpret else None
+            _shared_state_pair(s_ref, k_ref, q_ref, do_ref, v_ref, pair_init, dv_ref, dk_ref, state_ref,
+                               *scratch[:7], probs, *scratch[7:], layout=layout, chunk=chunk, stages=stages,
+                               interpret=interpret)
+
+        scratch = [x for x in _one_launch_scratch("pair", chunk, d, stages, dtype, interpret) if x is not None]
+        pl.run_scoped(run, *scratch, collective_axes="wg")
+
+
+def check_one_launch_supported(dtype, dk: int, dv: int, config: KernelConfig):
+    """One-line ValueError for what the one-launch backward (``fused_backward`` = 2) does not handle."""
+    d = dk
+    if dk != dv or d > ONE_LAUNCH_MAX_D or config.chunk != 64:
+        raise ValueError(f"the one-launch Mosaic GPU backward (fused_backward=2) needs Dk == Dv <= "
+                         f"{ONE_LAUNCH_MAX_D} and chunk 64; got Dk={dk}, Dv={dv}, chunk={config.chunk}")
+    need = one_launch_smem_bytes(config.chunk, d, ONE_LAUNCH_STAGES, jnp.dtype(dtype).itemsize)
+    if need > SMEM_LIMIT_BYTES:  # not at D <= 128, chunk 64; kept for the day the stages change
+        raise ValueError(f"the one-launch Mosaic GPU backward would need {need} bytes of shared memory")
+
+
+def one_launch_backward_scan(q, k, v, d_o, s, init, d_final, *, layout: RowLayout, config: KernelConfig,
+                             interpret: bool = False):
+    """The whole backward of one walk per row in one launch: (dq, dk, dv, d_init).
+
+    2 x H x R programs: per (head, row) the dq walk and the dv + dk pair from one dS chain (``_one_launch_kernel``).
+    q, k, v, d_o: [R, L, H, D] (zero-padded rows, L a multiple of 64, Dk = Dv = D <= 128); s: [H]; init: the forward's
+    initial state [R, H, D, D] float32 or None; d_final: the gradient of its final state [R, H, D, D] float32.
+    Returns dq, dk, dv [R, L, H, D] in the inputs' dtype and d_init [R, H, D, D] float32 (the reverse walk's state).
+    """
+    rows, length, heads, d = k.shape
+    check_supported(k.dtype, d, v.shape[-1], config, False)
+    check_one_launch_supported(k.dtype, d, v.shape[-1], config)
+    if length % config.chunk:
+        raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
+    stages = max(1, min(ONE_LAUNCH_STAGES, length // config.chunk))
+    dq_init = jnp.zeros_like(d_final) if init is None else jnp.swapaxes(init, -1, -2)  # the dq walk's state is S^T
+    kernel = functools.partial(_one_launch_kernel, layout=layout, chunk=config.chunk, stages=stages,
+                               interpret=interpret)
+    out_type = ([jax.ShapeDtypeStruct((rows, length, heads, d), k.dtype)] * 3
+                + [jax.ShapeDtypeStruct((rows, heads, d, d), jnp.float32)] * 2)
+    dq, dv, dk, _, d_init = plgpu.kernel(
+        kernel, out_type=out_type, grid=(2, heads, rows), grid_names=("program", "head", "row"), num_threads=4,
+        thread_name="wg", interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="lightning_mgpu_backward_one_launch",
+    )(s, k, q, d_o, v, dq_init, d_final.astype(jnp.float32))
+    return dq, dk, dv, d_init

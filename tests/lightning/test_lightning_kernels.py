@@ -58,6 +58,10 @@ MOSAIC_FUSED = [
 MOSAIC_SPLIT_STATE = [
     (("mosaic_gpu", "bfloat16", 1, 150, 2, 64, 64, 64, 64, 1, False, True), 2, 1, 0),  # one tile, partial last chunk
     (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 128, 64, 64, 1, False, True), 3, 1, 1),  # the default: cluster of 2
+    # the whole backward in one launch (fused 2): a dq walk program and a dv + dk program from one dS chain per head
+    (("mosaic_gpu", "bfloat16", 1, 200, 2, 128, 128, 64, 64, 1, False, True), 3, 2, 1),  # initial state, part chunk
+    (("mosaic_gpu", "bfloat16", 2, 130, 1, 64, 64, 64, 64, 1, False, False), 2, 2, 0),  # D = 64, two rows
+    (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 128, 64, 64, 3, False, True), 3, 2, 1),  # a split: the paired walks
     (("mosaic_gpu", "bfloat16", 1, 200, 1, 128, 128, 64, 64, 1, False, True), 2, 0, 1),  # reverse split walks
     (("mosaic_gpu", "bfloat16", 2, 200, 2, 128, 128, 64, 32, 3, False, False), 4, 1, 1),  # cluster of 4, split rows
     (("mosaic_gpu", "bfloat16", 1, 100, 1, 64, 128, 64, 64, 1, False, True), 1, 0, 0),  # Dk != Dv, one slot
@@ -142,9 +146,10 @@ def test_pick_groups_avoids_padding_the_rows():
 
 @pytest.mark.parametrize("batch,heads,length,dk,dv,consumers,stages,fused,split,multicast", [
     # M1's 64 heads: 128 programs fill the SMs without a split; the two tiles of a head as a cluster in 3 stages
-    (1, 64, 1 << 20, 128, 128, 0, 3, 1, 1, 1),
-    (1, 8, 1 << 20, 128, 128, 2, 2, 1, 0, 0),  # 8 heads need a split: the two tiles of a head in one program
-    (1, 8, 4096, 128, 128, 0, 3, 1, 1, 1),  # too short to split: one program per tile keeps twice the programs
+    # (and the whole backward in one launch at D = 128; a sequence split falls back to the paired walks)
+    (1, 64, 1 << 20, 128, 128, 0, 3, 2, 1, 1),
+    (1, 8, 1 << 20, 128, 128, 2, 2, 2, 0, 0),  # 8 heads need a split: the two tiles of a head in one program
+    (1, 8, 4096, 128, 128, 0, 3, 2, 1, 1),  # too short to split: one program per tile keeps twice the programs
     (1, 8, 1 << 20, 64, 64, 0, 4, 1, 1, 0),  # one 64-wide tile per head: nothing to pair or to multicast
     (1, 8, 1 << 20, 128, 64, 0, 4, 0, 1, 0),  # Dk != Dv: three backward walks; the dq walk has one Dv tile
 ])
@@ -207,6 +212,7 @@ def test_triton_rejects_non_power_of_two_head_dim():
     ("consumers", jnp.bfloat16, (64, 64), 64, False, "consumer warpgroups"),
     ("consumer tiles", jnp.bfloat16, (128, 64), 64, False, "times the consumers"),
     ("fused value", jnp.bfloat16, (128, 128), 64, False, "fused_backward is 0"),
+    ("one launch dims", jnp.bfloat16, (128, 64), 64, False, "fused_backward=2\\) needs Dk == Dv <= 128"),
     ("fused dims", jnp.bfloat16, (128, 64), 64, False, "needs Dk == Dv"),
     ("fused shared memory", jnp.bfloat16, (128, 128), 128, False, "fused Mosaic GPU backward does not fit"),
     ("split value", jnp.bfloat16, (128, 128), 64, False, "split_state is 0 or 1"),
@@ -218,7 +224,7 @@ def test_triton_rejects_non_power_of_two_head_dim():
 def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
     v = jnp.zeros((1, 8, 1, dims[1]), dtype)
-    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64, "fused dims": 64,
+    block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64, "fused dims": 64, "one launch dims": 64,
                "split with consumers": 64, "multicast one tile": 64}.get(what, 128)
     consumers = {"consumers": 3, "consumer tiles": 2, "split with consumers": 1}.get(what, 0)
     split = {"split value": 2, "split with consumers": 1, "multicast one tile": 1,
@@ -226,7 +232,8 @@ def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, se
     # 3 stages of 128-wide tiles fit the one-warpgroup walk (224 KiB), not the split walk's double-buffered state.
     config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=3 if what == "split shared memory" else 2,
                           consumers=consumers, split_state=split, multicast=int(what.startswith("multicast")),
-                          fused_backward={"fused value": 2, "fused dims": 1, "fused shared memory": 1}.get(what, 0))
+                          fused_backward={"fused value": 3, "fused dims": 1, "fused shared memory": 1,
+                                          "one launch dims": 2}.get(what, 0))
     segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
     with pytest.raises(ValueError, match=match):
         pallas.lightning_attention_pallas(q, q, v, jnp.ones(1), segment_ids=segment_ids, backend="mosaic_gpu",

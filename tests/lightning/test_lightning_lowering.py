@@ -128,6 +128,11 @@ def test_mosaic_gpu_lowering_exports_for_cuda(config):
     # D = 192: three 64-wide tiles per walk program, unclustered (each walk's streams in their own roles' slots)
     (192, KernelConfig(chunk=64, block_v=64, num_stages=2, groups=1, fused_backward=1, split_state=1), 3),
     (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=0, split_state=1), 4),
+    # the whole backward in one launch (the default at D = 128): the forward, then one backward launch; a split
+    # takes the paired walks
+    (128, KernelConfig(chunk=64, block_v=64, num_stages=3, groups=1, fused_backward=2, split_state=1, multicast=1), 2),
+    (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=2, split_state=1), 2),
+    (128, KernelConfig(chunk=64, block_v=64, num_stages=3, groups=2, fused_backward=2, split_state=1, multicast=1), 6),
 ])
 def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
     """The paired reverse walks' and the split walks' lowering for sm_90a (TMA, wgmma, two walkers on four streams,
@@ -136,14 +141,17 @@ def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
     x = sds((B, T, H, dim), jnp.bfloat16)
     text = _mosaic_grad_export(config, (x, x, x, sds((H,), jnp.float32), sds((B, H, dim, dim), jnp.float32)))
     assert text.count(MOSAIC_GPU_CALL_TARGET) == calls
-    assert ("lightning_mgpu_rev_pair" in text) == bool(config.fused_backward)
+    one_launch = config.fused_backward == 2 and config.groups == 1
+    paired = bool(config.fused_backward) and not one_launch
+    assert ("lightning_mgpu_backward_one_launch" in text) == one_launch
+    assert ("lightning_mgpu_rev_pair" in text) == paired
     split_name = "lightning_mgpu_fwd_split" + ("_multicast" if config.multicast else "")
     assert (split_name in text) == bool(config.split_state)
     assert ("lightning_mgpu_rev_split" in text) == bool(config.split_state and not config.fused_backward)
-    assert ("lightning_mgpu_rev_pair_split" in text) == bool(config.split_state and config.fused_backward)
+    assert ("lightning_mgpu_rev_pair_split" in text) == bool(config.split_state and paired)
     # D = 128: the dv and dk walk programs of a head are one cluster, loading q and dO once
     assert ("lightning_mgpu_rev_pair_split_multicast" in text) == bool(
-        config.split_state and config.fused_backward and config.multicast)
+        config.split_state and paired and config.multicast)
 
 
 def test_benchmark_times_the_forward_with_the_backward():
@@ -191,8 +199,9 @@ def test_explicit_mosaic_implementation_lowers_for_an_h200_with_its_gradients():
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
         text = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
                              platforms=("cuda",))(*_args()[:5]).mlir_module()
-    # jax.grad drops the forward kernel (the backward reads q, k, v, not o): the dq walk and the paired dv/dk walks.
-    assert text.count(MOSAIC_GPU_CALL_TARGET) == 2 and "lightning_mgpu_rev_pair" in text
+    # jax.grad drops the forward kernel (the backward reads q, k, v, not o): at D = 128 the default runs the whole
+    # backward in one launch.
+    assert text.count(MOSAIC_GPU_CALL_TARGET) == 1 and "lightning_mgpu_backward_one_launch" in text
 
 
 def test_tpu_lowering_exports_for_tpu():
