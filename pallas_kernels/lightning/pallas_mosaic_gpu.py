@@ -920,13 +920,6 @@ def _one_launch_scratch(kind: str, chunk: int, d: int, stages: int, dtype, inter
     return scratch + [plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=2)]  # dS ready / read by both
 
 
-def one_launch_smem_bytes(chunk: int, d: int, stages: int, itemsize: int) -> int:
-    """SMEM of the larger of a one-launch backward's two programs (``_one_launch_scratch``, compiled)."""
-    dq = 3 * stages * chunk * d + chunk * d + 2 * d * d + 2 * chunk * d
-    pair = 4 * stages * chunk * d + chunk * d + d * d + 2 * chunk * d
-    return max(dq, pair) * itemsize + 8 * (2 * stages + 4)
-
-
 def _one_launch_kernel(s_ref, k_ref, q_ref, do_ref, v_ref, dq_init, pair_init, dq_ref, dv_ref, dk_ref, dq_state_ref,
                        state_ref, *, layout: RowLayout, chunk: int, stages: int, interpret: bool):
     """Program 0 of a (head, row): the dq walk (``_split_kernel`` on dO, v, k, the whole head, from ``dq_init``);
@@ -963,14 +956,12 @@ def _one_launch_kernel(s_ref, k_ref, q_ref, do_ref, v_ref, dq_init, pair_init, d
 
 
 def check_one_launch_supported(dtype, dk: int, dv: int, config: KernelConfig):
-    """One-line ValueError for what the one-launch backward (``fused_backward`` = 2) does not handle."""
-    d = dk
-    if dk != dv or d > ONE_LAUNCH_MAX_D or config.chunk != 64:
+    """One-line ValueError for what the one-launch backward (``fused_backward`` = 2) does not handle. Within these
+    limits its shared memory fits: at most 208 KiB a program (D = 128, chunk 64, ``ONE_LAUNCH_STAGES``)."""
+    del dtype  # bf16 or fp16, as check_supported asks
+    if dk != dv or dk > ONE_LAUNCH_MAX_D or config.chunk != 64:
         raise ValueError(f"the one-launch Mosaic GPU backward (fused_backward=2) needs Dk == Dv <= "
                          f"{ONE_LAUNCH_MAX_D} and chunk 64; got Dk={dk}, Dv={dv}, chunk={config.chunk}")
-    need = one_launch_smem_bytes(config.chunk, d, ONE_LAUNCH_STAGES, jnp.dtype(dtype).itemsize)
-    if need > SMEM_LIMIT_BYTES:  # not at D <= 128, chunk 64; kept for the day the stages change
-        raise ValueError(f"the one-launch Mosaic GPU backward would need {need} bytes of shared memory")
 
 
 def one_launch_backward_scan(q, k, v, d_o, s, init, d_final, *, layout: RowLayout, config: KernelConfig,
