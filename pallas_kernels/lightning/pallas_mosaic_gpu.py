@@ -135,6 +135,24 @@ def _scaled_v(v_ref, s, a, b, limit, chunk: int, reverse: bool, dtype):
     return _scale_rows(plgpu.load(v_ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32), wt).astype(dtype)
 
 
+def _hand_over_and_step(state, st_ref, ready_bar, load_bar, k_ref, v_ref, vw_ref, s, a, b, limit, *, chunk: int,
+                        reverse: bool, interpret: bool):
+    """A state warpgroup's chunk: hand ``state`` [Dk, Dv] (float32) in bf16 to the output warpgroups (``st_ref``, then
+    ``ready_bar``), then, once the chunk's loads are in (``load_bar``), step the chain: carry * state +
+    k^T (v scaled to the chunk's end), with k ``k_ref`` [C, Dk], v ``v_ref`` [C, Dv] and ``vw_ref`` the scaled v's
+    SMEM. Returns the next state. The walks' forward state (k, v), dq walk's (v, k) and the reverse dS chain (q, dO)
+    all take this step."""
+    st_ref[...] = state.astype(st_ref.dtype)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(ready_bar)
+    plgpu.barrier_wait(load_bar)
+    vw_ref[...] = _scaled_v(v_ref, s, a, b, limit, chunk, reverse, vw_ref.dtype)
+    plgpu.commit_smem()
+    carry = jnp.exp(-s * (b - a).astype(jnp.float32))
+    (state,) = _accumulate(lambda acc: plgpu.wgmma(acc, k_ref.T, vw_ref), (state * carry,), interpret)
+    return state
+
+
 def _initial_state(init_ref, row, head, cols, shape):
     """A walker's fp32 state block ``shape`` = [Dk, width] in wgmma layout: its columns ``cols`` of the initial
     state [R, H, Dk, Dv] (``init_ref``), or zeros when there is none."""
@@ -451,15 +469,9 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             def _():
                 plgpu.barrier_wait(free_bars.at[buf])  # the output warpgroup has read S_{c-2} from this buffer
 
-            st_sm[buf] = state.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.barrier_arrive(ready_bars.at[buf])
-            plgpu.barrier_wait(load_bars.at[slot])
-            vw_sm[...] = _scaled_v(v_sm.at[slot], s, a, b, limit, chunk, reverse, dtype)
-            plgpu.commit_smem()
-            carry = jnp.exp(-s * (b - a).astype(jnp.float32))
-            (state,) = _accumulate(lambda acc: plgpu.wgmma(acc, k_sm.at[slot].T, vw_sm), (state * carry,),
-                                   interpret)
+            state = _hand_over_and_step(state, st_sm.at[buf], ready_bars.at[buf], load_bars.at[slot], k_sm.at[slot],
+                                        v_sm.at[slot], vw_sm, s, a, b, limit, chunk=chunk, reverse=reverse,
+                                        interpret=interpret)
             release(step, slot)
             return state
 
@@ -882,15 +894,8 @@ def _shared_state_pair(s_ref, k_ref, q_ref, do_ref, v_ref, init_ref, dv_ref, dk_
             def _():
                 plgpu.barrier_wait(free_bar)  # both output warpgroups have read the last dS
 
-            st_sm[...] = state.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.barrier_arrive(ready_bar)
-            plgpu.barrier_wait(load_bars.at[slot])
-            dow_sm[...] = _scaled_v(do_sm.at[slot], s, a, b, limit, chunk, True, dtype)
-            plgpu.commit_smem()
-            carry = jnp.exp(-s * (b - a).astype(jnp.float32))
-            (state,) = _accumulate(lambda acc: plgpu.wgmma(acc, q_sm.at[slot].T, dow_sm), (state * carry,),
-                                   interpret)
+            state = _hand_over_and_step(state, st_sm, ready_bar, load_bars.at[slot], q_sm.at[slot], do_sm.at[slot],
+                                        dow_sm, s, a, b, limit, chunk=chunk, reverse=True, interpret=interpret)
             release(step, slot)
             return state
 
