@@ -36,9 +36,10 @@ MOSAIC_SPLIT_CONFIG = {"consumers": 2, "num_stages": 2, "split_state": 0, "multi
 MOSAIC_MULTICAST_STAGES = 3
 # Head width at which the Mosaic GPU backward runs in one launch (``fused_backward`` = 2: the dq walk and one program
 # per head walking dv and dk from one dS chain), where it was measured: on an H200 at B1 H64 D128, forward + backward
-# in 2.042 against 2.248 ms at 32K and 8.184 against 8.926 ms at 128K (60% of the floor), 9% less energy a call at 32K
-# (benchmarks/RESULTS.md, "The backward in one launch"). At D = 64 one launch measured no faster (0.465 against
-# 0.467 ms at B4 H16 8K, m1-1b's layer; RESULTS, "A second machine"), so other widths keep the paired walks.
+# in 2.042 against 2.248 ms at 32K and 8.184 against 8.926 ms at 128K (60% of the floor on that card, 58-59% on two
+# others), 9% less energy a call at 32K (benchmarks/RESULTS.md, "The backward in one launch"). At D = 64 one launch
+# measured no faster (0.465 against 0.467 ms at B4 H16 8K, m1-1b's layer; RESULTS, "A second machine"), so other
+# widths keep the paired walks.
 MOSAIC_WHOLE_BACKWARD_D = 128
 
 
