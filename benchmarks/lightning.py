@@ -18,10 +18,11 @@ Phases, all in one process so every number in the final table comes from the sam
 4BHNd(64+d) FLOPs and 8BHNd bytes; forward+backward 14BHNd(64+d) FLOPs and 22BHNd bytes. Peaks by card (``PEAKS``):
 H100 800 TFLOP/s, 3.0 TB/s; H200 989 TFLOP/s, 4.8 TB/s. Inputs are bf16 silu(randn), d = 128, decay = MiniMax
 layer-0 slopes. JAX timing: median over 5 measurements of the host wall time of n back-to-back calls (n so that one
-measurement takes >= 30 ms) after two warm-ups; torch: ``triton.testing.do_bench`` median (``fla``), or the same
-pipelined host wall time as ours (``fla_pipelined``: one protocol for both sides). ``--rounds=R`` times every
-implementation R times, one after the other in each round, and reports the median round (the card's speed drifts
-between and within calls by up to 10%).
+measurement takes >= 30 ms) after 0.3 s of calls (``--warmup_seconds``: 3 s gives a power-capped card's sustained
+speed, a few % slower than the first half second's for our kernels, ``benchmarks/RESULTS.md``); torch:
+``triton.testing.do_bench`` median (``fla``), or the same pipelined host wall time as ours (``fla_pipelined``: one
+protocol for both sides). ``--rounds=R`` times every implementation R times, one after the other in each round, and
+reports the median round (the card's speed drifts between and within calls by up to 10%).
 
 Mosaic vs Triton vs fla, forward only, in under five minutes (H200):
 
@@ -88,6 +89,10 @@ flags.DEFINE_integer("head_dim", 128, "d")
 flags.DEFINE_bool("energy", False, "after the timing rounds, run each of --impls' kernels (and fla) back to back "
                   "for 2 s and report its energy per call, mean power and SM clocks from NVML (benchmarks.power; "
                   "needs nvidia-ml-py)")
+flags.DEFINE_float("warmup_seconds", None, "seconds of calls before each timed measurement, every implementation "
+                   "(fla's do_bench included); unset: 0.3 s before ours and fla_pipelined, do_bench's 25 ms before "
+                   "fla. A power-capped card slows for seconds after a run starts: 3 "
+                   "(benchmarks.timing.SUSTAINED_WARMUP_SECONDS) measures its sustained speed", lower_bound=0.0)
 flags.DEFINE_integer("rounds", 1, "time every implementation this many times, interleaved; the median is reported",
                      lower_bound=1)
 
@@ -182,6 +187,11 @@ def cudnn_fn(with_bwd):
     return jit_timed(fwd, with_bwd)
 
 
+def warmup_kwargs(warmup_seconds) -> dict:
+    """``benchmarks.timing``'s warm-up argument for ``--warmup_seconds`` (None: its default)."""
+    return {} if warmup_seconds is None else {"warmup_seconds": warmup_seconds}
+
+
 class Fla:
     """fla-core's chunk_simple_gla on the same buffers (torch views of the JAX arrays via DLPack)."""
 
@@ -213,16 +223,18 @@ class Fla:
     def wait(self, _=None):
         self.torch.cuda.synchronize()
 
-    def time(self, q, k, v, do, s, with_bwd, pipelined=False) -> float:
+    def time(self, q, k, v, do, s, with_bwd, pipelined=False, warmup_seconds=None) -> float:
         """Seconds per call: ``do_bench``'s median (events around each call, L2 flushed before it), or with
-        ``pipelined`` the host wall time of back-to-back calls, as ``benchmarks.timing.time_pipelined`` times ours."""
+        ``pipelined`` the host wall time of back-to-back calls, as ``benchmarks.timing.time_pipelined`` times ours;
+        ``warmup_seconds`` of calls before either (None: each one's default)."""
         fn = self.call(q, k, v, do, s, with_bwd)
         fn()
         self.wait()
         if pipelined:
-            sec = pipelined_seconds(fn, self.wait)
+            sec = pipelined_seconds(fn, self.wait, **warmup_kwargs(warmup_seconds))
         else:
-            sec = self.triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0] / 1e3
+            warmup_ms = 25 if warmup_seconds is None else warmup_seconds * 1e3
+            sec = self.triton.testing.do_bench(fn, warmup=warmup_ms, rep=100, quantiles=[0.5, 0.2, 0.8])[0] / 1e3
         self.torch.cuda.empty_cache()
         return sec
 
@@ -406,6 +418,7 @@ def main(argv):
     peak = peaks(device_kind)
     kernels = [name for name in FLAGS.impls if name in KERNELS]
     log({"phase": "env", "device": device_kind, "peaks": peak, "jax": jax.__version__,
+         "warmup_seconds": FLAGS.warmup_seconds,
          "date": datetime.date.today().isoformat(), **(fla.versions if fla else {})})
     checks = check_small(log, impls=FLAGS.check_impls or kernels) if FLAGS.check else []
 
@@ -440,13 +453,16 @@ def main(argv):
             row = {"phase": "time", "shape": f"B{b} H{h} N{n // 1024}K", "mode": mode,
                    **{f"{name}_config": repr(c) for name, c in configs.items()}}
             args = (q, k, v, do) if with_bwd else (q, k, v)
-            timers = {"fla": lambda: fla.time(q, k, v, do, s, with_bwd),
-                      "fla_pipelined": lambda: fla.time(q, k, v, do, s, with_bwd, pipelined=True),
-                      "xla": lambda: time_pipelined(xla_fn(s, with_bwd), *args),
-                      "cudnn": lambda: time_pipelined(cudnn_fn(with_bwd), *args)}
+            warmup = FLAGS.warmup_seconds
+            timers = {"fla": lambda: fla.time(q, k, v, do, s, with_bwd, warmup_seconds=warmup),
+                      "fla_pipelined": lambda: fla.time(q, k, v, do, s, with_bwd, pipelined=True,
+                                                        warmup_seconds=warmup),
+                      "xla": lambda: time_pipelined(xla_fn(s, with_bwd), *args, **warmup_kwargs(warmup)),
+                      "cudnn": lambda: time_pipelined(cudnn_fn(with_bwd), *args, **warmup_kwargs(warmup))}
             for name in kernels:
-                timers[name] = functools.partial(lambda c, be: time_pipelined(ours_fn(s, c, with_bwd, be), *args),
-                                                 configs[name], KERNELS[name])
+                timers[name] = functools.partial(
+                    lambda c, be: time_pipelined(ours_fn(s, c, with_bwd, be), *args, **warmup_kwargs(warmup)),
+                    configs[name], KERNELS[name])
             rounds = {}
             for round_ in range(FLAGS.rounds):
                 for name in FLAGS.impls:

@@ -50,16 +50,25 @@ def time_round_robin(fns: dict, args, reps: dict) -> dict:
     return results
 
 
-def time_pipelined(fn, *args) -> float:
+# Seconds of back-to-back calls before the timed batches: long enough to bring the clocks up after a compile's idle
+# time, short enough that a power-capped card is still close to idle temperature. On an H200 the Mosaic GPU forward +
+# backward at B1 H64 32K timed 2.11 ms 0.3-0.45 s into a run and 2.22 ms 2-4 s into it, as the clock fell from 1.6
+# to 1.5 GHz under the 700 W cap; fla's, not held down as far, 7.97 and 8.08 ms (``benchmarks/RESULTS.md``,
+# "Burst and sustained"). ``SUSTAINED_WARMUP_SECONDS`` times the card in its sustained state.
+WARMUP_SECONDS = 0.3
+SUSTAINED_WARMUP_SECONDS = 3.0
+
+
+def time_pipelined(fn, *args, warmup_seconds: float = WARMUP_SECONDS) -> float:
     """Median seconds per call of a jitted ``fn``: the host wall time of back-to-back calls (as many as take >= 30 ms,
-    at most 200) divided by their number, five times, after 0.3 s of warm-up calls.
+    at most 200) divided by their number, five times, after ``warmup_seconds`` of such batches (at least one).
 
     The calls queue on the device, so this is the device's time per call. Every call's outputs stay alive until the
     last one is done: dropping a call's outputs while the device still writes them makes the host wait for that call
     before it can free them, which stalls the queue (measured on an H200: a lightning forward at 32K timed 0.737 ms
     that way against 0.641 ms with the outputs kept; ``benchmarks/RESULTS.md``).
     """
-    return pipelined_seconds(lambda: fn(*args), jax.block_until_ready)
+    return pipelined_seconds(lambda: fn(*args), jax.block_until_ready, warmup_seconds=warmup_seconds)
 
 
 def calls_per_batch(call, wait, batch_seconds: float = 0.03) -> tuple[float, int]:
@@ -72,15 +81,21 @@ def calls_per_batch(call, wait, batch_seconds: float = 0.03) -> tuple[float, int
     return once, max(1, int(batch_seconds / once))
 
 
-def pipelined_seconds(call, wait) -> float:
+def pipelined_seconds(call, wait, *, warmup_seconds: float = WARMUP_SECONDS) -> float:
     """``time_pipelined`` for any framework: ``call()`` queues one call on the device and returns its outputs,
     ``wait(outputs)`` blocks until the device has finished them (torch: ``lambda _: torch.cuda.synchronize()``)."""
+    if warmup_seconds < 0:
+        raise ValueError(f"warmup_seconds must be >= 0; got {warmup_seconds}")
     once, n = calls_per_batch(call, wait)
     n = min(200, n)
-    # Warm the clocks up again after the compile's idle time: 0.3 s of calls (on an H200 the first implementation
-    # timed after a compile ran up to 10% slower than the same kernel timed later).
-    for _ in range(max(1, int(0.3 / once))):
-        wait(call())
+    # Warm the clocks up again after the compile's idle time (on an H200 the first implementation timed after a
+    # compile ran up to 10% slower than the same kernel timed later), in batches like the timed ones: calls waited on
+    # one at a time leave the card idle between them and it does not heat up as it does under a real load.
+    start = time.perf_counter()
+    while True:
+        wait([call() for _ in range(n)])
+        if time.perf_counter() - start >= warmup_seconds:
+            break
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
