@@ -11,14 +11,12 @@ segment ids are used (their ``[1, C]`` row block), or the whole row.
 """
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.compat import pl, pltpu
 from pallas_kernels.lightning import chunk_math
 from pallas_kernels.lightning.config import KernelConfig, RowLayout
+from pallas_kernels.lightning.scan_call import scan_pallas_call
 
 
 def _kernel(*refs, layout: RowLayout, chunk: int, reverse: bool, with_output: bool, has_init: bool,
@@ -96,18 +94,11 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     state_spec = pl.BlockSpec((None, None, dk, dv), lambda r, h, c: (r, h, 0, 0))
     if init is not None:
         in_specs.append(state_spec), args.append(init)
-    out_shape = [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)]
-    out_specs = [state_spec]
-    if with_output:
-        out_shape.insert(0, jax.ShapeDtypeStruct(v_op.shape, v.dtype))
-        out_specs.insert(0, v_spec)
-    kernel = functools.partial(_kernel, layout=layout, chunk=chunk, reverse=reverse, with_output=with_output,
-                               has_init=init is not None, has_doc=doc is not None,
-                               precision=chunk_math.matmul_precision(k.dtype))
-    outs = pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+    o, state = scan_pallas_call(
+        _kernel, args, in_specs, grid=grid, layout=layout, chunk=chunk, reverse=reverse, with_output=with_output,
+        has_init=init is not None, has_doc=doc is not None, operand_dtype=k.dtype,
+        o_shape=v_op.shape, o_dtype=v.dtype, o_spec=v_spec,
+        state_shape=(rows, heads, dk, dv), state_spec=state_spec, interpret=interpret,
         scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32), pltpu.VMEM((1, 1), jnp.int32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret, name=f"lightning_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}",
-    )(*args)
-    return (restore_o(outs[0]), outs[1]) if with_output else (None, outs[0])
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")))
+    return (restore_o(o) if with_output else None), state

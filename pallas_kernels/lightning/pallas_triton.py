@@ -9,15 +9,13 @@ Triton needs power-of-two block dims: ``Dk``, ``block_v`` and the chunk size mus
 """
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.compat import pl, pltriton
 from pallas_kernels.lightning import chunk_math
 from pallas_kernels.lightning.config import KernelConfig, RowLayout
+from pallas_kernels.lightning.scan_call import scan_pallas_call
 
 
 def _kernel(*refs, layout: RowLayout, chunk: int, reverse: bool, with_output: bool, has_init: bool,
@@ -89,17 +87,9 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
         in_specs.append(pl.BlockSpec((None, length), lambda j, h, r: (r, 0))), args.append(doc)
     if init is not None:
         in_specs.append(state_spec), args.append(init)
-    out_shape = [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)]
-    out_specs = [state_spec]
-    if with_output:
-        out_shape.insert(0, jax.ShapeDtypeStruct(v.shape, v.dtype))
-        out_specs.insert(0, seq_v)
-    kernel = functools.partial(_kernel, layout=layout, chunk=chunk, reverse=reverse, with_output=with_output,
-                               has_init=init is not None, has_doc=doc is not None,
-                               precision=chunk_math.matmul_precision(k.dtype))
-    outs = pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
-        interpret=interpret, name=f"lightning_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}",
-    )(*args)
-    return (outs[0], outs[1]) if with_output else (None, outs[0])
+    return scan_pallas_call(
+        _kernel, args, in_specs, grid=grid, layout=layout, chunk=chunk, reverse=reverse, with_output=with_output,
+        has_init=init is not None, has_doc=doc is not None, operand_dtype=k.dtype,
+        o_shape=v.shape, o_dtype=v.dtype, o_spec=seq_v,
+        state_shape=(rows, heads, dk, dv), state_spec=state_spec, interpret=interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages))
