@@ -49,7 +49,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "m1-1b", "Model preset.")
 flags.DEFINE_integer("seq_len", 8192, "Tokens per sequence.")
 flags.DEFINE_integer("batch", 4, "Sequences per step.")
-flags.DEFINE_integer("steps", 8, "Timed steps (after 2 warm-up steps).")
+flags.DEFINE_integer("steps", 8, "Timed steps (after the warm-up steps).")
+flags.DEFINE_float("warmup_seconds", 0.0, "Warm-up steps until this many seconds have passed (at least 2, the first "
+                   "compiles). 0: two steps, timed 0.4-3.4 s into the run at m1-1b's and hidden-4096's steps on an "
+                   "H200; a few seconds (benchmarks.timing.SUSTAINED_WARMUP_SECONDS) time a power-capped card at its "
+                   "sustained clock (benchmarks/RESULTS.md, \"Burst and sustained\").", lower_bound=0.0)
 flags.DEFINE_multi_string("variant", ["m1="], "name=key=value;key=value (ModelConfig overrides).")
 flags.DEFINE_string("ce", "chunked", "Cross-entropy implementation: chunked | full.")
 flags.DEFINE_integer("ce_chunk", 8192, "Vocabulary chunk.")
@@ -374,9 +378,11 @@ def bench_variant(name: str, overrides: list[str], bench: dict) -> dict:
     compiled = step.lower(state, batch).compile()
     t_compile = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    for _ in range(2):
+    warmup_steps, warmup_start = 0, time.perf_counter()
+    while warmup_steps < 2 or time.perf_counter() - warmup_start < FLAGS.warmup_seconds:
         state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+        jax.block_until_ready(metrics)
+        warmup_steps += 1
     t0 = time.perf_counter()
     for _ in range(FLAGS.steps):
         state, metrics = compiled(state, batch)
@@ -386,7 +392,7 @@ def bench_variant(name: str, overrides: list[str], bench: dict) -> dict:
     peak = tl.peak_tflops()
     tok_s = b * t / dt
     result = {"variant": name, "overrides": overrides, "batch": b, "accum": tc.grad_accum, "docs": docs,
-              "step_ms": dt * 1e3, "tokens_per_s": tok_s,
+              "warmup_steps": warmup_steps, "step_ms": dt * 1e3, "tokens_per_s": tok_s,
               "model_tflops_per_s": flops * tok_s / 1e12, "mfu": flops * tok_s / (peak * 1e12) if peak else None,
               "gflop_per_token": flops / 1e9, "loss": float(metrics["loss"]), "compile_s": t_compile,
               "temp_gib": mem.temp_size_in_bytes / 2 ** 30 if mem else None,
