@@ -90,8 +90,8 @@ flags.DEFINE_bool("energy", False, "after the timing rounds, run each of --impls
                   "needs nvidia-ml-py)")
 flags.DEFINE_float("warmup_seconds", None, "seconds of calls before each timed measurement, every implementation "
                    "(fla's do_bench included); unset: 0.3 s before ours and fla_pipelined, do_bench's 25 ms before "
-                   "fla. A power-capped card slows for seconds after a run starts: 3 "
-                   "(benchmarks.timing.SUSTAINED_WARMUP_SECONDS) measures its sustained speed", lower_bound=0.0)
+                   "fla. A power-capped card slows for seconds after a run starts: 3 s measures its sustained speed",
+                   lower_bound=0.0)
 flags.DEFINE_integer("rounds", 1, "time every implementation this many times, interleaved; the median is reported",
                      lower_bound=1)
 

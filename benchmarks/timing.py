@@ -54,9 +54,8 @@ def time_round_robin(fns: dict, args, reps: dict) -> dict:
 # time, short enough that a power-capped card is still close to idle temperature. On an H200 the Mosaic GPU forward +
 # backward at B1 H64 32K timed 2.11 ms 0.3-0.45 s into a run and 2.22 ms 2-4 s into it, as the clock fell from 1.6
 # to 1.5 GHz under the 700 W cap; fla's, not held down as far, 7.97 and 8.08 ms (``benchmarks/RESULTS.md``,
-# "Burst and sustained"). ``SUSTAINED_WARMUP_SECONDS`` times the card in its sustained state.
+# "Burst and sustained"). About 3 s of warm-up times the card in its sustained state.
 WARMUP_SECONDS = 0.3
-SUSTAINED_WARMUP_SECONDS = 3.0
 
 
 def time_pipelined(fn, *args, warmup_seconds: float = WARMUP_SECONDS) -> float:

@@ -52,8 +52,8 @@ flags.DEFINE_integer("batch", 4, "Sequences per step.")
 flags.DEFINE_integer("steps", 8, "Timed steps (after the warm-up steps).")
 flags.DEFINE_float("warmup_seconds", 0.0, "Warm-up steps until this many seconds have passed (at least 2, the first "
                    "compiles). 0: two steps, timed 0.4-3.4 s into the run at m1-1b's and hidden-4096's steps on an "
-                   "H200; a few seconds (benchmarks.timing.SUSTAINED_WARMUP_SECONDS) time a power-capped card at its "
-                   "sustained clock (benchmarks/RESULTS.md, \"Burst and sustained\").", lower_bound=0.0)
+                   "H200; 3 s of them time a power-capped card at its sustained clock (benchmarks/RESULTS.md, "
+                   "\"Burst and sustained\").", lower_bound=0.0)
 flags.DEFINE_multi_string("variant", ["m1="], "name=key=value;key=value (ModelConfig overrides).")
 flags.DEFINE_string("ce", "chunked", "Cross-entropy implementation: chunked | full.")
 flags.DEFINE_integer("ce_chunk", 8192, "Vocabulary chunk.")
