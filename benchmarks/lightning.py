@@ -72,8 +72,7 @@ flags.DEFINE_list("sweep_shapes", ["1x64x32768", "1x8x1048576"], "shapes at whic
 flags.DEFINE_list("impls", ["ours", "mosaic", "fla", "xla", "cudnn"],
                   "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), mosaic_3walks (Mosaic GPU, the "
                   "backward's dv and dk walks not paired), mosaic_paired (Mosaic GPU, the dq walk and the paired dv "
-                  "and dk walk programs: the backward before the one-launch default), mosaic_shared (Mosaic GPU, each "
-                  "chunk's scores made by one tile program of the cluster for all), mosaic_unsplit (Mosaic GPU, "
+                  "and dk walk programs: the backward before the one-launch default), mosaic_unsplit (Mosaic GPU, "
                   "each walk with outputs in "
                   "one warpgroup, 4 stages, no cluster: the default before split_state), fla (do_bench), "
                   "fla_pipelined (timed as ours are), xla, "
@@ -98,13 +97,11 @@ flags.DEFINE_integer("rounds", 1, "time every implementation this many times, in
 
 # Our kernels: --impls name -> pallas backend.
 KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu",
-           "mosaic_unsplit": "mosaic_gpu", "mosaic_paired": "mosaic_gpu", "mosaic_shared": "mosaic_gpu"}
-WALKS3, UNSPLIT, PAIRED, SHARED = "mosaic_3walks", "mosaic_unsplit", "mosaic_paired", "mosaic_shared"
+           "mosaic_unsplit": "mosaic_gpu", "mosaic_paired": "mosaic_gpu"}
+WALKS3, UNSPLIT, PAIRED = "mosaic_3walks", "mosaic_unsplit", "mosaic_paired"
 # Variants of the Mosaic GPU kernel (not swept): their config from mosaic's (swept or default) one.
 MOSAIC_VARIANTS = {
     WALKS3: lambda c: dataclasses.replace(c, fused_backward=0),
-    # A chunk's scores computed by one tile program of the cluster and stored into the others' shared memory.
-    SHARED: lambda c: dataclasses.replace(c, share_scores=int(bool(c.multicast))),
     # The backward as before the one-launch default: the dq walk, then the paired dv and dk walks.
     PAIRED: lambda c: dataclasses.replace(c, fused_backward=min(c.fused_backward, 1)),
     # The one-warpgroup walks in the default's own stages (the sequence-split regime's config is unsplit already).
@@ -270,10 +267,7 @@ def check_small(log, impls=("ours",), shape=(2, 1000, 4)):
                       for g in (1, 3)],
              UNSPLIT: [(jnp.bfloat16, MOSAIC_VARIANTS[UNSPLIT](dataclasses.replace(fitted, groups=g)), False)
                        for g in (1, 3)],
-             PAIRED: [(jnp.bfloat16, MOSAIC_VARIANTS[PAIRED](dataclasses.replace(fitted, groups=1)), False)],
-             # Shared scores in the forward (and, with the paired backward, in the dq walk), with and without a split.
-             SHARED: [(jnp.bfloat16, MOSAIC_VARIANTS[SHARED](dataclasses.replace(fitted, groups=g, fused_backward=f)),
-                       False) for g, f in ((1, 2), (1, 1), (3, 1))]}
+             PAIRED: [(jnp.bfloat16, MOSAIC_VARIANTS[PAIRED](dataclasses.replace(fitted, groups=1)), False)]}
     rows = []
     for impl, dtype, config, with_segments in [(name, *c) for name in impls for c in cases[name]]:
         backend = KERNELS[impl]

@@ -34,9 +34,6 @@ class KernelConfig:
         loads its share of every chunk's q and k rows into all of them (TMA multicast), so q and k cross L2 once per
         (row, head) instead of once per tile. The backward's dv and dk walk programs (one tile each) likewise load q
         and dO once.
-    share_scores: with ``multicast``: 1 has one program of the cluster compute each chunk's masked scores (q k^T
-        times the decays; program ``chunk % tiles``) and store them into the others' shared memory, instead of every
-        Dv-tile program computing them (the forward and the dq walk; bit-identical outputs).
     """
     chunk: int = 64
     block_v: int = 32
@@ -47,7 +44,6 @@ class KernelConfig:
     fused_backward: int = 0
     split_state: int = 0
     multicast: int = 0
-    share_scores: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -372,8 +372,7 @@ def _producer(issue_loads, consumed_bars, *, stages: int, n_chunks: int):
 
 def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, chunk: int, block_v: int, stages: int,
                   reverse: bool, has_init: bool, cluster: bool, interpret: bool,
-                  shared: tuple[bool, bool, bool] = (True, True, False), registers: int | None = None,
-                  share_scores: bool = False):
+                  shared: tuple[bool, bool, bool] = (True, True, False), registers: int | None = None):
     """One walk with outputs on Dv tile ``tile`` in three warpgroups (``KernelConfig.split_state``): 0 makes the
     outputs, 1 carries the state, 2 issues the TMA loads.
 
@@ -386,18 +385,12 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the backward's walk programs.
     ``registers``: the output and state warpgroups' register cap (default: the SM's registers less the producer's,
     split between the two).
-
-    ``share_scores`` (under ``cluster``, the Dv-tile programs of one walk): every tile program needs the same masked
-    scores P = (q k^T) * decays of a chunk, so only program ``step % tiles`` computes them and stores them into every
-    program's ``probs_sm[step % 2]`` (``async_store_smem``: the bytes complete on the receiver's ``recv_bars``); each
-    program arrives on the cluster-wide ``probs_free`` once its P v has read the buffer, and every program waits for
-    that before the buffer is written again. Same scores, so the outputs are bit-identical.
     """
     refs = list(refs)
     init_ref = refs.pop(0) if has_init else None
     o_ref, state_out_ref = refs.pop(0), refs.pop(0)
     (q_sm, k_sm, v_sm, vw_sm, st_sm, o_sm, probs_sm, load_bars, consumed_bars, ready_bars, free_bars,
-     done_bar, recv_bars, probs_free) = refs
+     done_bar) = refs
     head, row, wg = lax.axis_index("head"), lax.axis_index("row"), lax.axis_index("wg")
     cols = pl.ds(tile * block_v, block_v)
     dtype, dk = q_sm.dtype, q_sm.shape[-1]
@@ -405,7 +398,6 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     n_valid = layout.row_valid(row)
     s = s_ref[head]
     multicast = [dict(collective_axes="cluster") if cluster and share else {} for share in shared]
-    tiles = v_ref.shape[-1] // block_v
     registers = registers or _consumer_registers(2)
 
     def chunk_of(step):
@@ -427,37 +419,6 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             plgpu.barrier_arrive(done_bar)
             plgpu.barrier_wait(done_bar)
 
-    def _shared_probs_and_inter(step, slot, buf, *, o_inter, decay_cc, query_decay):
-        """``share_scores``: this chunk's P into probs_sm[step % 2] (made here or received), and q S_c scaled by the
-        query decays. Returns (that [chunk, block_v] float32, the P buffer)."""
-        pbuf = lax.rem(step, 2)
-
-        @pl.when(step >= 2)
-        def _():
-            plgpu.barrier_wait(probs_free.at[pbuf])  # every program's P v of step - 2 has read the buffer
-
-        maker = lax.rem(step, tiles) == tile
-
-        @pl.when(maker)
-        def _make():
-            scores = pl.run_scoped(lambda acc_s: (plgpu.wgmma(acc_s, q_sm.at[slot], k_sm.at[slot].T), acc_s[...])[1],
-                                   plgpu.ACC((chunk, chunk), jnp.float32))
-            probs = (scores * decay_cc).astype(dtype)
-            probs_sm[pbuf] = probs
-            for offset in range(1, tiles):
-                plgpu.async_store_smem(probs, probs_sm.at[pbuf], recv_bars.at[pbuf],
-                                       cluster_idx=lax.rem(tile + offset, tiles), cluster_dim="cluster")
-
-        inter = pl.run_scoped(lambda acc_o: (o_inter(acc_o), acc_o[...])[1], plgpu.ACC((chunk, block_v), jnp.float32))
-        plgpu.barrier_arrive(free_bars.at[buf])
-
-        @pl.when(jnp.logical_not(maker))
-        def _receive():
-            plgpu.barrier_wait(recv_bars.at[pbuf])
-
-        plgpu.commit_smem()  # P (stored here or by the maker) visible to this warpgroup's wgmma
-        return _scale_rows(inter, query_decay), pbuf
-
     @pl.when(wg == 0)
     def _outputs():
         plgpu.set_max_registers(registers, action="increase")
@@ -469,29 +430,21 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             plgpu.barrier_wait(load_bars.at[slot])
             plgpu.barrier_wait(ready_bars.at[buf])  # S_c is in st_sm[buf]
 
-            if share_scores:
-                o, pbuf = _shared_probs_and_inter(step, slot, buf, o_inter=lambda acc_o: plgpu.wgmma(
-                    acc_o, q_sm.at[slot], st_sm.at[buf]), decay_cc=decay_cc, query_decay=_query_decay(
-                    s, a, b, limit, chunk, reverse))
-                (o,) = _accumulate(lambda acc_o: plgpu.wgmma(acc_o, probs_sm.at[pbuf], v_sm.at[slot]), (o,),
-                                   interpret)
-                plgpu.barrier_arrive(probs_free.at[pbuf])  # this program's P v has read the buffer
-            else:
-                def scores_and_inter(acc_s, acc_o):
-                    plgpu.wgmma(acc_s, q_sm.at[slot], k_sm.at[slot].T)
-                    plgpu.wgmma(acc_o, q_sm.at[slot], st_sm.at[buf])
-                    return acc_s[...], acc_o[...]
+            def scores_and_inter(acc_s, acc_o):
+                plgpu.wgmma(acc_s, q_sm.at[slot], k_sm.at[slot].T)
+                plgpu.wgmma(acc_o, q_sm.at[slot], st_sm.at[buf])
+                return acc_s[...], acc_o[...]
 
-                scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
-                                              plgpu.ACC((chunk, block_v), jnp.float32))
-                plgpu.barrier_arrive(free_bars.at[buf])
-                o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, reverse))
-                probs = (scores * decay_cc).astype(dtype)
-                if interpret:  # the interpreter's wgmma reads operands from SMEM only
-                    probs_sm[...] = probs
-                    plgpu.commit_smem()
-                    probs = probs_sm
-                (o,) = _accumulate(lambda acc_o: plgpu.wgmma(acc_o, probs, v_sm.at[slot]), (o,), interpret)
+            scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
+                                          plgpu.ACC((chunk, block_v), jnp.float32))
+            plgpu.barrier_arrive(free_bars.at[buf])
+            o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, reverse))
+            probs = (scores * decay_cc).astype(dtype)
+            if interpret:  # the interpreter's wgmma reads operands from SMEM only
+                probs_sm[...] = probs
+                plgpu.commit_smem()
+                probs = probs_sm
+            (o,) = _accumulate(lambda acc_o: plgpu.wgmma(acc_o, probs, v_sm.at[slot]), (o,), interpret)
             release(step, slot)
             o_slot = lax.rem(step, 2)
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last used this slot has read it
@@ -556,15 +509,13 @@ def tile_width(config: KernelConfig, dv: int) -> int:
 
 
 def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *, consumers: int = 0,
-               with_output: bool = True, pair: bool = False, split: bool = False, interpret: bool = False,
-               share_scores: bool = False) -> int:
+               with_output: bool = True, pair: bool = False, split: bool = False, interpret: bool = False) -> int:
     """SMEM of one program (see ``_walk_call``'s scratch): the stream slots (q, k and the walkers' v columns; the
     pair's four full-width streams, Dk = Dv), and each walker's scaled v, bf16 state and o buffers; ``split``: the
-    split walk's (``_split_walk_call``: one v tile, the state double-buffered; ``share_scores``: P double-buffered)."""
+    split walk's (``_split_walk_call``: one v tile, the state double-buffered)."""
     if split:
         total = stages * chunk * (2 * dk + block_v) + chunk * block_v + 2 * dk * block_v + 2 * chunk * block_v
-        probs = 2 * chunk * chunk if share_scores else chunk * chunk if interpret else 0
-        return (total + probs) * itemsize + 8 * (2 * stages + 5 + (4 if share_scores else 0))
+        return (total + (chunk * chunk if interpret else 0)) * itemsize + 8 * (2 * stages + 5)
     walkers = 2 if pair else max(consumers, 1)
     per_stage = chunk * (4 * dk if pair else dk * (2 if with_output else 1) + walkers * block_v)
     total = stages * per_stage + walkers * (chunk * block_v + dk * block_v)
@@ -603,13 +554,8 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
             raise ValueError(f"multicast needs 2 to {MAX_CLUSTER} Dv tiles per walk that split a chunk into "
                              f"multiples of 8 rows; got Dk={dk}, Dv={dv}, block_v={config.block_v}, "
                              f"chunk={config.chunk}")
-    if config.share_scores not in (0, 1) or (config.share_scores and not config.multicast):
-        raise ValueError(f"share_scores is 0 or 1, and 1 only with multicast=1 (the programs that share a chunk's "
-                         f"scores are one cluster); got share_scores={config.share_scores}, "
-                         f"multicast={config.multicast}")
     need = max(smem_bytes(config.chunk, a, min(config.block_v, b), config.num_stages, jnp.dtype(dtype).itemsize,
-                          consumers=config.consumers, split=bool(config.split_state),
-                          share_scores=bool(config.share_scores)) for a, b in ((dk, dv), (dv, dk)))
+                          consumers=config.consumers, split=bool(config.split_state)) for a, b in ((dk, dv), (dv, dk)))
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(f"the Mosaic GPU lightning kernel would need {need} bytes of shared memory (> "
                          f"{SMEM_LIMIT_BYTES}) at chunk={config.chunk}, block_v={config.block_v}, "
@@ -697,21 +643,17 @@ def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_strea
 
 
 def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ...], layout: RowLayout, chunk: int,
-                     block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str,
-                     share_scores: bool = False):
+                     block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str):
     """``_walks_kernel`` over ``streams`` (each [R, L, H, D]: one walk's (q, k, v), or the backward's (k, q, dO, v)
     with ``PAIRED_WALKS``); grid (walks x Dv tiles, H, R), or (H, R) with those programs of a (row, head) as one
     cluster (several walks: one tile each). inits: one [R, H, Dk, Dv] float32 per walk, or None. The walks share
-    walk 0's shapes. Returns (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk.
-    ``share_scores``: one walk's tile programs as a cluster share each chunk's scores (``_split_kernel``; compiled
-    only: Mosaic GPU's interpreter has no cluster stores, so under ``interpret`` every program computes its own)."""
+    walk 0's shapes. Returns (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk."""
     q_i, k_i, v_i = walks[0]
     rows, length, heads, dk = streams[k_i].shape
     dv = streams[v_i].shape[-1]
     dtype = streams[0].dtype
     t = _smem_transforms(min(dk, block_v), dtype)
     tiles = dv // block_v
-    share_scores = share_scores and cluster and len(walks) == 1 and tiles > 1 and not interpret
     scratch = [
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # q slots
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # k slots
@@ -719,8 +661,7 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
         plgpu.SMEM((chunk, block_v), dtype, transforms=t),  # v scaled by its state decay (the state warpgroup's)
         plgpu.SMEM((2, dk, block_v), dtype, transforms=t),  # S_c in bf16, double-buffered between the warpgroups
         plgpu.SMEM((2, chunk, block_v), dtype, transforms=t),  # o, double-buffered
-        plgpu.SMEM((2, chunk, chunk), dtype, transforms=t) if share_scores  # P, double-buffered (share_scores)
-        else plgpu.SMEM((chunk, chunk), dtype, transforms=t) if interpret else None,  # P (interpret mode only)
+        plgpu.SMEM((chunk, chunk), dtype, transforms=t) if interpret else None,  # scores (interpret mode only)
         plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # one arrival per TMA copy
         # Slot free again: both walking warpgroups (of every program of a cluster: the copies write all of them).
         plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2, num_barriers=stages) if cluster
@@ -728,10 +669,6 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
         plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c ready in its buffer
         plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c read: its buffer free
         plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2) if cluster else None,  # all done
-        # share_scores: P received (the maker's stores arrive on it with their bytes, one arrival per thread as a
-        # warpgroup's arrive), and P read by every program of the cluster, per buffer.
-        plgpu.Barrier(num_arrivals=1, num_barriers=2) if share_scores else None,
-        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=1, num_barriers=2) if share_scores else None,
     ]
     if cluster and len(walks) > 1 and tiles > 1:
         raise ValueError("a cluster of several walks takes one Dv tile per walk (its streams swap slots)")
@@ -741,7 +678,7 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
     has_init = inits[0] is not None
     kernel = functools.partial(_walks_kernel, walks=walks, n_streams=len(streams), tiles=tiles, has_init=has_init,
                                cluster=cluster, layout=layout, chunk=chunk, block_v=block_v, stages=stages,
-                               reverse=reverse, interpret=interpret, share_scores=share_scores)
+                               reverse=reverse, interpret=interpret)
     out_type = ([jax.ShapeDtypeStruct((rows, length, heads, dv), dtype)] * len(walks)
                 + [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)] * len(walks))
     outs = plgpu.kernel(
@@ -769,7 +706,7 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
         outs, states = _split_walk_call(
             [q, k, v], s, [init], walks=((0, 1, 2),), layout=layout, chunk=config.chunk,
             block_v=min(config.block_v, dv), stages=stages, reverse=reverse, cluster=bool(config.multicast),
-            interpret=interpret, share_scores=bool(config.share_scores),
+            interpret=interpret,
             name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if config.multicast else ''}")
         return outs[0], states[0]
     consumers = config.consumers
@@ -1002,7 +939,7 @@ def _one_launch_kernel(s_ref, k_ref, q_ref, do_ref, v_ref, dq_init, pair_init, d
             scratch = list(scratch)
             probs = scratch.pop(6) if interpret else None
             _split_kernel(s_ref, do_ref, v_ref, k_ref, dq_init, dq_ref, dq_state_ref, *scratch[:6], probs,
-                          *scratch[6:], None, None, None, tile=0, layout=layout, chunk=chunk, block_v=d, stages=stages,
+                          *scratch[6:], None, tile=0, layout=layout, chunk=chunk, block_v=d, stages=stages,
                           reverse=False, has_init=True, cluster=False, interpret=interpret,
                           registers=ONE_LAUNCH_DQ_REGISTERS)
             pl.when(lax.axis_index("wg") == 3)(lambda: plgpu.set_max_registers(IDLE_REGISTERS, action="decrease"))
