@@ -40,6 +40,8 @@ Each implementation's time is printed as soon as it is measured (a ``start`` row
 
 ``--energy`` adds each kernel's energy per call, mean power and SM clocks from NVML (``benchmarks/power.py``; carry the
 ``nvidia-ml-py`` wheel): on an H200 our kernels run at the card's power limit, where the energy per call sets the time.
+``--stall_seconds=S`` ends a run that logs nothing for S seconds (exit status 124, one line naming the step it was in;
+``benchmarks/stall.py``): a kernel with a synchronisation bug hangs rather than fails.
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.power import energy_per_call, nvml_handle  # noqa: E402
+from benchmarks.stall import StallWatchdog  # noqa: E402
 from benchmarks.timing import jit_timed, pipelined_seconds, time_pipelined  # noqa: E402
 from pallas_kernels.lightning import pallas, reference  # noqa: E402
 from pallas_kernels.lightning.config import KernelConfig, pick_groups  # noqa: E402
@@ -92,6 +95,9 @@ flags.DEFINE_float("warmup_seconds", None, "seconds of calls before each timed m
                    "(fla's do_bench included); unset: 0.3 s before ours and fla_pipelined, do_bench's 25 ms before "
                    "fla. A power-capped card slows for seconds after a run starts: 3 s measures its sustained speed",
                    lower_bound=0.0)
+flags.DEFINE_float("stall_seconds", 0.0, "end the run (exit status 124, one line naming the step) once this many "
+                   "seconds pass without a logged row: a kernel whose synchronisation is wrong hangs rather than "
+                   "fails. 0: never. Give a new kernel's first GPU run a limit (e.g. 120)", lower_bound=0.0)
 flags.DEFINE_integer("rounds", 1, "time every implementation this many times, interleaved; the median is reported",
                      lower_bound=1)
 
@@ -396,16 +402,29 @@ def print_energy_table(table):
                   f"{e['W']:.0f} | {e['sm_mhz_median']} ({e['sm_mhz_min']}) | {100 * e['power_capped']:.0f}% |")
 
 
+def describe(row: dict) -> str:
+    """A logged row in a few words (what a stalled run was doing)."""
+    return " ".join(f"{key}={row[key]}" for key in ("phase", "impl", "shape", "mode", "round", "config") if key in row)
+
+
 def main(argv):
     del argv
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     out = open(os.path.join(FLAGS.out_dir, "bench_lightning.jsonl"), "w")
+    watchdog = StallWatchdog(FLAGS.stall_seconds)
 
     def log(row):
         print(json.dumps(row, default=str), flush=True)
         out.write(json.dumps(row, default=str) + "\n")
         out.flush()
+        watchdog.beat(describe(row))
 
+    with watchdog:
+        run(log)
+
+
+def run(log):
+    """The phases (module docstring), every row through ``log``."""
     if unknown := sorted(set(FLAGS.check_impls) - set(KERNELS)):
         raise app.UsageError(f"--check_impls takes our kernels ({', '.join(KERNELS)}); got {unknown}")
     nvml = nvml_handle() if FLAGS.energy else None
@@ -496,6 +515,8 @@ def main(argv):
                     row[f"{name}_rounds_ms"] = ms
             row["floor_ms"] = floor_seconds(b, h, n, d, mode, peak) * 1e3
             if FLAGS.check and FLAGS.compare_xla:  # ours vs the XLA scan (block 256: fewer saved states), same inputs
+                log({"phase": "start", "shape": row["shape"], "mode": mode, "impl": "compare_xla",
+                     "time": datetime.datetime.now().isoformat(timespec="seconds")})
                 try:
                     row.update(compare_to_xla(s, configs, with_bwd, args, fla))
                 except Exception as e:
