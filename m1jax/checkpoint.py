@@ -36,6 +36,7 @@ in ``<name>/m1jax_digest.json``, written after orbax finalised the parameter.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import glob
@@ -53,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src import asyncio_utils as _orbax_asyncio
 
 from m1jax.safetensors_io import CheckpointError
 from sharding.multihost import any_process
@@ -178,6 +180,33 @@ def _verify(where: str, flat: Mapping[str, jax.Array], saved: Mapping[str, dict]
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} of {len(flat)} arrays differ from the digest written when it "
                               f"was saved (e.g. {bad[:3]}): its files are damaged")
+
+
+def _run_sync_via_new_loop(coro):
+    """orbax's ``asyncio_utils._run_sync_via_new_loop`` (every synchronous orbax save and restore runs its coroutine on
+    a fresh event loop), except that the loop's left-over tasks are cancelled and awaited before it closes, as
+    ``asyncio.run`` does. orbax 0.12.8 closes the loop at once: when one read of a damaged checkpoint fails, the reads
+    gathered with it are still waiting on tensorstore futures, and tensorstore's threads later schedule their
+    completion on the closed loop ("Exception ignored in: None ... RuntimeError: Event loop is closed", printed after
+    the CheckpointError was raised, in whatever runs then)."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()  # their tensorstore futures then complete on an open loop, or not at all
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+if hasattr(_orbax_asyncio, "_run_sync_via_new_loop"):  # the orbax versions setup.cfg allows
+    _orbax_asyncio._run_sync_via_new_loop = _run_sync_via_new_loop
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
 """Orbax checkpoints: resharding restore across meshes (8 fake CPU devices), per-process data states, atomicity,
 damaged files; the preemption guard."""
+import asyncio
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -7,6 +9,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from orbax.checkpoint._src import asyncio_utils
 
 from m1jax import checkpoint as C
 from m1jax import train as T
@@ -117,3 +120,46 @@ def test_preemption_guard_turns_signals_into_a_flag(signum):
                 os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+
+class _ExternalRead:
+    """A read that another thread completes, as tensorstore's: its completion is scheduled on the awaiting loop
+    (``call_soon_threadsafe``) unless the awaiting future was cancelled first."""
+
+    def __init__(self):
+        self.cancelled, self.complete = False, None
+
+    async def wait(self):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        future.add_done_callback(lambda f: setattr(self, "cancelled", f.cancelled()))
+        self.complete = lambda: None if self.cancelled else loop.call_soon_threadsafe(future.set_result, None)
+        await future
+
+
+def _run_failed_restore(run_sync):
+    """Runs, with orbax's loop runner ``run_sync``, a restore whose second read fails while the first still waits on
+    its thread; then that thread completes the first read. Returns what the completion raised (None: nothing)."""
+    pending = _ExternalRead()
+
+    async def damaged():
+        await asyncio.sleep(0)
+        raise OSError("DATA_LOSS: damaged chunk")
+
+    async def restore():
+        await asyncio.gather(pending.wait(), damaged())
+
+    with pytest.raises(OSError, match="DATA_LOSS"):
+        run_sync(restore())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(pending.complete).exception()
+
+
+def test_orbax_event_loop_is_drained_before_it_closes():
+    """A failed orbax read left its sibling reads waiting on tensorstore futures, and orbax 0.12.8 closed its loop at
+    once: tensorstore's threads then scheduled the completions on a closed loop ("RuntimeError: Event loop is
+    closed", printed in whatever ran next). m1jax's loop runner, installed into orbax, cancels and awaits the left-over
+    tasks before closing the loop."""
+    assert asyncio_utils._run_sync_via_new_loop is C._run_sync_via_new_loop
+    assert _run_failed_restore(C._run_sync_via_new_loop) is None
