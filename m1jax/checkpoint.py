@@ -184,8 +184,8 @@ def _verify(where: str, flat: Mapping[str, jax.Array], saved: Mapping[str, dict]
 
 def _run_sync_via_new_loop(coro):
     """orbax's ``asyncio_utils._run_sync_via_new_loop`` (every synchronous orbax save and restore runs its coroutine on
-    a fresh event loop), except that the loop's left-over tasks are cancelled and awaited before it closes, as
-    ``asyncio.run`` does. orbax 0.12.8 closes the loop at once: when one read of a damaged checkpoint fails, the reads
+    a fresh event loop), except that when the coroutine fails, the loop's left-over tasks are cancelled and awaited
+    before it closes. orbax 0.12.8 closes the loop at once: when one read of a damaged checkpoint fails, the reads
     gathered with it are still waiting on tensorstore futures, and tensorstore's threads later schedule their
     completion on the closed loop ("Exception ignored in: None ... RuntimeError: Event loop is closed", printed after
     the CheckpointError was raised, in whatever runs then)."""
@@ -193,16 +193,27 @@ def _run_sync_via_new_loop(coro):
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(coro)
+    except Exception:
+        _cancel_left_over_tasks(loop)
+        raise
     finally:
-        try:
-            left = asyncio.all_tasks(loop)
-            for task in left:
-                task.cancel()  # their tensorstore futures then complete on an open loop, or not at all
-            if left:
-                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _cancel_left_over_tasks(loop) -> None:
+    """Cancels ``loop``'s unfinished tasks and runs the loop until they have ended; their tensorstore futures then
+    complete on an open loop, or not at all. Only on failure: orbax avoids ``asyncio.run`` because listing the tasks
+    reads asyncio's process-wide task set, which its concurrent save threads change under it, so the successful path
+    (nothing left over) stays orbax's own."""
+    try:
+        left = asyncio.all_tasks(loop)
+    except RuntimeError:  # that set kept changing while it was read: close as orbax does
+        return
+    for task in left:
+        task.cancel()
+    if left:
+        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
 
 
 if hasattr(_orbax_asyncio, "_run_sync_via_new_loop"):  # the orbax versions setup.cfg allows
