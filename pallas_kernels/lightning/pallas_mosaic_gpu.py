@@ -372,11 +372,9 @@ def _producer(issue_loads, consumed_bars, *, stages: int, n_chunks: int):
 
 def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, chunk: int, block_v: int, stages: int,
                   reverse: bool, has_init: bool, cluster: bool, interpret: bool,
-                  shared: tuple[bool, bool, bool] = (True, True, False), registers: int | None = None,
-                  outputs: int = 1):
-    """One walk with outputs on Dv tile ``tile`` in ``outputs`` + 2 warpgroups (``KernelConfig.split_state``):
-    0 .. ``outputs`` - 1 make the outputs (chunk c by warpgroup c % ``outputs``), ``outputs`` carries the state,
-    ``outputs`` + 1 issues the TMA loads.
+                  shared: tuple[bool, bool, bool] = (True, True, False), registers: int | None = None):
+    """One walk with outputs on Dv tile ``tile`` in three warpgroups (``KernelConfig.split_state``): 0 makes the
+    outputs, 1 carries the state, 2 issues the TMA loads.
 
     The chunk recurrence only runs through the state: S_{c+1} = carry S_c + k_c^T (v_c scaled). Everything else of a
     chunk (q k^T, q S_c, the decays, P v) hangs off it. So the state warpgroup walks that chain alone and hands each
@@ -386,10 +384,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     thread-block cluster and each loads part of every chunk of the ``shared`` streams (of q, k, v) into all of them
     (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the backward's walk programs.
     ``registers``: the output and state warpgroups' register cap (default: the SM's registers less the producer's,
-    split between the two). Two output warpgroups (``outputs`` = 2; ``stages`` even, so that each TMA slot, state
-    buffer and o buffer has one output warpgroup that waits on all its phases) keep two chunks' output chains in
-    flight: a whole-head walk (one 128-wide tile) is otherwise bound by one warpgroup's serial wgmma, register and
-    store chain. Their caps are ``SPLIT_OUTPUTS_REGISTERS``.
+    split between the two).
     """
     refs = list(refs)
     init_ref = refs.pop(0) if has_init else None
@@ -403,11 +398,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     n_valid = layout.row_valid(row)
     s = s_ref[head]
     multicast = [dict(collective_axes="cluster") if cluster and share else {} for share in shared]
-    if outputs == 1:
-        output_registers = state_registers = registers or _consumer_registers(2)
-    else:
-        output_registers, state_registers = SPLIT_OUTPUTS_REGISTERS
-    per_output = 2 // outputs  # o buffers of each output warpgroup
+    registers = registers or _consumer_registers(2)
 
     def chunk_of(step):
         return (n_chunks - 1 - step) if reverse else step
@@ -428,13 +419,12 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             plgpu.barrier_arrive(done_bar)
             plgpu.barrier_wait(done_bar)
 
-    def output_walk(w):
-        plgpu.set_max_registers(output_registers, action="increase")
+    @pl.when(wg == 0)
+    def _outputs():
+        plgpu.set_max_registers(registers, action="increase")
         decay_cc = _intra_decay(s, chunk, reverse)
-        scores_sm = probs_sm.at[w] if outputs > 1 and probs_sm is not None else probs_sm
 
-        def body(i, carry):
-            step = i * outputs + w
+        def body(step, carry):
             slot, buf, c = lax.rem(step, stages), lax.rem(step, 2), chunk_of(step)
             limit, a, b = _chunk_bounds(n_valid, c, chunk)
             plgpu.barrier_wait(load_bars.at[slot])
@@ -451,30 +441,25 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, reverse))
             probs = (scores * decay_cc).astype(dtype)
             if interpret:  # the interpreter's wgmma reads operands from SMEM only
-                scores_sm[...] = probs
+                probs_sm[...] = probs
                 plgpu.commit_smem()
-                probs = scores_sm
+                probs = probs_sm
             (o,) = _accumulate(lambda acc_o: plgpu.wgmma(acc_o, probs, v_sm.at[slot]), (o,), interpret)
             release(step, slot)
-            o_slot = lax.rem(i, per_output) * outputs + w
-            # The store that last used this o buffer has read it (this warpgroup's own stores: bulk groups are per
-            # thread).
-            plgpu.wait_smem_to_gmem(per_output - 1, wait_read_only=True)
+            o_slot = lax.rem(step, 2)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last used this slot has read it
             o_sm[o_slot] = o.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_sm.at[o_slot], o_ref.at[row, pl.ds(c * chunk, chunk), head, cols])
             return carry
 
-        lax.fori_loop(0, (n_chunks - w + outputs - 1) // outputs, body, 0)
+        lax.fori_loop(0, n_chunks, body, 0)
         plgpu.wait_smem_to_gmem(0)
         leave()
 
-    for w in range(outputs):
-        pl.when(wg == w)(functools.partial(output_walk, w))
-
-    @pl.when(wg == outputs)
+    @pl.when(wg == 1)
     def _state():
-        plgpu.set_max_registers(state_registers, action="increase")
+        plgpu.set_max_registers(registers, action="increase")
 
         def body(step, state):
             slot, buf = lax.rem(step, stages), lax.rem(step, 2)
@@ -496,13 +481,8 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             plgpu.barrier_wait(free_bars.at[step % 2])
         leave()
 
-    pl.when(wg == outputs + 1)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
+    pl.when(wg == 2)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
 
-
-# Per-thread register caps of a split walk with two output warpgroups (``_split_kernel``'s ``outputs`` = 2): each
-# output warpgroup (a [C, Dv] float32 accumulator, the [C, C] scores and decay table) and the state warpgroup (a
-# [128, 128] float32 state); with the producer's PRODUCER_REGISTERS, 136 + 136 + 200 + 40 = 512.
-SPLIT_OUTPUTS_REGISTERS = (136, 200)
 
 # Programs the sequence split aims for: one per SM of an H100/H200 (132), since a 4-stage program takes most of an
 # SM's shared memory; splitting further costs an extra read of k and v (measured: at B1 H64 32K one group of 128
@@ -562,12 +542,9 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
                              f"block_v={config.block_v}, consumers={config.consumers}")
     if config.chunk not in (64, 128):
         raise ValueError(f"the Mosaic GPU lightning kernel needs chunk 64 or 128; got {config.chunk}")
-    if config.split_state not in (0, 1, 2) or (config.split_state and config.consumers):
-        raise ValueError(f"split_state is 0, 1 or 2, and 1 or 2 only with consumers=0 (its program is split_state "
-                         f"output warpgroups, a state and a producer warpgroup); got split_state={config.split_state}, "
-                         f"consumers={config.consumers}")
-    if config.split_state == 2 and config.multicast:
-        raise ValueError("split_state=2 (two output warpgroups) takes no cluster; set multicast=0")
+    if config.split_state not in (0, 1) or (config.split_state and config.consumers):
+        raise ValueError(f"split_state is 0 or 1, and 1 only with consumers=0 (its program is an output, a state and "
+                         f"a producer warpgroup); got split_state={config.split_state}, consumers={config.consumers}")
     if config.multicast not in (0, 1) or (config.multicast and not config.split_state):
         raise ValueError(f"multicast is 0 or 1, and 1 only with split_state=1; got multicast={config.multicast}, "
                          f"split_state={config.split_state}")
@@ -666,16 +643,11 @@ def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_strea
 
 
 def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ...], layout: RowLayout, chunk: int,
-                     block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str,
-                     outputs: int = 1):
+                     block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str):
     """``_walks_kernel`` over ``streams`` (each [R, L, H, D]: one walk's (q, k, v), or the backward's (k, q, dO, v)
     with ``PAIRED_WALKS``); grid (walks x Dv tiles, H, R), or (H, R) with those programs of a (row, head) as one
     cluster (several walks: one tile each). inits: one [R, H, Dk, Dv] float32 per walk, or None. The walks share
-    walk 0's shapes. ``outputs``: output warpgroups per program (``_split_kernel``; 2 only for one unclustered walk).
-    Returns (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk."""
-    if outputs > 1 and (cluster or len(walks) > 1 or stages % outputs and stages > 1):
-        raise ValueError(f"{outputs} output warpgroups take one walk, no cluster and an even number of stages; got "
-                         f"{len(walks)} walks, cluster={cluster}, stages={stages}")
+    walk 0's shapes. Returns (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk."""
     q_i, k_i, v_i = walks[0]
     rows, length, heads, dk = streams[k_i].shape
     dv = streams[v_i].shape[-1]
@@ -689,9 +661,7 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
         plgpu.SMEM((chunk, block_v), dtype, transforms=t),  # v scaled by its state decay (the state warpgroup's)
         plgpu.SMEM((2, dk, block_v), dtype, transforms=t),  # S_c in bf16, double-buffered between the warpgroups
         plgpu.SMEM((2, chunk, block_v), dtype, transforms=t),  # o, double-buffered
-        # scores (interpret mode only), one per output warpgroup
-        plgpu.SMEM((chunk, chunk) if outputs == 1 else (outputs, chunk, chunk), dtype, transforms=t)
-        if interpret else None,
+        plgpu.SMEM((chunk, chunk), dtype, transforms=t) if interpret else None,  # scores (interpret mode only)
         plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # one arrival per TMA copy
         # Slot free again: both walking warpgroups (of every program of a cluster: the copies write all of them).
         plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2, num_barriers=stages) if cluster
@@ -708,11 +678,11 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
     has_init = inits[0] is not None
     kernel = functools.partial(_walks_kernel, walks=walks, n_streams=len(streams), tiles=tiles, has_init=has_init,
                                cluster=cluster, layout=layout, chunk=chunk, block_v=block_v, stages=stages,
-                               reverse=reverse, interpret=interpret, outputs=outputs)
+                               reverse=reverse, interpret=interpret)
     out_type = ([jax.ShapeDtypeStruct((rows, length, heads, dv), dtype)] * len(walks)
                 + [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)] * len(walks))
     outs = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, **launch, num_threads=2 + outputs, thread_name="wg",
+        kernel, out_type=out_type, scratch_types=scratch, **launch, num_threads=3, thread_name="wg",
         interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name=name,
     )(s, *streams, *(inits if has_init else ()))
     return outs[:len(walks)], outs[len(walks):]
@@ -733,15 +703,11 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
         raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
     stages = max(1, min(config.num_stages, length // config.chunk))
     if with_output and config.split_state:
-        outputs = config.split_state
-        if stages > 1:  # two output warpgroups: each takes every other chunk, so every other slot
-            stages -= stages % outputs
         outs, states = _split_walk_call(
             [q, k, v], s, [init], walks=((0, 1, 2),), layout=layout, chunk=config.chunk,
             block_v=min(config.block_v, dv), stages=stages, reverse=reverse, cluster=bool(config.multicast),
-            interpret=interpret, outputs=outputs,
-            name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if config.multicast else ''}"
-                 f"{'_2out' if outputs == 2 else ''}")
+            interpret=interpret,
+            name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if config.multicast else ''}")
         return outs[0], states[0]
     consumers = config.consumers
     outs, states = _walk_call(
