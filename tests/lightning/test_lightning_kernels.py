@@ -61,6 +61,7 @@ MOSAIC_SPLIT_STATE = [
     # the whole backward in one launch (fused 2): a dq walk program and a dv + dk program from one dS chain per head
     (("mosaic_gpu", "bfloat16", 1, 200, 2, 128, 128, 64, 64, 1, False, True), 3, 2, 1),  # initial state, part chunk
     (("mosaic_gpu", "bfloat16", 2, 130, 1, 64, 64, 64, 64, 1, False, False), 2, 2, 0),  # D = 64, two rows
+    (("mosaic_gpu", "bfloat16", 1, 50, 1, 128, 128, 64, 64, 1, False, True), 3, 2, 1),  # a row of one chunk
     (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 128, 64, 64, 3, False, True), 3, 2, 1),  # a split: the paired walks
     (("mosaic_gpu", "bfloat16", 1, 200, 1, 128, 128, 64, 64, 1, False, True), 2, 0, 1),  # reverse split walks
     (("mosaic_gpu", "bfloat16", 2, 200, 2, 128, 128, 64, 32, 3, False, False), 4, 1, 1),  # cluster of 4, split rows
