@@ -75,9 +75,7 @@ flags.DEFINE_list("sweep_shapes", ["1x64x32768", "1x8x1048576"], "shapes at whic
 flags.DEFINE_list("impls", ["ours", "mosaic", "fla", "xla", "cudnn"],
                   "what to time: ours (Triton kernel), mosaic (Mosaic GPU kernel), mosaic_3walks (Mosaic GPU, the "
                   "backward's dv and dk walks not paired), mosaic_paired (Mosaic GPU, the dq walk and the paired dv "
-                  "and dk walk programs: the backward before the one-launch default), mosaic_scores (Mosaic GPU, "
-                  "each chunk's scores made by a fourth warpgroup, once for a cluster's tile programs: share_scores), "
-                  "mosaic_unsplit (Mosaic GPU, "
+                  "and dk walk programs: the backward before the one-launch default), mosaic_unsplit (Mosaic GPU, "
                   "each walk with outputs in "
                   "one warpgroup, 4 stages, no cluster: the default before split_state), fla (do_bench), "
                   "fla_pipelined (timed as ours are), xla, "
@@ -105,15 +103,13 @@ flags.DEFINE_integer("rounds", 1, "time every implementation this many times, in
 
 # Our kernels: --impls name -> pallas backend.
 KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu",
-           "mosaic_unsplit": "mosaic_gpu", "mosaic_paired": "mosaic_gpu", "mosaic_scores": "mosaic_gpu"}
-WALKS3, UNSPLIT, PAIRED, SCORES = "mosaic_3walks", "mosaic_unsplit", "mosaic_paired", "mosaic_scores"
+           "mosaic_unsplit": "mosaic_gpu", "mosaic_paired": "mosaic_gpu"}
+WALKS3, UNSPLIT, PAIRED = "mosaic_3walks", "mosaic_unsplit", "mosaic_paired"
 # Variants of the Mosaic GPU kernel (not swept): their config from mosaic's (swept or default) one.
 MOSAIC_VARIANTS = {
     WALKS3: lambda c: dataclasses.replace(c, fused_backward=0),
     # The backward as before the one-launch default: the dq walk, then the paired dv and dk walks.
     PAIRED: lambda c: dataclasses.replace(c, fused_backward=min(c.fused_backward, 1)),
-    # The split walks' scores made ahead by a warpgroup of their own, once for a cluster (share_scores).
-    SCORES: lambda c: c if not c.split_state else dataclasses.replace(c, share_scores=2 if c.multicast else 1),
     # The one-warpgroup walks in the default's own stages (the sequence-split regime's config is unsplit already).
     UNSPLIT: lambda c: c if not c.split_state else dataclasses.replace(
         c, split_state=0, multicast=0, num_stages=pallas.DEFAULT_CONFIGS["mosaic_gpu"].num_stages),
@@ -277,10 +273,7 @@ def check_small(log, impls=("ours",), shape=(2, 1000, 4)):
                       for g in (1, 3)],
              UNSPLIT: [(jnp.bfloat16, MOSAIC_VARIANTS[UNSPLIT](dataclasses.replace(fitted, groups=g)), False)
                        for g in (1, 3)],
-             PAIRED: [(jnp.bfloat16, MOSAIC_VARIANTS[PAIRED](dataclasses.replace(fitted, groups=1)), False)],
-             # Shared scores in the forward (one launch backward), and in the dq walk too (paired walks, a split).
-             SCORES: [(jnp.bfloat16, MOSAIC_VARIANTS[SCORES](dataclasses.replace(fitted, groups=g, fused_backward=f)),
-                       False) for g, f in ((1, 2), (1, 1), (3, 1))]}
+             PAIRED: [(jnp.bfloat16, MOSAIC_VARIANTS[PAIRED](dataclasses.replace(fitted, groups=1)), False)]}
     rows = []
     for impl, dtype, config, with_segments in [(name, *c) for name in impls for c in cases[name]]:
         backend = KERNELS[impl]
@@ -379,13 +372,12 @@ def compare_to_xla(s, configs, with_bwd, args, fla):
 
 def print_table(table):
     """The markdown table: each timed implementation's ms (% floor), the speedups of ours over fla, the errors."""
-    names = [n for n in ("mosaic", SCORES, PAIRED, UNSPLIT, WALKS3, "ours", "fla", "fla_pipelined", "xla", "cudnn")
+    names = [n for n in ("mosaic", PAIRED, UNSPLIT, WALKS3, "ours", "fla", "fla_pipelined", "xla", "cudnn")
              if any(f"{n}_ms" in r for r in table)]
     label = {WALKS3: "mosaic 3 bwd walks", UNSPLIT: "mosaic unsplit", PAIRED: "mosaic paired", "mosaic": "mosaic",
-             SCORES: "mosaic shared scores",
              "ours": "triton",
              "fla": "fla", "fla_pipelined": "fla pipelined", "xla": "XLA", "cudnn": "cuDNN softmax"}
-    ratios = [(a, b) for a, b in ((SCORES, "mosaic"), ("mosaic", PAIRED), ("mosaic", UNSPLIT), ("mosaic", WALKS3), ("mosaic", "fla"),
+    ratios = [(a, b) for a, b in (("mosaic", PAIRED), ("mosaic", UNSPLIT), ("mosaic", WALKS3), ("mosaic", "fla"),
                                   ("mosaic", "fla_pipelined"), (WALKS3, "fla"),
                                   ("ours", "fla"), ("mosaic", "ours")) if a in names and b in names]
     head = ([f"{label[n]} ms (% floor)" for n in names] + [f"{label[a]} vs {label[b]}" for a, b in ratios]

@@ -34,12 +34,6 @@ class KernelConfig:
         loads its share of every chunk's q and k rows into all of them (TMA multicast), so q and k cross L2 once per
         (row, head) instead of once per tile. The backward's dv and dk walk programs (one tile each) likewise load q
         and dO once.
-    share_scores: the split walks with outputs (``split_state``; one walk per launch: the forward, the dq walk, the
-        unpaired dk and dv walks). 1: a fourth warpgroup makes each chunk's masked scores P = (q k^T) * decays ahead
-        of the output warpgroup, which then only waits for them. 2 (with ``multicast``): each chunk's P is made once
-        for the cluster's Dv-tile programs, by program ``chunk % tiles``, and stored into the others' shared memory;
-        a head then computes its scores once, not once per tile (compiled only: in interpret mode, 1). Outputs are
-        bit-identical either way.
     """
     chunk: int = 64
     block_v: int = 32
@@ -50,7 +44,6 @@ class KernelConfig:
     fused_backward: int = 0
     split_state: int = 0
     multicast: int = 0
-    share_scores: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

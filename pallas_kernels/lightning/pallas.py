@@ -94,7 +94,7 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     config = config or default_config(backend, q.dtype, batch, heads, length, dk, dv)
-    for option in ("fused_backward", "split_state", "multicast", "share_scores"):
+    for option in ("fused_backward", "split_state", "multicast"):
         if getattr(config, option) and backend != "mosaic_gpu":
             raise ValueError(f"{option} is a Mosaic GPU kernel option; the {backend} backend has one program shape "
                              f"and walks three times")

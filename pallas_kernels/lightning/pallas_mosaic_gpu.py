@@ -372,8 +372,7 @@ def _producer(issue_loads, consumed_bars, *, stages: int, n_chunks: int):
 
 def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, chunk: int, block_v: int, stages: int,
                   reverse: bool, has_init: bool, cluster: bool, interpret: bool,
-                  shared: tuple[bool, bool, bool] = (True, True, False), registers: int | None = None,
-                  score_sharers: int = 0):
+                  shared: tuple[bool, bool, bool] = (True, True, False), registers: int | None = None):
     """One walk with outputs on Dv tile ``tile`` in three warpgroups (``KernelConfig.split_state``): 0 makes the
     outputs, 1 carries the state, 2 issues the TMA loads.
 
@@ -386,22 +385,12 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the backward's walk programs.
     ``registers``: the output and state warpgroups' register cap (default: the SM's registers less the producer's,
     split between the two).
-
-    ``score_sharers`` (``KernelConfig.share_scores``) n >= 1: a fourth warpgroup (3) makes each chunk's masked scores
-    P = (q k^T) * decays ahead of the output warpgroup, into a ring of ``SCORES_DEPTH * n`` SMEM buffers
-    (``probs_sm``, "received" barriers ``recv_bars``), so the scores wgmma leaves the output warpgroup's chain. With
-    n > 1 (the n Dv-tile programs of a cluster), program ``step % n`` makes chunk ``step``'s P for all of them: it
-    stores its own copy and ``async_store_smem``s the others' (the bytes complete on their ``recv_bars``); each
-    output warpgroup arrives on the cluster-wide ``probs_free`` once its P v has read a buffer, and only the buffer's
-    maker waits for that before writing it again. Every program's head gets the same scores, computed once, so the
-    outputs are bit-identical; a head does 14% fewer FLOPs at D = 128 with 64-wide tiles.
     """
     refs = list(refs)
     init_ref = refs.pop(0) if has_init else None
     o_ref, state_out_ref = refs.pop(0), refs.pop(0)
     (q_sm, k_sm, v_sm, vw_sm, st_sm, o_sm, probs_sm, load_bars, consumed_bars, ready_bars, free_bars,
-     done_bar, recv_bars, probs_free) = refs
-    n_buffers = SCORES_DEPTH * score_sharers
+     done_bar) = refs
     head, row, wg = lax.axis_index("head"), lax.axis_index("row"), lax.axis_index("wg")
     cols = pl.ds(tile * block_v, block_v)
     dtype, dk = q_sm.dtype, q_sm.shape[-1]
@@ -409,7 +398,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     n_valid = layout.row_valid(row)
     s = s_ref[head]
     multicast = [dict(collective_axes="cluster") if cluster and share else {} for share in shared]
-    registers = registers or (SCORES_SPLIT_REGISTERS if score_sharers else _consumer_registers(2))
+    registers = registers or _consumer_registers(2)
 
     def chunk_of(step):
         return (n_chunks - 1 - step) if reverse else step
@@ -430,49 +419,32 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             plgpu.barrier_arrive(done_bar)
             plgpu.barrier_wait(done_bar)
 
-    def masked_scores(slot, decay_cc):
-        """P = (q k^T) * the intra-chunk decays of the chunk in ``slot``, rounded to the input dtype."""
-        scores = pl.run_scoped(lambda acc_s: (plgpu.wgmma(acc_s, q_sm.at[slot], k_sm.at[slot].T), acc_s[...])[1],
-                               plgpu.ACC((chunk, chunk), jnp.float32))
-        return (scores * decay_cc).astype(dtype)
-
     @pl.when(wg == 0)
     def _outputs():
         plgpu.set_max_registers(registers, action="increase")
-        decay_cc = None if score_sharers else _intra_decay(s, chunk, reverse)
+        decay_cc = _intra_decay(s, chunk, reverse)
 
         def body(step, carry):
             slot, buf, c = lax.rem(step, stages), lax.rem(step, 2), chunk_of(step)
             limit, a, b = _chunk_bounds(n_valid, c, chunk)
             plgpu.barrier_wait(load_bars.at[slot])
             plgpu.barrier_wait(ready_bars.at[buf])  # S_c is in st_sm[buf]
-            if score_sharers:
-                inter = pl.run_scoped(lambda acc_o: (plgpu.wgmma(acc_o, q_sm.at[slot], st_sm.at[buf]), acc_o[...])[1],
-                                      plgpu.ACC((chunk, block_v), jnp.float32))
-            else:
-                def scores_and_inter(acc_s, acc_o):
-                    plgpu.wgmma(acc_s, q_sm.at[slot], k_sm.at[slot].T)
-                    plgpu.wgmma(acc_o, q_sm.at[slot], st_sm.at[buf])
-                    return acc_s[...], acc_o[...]
 
-                scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
-                                              plgpu.ACC((chunk, block_v), jnp.float32))
+            def scores_and_inter(acc_s, acc_o):
+                plgpu.wgmma(acc_s, q_sm.at[slot], k_sm.at[slot].T)
+                plgpu.wgmma(acc_o, q_sm.at[slot], st_sm.at[buf])
+                return acc_s[...], acc_o[...]
+
+            scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
+                                          plgpu.ACC((chunk, block_v), jnp.float32))
             plgpu.barrier_arrive(free_bars.at[buf])
             o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, reverse))
-            if score_sharers:
-                pbuf = lax.rem(step, n_buffers)
-                plgpu.barrier_wait(recv_bars.at[pbuf])  # this chunk's P, from the scores warpgroup that made it
+            probs = (scores * decay_cc).astype(dtype)
+            if interpret:  # the interpreter's wgmma reads operands from SMEM only
+                probs_sm[...] = probs
                 plgpu.commit_smem()
-                probs = probs_sm.at[pbuf]
-            else:
-                probs = (scores * decay_cc).astype(dtype)
-                if interpret:  # the interpreter's wgmma reads operands from SMEM only
-                    probs_sm[...] = probs
-                    plgpu.commit_smem()
-                    probs = probs_sm
+                probs = probs_sm
             (o,) = _accumulate(lambda acc_o: plgpu.wgmma(acc_o, probs, v_sm.at[slot]), (o,), interpret)
-            if score_sharers:
-                plgpu.barrier_arrive(probs_free.at[pbuf])  # this program's P v has read the buffer
             release(step, slot)
             o_slot = lax.rem(step, 2)
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last used this slot has read it
@@ -511,51 +483,6 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
 
     pl.when(wg == 2)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
 
-    if score_sharers:
-        @pl.when(wg == 3)
-        def _scores():
-            plgpu.set_max_registers(SCORES_REGISTERS, action="decrease")
-            decay_cc = _intra_decay(s, chunk, reverse)
-            maker = tile % score_sharers
-
-            def body(step, carry):
-                slot, pbuf = lax.rem(step, stages), lax.rem(step, n_buffers)
-                plgpu.barrier_wait(load_bars.at[slot])  # every chunk: a waiter must see each phase of the slot
-
-                @pl.when(lax.rem(step, score_sharers) == maker)
-                def _make():
-                    @pl.when(step >= n_buffers)
-                    def _():
-                        plgpu.barrier_wait(probs_free.at[pbuf])  # every program's P v has read its last P
-
-                    probs = masked_scores(slot, decay_cc)
-                    probs_sm[pbuf] = probs
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(recv_bars.at[pbuf])
-                    for offset in range(1, score_sharers):
-                        plgpu.async_store_smem(probs, probs_sm.at[pbuf], recv_bars.at[pbuf],
-                                               cluster_idx=lax.rem(tile + offset, score_sharers),
-                                               cluster_dim="cluster")
-
-                release(step, slot)
-                return carry
-
-            lax.fori_loop(0, n_chunks, body, 0)
-            for step in range(max(n_chunks - n_buffers, 0), n_chunks):  # the last reads of this maker's buffers
-                pl.when(maker == step % score_sharers)(
-                    functools.partial(plgpu.barrier_wait, probs_free.at[step % n_buffers]))
-            leave()
-
-
-# A scores warpgroup's ring (``KernelConfig.share_scores``): buffers per maker, so a maker can run this many of its
-# chunks ahead of the slowest output warpgroup of its cluster.
-SCORES_DEPTH = 2
-# Register caps of a split walk with a scores warpgroup (output, state, scores; the producer keeps
-# PRODUCER_REGISTERS): 512 a thread-slot in all. The scores warpgroup holds one [C, C] float32 accumulator and the
-# hoisted decay table.
-SCORES_SPLIT_REGISTERS = 176
-SCORES_REGISTERS = 120
-
 
 # Programs the sequence split aims for: one per SM of an H100/H200 (132), since a 4-stage program takes most of an
 # SM's shared memory; splitting further costs an extra read of k and v (measured: at B1 H64 32K one group of 128
@@ -576,30 +503,19 @@ def _consumer_registers(consumers: int) -> int:
     return int(min(256, (512 - PRODUCER_REGISTERS) // consumers) // 8 * 8)
 
 
-def score_buffers(config: KernelConfig, dv: int) -> int:
-    """P buffers of a split walk's scores warpgroup (``share_scores``) when compiled: ``SCORES_DEPTH`` per program
-    that makes them (every Dv tile of the cluster with 2, the program itself with 1)."""
-    if not config.share_scores:
-        return 0
-    return SCORES_DEPTH * (dv // min(config.block_v, dv) if config.share_scores == 2 else 1)
-
-
 def tile_width(config: KernelConfig, dv: int) -> int:
     """Columns of Dv one program covers: ``block_v`` per walking warpgroup."""
     return min(config.block_v, dv) * max(config.consumers, 1)
 
 
 def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *, consumers: int = 0,
-               with_output: bool = True, pair: bool = False, split: bool = False, interpret: bool = False,
-               score_buffers: int = 0) -> int:
+               with_output: bool = True, pair: bool = False, split: bool = False, interpret: bool = False) -> int:
     """SMEM of one program (see ``_walk_call``'s scratch): the stream slots (q, k and the walkers' v columns; the
     pair's four full-width streams, Dk = Dv), and each walker's scaled v, bf16 state and o buffers; ``split``: the
-    split walk's (``_split_walk_call``: one v tile, the state double-buffered, ``score_buffers`` [C, C] P buffers of
-    a scores warpgroup)."""
+    split walk's (``_split_walk_call``: one v tile, the state double-buffered)."""
     if split:
         total = stages * chunk * (2 * dk + block_v) + chunk * block_v + 2 * dk * block_v + 2 * chunk * block_v
-        probs = score_buffers or (1 if interpret else 0)
-        return (total + probs * chunk * chunk) * itemsize + 8 * (2 * stages + 5 + 2 * score_buffers)
+        return (total + (chunk * chunk if interpret else 0)) * itemsize + 8 * (2 * stages + 5)
     walkers = 2 if pair else max(consumers, 1)
     per_stage = chunk * (4 * dk if pair else dk * (2 if with_output else 1) + walkers * block_v)
     total = stages * per_stage + walkers * (chunk * block_v + dk * block_v)
@@ -638,15 +554,8 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
             raise ValueError(f"multicast needs 2 to {MAX_CLUSTER} Dv tiles per walk that split a chunk into "
                              f"multiples of 8 rows; got Dk={dk}, Dv={dv}, block_v={config.block_v}, "
                              f"chunk={config.chunk}")
-    if config.share_scores not in (0, 1, 2) or (config.share_scores and not config.split_state) or (
-            config.share_scores == 2 and not config.multicast):
-        raise ValueError(f"share_scores is 0, 1 or 2: 1 only with split_state=1 (a fourth warpgroup of the split walk "
-                         f"makes the scores), 2 also with multicast=1 (made once for the cluster); got "
-                         f"share_scores={config.share_scores}, split_state={config.split_state}, "
-                         f"multicast={config.multicast}")
     need = max(smem_bytes(config.chunk, a, min(config.block_v, b), config.num_stages, jnp.dtype(dtype).itemsize,
-                          consumers=config.consumers, split=bool(config.split_state),
-                          score_buffers=score_buffers(config, b)) for a, b in ((dk, dv), (dv, dk)))
+                          consumers=config.consumers, split=bool(config.split_state)) for a, b in ((dk, dv), (dv, dk)))
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(f"the Mosaic GPU lightning kernel would need {need} bytes of shared memory (> "
                          f"{SMEM_LIMIT_BYTES}) at chunk={config.chunk}, block_v={config.block_v}, "
@@ -734,24 +643,17 @@ def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_strea
 
 
 def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ...], layout: RowLayout, chunk: int,
-                     block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str,
-                     share_scores: int = 0):
+                     block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str):
     """``_walks_kernel`` over ``streams`` (each [R, L, H, D]: one walk's (q, k, v), or the backward's (k, q, dO, v)
     with ``PAIRED_WALKS``); grid (walks x Dv tiles, H, R), or (H, R) with those programs of a (row, head) as one
     cluster (several walks: one tile each). inits: one [R, H, Dk, Dv] float32 per walk, or None. The walks share
-    walk 0's shapes. Returns (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk.
-    ``share_scores`` (one walk): ``_split_kernel``'s scores warpgroup (1), made once for the cluster's tile programs
-    (2; Mosaic GPU's interpreter has no cluster stores, so under ``interpret`` each program makes its own)."""
+    walk 0's shapes. Returns (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk."""
     q_i, k_i, v_i = walks[0]
     rows, length, heads, dk = streams[k_i].shape
     dv = streams[v_i].shape[-1]
     dtype = streams[0].dtype
     t = _smem_transforms(min(dk, block_v), dtype)
     tiles = dv // block_v
-    if share_scores and len(walks) > 1:
-        raise ValueError("share_scores takes one walk (its Dv-tile programs share a chunk's scores)")
-    sharers = (tiles if share_scores == 2 and cluster and not interpret else 1) if share_scores else 0
-    makers = 1 + bool(sharers)  # warpgroups that read each slot besides the state warpgroup
     scratch = [
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # q slots
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # k slots
@@ -759,21 +661,14 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
         plgpu.SMEM((chunk, block_v), dtype, transforms=t),  # v scaled by its state decay (the state warpgroup's)
         plgpu.SMEM((2, dk, block_v), dtype, transforms=t),  # S_c in bf16, double-buffered between the warpgroups
         plgpu.SMEM((2, chunk, block_v), dtype, transforms=t),  # o, double-buffered
-        # P: the scores warpgroup's ring (share_scores), else the scores in interpret mode only
-        plgpu.SMEM((SCORES_DEPTH * sharers, chunk, chunk), dtype, transforms=t) if sharers
-        else plgpu.SMEM((chunk, chunk), dtype, transforms=t) if interpret else None,
+        plgpu.SMEM((chunk, chunk), dtype, transforms=t) if interpret else None,  # scores (interpret mode only)
         plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # one arrival per TMA copy
-        # Slot free again: every warpgroup that reads it (of every program of a cluster: the copies write all of them).
-        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=1 + makers, num_barriers=stages) if cluster
-        else plgpu.Barrier(num_arrivals=1 + makers, num_barriers=stages),
+        # Slot free again: both walking warpgroups (of every program of a cluster: the copies write all of them).
+        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2, num_barriers=stages) if cluster
+        else plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c ready in its buffer
         plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c read: its buffer free
-        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=1 + makers) if cluster else None,  # all done
-        # share_scores: P in a buffer (its maker's arrival, with the bytes of a cluster store); P read by every output
-        # warpgroup that shares it.
-        plgpu.Barrier(num_arrivals=1, num_barriers=SCORES_DEPTH * sharers) if sharers else None,
-        (plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=1, num_barriers=SCORES_DEPTH * sharers)
-         if sharers > 1 else plgpu.Barrier(num_arrivals=1, num_barriers=SCORES_DEPTH) if sharers else None),
+        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2) if cluster else None,  # all done
     ]
     if cluster and len(walks) > 1 and tiles > 1:
         raise ValueError("a cluster of several walks takes one Dv tile per walk (its streams swap slots)")
@@ -783,11 +678,11 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
     has_init = inits[0] is not None
     kernel = functools.partial(_walks_kernel, walks=walks, n_streams=len(streams), tiles=tiles, has_init=has_init,
                                cluster=cluster, layout=layout, chunk=chunk, block_v=block_v, stages=stages,
-                               reverse=reverse, interpret=interpret, score_sharers=sharers)
+                               reverse=reverse, interpret=interpret)
     out_type = ([jax.ShapeDtypeStruct((rows, length, heads, dv), dtype)] * len(walks)
                 + [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)] * len(walks))
     outs = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, **launch, num_threads=3 + bool(sharers), thread_name="wg",
+        kernel, out_type=out_type, scratch_types=scratch, **launch, num_threads=3, thread_name="wg",
         interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name=name,
     )(s, *streams, *(inits if has_init else ()))
     return outs[:len(walks)], outs[len(walks):]
@@ -811,9 +706,8 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
         outs, states = _split_walk_call(
             [q, k, v], s, [init], walks=((0, 1, 2),), layout=layout, chunk=config.chunk,
             block_v=min(config.block_v, dv), stages=stages, reverse=reverse, cluster=bool(config.multicast),
-            interpret=interpret, share_scores=config.share_scores,
-            name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if config.multicast else ''}"
-                 f"{f'_scores{config.share_scores}' if config.share_scores else ''}")
+            interpret=interpret,
+            name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if config.multicast else ''}")
         return outs[0], states[0]
     consumers = config.consumers
     outs, states = _walk_call(
@@ -1045,8 +939,8 @@ def _one_launch_kernel(s_ref, k_ref, q_ref, do_ref, v_ref, dq_init, pair_init, d
             scratch = list(scratch)
             probs = scratch.pop(6) if interpret else None
             _split_kernel(s_ref, do_ref, v_ref, k_ref, dq_init, dq_ref, dq_state_ref, *scratch[:6], probs,
-                          *scratch[6:], None, None, None, tile=0, layout=layout, chunk=chunk, block_v=d,
-                          stages=stages, reverse=False, has_init=True, cluster=False, interpret=interpret,
+                          *scratch[6:], None, tile=0, layout=layout, chunk=chunk, block_v=d, stages=stages,
+                          reverse=False, has_init=True, cluster=False, interpret=interpret,
                           registers=ONE_LAUNCH_DQ_REGISTERS)
             pl.when(lax.axis_index("wg") == 3)(lambda: plgpu.set_max_registers(IDLE_REGISTERS, action="decrease"))
 

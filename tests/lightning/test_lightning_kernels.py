@@ -68,32 +68,20 @@ MOSAIC_SPLIT_STATE = [
     (("mosaic_gpu", "bfloat16", 1, 100, 1, 64, 128, 64, 64, 1, False, True), 1, 0, 0),  # Dk != Dv, one slot
     (("mosaic_gpu", "bfloat16", 1, 130, 1, 192, 192, 64, 64, 1, False, True), 2, 1, 0),  # walk programs of 3 tiles
 ]
-# Split walks whose scores a fourth warpgroup makes ahead of the output warpgroup (share_scores): (case, TMA stages,
-# fused backward, multicast, share_scores). 2 (made once for a cluster) runs as 1 in interpret mode, which has no
-# cluster stores; the GPU check of benchmarks/lightning.py compares 2 with the default bit for bit.
-MOSAIC_SHARED_SCORES = [
-    (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 128, 64, 64, 1, False, True), 3, 2, 1, 2),  # the default + scores
-    (("mosaic_gpu", "bfloat16", 1, 150, 2, 64, 64, 64, 64, 1, False, True), 2, 0, 0, 1),  # reverse walks, part chunk
-    (("mosaic_gpu", "bfloat16", 1, 100, 1, 64, 128, 64, 64, 1, False, True), 1, 0, 0, 1),  # Dk != Dv, one slot
-    (("mosaic_gpu", "bfloat16", 2, 200, 2, 128, 128, 64, 32, 3, False, False), 2, 1, 1, 2),  # cluster of 4, split
-]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
-@pytest.mark.parametrize("case,consumers,stages,fused,split,multicast,share",
-                         [(c, 0, None, 0, 0, 0, 0) for c in CASES] + [(*c, 0, 0, 0, 0) for c in MOSAIC_STAGED]
-                         + [(c, consumers, stages, 1, 0, 0, 0) for c, consumers, stages in MOSAIC_FUSED]
-                         + [(c, 0, stages, fused, 1, multicast, 0)
-                            for c, stages, fused, multicast in MOSAIC_SPLIT_STATE]
-                         + [(c, 0, stages, fused, 1, multicast, share)
-                            for c, stages, fused, multicast, share in MOSAIC_SHARED_SCORES],
+@pytest.mark.parametrize("case,consumers,stages,fused,split,multicast",
+                         [(c, 0, None, 0, 0, 0) for c in CASES] + [(*c, 0, 0, 0) for c in MOSAIC_STAGED]
+                         + [(c, consumers, stages, 1, 0, 0) for c, consumers, stages in MOSAIC_FUSED]
+                         + [(c, 0, stages, fused, 1, multicast) for c, stages, fused, multicast in MOSAIC_SPLIT_STATE],
                          ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None)
-def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, split, multicast, share, lt):
+def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, split, multicast, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
     prob = lt.random_problem(sum(case[2:8]), batch, length, heads, dk, dv, segments=segments, init=init)
     config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups, consumers=consumers,
                           num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused,
-                          split_state=split, multicast=multicast, share_scores=share)
+                          split_state=split, multicast=multicast)
     cast = lambda x: jnp.asarray(x, dtype)
     # The oracle sees exactly the (rounded) inputs the kernel sees.
     q, k, v, d_o = (np.asarray(cast(prob[n]).astype(jnp.float32)) for n in ("q", "k", "v", "d_o"))
@@ -201,7 +189,7 @@ def test_walk_programs_take_the_widest_tile_whose_state_fits(d):
     assert pair_width(d, dataclasses.replace(config, split_state=0)) == 64  # the two-warpgroup pair: block_v
 
 
-@pytest.mark.parametrize("option", ["fused_backward", "split_state", "multicast", "share_scores"])
+@pytest.mark.parametrize("option", ["fused_backward", "split_state", "multicast"])
 def test_program_shape_options_are_mosaic_gpu_only(option):
     x = jnp.zeros((1, 8, 1, 16))
     with pytest.raises(ValueError, match=f"{option} is a Mosaic GPU kernel option"):
@@ -233,27 +221,18 @@ def test_triton_rejects_non_power_of_two_head_dim():
     ("multicast unsplit", jnp.bfloat16, (128, 128), 64, False, "only with split_state=1"),
     ("multicast one tile", jnp.bfloat16, (64, 64), 64, False, "needs 2 to 8 Dv tiles"),
     ("split shared memory", jnp.bfloat16, (128, 128), 64, False, "shared memory"),
-    ("share value", jnp.bfloat16, (128, 128), 64, False, "share_scores is 0, 1 or 2"),
-    ("share unsplit", jnp.bfloat16, (128, 128), 64, False, "1 only with split_state=1"),
-    ("share without multicast", jnp.bfloat16, (128, 128), 64, False, "2 also with multicast=1"),
-    ("share shared memory", jnp.bfloat16, (128, 128), 64, False, "shared memory"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
     v = jnp.zeros((1, 8, 1, dims[1]), dtype)
     block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64, "fused dims": 64, "one launch dims": 64,
-               "split with consumers": 64, "multicast one tile": 64, "share value": 64, "share unsplit": 64,
-               "share without multicast": 64, "share shared memory": 64}.get(what, 128)
+               "split with consumers": 64, "multicast one tile": 64}.get(what, 128)
     consumers = {"consumers": 3, "consumer tiles": 2, "split with consumers": 1}.get(what, 0)
-    split = {"split value": 2, "split with consumers": 1, "multicast one tile": 1, "split shared memory": 1,
-             "share value": 1, "share without multicast": 1, "share shared memory": 1}.get(what, 0)
-    # 3 stages of 128-wide tiles fit the one-warpgroup walk (224 KiB), not the split walk's double-buffered state;
-    # 4 stages of 64-wide tiles fit the split walk (212 KiB), not with the cluster's four P buffers on top.
-    stages = {"split shared memory": 3, "share shared memory": 4}.get(what, 2)
-    config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=stages, consumers=consumers, split_state=split,
-                          multicast=int(what.startswith("multicast") or what == "share shared memory"),
-                          share_scores={"share value": 3, "share unsplit": 1, "share without multicast": 2,
-                                        "share shared memory": 2}.get(what, 0),
+    split = {"split value": 2, "split with consumers": 1, "multicast one tile": 1,
+             "split shared memory": 1}.get(what, 0)
+    # 3 stages of 128-wide tiles fit the one-warpgroup walk (224 KiB), not the split walk's double-buffered state.
+    config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=3 if what == "split shared memory" else 2,
+                          consumers=consumers, split_state=split, multicast=int(what.startswith("multicast")),
                           fused_backward={"fused value": 3, "fused dims": 1, "fused shared memory": 1,
                                           "one launch dims": 2}.get(what, 0))
     segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
