@@ -372,8 +372,7 @@ def _producer(issue_loads, consumed_bars, *, stages: int, n_chunks: int):
 
 def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, chunk: int, block_v: int, stages: int,
                   reverse: bool, has_init: bool, cluster: bool, interpret: bool,
-                  shared: tuple[bool, bool, bool] = (True, True, False), registers: int | None = None,
-                  state_warpgroups: int = 1):
+                  shared: tuple[bool, bool, bool] = (True, True, False), registers: int | None = None):
     """One walk with outputs on Dv tile ``tile`` in three warpgroups (``KernelConfig.split_state``): 0 makes the
     outputs, 1 carries the state, 2 issues the TMA loads.
 
@@ -386,11 +385,6 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the backward's walk programs.
     ``registers``: the output and state warpgroups' register cap (default: the SM's registers less the producer's,
     split between the two).
-
-    ``state_warpgroups`` 2 (``split_state`` = 2): the state's columns in two halves, carried by warpgroups 1 and 3;
-    each steps its own [Dk, block_v / 2] chain (``vw_sm`` holds a scaled v half for each) and writes its half of S_c's
-    bf16 copy, and the output warpgroup waits for both ("ready" takes two arrivals). A chunk's state step is then half
-    as long: the chain a whole-head program (``block_v`` = Dv = 128) waits on.
     """
     refs = list(refs)
     init_ref = refs.pop(0) if has_init else None
@@ -405,10 +399,6 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     s = s_ref[head]
     multicast = [dict(collective_axes="cluster") if cluster and share else {} for share in shared]
     registers = registers or _consumer_registers(2)
-    if state_warpgroups == 2:
-        registers = (TWO_STATE_REGISTERS[0], TWO_STATE_REGISTERS[1])
-    else:
-        registers = (registers, registers)
 
     def chunk_of(step):
         return (n_chunks - 1 - step) if reverse else step
@@ -431,7 +421,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
 
     @pl.when(wg == 0)
     def _outputs():
-        plgpu.set_max_registers(registers[0], action="increase")
+        plgpu.set_max_registers(registers, action="increase")
         decay_cc = _intra_decay(s, chunk, reverse)
 
         def body(step, carry):
@@ -467,18 +457,9 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
         plgpu.wait_smem_to_gmem(0)
         leave()
 
-    def state_walk(half):
-        """The state chain of the columns ``half`` of this program's tile (all of them with one state warpgroup)."""
-        plgpu.set_max_registers(registers[1], action="increase")
-        width = block_v // state_warpgroups
-        state_cols = pl.ds(tile * block_v + half * width, width)
-        if state_warpgroups == 1:
-            st_of, v_of, scaled_v = (lambda buf: st_sm.at[buf]), (lambda slot: v_sm.at[slot]), vw_sm
-        else:  # this warpgroup's columns of the tile (whole swizzle tiles: ``check_supported``)
-            own = pl.ds(half * width, width)
-            # the buffer index traced (wg 1 -> 0, wg 3 -> 1): a constant one does not lower inside ``run_state``
-            st_of, v_of, scaled_v = (lambda buf: st_sm.at[buf, :, own]), (lambda slot: v_sm.at[slot, :, own]), \
-                vw_sm.at[lax.div(wg, 3)]
+    @pl.when(wg == 1)
+    def _state():
+        plgpu.set_max_registers(registers, action="increase")
 
         def body(step, state):
             slot, buf = lax.rem(step, stages), lax.rem(step, 2)
@@ -488,29 +469,19 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             def _():
                 plgpu.barrier_wait(free_bars.at[buf])  # the output warpgroup has read S_{c-2} from this buffer
 
-            state = _hand_over_and_step(state, st_of(buf), ready_bars.at[buf], load_bars.at[slot], k_sm.at[slot],
-                                        v_of(slot), scaled_v, s, a, b, limit, chunk=chunk, reverse=reverse,
+            state = _hand_over_and_step(state, st_sm.at[buf], ready_bars.at[buf], load_bars.at[slot], k_sm.at[slot],
+                                        v_sm.at[slot], vw_sm, s, a, b, limit, chunk=chunk, reverse=reverse,
                                         interpret=interpret)
             release(step, slot)
             return state
 
-        state = lax.fori_loop(0, n_chunks, body, _initial_state(init_ref, row, head, state_cols, (dk, width)))
-        state_out_ref.at[row, head, :, state_cols][...] = state
+        state = lax.fori_loop(0, n_chunks, body, _initial_state(init_ref, row, head, cols, (dk, block_v)))
+        state_out_ref.at[row, head, :, cols][...] = state
         for step in range(max(n_chunks - 2, 0), n_chunks):  # observe the last releases of both buffers too
             plgpu.barrier_wait(free_bars.at[step % 2])
         leave()
 
-    pl.when(wg == 1)(functools.partial(state_walk, 0))
-    if state_warpgroups == 2:
-        pl.when(wg == 3)(functools.partial(state_walk, 1))
-
     pl.when(wg == 2)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
-
-
-# Register caps (output, each state) of a split walk with two state warpgroups (``split_state`` = 2); with the
-# producer's PRODUCER_REGISTERS, 512 a thread-slot. The output warpgroup of a whole-head program holds [C, Dv] and
-# [C, C] float32 accumulators and the hoisted [C, C] decay table; a state half, a [Dk, Dv / 2] float32 chain.
-TWO_STATE_REGISTERS = (200, 136)
 
 
 # Programs the sequence split aims for: one per SM of an H100/H200 (132), since a 4-stage program takes most of an
@@ -571,14 +542,9 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
                              f"block_v={config.block_v}, consumers={config.consumers}")
     if config.chunk not in (64, 128):
         raise ValueError(f"the Mosaic GPU lightning kernel needs chunk 64 or 128; got {config.chunk}")
-    if config.split_state not in (0, 1, 2) or (config.split_state and config.consumers):
-        raise ValueError(f"split_state is 0, 1 or 2, and nonzero only with consumers=0 (its program is an output, a "
-                         f"state and a producer warpgroup); got split_state={config.split_state}, "
-                         f"consumers={config.consumers}")
-    if config.split_state == 2 and any(min(config.block_v, b) % 128 for b in (dk, dv)):
-        raise ValueError(f"split_state=2 (the state in two warpgroups of half its columns) needs Dv tiles of a "
-                         f"multiple of 128 columns, so each half is whole 64-column swizzle tiles; got "
-                         f"block_v={config.block_v}, Dk={dk}, Dv={dv}")
+    if config.split_state not in (0, 1) or (config.split_state and config.consumers):
+        raise ValueError(f"split_state is 0 or 1, and 1 only with consumers=0 (its program is an output, a state and "
+                         f"a producer warpgroup); got split_state={config.split_state}, consumers={config.consumers}")
     if config.multicast not in (0, 1) or (config.multicast and not config.split_state):
         raise ValueError(f"multicast is 0 or 1, and 1 only with split_state=1; got multicast={config.multicast}, "
                          f"split_state={config.split_state}")
@@ -677,8 +643,7 @@ def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_strea
 
 
 def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ...], layout: RowLayout, chunk: int,
-                     block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str,
-                     state_warpgroups: int = 1):
+                     block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str):
     """``_walks_kernel`` over ``streams`` (each [R, L, H, D]: one walk's (q, k, v), or the backward's (k, q, dO, v)
     with ``PAIRED_WALKS``); grid (walks x Dv tiles, H, R), or (H, R) with those programs of a (row, head) as one
     cluster (several walks: one tile each). inits: one [R, H, Dk, Dv] float32 per walk, or None. The walks share
@@ -689,24 +654,21 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
     dtype = streams[0].dtype
     t = _smem_transforms(min(dk, block_v), dtype)
     tiles = dv // block_v
-    walkers = 1 + state_warpgroups  # warpgroups that read each slot: the output one and the state ones
     scratch = [
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # q slots
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # k slots
         plgpu.SMEM((stages, chunk, block_v), dtype, transforms=t),  # the program's v tile
-        # v scaled by its state decay (the state warpgroup's; one column half for each of two)
-        plgpu.SMEM((chunk, block_v) if state_warpgroups == 1 else (state_warpgroups, chunk, block_v // state_warpgroups),
-                   dtype, transforms=t),
+        plgpu.SMEM((chunk, block_v), dtype, transforms=t),  # v scaled by its state decay (the state warpgroup's)
         plgpu.SMEM((2, dk, block_v), dtype, transforms=t),  # S_c in bf16, double-buffered between the warpgroups
         plgpu.SMEM((2, chunk, block_v), dtype, transforms=t),  # o, double-buffered
         plgpu.SMEM((chunk, chunk), dtype, transforms=t) if interpret else None,  # scores (interpret mode only)
         plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # one arrival per TMA copy
         # Slot free again: both walking warpgroups (of every program of a cluster: the copies write all of them).
-        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=walkers, num_barriers=stages) if cluster
-        else plgpu.Barrier(num_arrivals=walkers, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=state_warpgroups, num_barriers=2),  # S_c ready in its buffer (every state half)
+        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2, num_barriers=stages) if cluster
+        else plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c ready in its buffer
         plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c read: its buffer free
-        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=walkers) if cluster else None,  # all done
+        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2) if cluster else None,  # all done
     ]
     if cluster and len(walks) > 1 and tiles > 1:
         raise ValueError("a cluster of several walks takes one Dv tile per walk (its streams swap slots)")
@@ -716,12 +678,11 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
     has_init = inits[0] is not None
     kernel = functools.partial(_walks_kernel, walks=walks, n_streams=len(streams), tiles=tiles, has_init=has_init,
                                cluster=cluster, layout=layout, chunk=chunk, block_v=block_v, stages=stages,
-                               reverse=reverse, interpret=interpret, state_warpgroups=state_warpgroups)
+                               reverse=reverse, interpret=interpret)
     out_type = ([jax.ShapeDtypeStruct((rows, length, heads, dv), dtype)] * len(walks)
                 + [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)] * len(walks))
     outs = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, **launch, num_threads=2 + state_warpgroups,
-        thread_name="wg",
+        kernel, out_type=out_type, scratch_types=scratch, **launch, num_threads=3, thread_name="wg",
         interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name=name,
     )(s, *streams, *(inits if has_init else ()))
     return outs[:len(walks)], outs[len(walks):]
@@ -745,9 +706,8 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
         outs, states = _split_walk_call(
             [q, k, v], s, [init], walks=((0, 1, 2),), layout=layout, chunk=config.chunk,
             block_v=min(config.block_v, dv), stages=stages, reverse=reverse, cluster=bool(config.multicast),
-            interpret=interpret, state_warpgroups=config.split_state,
-            name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if config.multicast else ''}"
-                 f"{'_two_states' if config.split_state == 2 else ''}")
+            interpret=interpret,
+            name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if config.multicast else ''}")
         return outs[0], states[0]
     consumers = config.consumers
     outs, states = _walk_call(

@@ -68,21 +68,13 @@ MOSAIC_SPLIT_STATE = [
     (("mosaic_gpu", "bfloat16", 1, 100, 1, 64, 128, 64, 64, 1, False, True), 1, 0, 0),  # Dk != Dv, one slot
     (("mosaic_gpu", "bfloat16", 1, 130, 1, 192, 192, 64, 64, 1, False, True), 2, 1, 0),  # walk programs of 3 tiles
 ]
-# Split walks whose state is carried in two warpgroups of half its columns each (split_state=2; 128-wide tiles, here
-# whole heads): (case, TMA stages, fused backward). The forward and the dq walk (fused 1), the reverse walks too (0).
-MOSAIC_TWO_STATES = [
-    (("mosaic_gpu", "bfloat16", 1, 300, 1, 128, 128, 64, 128, 1, False, True), 2, 2),  # one-launch backward
-    (("mosaic_gpu", "bfloat16", 1, 150, 2, 128, 128, 64, 128, 1, False, True), 2, 0),  # reverse walks, part chunk
-    (("mosaic_gpu", "bfloat16", 2, 200, 1, 128, 128, 64, 128, 3, False, False), 1, 1),  # one slot, split rows
-]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
 @pytest.mark.parametrize("case,consumers,stages,fused,split,multicast",
                          [(c, 0, None, 0, 0, 0) for c in CASES] + [(*c, 0, 0, 0) for c in MOSAIC_STAGED]
                          + [(c, consumers, stages, 1, 0, 0) for c, consumers, stages in MOSAIC_FUSED]
-                         + [(c, 0, stages, fused, 1, multicast) for c, stages, fused, multicast in MOSAIC_SPLIT_STATE]
-                         + [(c, 0, stages, fused, 2, 0) for c, stages, fused in MOSAIC_TWO_STATES],
+                         + [(c, 0, stages, fused, 1, multicast) for c, stages, fused, multicast in MOSAIC_SPLIT_STATE],
                          ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None)
 def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, split, multicast, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
@@ -224,9 +216,8 @@ def test_triton_rejects_non_power_of_two_head_dim():
     ("one launch dims", jnp.bfloat16, (128, 64), 64, False, "fused_backward=2\\) needs Dk == Dv <= 128"),
     ("fused dims", jnp.bfloat16, (128, 64), 64, False, "needs Dk == Dv"),
     ("fused shared memory", jnp.bfloat16, (128, 128), 128, False, "fused Mosaic GPU backward does not fit"),
-    ("split value", jnp.bfloat16, (128, 128), 64, False, "split_state is 0, 1 or 2"),
-    ("two states narrow", jnp.bfloat16, (128, 128), 64, False, "needs Dv tiles of a multiple of 128"),
-    ("split with consumers", jnp.bfloat16, (128, 128), 64, False, "nonzero only with consumers=0"),
+    ("split value", jnp.bfloat16, (128, 128), 64, False, "split_state is 0 or 1"),
+    ("split with consumers", jnp.bfloat16, (128, 128), 64, False, "only with consumers=0"),
     ("multicast unsplit", jnp.bfloat16, (128, 128), 64, False, "only with split_state=1"),
     ("multicast one tile", jnp.bfloat16, (64, 64), 64, False, "needs 2 to 8 Dv tiles"),
     ("split shared memory", jnp.bfloat16, (128, 128), 64, False, "shared memory"),
@@ -235,9 +226,9 @@ def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, se
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
     v = jnp.zeros((1, 8, 1, dims[1]), dtype)
     block_v = {"tile": 16, "consumer tiles": 64, "fused shared memory": 64, "fused dims": 64, "one launch dims": 64,
-               "split with consumers": 64, "multicast one tile": 64, "two states narrow": 64}.get(what, 128)
+               "split with consumers": 64, "multicast one tile": 64}.get(what, 128)
     consumers = {"consumers": 3, "consumer tiles": 2, "split with consumers": 1}.get(what, 0)
-    split = {"split value": 3, "two states narrow": 2, "split with consumers": 1, "multicast one tile": 1,
+    split = {"split value": 2, "split with consumers": 1, "multicast one tile": 1,
              "split shared memory": 1}.get(what, 0)
     # 3 stages of 128-wide tiles fit the one-warpgroup walk (224 KiB), not the split walk's double-buffered state.
     config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=3 if what == "split shared memory" else 2,

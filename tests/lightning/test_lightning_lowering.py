@@ -133,9 +133,6 @@ def test_mosaic_gpu_lowering_exports_for_cuda(config):
     (128, KernelConfig(chunk=64, block_v=64, num_stages=3, groups=1, fused_backward=2, split_state=1, multicast=1), 2),
     (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=2, split_state=1), 2),
     (128, KernelConfig(chunk=64, block_v=64, num_stages=3, groups=2, fused_backward=2, split_state=1, multicast=1), 6),
-    # whole-head split walks whose state is carried in two column halves (forward; reverse walks too)
-    (128, KernelConfig(chunk=64, block_v=128, num_stages=2, groups=1, fused_backward=2, split_state=2), 2),
-    (128, KernelConfig(chunk=64, block_v=128, num_stages=2, groups=1, fused_backward=0, split_state=2), 4),
 ])
 def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
     """The paired reverse walks' and the split walks' lowering for sm_90a (TMA, wgmma, two walkers on four streams,
@@ -148,8 +145,7 @@ def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
     paired = bool(config.fused_backward) and not one_launch
     assert ("lightning_mgpu_backward_one_launch" in text) == one_launch
     assert ("lightning_mgpu_rev_pair" in text) == paired
-    split_name = ("lightning_mgpu_fwd_split" + ("_multicast" if config.multicast else "")
-                  + ("_two_states" if config.split_state == 2 else ""))
+    split_name = "lightning_mgpu_fwd_split" + ("_multicast" if config.multicast else "")
     assert (split_name in text) == bool(config.split_state)
     assert ("lightning_mgpu_rev_split" in text) == bool(config.split_state and not config.fused_backward)
     assert ("lightning_mgpu_rev_pair_split" in text) == bool(config.split_state and paired)
