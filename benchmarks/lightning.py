@@ -97,7 +97,8 @@ flags.DEFINE_float("warmup_seconds", None, "seconds of calls before each timed m
                    lower_bound=0.0)
 flags.DEFINE_float("stall_seconds", 0.0, "end the run (exit status 124, one line naming the step) once this many "
                    "seconds pass without a logged row: a kernel whose synchronisation is wrong hangs rather than "
-                   "fails. 0: never. Give a new kernel's first GPU run a limit (e.g. 120)", lower_bound=0.0)
+                   "fails. 0: never. Give a new kernel's first GPU run a limit (e.g. 120; with fla, 300: its first "
+                   "forward + backward autotunes Triton kernels for over 120 s on a fresh machine)", lower_bound=0.0)
 flags.DEFINE_integer("rounds", 1, "time every implementation this many times, interleaved; the median is reported",
                      lower_bound=1)
 
