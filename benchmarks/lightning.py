@@ -79,7 +79,8 @@ flags.DEFINE_list("impls", ["ours", "mosaic", "fla", "xla", "cudnn"],
                   "each walk with outputs in "
                   "one warpgroup, 4 stages, no cluster: the default before split_state), fla (do_bench), "
                   "fla_pipelined (timed as ours are), xla, "
-                  "cudnn")
+                  "cudnn, floor_walk (the floor's bytes and wgmma FLOPs and nothing else, on the Mosaic GPU default's "
+                  "grid: benchmarks/floor_walk.py; Hopper only)")
 flags.DEFINE_list("sweep_impls", ["ours", "mosaic"], "which of our kernels to tune (the others run their default)")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "forward, forward+backward")
 flags.DEFINE_bool("check", True, "phase 1 and the per-shape comparison against the XLA scan")
@@ -191,6 +192,13 @@ def cudnn_fn(with_bwd):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
     return jit_timed(fwd, with_bwd)
+
+
+def floor_walk_fn(s, config, d, with_bwd):
+    """``benchmarks.floor_walk``'s pass at the Mosaic GPU kernel's chunk, tile, stages and cluster (``config``)."""
+    from benchmarks.floor_walk import floor_pass_fn
+    return floor_pass_fn(s, d, with_bwd, chunk=config.chunk, block_v=min(config.block_v, d),
+                         stages=config.num_stages, cluster=bool(config.multicast))
 
 
 def warmup_kwargs(warmup_seconds) -> dict:
@@ -373,12 +381,14 @@ def compare_to_xla(s, configs, with_bwd, args, fla):
 
 def print_table(table):
     """The markdown table: each timed implementation's ms (% floor), the speedups of ours over fla, the errors."""
-    names = [n for n in ("mosaic", PAIRED, UNSPLIT, WALKS3, "ours", "fla", "fla_pipelined", "xla", "cudnn")
+    names = [n for n in ("mosaic", PAIRED, UNSPLIT, WALKS3, "ours", "floor_walk", "fla", "fla_pipelined", "xla",
+                         "cudnn")
              if any(f"{n}_ms" in r for r in table)]
     label = {WALKS3: "mosaic 3 bwd walks", UNSPLIT: "mosaic unsplit", PAIRED: "mosaic paired", "mosaic": "mosaic",
-             "ours": "triton",
+             "ours": "triton", "floor_walk": "floor walk",
              "fla": "fla", "fla_pipelined": "fla pipelined", "xla": "XLA", "cudnn": "cuDNN softmax"}
-    ratios = [(a, b) for a, b in (("mosaic", PAIRED), ("mosaic", UNSPLIT), ("mosaic", WALKS3), ("mosaic", "fla"),
+    ratios = [(a, b) for a, b in (("mosaic", "floor_walk"), ("mosaic", PAIRED), ("mosaic", UNSPLIT),
+                                  ("mosaic", WALKS3), ("mosaic", "fla"),
                                   ("mosaic", "fla_pipelined"), (WALKS3, "fla"),
                                   ("ours", "fla"), ("mosaic", "ours")) if a in names and b in names]
     head = ([f"{label[n]} ms (% floor)" for n in names] + [f"{label[a]} vs {label[b]}" for a, b in ratios]
@@ -478,6 +488,9 @@ def run(log):
                                                         warmup_seconds=warmup),
                       "xla": lambda: time_pipelined(xla_fn(s, with_bwd), *args, **warmup_kwargs(warmup)),
                       "cudnn": lambda: time_pipelined(cudnn_fn(with_bwd), *args, **warmup_kwargs(warmup))}
+            floor_config = pallas.default_config("mosaic_gpu", jnp.bfloat16, b, h, n, d, d)
+            timers["floor_walk"] = lambda: time_pipelined(floor_walk_fn(s, floor_config, d, with_bwd), *args,
+                                                          **warmup_kwargs(warmup))
             for name in kernels:
                 timers[name] = functools.partial(
                     lambda c, be: time_pipelined(ours_fn(s, c, with_bwd, be), *args, **warmup_kwargs(warmup)),
@@ -503,6 +516,9 @@ def run(log):
             if FLAGS.energy:
                 energy_calls = {name: (lambda fn=ours_fn(s, configs[name], with_bwd, KERNELS[name]): fn(*args),
                                        jax.block_until_ready) for name in kernels}
+                if "floor_walk" in FLAGS.impls:
+                    energy_calls["floor_walk"] = (
+                        lambda fn=floor_walk_fn(s, floor_config, d, with_bwd): fn(*args), jax.block_until_ready)
                 if "fla" in FLAGS.impls:
                     energy_calls["fla"] = (fla.call(q, k, v, do, s, with_bwd), fla.wait)
                 for name, (call, wait) in energy_calls.items():
