@@ -84,6 +84,10 @@ from pallas_kernels.compat import pl, plgpu
 from pallas_kernels.lightning.config import KernelConfig, RowLayout
 
 
+# PROTOTYPE (ablation probe, to be reverted): parts of the split forward walk left out, read at trace time.
+_PROBE: frozenset = frozenset()
+
+
 def _smem_transforms(minor: int, dtype):
     """Tiling + swizzle for SMEM tiles that TMA fills and wgmma reads, the widest swizzle a row of ``minor`` elements
     allows. One for all tiles: a wgmma's two SMEM operands must share it (k^T and the v tile in the state update)."""
@@ -142,14 +146,20 @@ def _hand_over_and_step(state, st_ref, ready_bar, load_bar, k_ref, v_ref, vw_ref
     k^T (v scaled to the chunk's end), with k ``k_ref`` [C, Dk], v ``v_ref`` [C, Dv] and ``vw_ref`` the scaled v's
     SMEM. Returns the next state. The walks' forward state (k, v), dq walk's (v, k) and the reverse dS chain (q, dO)
     all take this step."""
-    st_ref[...] = state.astype(st_ref.dtype)
-    plgpu.commit_smem()
-    plgpu.barrier_arrive(ready_bar)
+    if "no_handover" not in _PROBE:
+        st_ref[...] = state.astype(st_ref.dtype)
+        plgpu.commit_smem()
+    if "no_sync" not in _PROBE:
+        plgpu.barrier_arrive(ready_bar)
     plgpu.barrier_wait(load_bar)
-    vw_ref[...] = _scaled_v(v_ref, s, a, b, limit, chunk, reverse, vw_ref.dtype)
-    plgpu.commit_smem()
+    if "no_vw" in _PROBE:
+        vw_ref = v_ref
+    else:
+        vw_ref[...] = _scaled_v(v_ref, s, a, b, limit, chunk, reverse, vw_ref.dtype)
+        plgpu.commit_smem()
     carry = jnp.exp(-s * (b - a).astype(jnp.float32))
-    (state,) = _accumulate(lambda acc: plgpu.wgmma(acc, k_ref.T, vw_ref), (state * carry,), interpret)
+    (state,) = _accumulate(lambda acc: plgpu.wgmma(acc, k_ref.T, vw_ref),
+                           (state if "no_decay" in _PROBE else state * carry,), interpret)
     return state
 
 
@@ -428,18 +438,24 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             slot, buf, c = lax.rem(step, stages), lax.rem(step, 2), chunk_of(step)
             limit, a, b = _chunk_bounds(n_valid, c, chunk)
             plgpu.barrier_wait(load_bars.at[slot])
-            plgpu.barrier_wait(ready_bars.at[buf])  # S_c is in st_sm[buf]
+            if "no_sync" not in _PROBE:
+                plgpu.barrier_wait(ready_bars.at[buf])  # S_c is in st_sm[buf]
+            half = pl.ds(0, block_v) if "half_scores" in _PROBE else slice(None)
 
             def scores_and_inter(acc_s, acc_o):
-                plgpu.wgmma(acc_s, q_sm.at[slot], k_sm.at[slot].T)
+                plgpu.wgmma(acc_s, q_sm.at[slot].at[:, half], k_sm.at[slot].at[:, half].T)
                 plgpu.wgmma(acc_o, q_sm.at[slot], st_sm.at[buf])
                 return acc_s[...], acc_o[...]
 
             scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
                                           plgpu.ACC((chunk, block_v), jnp.float32))
-            plgpu.barrier_arrive(free_bars.at[buf])
-            o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, reverse))
-            probs = (scores * decay_cc).astype(dtype)
+            if "no_sync" not in _PROBE:
+                plgpu.barrier_arrive(free_bars.at[buf])
+            if "no_decay" in _PROBE:
+                o, probs = inter, scores.astype(dtype)
+            else:
+                o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, reverse))
+                probs = (scores * decay_cc).astype(dtype)
             if interpret:  # the interpreter's wgmma reads operands from SMEM only
                 probs_sm[...] = probs
                 plgpu.commit_smem()
@@ -465,7 +481,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             slot, buf = lax.rem(step, stages), lax.rem(step, 2)
             limit, a, b = _chunk_bounds(n_valid, chunk_of(step), chunk)
 
-            @pl.when(step >= 2)
+            @pl.when((step >= 2) & ("no_sync" not in _PROBE))
             def _():
                 plgpu.barrier_wait(free_bars.at[buf])  # the output warpgroup has read S_{c-2} from this buffer
 
@@ -477,8 +493,8 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
 
         state = lax.fori_loop(0, n_chunks, body, _initial_state(init_ref, row, head, cols, (dk, block_v)))
         state_out_ref.at[row, head, :, cols][...] = state
-        for step in range(max(n_chunks - 2, 0), n_chunks):  # observe the last releases of both buffers too
-            plgpu.barrier_wait(free_bars.at[step % 2])
+        for step in range(max(n_chunks - 2, 0), n_chunks) if "no_sync" not in _PROBE else ():
+            plgpu.barrier_wait(free_bars.at[step % 2])  # observe the last releases of both buffers too
         leave()
 
     pl.when(wg == 2)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
