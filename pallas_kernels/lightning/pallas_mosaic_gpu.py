@@ -84,10 +84,6 @@ from pallas_kernels.compat import pl, plgpu
 from pallas_kernels.lightning.config import KernelConfig, RowLayout
 
 
-# PROTOTYPE (ablation probe, to be reverted): parts of the split forward walk left out, read at trace time.
-_PROBE: frozenset = frozenset()
-
-
 def _smem_transforms(minor: int, dtype):
     """Tiling + swizzle for SMEM tiles that TMA fills and wgmma reads, the widest swizzle a row of ``minor`` elements
     allows. One for all tiles: a wgmma's two SMEM operands must share it (k^T and the v tile in the state update)."""
@@ -139,40 +135,21 @@ def _scaled_v(v_ref, s, a, b, limit, chunk: int, reverse: bool, dtype):
     return _scale_rows(plgpu.load(v_ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32), wt).astype(dtype)
 
 
-def _scaled_v_t(v_ref, s, a, b, limit, chunk: int, reverse: bool, dtype):
-    """PROTOTYPE: ``_scaled_v`` transposed, in registers: [block_v, C] in the wgmma A-operand layout."""
-    pos = plgpu.broadcasted_iota(jnp.int32, (chunk,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
-    wt = _decay(s, (pos - a) if reverse else (b - pos), pos < limit)
-    x = plgpu.load(v_ref.T, layout=plgpu.Layout.WGMMA, optimized=True).astype(jnp.float32)
-    return (x * lax.broadcast_in_dim(wt, x.shape, [1])).astype(dtype)
-
-
 def _hand_over_and_step(state, st_ref, ready_bar, load_bar, k_ref, v_ref, vw_ref, s, a, b, limit, *, chunk: int,
-                        reverse: bool, interpret: bool, transposed: bool = False):
+                        reverse: bool, interpret: bool):
     """A state warpgroup's chunk: hand ``state`` [Dk, Dv] (float32) in bf16 to the output warpgroups (``st_ref``, then
     ``ready_bar``), then, once the chunk's loads are in (``load_bar``), step the chain: carry * state +
     k^T (v scaled to the chunk's end), with k ``k_ref`` [C, Dk], v ``v_ref`` [C, Dv] and ``vw_ref`` the scaled v's
     SMEM. Returns the next state. The walks' forward state (k, v), dq walk's (v, k) and the reverse dS chain (q, dO)
     all take this step."""
-    if "no_handover" not in _PROBE:
-        st_ref[...] = state.astype(st_ref.dtype)
-        plgpu.commit_smem()
-    if "no_sync" not in _PROBE:
-        plgpu.barrier_arrive(ready_bar)
+    st_ref[...] = state.astype(st_ref.dtype)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(ready_bar)
     plgpu.barrier_wait(load_bar)
-    if transposed:
-        vwt = _scaled_v_t(v_ref, s, a, b, limit, chunk, reverse, st_ref.dtype)
-        carry = jnp.exp(-s * (b - a).astype(jnp.float32))
-        (state,) = _accumulate(lambda acc: plgpu.wgmma(acc, vwt, k_ref), (state * carry,), interpret)
-        return state
-    if "no_vw" in _PROBE:
-        vw_ref = v_ref
-    else:
-        vw_ref[...] = _scaled_v(v_ref, s, a, b, limit, chunk, reverse, vw_ref.dtype)
-        plgpu.commit_smem()
+    vw_ref[...] = _scaled_v(v_ref, s, a, b, limit, chunk, reverse, vw_ref.dtype)
+    plgpu.commit_smem()
     carry = jnp.exp(-s * (b - a).astype(jnp.float32))
-    (state,) = _accumulate(lambda acc: plgpu.wgmma(acc, k_ref.T, vw_ref),
-                           (state if "no_decay" in _PROBE else state * carry,), interpret)
+    (state,) = _accumulate(lambda acc: plgpu.wgmma(acc, k_ref.T, vw_ref), (state * carry,), interpret)
     return state
 
 
@@ -451,24 +428,18 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             slot, buf, c = lax.rem(step, stages), lax.rem(step, 2), chunk_of(step)
             limit, a, b = _chunk_bounds(n_valid, c, chunk)
             plgpu.barrier_wait(load_bars.at[slot])
-            if "no_sync" not in _PROBE:
-                plgpu.barrier_wait(ready_bars.at[buf])  # S_c is in st_sm[buf]
-            half = pl.ds(0, block_v) if "half_scores" in _PROBE else slice(None)
+            plgpu.barrier_wait(ready_bars.at[buf])  # S_c is in st_sm[buf]
 
             def scores_and_inter(acc_s, acc_o):
-                plgpu.wgmma(acc_s, q_sm.at[slot].at[:, half], k_sm.at[slot].at[:, half].T)
-                plgpu.wgmma(acc_o, q_sm.at[slot], st_sm.at[buf].T if "vt" in _PROBE else st_sm.at[buf])
+                plgpu.wgmma(acc_s, q_sm.at[slot], k_sm.at[slot].T)
+                plgpu.wgmma(acc_o, q_sm.at[slot], st_sm.at[buf])
                 return acc_s[...], acc_o[...]
 
             scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
                                           plgpu.ACC((chunk, block_v), jnp.float32))
-            if "no_sync" not in _PROBE:
-                plgpu.barrier_arrive(free_bars.at[buf])
-            if "no_decay" in _PROBE:
-                o, probs = inter, scores.astype(dtype)
-            else:
-                o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, reverse))
-                probs = (scores * decay_cc).astype(dtype)
+            plgpu.barrier_arrive(free_bars.at[buf])
+            o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, reverse))
+            probs = (scores * decay_cc).astype(dtype)
             if interpret:  # the interpreter's wgmma reads operands from SMEM only
                 probs_sm[...] = probs
                 plgpu.commit_smem()
@@ -494,24 +465,20 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             slot, buf = lax.rem(step, stages), lax.rem(step, 2)
             limit, a, b = _chunk_bounds(n_valid, chunk_of(step), chunk)
 
-            @pl.when((step >= 2) & ("no_sync" not in _PROBE))
+            @pl.when(step >= 2)
             def _():
                 plgpu.barrier_wait(free_bars.at[buf])  # the output warpgroup has read S_{c-2} from this buffer
 
             state = _hand_over_and_step(state, st_sm.at[buf], ready_bars.at[buf], load_bars.at[slot], k_sm.at[slot],
                                         v_sm.at[slot], vw_sm, s, a, b, limit, chunk=chunk, reverse=reverse,
-                                        interpret=interpret, transposed="vt" in _PROBE)
+                                        interpret=interpret)
             release(step, slot)
             return state
 
-        if "vt" in _PROBE:  # PROTOTYPE: S^T, no initial state, the final state not written
-            state = lax.fori_loop(0, n_chunks, body, plgpu.layout_cast(jnp.zeros((block_v, dk), jnp.float32),
-                                                                       plgpu.Layout.WGMMA))
-        else:
-            state = lax.fori_loop(0, n_chunks, body, _initial_state(init_ref, row, head, cols, (dk, block_v)))
-            state_out_ref.at[row, head, :, cols][...] = state
-        for step in range(max(n_chunks - 2, 0), n_chunks) if "no_sync" not in _PROBE else ():
-            plgpu.barrier_wait(free_bars.at[step % 2])  # observe the last releases of both buffers too
+        state = lax.fori_loop(0, n_chunks, body, _initial_state(init_ref, row, head, cols, (dk, block_v)))
+        state_out_ref.at[row, head, :, cols][...] = state
+        for step in range(max(n_chunks - 2, 0), n_chunks):  # observe the last releases of both buffers too
+            plgpu.barrier_wait(free_bars.at[step % 2])
         leave()
 
     pl.when(wg == 2)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
@@ -692,7 +659,7 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # k slots
         plgpu.SMEM((stages, chunk, block_v), dtype, transforms=t),  # the program's v tile
         plgpu.SMEM((chunk, block_v), dtype, transforms=t),  # v scaled by its state decay (the state warpgroup's)
-        plgpu.SMEM((2, block_v, dk) if "vt" in _PROBE else (2, dk, block_v), dtype, transforms=t),  # S_c in bf16
+        plgpu.SMEM((2, dk, block_v), dtype, transforms=t),  # S_c in bf16, double-buffered between the warpgroups
         plgpu.SMEM((2, chunk, block_v), dtype, transforms=t),  # o, double-buffered
         plgpu.SMEM((chunk, chunk), dtype, transforms=t) if interpret else None,  # scores (interpret mode only)
         plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # one arrival per TMA copy
