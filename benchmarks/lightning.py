@@ -38,6 +38,9 @@ Paired vs three-walk Mosaic backward vs fla, forward+backward:
 
 Each implementation's time is printed as soon as it is measured (a ``start`` row before, a ``timed`` row after).
 
+``--impls=mosaic,floor_walk`` times the Mosaic GPU kernel next to the floor's own work (``benchmarks/floor_walk.py``:
+the floor's bytes and wgmma FLOPs and nothing else, on the default's grid) and prints its speed as a share of that.
+
 ``--energy`` adds each kernel's energy per call, mean power and SM clocks from NVML (``benchmarks/power.py``; carry the
 ``nvidia-ml-py`` wheel): on an H200 our kernels run at the card's power limit, where the energy per call sets the time.
 ``--stall_seconds=S`` ends a run that logs nothing for S seconds (exit status 124, one line naming the step it was in;
