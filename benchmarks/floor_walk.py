@@ -11,6 +11,8 @@ kernel / floor_walk is the share of the reachable speed that the kernel gets.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ from jax import lax
 
 from pallas_kernels.compat import pl, plgpu
 from pallas_kernels.lightning.pallas_mosaic_gpu import (_accumulate, _consumer_registers, _initial_state, _intra_decay,
-                                                      _producer, _smem_transforms)
+                                                      _leave_cluster, _producer, _release_slot, _smem_transforms)
 
 # The floor's count of a lightning pass (``benchmarks.lightning.floor_seconds``), per token, head and D: the forward
 # 4 (C + D) wgmma FLOPs over 4 [B, T, H, D] arrays (q, k, v in; o out), the backward 10 (C + D) over 7 (q, k, v, dO
@@ -82,15 +84,8 @@ def floor_walk(streams, c, s, *, mode: str, chunk: int, block_v: int, stages: in
                 src = ref.at[row, at, head, cols] if own else ref.at[row, at, head]
                 plgpu.copy_gmem_to_smem(src, smem.at[slot], load_bars.at[slot], **({} if own else multicast))
 
-        def release(step, slot):
-            @pl.when(step + stages < n_chunks)  # only slots that are refilled: the producer waits on every phase
-            def _():
-                plgpu.barrier_arrive(consumed_bars.at[slot])
-
-        def leave():
-            if cluster:  # no program exits while a peer may still signal its barriers
-                plgpu.barrier_arrive(done_bar)
-                plgpu.barrier_wait(done_bar)
+        release = functools.partial(_release_slot, consumed_bars, stages=stages, n_chunks=n_chunks)
+        leave = functools.partial(_leave_cluster, done_bar)
 
         def masked(scores, mask, j):
             probs = (scores * mask).astype(dtype)

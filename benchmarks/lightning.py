@@ -198,7 +198,8 @@ def cudnn_fn(with_bwd):
 
 
 def floor_walk_fn(s, config, d, with_bwd):
-    """``benchmarks.floor_walk``'s pass at the Mosaic GPU kernel's chunk, tile, stages and cluster (``config``)."""
+    """``benchmarks.floor_walk``'s pass at the Mosaic GPU kernel's chunk, tile, stages and cluster (``config``), over
+    whole rows (it has no sequence groups)."""
     from benchmarks.floor_walk import floor_pass_fn
     return floor_pass_fn(s, d, with_bwd, chunk=config.chunk, block_v=min(config.block_v, d),
                          stages=config.num_stages, cluster=bool(config.multicast))

@@ -356,6 +356,21 @@ def _warp_specialized(walk, issue_loads, consumed_bars, *, walkers: int, stages:
     pl.when(wg == walkers)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
 
 
+def _release_slot(consumed_bars, step, slot, *, stages: int, n_chunks: int):
+    """A consumer warpgroup is done with chunk ``step``'s ``slot``: tell the producer (``_producer``), only for the
+    slots it refills, since it waits on every phase the barrier completes."""
+    @pl.when(step + stages < n_chunks)
+    def _():
+        plgpu.barrier_arrive(consumed_bars.at[slot])
+
+
+def _leave_cluster(done_bar):
+    """Before a cluster's program exits: wait until no peer may still signal its barriers (None: no cluster)."""
+    if done_bar is not None:
+        plgpu.barrier_arrive(done_bar)
+        plgpu.barrier_wait(done_bar)
+
+
 def _producer(issue_loads, consumed_bars, *, stages: int, n_chunks: int):
     """The producer warpgroup: the first ``stages`` chunks' TMA loads, then each slot refilled once every consumer has
     arrived on its ``consumed`` barrier."""
@@ -409,15 +424,8 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
         plgpu.copy_gmem_to_smem(k_ref.at[row, rows, head], k_sm.at[slot], load_bars.at[slot], **multicast[1])
         plgpu.copy_gmem_to_smem(v_ref.at[row, rows, head, cols], v_sm.at[slot], load_bars.at[slot], **multicast[2])
 
-    def release(step, slot):
-        @pl.when(step + stages < n_chunks)  # only slots that are refilled: the producer waits on every phase
-        def _():
-            plgpu.barrier_arrive(consumed_bars.at[slot])
-
-    def leave():
-        if cluster:  # no program exits while a peer may still signal its barriers
-            plgpu.barrier_arrive(done_bar)
-            plgpu.barrier_wait(done_bar)
+    release = functools.partial(_release_slot, consumed_bars, stages=stages, n_chunks=n_chunks)
+    leave = functools.partial(_leave_cluster, done_bar if cluster else None)
 
     @pl.when(wg == 0)
     def _outputs():
@@ -837,10 +845,7 @@ def _shared_state_pair(s_ref, k_ref, q_ref, do_ref, v_ref, init_ref, dv_ref, dk_
         for ref, sm in ((k_ref, k_sm), (q_ref, q_sm), (do_ref, do_sm), (v_ref, v_sm)):
             plgpu.copy_gmem_to_smem(ref.at[row, rows, head], sm.at[slot], load_bars.at[slot])
 
-    def release(step, slot):
-        @pl.when(step + stages < n_chunks)  # only slots that are refilled: the producer waits on every phase
-        def _():
-            plgpu.barrier_arrive(consumed_bars.at[slot])
+    release = functools.partial(_release_slot, consumed_bars, stages=stages, n_chunks=n_chunks)
 
     def outputs(w, a_sm, b_sm, p_sm, out_ref, transposed):
         """Output warpgroup ``w``: scores a b^T and a dS (dS^T when ``transposed``), then P p, into ``out_ref``."""
