@@ -7,7 +7,7 @@ power-capped card does not reach both peaks at once, so a kernel's "% of the flo
 the floor's with how much of the peaks the card gives to that work. ``floor_walk`` separates the two: it moves the
 floor's arrays through HBM once each and issues the floor's wgmma FLOPs, with no recurrence between chunks, no decay
 arithmetic beyond the scores' mask, and no other work. Timed side by side with a lightning kernel on the same card,
-kernel / floor_walk is the share of the reachable speed that the kernel gets.
+the floor walk's time over the kernel's is the share of the reachable speed that the kernel gets.
 """
 from __future__ import annotations
 
@@ -48,11 +48,13 @@ def floor_walk(streams, c, s, *, mode: str, chunk: int, block_v: int, stages: in
       warpgroup 2 issues the TMA loads.
     That is 4 C (C + D) block_v FLOPs forward and 10 C (C + D) block_v backward, the floor's per chunk and tile, with
     no state chain between warpgroups, no decays beyond the mask, and everything walked forward in time. So its time
-    bounds from below what any chunk-C kernel with this grid takes for a lightning pass on the card.
+    is what the floor's work alone takes on this grid and card (a measurement, not a proven bound).
 
     Returns (outputs [R, L, H, D] each, carried sums [R, H, D, D] float32 each); ``floor_walk_reference`` computes
     the same values.
     """
+    if mode not in FLOOR_MODES:
+        raise ValueError(f"floor_walk mode is one of {sorted(FLOOR_MODES)}; got {mode!r}")
     n_in, n_out = FLOOR_MODES[mode]
     if len(streams) != n_in:
         raise ValueError(f"floor_walk mode {mode!r} takes {n_in} streams; got {len(streams)}")

@@ -79,3 +79,5 @@ def test_floor_walk_rejects_bad_input():
         fw.floor_walk(streams[:2], c, s, mode="fwd", chunk=CHUNK, block_v=BLOCK_V, stages=2, cluster=False)
     with pytest.raises(ValueError, match="chunk \\| L"):
         fw.floor_walk(streams, c, s, mode="fwd", chunk=CHUNK, block_v=48, stages=2, cluster=False)
+    with pytest.raises(ValueError, match="one of \\['bwd', 'fwd'\\]; got 'fwdbwd'"):
+        fw.floor_walk(streams, c, s, mode="fwdbwd", chunk=CHUNK, block_v=BLOCK_V, stages=2, cluster=False)
