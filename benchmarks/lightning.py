@@ -110,6 +110,9 @@ flags.DEFINE_integer("rounds", 1, "time every implementation this many times, in
 KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu",
            "mosaic_unsplit": "mosaic_gpu", "mosaic_paired": "mosaic_gpu"}
 WALKS3, UNSPLIT, PAIRED = "mosaic_3walks", "mosaic_unsplit", "mosaic_paired"
+# The one-launch backward whose dq walk restarts from the forward's states every M chunks (``dq_checkpoints``).
+CHECKPOINTED = {f"mosaic_ckpt{m}": m for m in (2, 4, 8, 16)}
+KERNELS.update({name: "mosaic_gpu" for name in CHECKPOINTED})
 # Variants of the Mosaic GPU kernel (not swept): their config from mosaic's (swept or default) one.
 MOSAIC_VARIANTS = {
     WALKS3: lambda c: dataclasses.replace(c, fused_backward=0),
@@ -118,6 +121,8 @@ MOSAIC_VARIANTS = {
     # The one-warpgroup walks in the default's own stages (the sequence-split regime's config is unsplit already).
     UNSPLIT: lambda c: c if not c.split_state else dataclasses.replace(
         c, split_state=0, multicast=0, num_stages=pallas.DEFAULT_CONFIGS["mosaic_gpu"].num_stages),
+    **{name: (lambda c, m=m: dataclasses.replace(c, dq_checkpoints=m if c.fused_backward == 2 else 0))
+       for name, m in CHECKPOINTED.items()},
 }
 # Triton: (chunk, block_v, num_warps, num_stages); sequence groups are swept separately around the automatic choice.
 LAUNCH_GRIDS = {
@@ -286,7 +291,9 @@ def check_small(log, impls=("ours",), shape=(2, 1000, 4)):
                       for g in (1, 3)],
              UNSPLIT: [(jnp.bfloat16, MOSAIC_VARIANTS[UNSPLIT](dataclasses.replace(fitted, groups=g)), False)
                        for g in (1, 3)],
-             PAIRED: [(jnp.bfloat16, MOSAIC_VARIANTS[PAIRED](dataclasses.replace(fitted, groups=1)), False)]}
+             PAIRED: [(jnp.bfloat16, MOSAIC_VARIANTS[PAIRED](dataclasses.replace(fitted, groups=1)), False)],
+             **{name: [(jnp.bfloat16, MOSAIC_VARIANTS[name](dataclasses.replace(fitted, groups=1)), False)]
+                for name in CHECKPOINTED}}
     rows = []
     for impl, dtype, config, with_segments in [(name, *c) for name in impls for c in cases[name]]:
         backend = KERNELS[impl]

@@ -86,8 +86,9 @@ def scan_sequence(chunk_scan: Callable, q, k, v, s, init, doc, *, chunk: int, gr
     reverse=) -> (outputs, each [R, L, H, *], final state)``, ``extra`` being more [B, T, H, *] inputs cut into rows
     the same way; by default ``chunk_scan``'s walk with ``with_output=True`` (one output, o). Its final state must be
     the walk of ``k, v``'s: a sequence split starts each group's output pass from the incoming state that
-    ``chunk_scan``'s state-only walks of ``k, v`` give. Returns (outputs, each [B, T, H, *], final state
-    [B, H, Dk, Dv])."""
+    ``chunk_scan``'s state-only walks of ``k, v`` give. With ``groups`` = 1 the pass's final state is returned as it
+    comes (a pass may return more there, as ``_Walker.forward_states`` does). Returns (outputs, each [B, T, H, *],
+    final state [B, H, Dk, Dv])."""
     batch, length, heads, _ = k.shape
     row_len = -(-length // (groups * chunk)) * chunk
     layout = RowLayout(length=row_len, n_valid=length, groups=groups)
@@ -125,13 +126,31 @@ def scan_sequence(chunk_scan: Callable, q, k, v, s, init, doc, *, chunk: int, gr
 
 @dataclasses.dataclass(frozen=True)
 class _Walker:
-    """Static part of a lightning call (hashable, for ``nondiff_argnums``). ``fused_backward``, ``whole_backward``:
-    the backend's fused backward walk and its one-launch backward, or None (see ``lightning``)."""
+    """Static part of a lightning call (hashable, for ``nondiff_argnums``). ``fused_backward``, ``whole_backward``,
+    ``states_forward``: the backend's fused backward walk, its one-launch backward and its forward that saves states
+    for that backward, or None (see ``lightning``)."""
     chunk_scan: Callable
     chunk: int
     groups: int
     fused_backward: Callable | None = None
     whole_backward: Callable | None = None
+    states_forward: Callable | None = None
+
+    def one_launch(self, doc) -> bool:
+        """Whether the backward runs in one launch (``whole``): a hook, no documents, one sequence group."""
+        return self.whole_backward is not None and doc is None and self.groups == 1
+
+    def forward_states(self, q, k, v, s, init):
+        """The forward with the states that ``whole`` restarts its dq walk from: (o, final state, states) on the
+        zero-padded rows (one sequence group, no documents)."""
+        def output_pass(q_, k_, v_, s_, init_, doc, *, layout, reverse):
+            del doc, reverse  # no documents (``one_launch``), forward
+            o, final, states = self.states_forward(q_, k_, v_, s_, init_, layout=layout)
+            return (o,), (final, states)
+
+        (o,), (final, states) = scan_sequence(self.chunk_scan, q, k, v, s, init, None, chunk=self.chunk, groups=1,
+                                              reverse=False, output_pass=output_pass)
+        return o, final, states
 
     def __call__(self, q, k, v, s, init, doc, reverse):
         (o,), final = scan_sequence(self.chunk_scan, q, k, v, s, init, doc, chunk=self.chunk, groups=self.groups,
@@ -149,11 +168,13 @@ class _Walker:
                                          groups=self.groups, reverse=True, output_pass=output_pass, extra=(v,))
         return dk, dv, d_init
 
-    def whole(self, q, k, v, d_o, s, init, d_final):
-        """(dq, dk, dv, dS0) from the one-launch backward, on the zero-padded rows (one sequence group)."""
+    def whole(self, q, k, v, d_o, s, init, d_final, states=None):
+        """(dq, dk, dv, dS0) from the one-launch backward, on the zero-padded rows (one sequence group); ``states``:
+        the forward's (``forward_states``) or None."""
         def output_pass(q_, k_, v_, d_o_, s_, d_final_, doc, *, layout, reverse):
             del doc, reverse  # no documents (``_lightning_bwd``); the hook walks both ways itself
-            dq, dk, dv, d_init = self.whole_backward(q_, k_, v_, d_o_, s_, init, d_final_, layout=layout)
+            dq, dk, dv, d_init = self.whole_backward(q_, k_, v_, d_o_, s_, init, d_final_, layout=layout,
+                                                     states=states)
             return (dq, dk, dv), d_init
 
         (dq, dk, dv), d_init = scan_sequence(self.chunk_scan, q, k, v, s, d_final, None, chunk=self.chunk, groups=1,
@@ -171,15 +192,18 @@ def _lightning(walker: _Walker, q, k, v, s, init, doc):
 
 
 def _lightning_fwd(walker, q, k, v, s, init, doc):
-    return walker(q, k, v, s, init, doc, reverse=False), (q, k, v, s, init, doc)
+    if walker.states_forward is not None and walker.one_launch(doc):
+        o, final, states = walker.forward_states(q, k, v, s, init)
+        return (o, final), (q, k, v, s, init, doc, states)
+    return walker(q, k, v, s, init, doc, reverse=False), (q, k, v, s, init, doc, None)
 
 
 def _lightning_bwd(walker, residuals, cotangents):
-    q, k, v, s, init, doc = residuals
+    q, k, v, s, init, doc, states = residuals
     d_o, d_final = cotangents
     d_final = d_final.astype(jnp.float32)
-    if walker.whole_backward is not None and doc is None and walker.groups == 1:
-        dq, dk, dv, d_init = walker.whole(q, k, v, d_o, s, init, d_final)
+    if walker.one_launch(doc):
+        dq, dk, dv, d_init = walker.whole(q, k, v, d_o, s, init, d_final, states)
         return dq, dk, dv, None, None if init is None else d_init, None
     dq, _ = walker(d_o, v, k, s, _swap(init), doc, reverse=False)
     if walker.fused_backward is not None and doc is None:
@@ -194,7 +218,8 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
 def lightning(chunk_scan: Callable, q, k, v, decay, *, initial_state=None, doc=None, chunk: int, groups: int,
-              fused_backward: Callable | None = None, whole_backward: Callable | None = None):
+              fused_backward: Callable | None = None, whole_backward: Callable | None = None,
+              states_forward: Callable | None = None):
     """Differentiable lightning attention over a backend's ``chunk_scan`` (arguments as in ``scan_sequence``).
 
     ``fused_backward``: optional backend hook ``fused_backward(q, k, v, d_o, s, init, *, layout) -> (dk, dv, state)``
@@ -203,10 +228,13 @@ def lightning(chunk_scan: Callable, q, k, v, decay, *, initial_state=None, doc=N
     ``whole_backward``: optional hook ``whole_backward(q, k, v, d_o, s, init, d_final, *, layout) -> (dq, dk, dv,
     d_init)`` on zero-padded rows without documents (``pallas_mosaic_gpu.one_launch_backward_scan``): the whole
     backward in one launch. Used when given, ``doc`` is None and the rows are one sequence group (``groups`` = 1);
-    otherwise as above.
+    otherwise as above. ``states_forward``: optional hook ``states_forward(q, k, v, s, init, *, layout) -> (o, final,
+    states)`` (``pallas_mosaic_gpu.forward_with_states``): where the one-launch backward runs, the differentiated
+    forward saves these states and passes them to it (``whole_backward(..., states=states)``); the forward alone
+    (no gradient) does not.
     Returns (o [B, T, H, Dv] in v's dtype, final state [B, H, Dk, Dv] float32). ``decay`` gets no gradient.
     """
     s = lax.stop_gradient(jnp.asarray(decay, jnp.float32))
     walker = _Walker(chunk_scan=chunk_scan, chunk=chunk, groups=groups, fused_backward=fused_backward,
-                     whole_backward=whole_backward)
+                     whole_backward=whole_backward, states_forward=states_forward)
     return _lightning(walker, q, k, v, s, initial_state, doc)

@@ -94,11 +94,11 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     config = config or default_config(backend, q.dtype, batch, heads, length, dk, dv)
-    for option in ("fused_backward", "split_state", "multicast"):
+    for option in ("fused_backward", "split_state", "multicast", "dq_checkpoints"):
         if getattr(config, option) and backend != "mosaic_gpu":
             raise ValueError(f"{option} is a Mosaic GPU kernel option; the {backend} backend has one program shape "
                              f"and walks three times")
-    fused_backward = whole_backward = None
+    fused_backward = whole_backward = states_forward = None
     if backend == "triton":
         for name, dim in (("Dk", dk), ("Dv", dv), ("chunk", config.chunk)):
             if dim & (dim - 1) or dim < 1:
@@ -115,6 +115,9 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
         if config.fused_backward == 2:
             whole_backward = functools.partial(pallas_mosaic_gpu.one_launch_backward_scan, config=config,
                                                interpret=interpret)
+        if config.dq_checkpoints:
+            states_forward = functools.partial(pallas_mosaic_gpu.forward_with_states, config=config,
+                                               interpret=interpret)
         tiles = max(dv // pallas_mosaic_gpu.tile_width(config, dv), 1)
         target_programs = pallas_mosaic_gpu.TARGET_PROGRAMS
     else:
@@ -126,5 +129,5 @@ def lightning_attention_pallas(q, k, v, decay, *, initial_state=None, segment_id
     q, k, v_cast = q, k.astype(q.dtype), v.astype(q.dtype)
     o, final = ops.lightning(scan, q, k, v_cast, decay, initial_state=initial_state, doc=doc,
                              chunk=config.chunk, groups=groups, fused_backward=fused_backward,
-                             whole_backward=whole_backward)
+                             whole_backward=whole_backward, states_forward=states_forward)
     return o.astype(v.dtype), final

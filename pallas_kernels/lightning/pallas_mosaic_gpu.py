@@ -75,6 +75,8 @@ not fit), no segment ids (``doc``): use the Triton kernel for packed documents.
 from __future__ import annotations
 
 import functools
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -371,23 +373,73 @@ def _leave_cluster(done_bar):
         plgpu.barrier_wait(done_bar)
 
 
-def _producer(issue_loads, consumed_bars, *, stages: int, n_chunks: int):
+def _producer(issue_loads, consumed_bars, *, stages: int, n_chunks: int, before_loads=None):
     """The producer warpgroup: the first ``stages`` chunks' TMA loads, then each slot refilled once every consumer has
-    arrived on its ``consumed`` barrier."""
+    arrived on its ``consumed`` barrier. ``before_loads(step)``, if given, runs before each step's loads."""
     plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    before_loads = before_loads or (lambda step: None)
     for step in range(min(stages, n_chunks)):
+        before_loads(step)
         issue_loads(step, step)
     if n_chunks > stages:
         @pl.loop(stages, n_chunks)
         def _(step):
             slot = lax.rem(step, stages)
             plgpu.barrier_wait(consumed_bars.at[slot])  # every consumer is done with the chunk step - stages
+            before_loads(step)
             issue_loads(step, slot)
+
+
+class Checkpoints(NamedTuple):
+    """The forward walk's state entering every ``every``-th chunk, ``ref`` [R, J, H, Dk, Dv] in the inputs' dtype
+    (J = ceil(chunks / every)): the forward saves them (``sm``, ``bar``: None), the one-launch backward's dq walk
+    restarts from them (``sm``: a [Dk, Dv] SMEM buffer that the state warpgroup fills by TMA, ``bar`` its barrier)."""
+    ref: Any
+    every: int
+    sm: Any = None
+    bar: Any = None
+
+
+def _segments(n_chunks: int, every: int) -> int:
+    """Segments of ``every`` chunks (the last one partial) in a row of ``n_chunks``."""
+    return -(-n_chunks // every)
+
+
+def _restart_order(step, n_chunks: int, every: int):
+    """The chunk a restarting walk (``Checkpoints``) takes at ``step``: the segments from the last to the first, each
+    forward in time from its checkpoint, i.e. in the order of the reverse walks' segments."""
+    n_seg = _segments(n_chunks, every)
+    first = n_chunks - (n_seg - 1) * every  # chunks of the last segment, walked first
+    later = jnp.maximum(step - first, 0)
+    return jnp.where(step < first, (n_seg - 1) * every + step,
+                     (n_seg - 2 - lax.div(later, every)) * every + lax.rem(later, every))
+
+
+def _enters_segment(step, n_chunks: int, every: int, *, restart: bool):
+    """Whether a walk's ``step`` enters a new segment of ``every`` chunks: in ``_restart_order`` (``restart``) or as
+    a reverse walk (chunk n - 1 - step)."""
+    if restart:
+        first = n_chunks - (_segments(n_chunks, every) - 1) * every
+        return (step == 0) | ((step >= first) & (lax.rem(jnp.maximum(step - first, 0), every) == 0))
+    return (step == 0) | (lax.rem(n_chunks - 1 - step, every) == every - 1)
+
+
+def _meet_at_segments(bar, enters):
+    """A producer's ``before_loads``: before the loads of a step that enters a segment (``enters(step)``), meet the
+    cluster's other producer at ``bar`` (one arrival each). The two programs then walk the same segment at the same
+    time, so whichever loads a chunk second finds it in L2."""
+    def before_loads(step):
+        @pl.when(enters(step))
+        def _():
+            plgpu.barrier_arrive(bar)
+            plgpu.barrier_wait(bar)
+    return before_loads
 
 
 def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, chunk: int, block_v: int, stages: int,
                   reverse: bool, has_init: bool, cluster: bool, interpret: bool,
-                  shared: tuple[bool, bool, bool] = (True, True, False), registers: int | None = None):
+                  shared: tuple[bool, bool, bool] = (True, True, False), registers: int | None = None,
+                  save: Checkpoints | None = None, restart: Checkpoints | None = None, meet=None):
     """One walk with outputs on Dv tile ``tile`` in three warpgroups (``KernelConfig.split_state``): 0 makes the
     outputs, 1 carries the state, 2 issues the TMA loads.
 
@@ -400,6 +452,12 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the backward's walk programs.
     ``registers``: the output and state warpgroups' register cap (default: the SM's registers less the producer's,
     split between the two).
+
+    ``save``: a forward walk also stores the bf16 S_c it hands over at every ``save.every``-th chunk (``Checkpoints``).
+    ``restart``: a forward walk (the dq walk) restarts from such states: it walks the segments between them from the
+    last to the first (``_restart_order``), each forward in time, and has no final state (``state_out_ref`` None).
+    ``meet``: with ``restart``, a cluster barrier at which the producer meets the other program's at every segment
+    (``_meet_at_segments``). ``o_sm`` may hold one output buffer or two.
     """
     refs = list(refs)
     init_ref = refs.pop(0) if has_init else None
@@ -416,6 +474,8 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     registers = registers or _consumer_registers(2)
 
     def chunk_of(step):
+        if restart is not None:
+            return _restart_order(step, n_chunks, restart.every)
         return (n_chunks - 1 - step) if reverse else step
 
     def issue_loads(step, slot):
@@ -426,6 +486,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
 
     release = functools.partial(_release_slot, consumed_bars, stages=stages, n_chunks=n_chunks)
     leave = functools.partial(_leave_cluster, done_bar if cluster else None)
+    o_buffers = o_sm.shape[0]
 
     @pl.when(wg == 0)
     def _outputs():
@@ -454,8 +515,8 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
                 probs = probs_sm
             (o,) = _accumulate(lambda acc_o: plgpu.wgmma(acc_o, probs, v_sm.at[slot]), (o,), interpret)
             release(step, slot)
-            o_slot = lax.rem(step, 2)
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last used this slot has read it
+            o_slot = lax.rem(step, o_buffers)
+            plgpu.wait_smem_to_gmem(o_buffers - 1, wait_read_only=True)  # the store that last used it has read it
             o_sm[o_slot] = o.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_sm.at[o_slot], o_ref.at[row, pl.ds(c * chunk, chunk), head, cols])
@@ -477,19 +538,66 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             def _():
                 plgpu.barrier_wait(free_bars.at[buf])  # the output warpgroup has read S_{c-2} from this buffer
 
+            if save is not None:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last checkpoint's store has read its buffer
             state = _hand_over_and_step(state, st_sm.at[buf], ready_bars.at[buf], load_bars.at[slot], k_sm.at[slot],
                                         v_sm.at[slot], vw_sm, s, a, b, limit, chunk=chunk, reverse=reverse,
                                         interpret=interpret)
+            if save is not None:  # S_c, as handed over, is the checkpoint of the segment starting here
+                @pl.when(lax.rem(step, save.every) == 0)
+                def _():
+                    plgpu.copy_smem_to_gmem(st_sm.at[buf],
+                                            save.ref.at[row, lax.div(step, save.every), head, :, cols])
             release(step, slot)
             return state
 
-        state = lax.fori_loop(0, n_chunks, body, _initial_state(init_ref, row, head, cols, (dk, block_v)))
-        state_out_ref.at[row, head, :, cols][...] = state
+        if restart is None:
+            state = lax.fori_loop(0, n_chunks, body, _initial_state(init_ref, row, head, cols, (dk, block_v)))
+            state_out_ref.at[row, head, :, cols][...] = state
+        else:
+            _walk_segments(body, restart, row, head, n_chunks)
+        if save is not None:
+            plgpu.wait_smem_to_gmem(0)
         for step in range(max(n_chunks - 2, 0), n_chunks):  # observe the last releases of both buffers too
             plgpu.barrier_wait(free_bars.at[step % 2])
         leave()
 
-    pl.when(wg == 2)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
+    before_loads = None
+    if meet is not None:
+        before_loads = _meet_at_segments(
+            meet, functools.partial(_enters_segment, n_chunks=n_chunks, every=restart.every, restart=True))
+    pl.when(wg == 2)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks,
+                                       before_loads=before_loads))
+
+
+def _walk_segments(body, restart: Checkpoints, row, head, n_chunks: int):
+    """A restarting walk's state chain (``_split_kernel``'s state warpgroup): per segment, in ``_restart_order``, the
+    state S^T from the segment's checkpoint (TMA into ``restart.sm``, the next segment's issued as soon as this one's is
+    in registers), then ``body(step, state)`` for each of its chunks. The checkpoints hold the forward's S [Dk, Dv];
+    the dq walk's state is S^T, read transposed from SMEM."""
+    every, n_seg = restart.every, _segments(n_chunks, restart.every)
+
+    def load_checkpoint(seg):
+        plgpu.copy_gmem_to_smem(restart.ref.at[row, seg, head], restart.sm, restart.bar)
+
+    def walk(seg, first_step, length):
+        plgpu.barrier_wait(restart.bar)
+        state = plgpu.load(restart.sm.T, layout=plgpu.Layout.WGMMA, optimized=True).astype(jnp.float32)
+        state = body(first_step, state)  # its hand-over has used the registers: the buffer may be refilled
+
+        @pl.when(seg > 0)
+        def _():
+            load_checkpoint(seg - 1)
+
+        lax.fori_loop(first_step + 1, first_step + length, body, state)
+
+    load_checkpoint(n_seg - 1)
+    first = n_chunks - (n_seg - 1) * every
+    walk(n_seg - 1, 0, first)
+    if n_seg > 1:
+        @pl.loop(0, n_seg - 1)
+        def _(i):
+            walk(n_seg - 2 - i, first + i * every, every)
 
 
 # Programs the sequence split aims for: one per SM of an H100/H200 (132), since a 4-stage program takes most of an
@@ -553,6 +661,10 @@ def check_supported(dtype, dk: int, dv: int, config: KernelConfig, has_doc: bool
     if config.split_state not in (0, 1) or (config.split_state and config.consumers):
         raise ValueError(f"split_state is 0 or 1, and 1 only with consumers=0 (its program is an output, a state and "
                          f"a producer warpgroup); got split_state={config.split_state}, consumers={config.consumers}")
+    if config.dq_checkpoints < 0 or (config.dq_checkpoints and (config.fused_backward != 2 or not config.split_state)):
+        raise ValueError(f"dq_checkpoints is 0 or a positive number of chunks, and only with fused_backward=2 and "
+                         f"split_state=1; got dq_checkpoints={config.dq_checkpoints}, "
+                         f"fused_backward={config.fused_backward}, split_state={config.split_state}")
     if config.multicast not in (0, 1) or (config.multicast and not config.split_state):
         raise ValueError(f"multicast is 0 or 1, and 1 only with split_state=1; got multicast={config.multicast}, "
                          f"split_state={config.split_state}")
@@ -623,17 +735,19 @@ def _slot_orders(walks: tuple[tuple[int, int, int], ...]) -> list[tuple[int, int
 
 
 def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_streams: int, tiles: int,
-                 has_init: bool, cluster: bool, **kwargs):
+                 has_init: bool, cluster: bool, save_every: int = 0, **kwargs):
     """Program p of a row and head runs walk ``walks[p // tiles]`` (indices of its q, k and v among the streams) on Dv
     tile ``p % tiles`` as ``_split_kernel``; under ``cluster`` p is the program's place in the cluster, and the
     streams that every walk reads (all but v for one walk) are loaded once for the cluster (several walks need one
     tile: a stream may then sit in another role's slot, ``_slot_orders``; unclustered, every walk keeps its roles' slots,
-    whose widths differ when a walk has several tiles)."""
+    whose widths differ when a walk has several tiles). ``save_every``: one walk that also saves its states
+    (``Checkpoints``), the last output."""
     refs = list(refs)
     streams = [refs.pop(0) for _ in range(n_streams)]
     inits = [refs.pop(0) for _ in walks] if has_init else [None] * len(walks)
     outs = [refs.pop(0) for _ in walks]
     states_out = [refs.pop(0) for _ in walks]
+    save = Checkpoints(refs.pop(0), save_every) if save_every else None
     slots, scratch = refs[:3], refs[3:]
     program = lax.axis_index("cluster" if cluster else "program")
     everywhere = set.intersection(*(set(walk) for walk in walks))
@@ -643,7 +757,7 @@ def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_strea
         shared = (True, True, False) if len(walks) == 1 else tuple(x in everywhere for x in (q, k, v))
         run = functools.partial(_split_kernel, s_ref, *own, outs[w], states_out[w], *(slots[i] for i in order),
                                 *scratch, tile=program % tiles, has_init=has_init, cluster=cluster, shared=shared,
-                                **kwargs)
+                                save=save, **kwargs)
         if len(walks) == 1:
             run()
         else:
@@ -651,11 +765,13 @@ def _walks_kernel(s_ref, *refs, walks: tuple[tuple[int, int, int], ...], n_strea
 
 
 def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ...], layout: RowLayout, chunk: int,
-                     block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str):
+                     block_v: int, stages: int, reverse: bool, cluster: bool, interpret: bool, name: str,
+                     save_every: int = 0):
     """``_walks_kernel`` over ``streams`` (each [R, L, H, D]: one walk's (q, k, v), or the backward's (k, q, dO, v)
     with ``PAIRED_WALKS``); grid (walks x Dv tiles, H, R), or (H, R) with those programs of a (row, head) as one
     cluster (several walks: one tile each). inits: one [R, H, Dk, Dv] float32 per walk, or None. The walks share
-    walk 0's shapes. Returns (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk."""
+    walk 0's shapes. Returns (outputs [R, L, H, Dv], final states [R, H, Dk, Dv] float32), one per walk, and with
+    ``save_every`` (one forward walk) its states every that many chunks ([R, J, H, Dk, Dv], ``Checkpoints``)."""
     q_i, k_i, v_i = walks[0]
     rows, length, heads, dk = streams[k_i].shape
     dv = streams[v_i].shape[-1]
@@ -684,16 +800,21 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
                    cluster_names=("cluster",))
               if cluster else dict(grid=(len(walks) * tiles, heads, rows), grid_names=("program", "head", "row")))
     has_init = inits[0] is not None
+    if save_every and (len(walks) > 1 or reverse):
+        raise ValueError("only one forward walk saves its states")
     kernel = functools.partial(_walks_kernel, walks=walks, n_streams=len(streams), tiles=tiles, has_init=has_init,
-                               cluster=cluster, layout=layout, chunk=chunk, block_v=block_v, stages=stages,
-                               reverse=reverse, interpret=interpret)
+                               cluster=cluster, save_every=save_every, layout=layout, chunk=chunk, block_v=block_v,
+                               stages=stages, reverse=reverse, interpret=interpret)
     out_type = ([jax.ShapeDtypeStruct((rows, length, heads, dv), dtype)] * len(walks)
                 + [jax.ShapeDtypeStruct((rows, heads, dk, dv), jnp.float32)] * len(walks))
+    if save_every:
+        out_type.append(jax.ShapeDtypeStruct((rows, _segments(length // chunk, save_every), heads, dk, dv), dtype))
     outs = plgpu.kernel(
         kernel, out_type=out_type, scratch_types=scratch, **launch, num_threads=3, thread_name="wg",
         interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name=name,
     )(s, *streams, *(inits if has_init else ()))
-    return outs[:len(walks)], outs[len(walks):]
+    n = len(walks)
+    return (outs[:n], outs[n:2 * n]) + ((outs[2 * n],) if save_every else ())
 
 
 def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_output: bool,
@@ -711,12 +832,9 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
         raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
     stages = max(1, min(config.num_stages, length // config.chunk))
     if with_output and config.split_state:
-        outs, states = _split_walk_call(
-            [q, k, v], s, [init], walks=((0, 1, 2),), layout=layout, chunk=config.chunk,
-            block_v=min(config.block_v, dv), stages=stages, reverse=reverse, cluster=bool(config.multicast),
-            interpret=interpret,
-            name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if config.multicast else ''}")
-        return outs[0], states[0]
+        o, state, _ = _split_walk(q, k, v, s, init, layout=layout, reverse=reverse, config=config, stages=stages,
+                                  interpret=interpret)
+        return o, state
     consumers = config.consumers
     outs, states = _walk_call(
         ([q] if with_output else []) + [k, v], s, [init], layout=layout, chunk=config.chunk,
@@ -725,6 +843,38 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
         name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}{'' if with_output else '_state'}"
              f"{f'_ws{consumers}' if consumers else ''}")
     return (outs[0] if with_output else None), states[0]
+
+
+def _split_walk(q, k, v, s, init, *, layout: RowLayout, reverse: bool, config: KernelConfig, stages: int,
+                interpret: bool, save_every: int = 0):
+    """One split walk with outputs (``_split_walk_call``): (o, final state, its saved states or None)."""
+    outs, states, *saved = _split_walk_call(
+        [q, k, v], s, [init], walks=((0, 1, 2),), layout=layout, chunk=config.chunk,
+        block_v=min(config.block_v, v.shape[-1]), stages=stages, reverse=reverse, cluster=bool(config.multicast),
+        interpret=interpret, save_every=save_every,
+        name=f"lightning_mgpu_{'rev' if reverse else 'fwd'}_split{'_multicast' if config.multicast else ''}"
+             f"{'_states' if save_every else ''}")
+    return outs[0], states[0], (saved[0] if saved else None)
+
+
+def forward_with_states(q, k, v, s, init, *, layout: RowLayout, config: KernelConfig, interpret: bool = False):
+    """The forward walk (``chunk_scan`` with outputs) that also saves its state entering every
+    ``config.dq_checkpoints``-th chunk, for the one-launch backward's dq walk to restart from (``Checkpoints``).
+
+    q, k: [R, L, H, D]; v: [R, L, H, D] (zero-padded rows, L a multiple of ``config.chunk``); s: [H]; init:
+    [R, H, D, D] float32 or None. Returns (o [R, L, H, D] in v's dtype, final state [R, H, D, D] float32, states
+    [R, ceil(L / (chunk * dq_checkpoints)), H, D, D] in q's dtype)."""
+    rows, length, heads, dk = k.shape
+    check_supported(k.dtype, dk, v.shape[-1], config, False)
+    check_one_launch_supported(k.dtype, dk, v.shape[-1], config)
+    if not config.dq_checkpoints or not config.split_state:
+        raise ValueError(f"forward_with_states needs dq_checkpoints > 0 and split_state=1; got "
+                         f"dq_checkpoints={config.dq_checkpoints}, split_state={config.split_state}")
+    if length % config.chunk:
+        raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
+    stages = max(1, min(config.num_stages, length // config.chunk))
+    return _split_walk(q, k, v, s, init, layout=layout, reverse=False, config=config, stages=stages,
+                       interpret=interpret, save_every=config.dq_checkpoints)
 
 
 # Under ``split_state`` the backward's dv and dk walks run as programs of their own (``PAIRED_WALKS``), each as wide as
@@ -822,7 +972,7 @@ ONE_LAUNCH_MAX_D = 128  # a [D, D] float32 state within the state warpgroup's 20
 
 def _shared_state_pair(s_ref, k_ref, q_ref, do_ref, v_ref, init_ref, dv_ref, dk_ref, state_out_ref, k_sm, q_sm,
                        do_sm, v_sm, dow_sm, st_sm, o_sm, probs_sm, load_bars, consumed_bars, ready_bar, free_bar, *,
-                       layout: RowLayout, chunk: int, stages: int, interpret: bool):
+                       layout: RowLayout, chunk: int, stages: int, interpret: bool, meet=None, every: int = 0):
     """A head's dv and dk walks (backward in time) from one dS chain, in four warpgroups: 0 makes dv, 1 makes dk,
     2 carries dS (``init_ref``'s [D, D] where given), 3 loads k, q, dO and v.
 
@@ -830,6 +980,8 @@ def _shared_state_pair(s_ref, k_ref, q_ref, do_ref, v_ref, init_ref, dv_ref, dk_
     walks). The state warpgroup hands each chunk's dS in bf16 to both output warpgroups through one SMEM buffer
     ("ready": written; "free": both have read it). dv and the final dS are bit-identical to the paired walk
     programs'; dk differs by the rounding of dS^T: the dk walk rounded its own chain, dO^T (q scaled), to bf16.
+    ``meet``: a cluster barrier at which the producer meets the dq walk program's at every segment of ``every``
+    chunks (``_meet_at_segments``).
     """
     head, row, wg = lax.axis_index("head"), lax.axis_index("row"), lax.axis_index("wg")
     dtype, d = q_sm.dtype, q_sm.shape[-1]
@@ -908,49 +1060,80 @@ def _shared_state_pair(s_ref, k_ref, q_ref, do_ref, v_ref, init_ref, dv_ref, dk_
         state_out_ref.at[row, head][...] = state
         plgpu.barrier_wait(free_bar)  # observe the last phase: each barrier's phases are counted by its waiters
 
-    pl.when(wg == 3)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks))
+    before_loads = None
+    if meet is not None:
+        before_loads = _meet_at_segments(
+            meet, functools.partial(_enters_segment, n_chunks=n_chunks, every=every, restart=False))
+    pl.when(wg == 3)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks,
+                                       before_loads=before_loads))
 
 
-def _one_launch_scratch(kind: str, chunk: int, d: int, stages: int, dtype, interpret: bool) -> list:
+def _one_launch_scratch(kind: str, chunk: int, d: int, stages: int, dtype, interpret: bool,
+                        restart: bool = False) -> list:
     """Scratch of a one-launch backward program: ``"dq"`` (``_split_kernel``'s at one whole-head tile) or ``"pair"``
-    (``_shared_state_pair``'s); allocated inside each program's branch, so the launch takes the larger."""
+    (``_shared_state_pair``'s); allocated inside each program's branch, so the launch takes the larger. ``restart``:
+    the dq walk restarts from checkpoints: their [D, D] buffer and its barrier last, and one dq buffer, not two (the
+    checkpoint's 32 KiB fit in Hopper's shared memory in its place)."""
     t = _smem_transforms(d, dtype)
     streams, states, scores = (3, 2, 1) if kind == "dq" else (4, 1, 2)
     scratch = [plgpu.SMEM((stages, chunk, d), dtype, transforms=t) for _ in range(streams)] + [
         plgpu.SMEM((chunk, d), dtype, transforms=t),  # the scaled v (the dq walk's k, the pair's dO)
         plgpu.SMEM((states, d, d) if states > 1 else (d, d), dtype, transforms=t),  # the state in bf16
-        plgpu.SMEM((2, chunk, d), dtype, transforms=t),  # outputs (dq double-buffered; dv and dk one each)
+        plgpu.SMEM((1 if restart else 2, chunk, d), dtype, transforms=t),  # outputs (dq's double-buffered; dv, dk)
         plgpu.SMEM((scores, chunk, chunk) if scores > 1 else (chunk, chunk), dtype, transforms=t)
         if interpret else None,
         plgpu.Barrier(num_arrivals=streams, num_barriers=stages),  # one arrival per TMA copy
         plgpu.Barrier(num_arrivals=streams - 1, num_barriers=stages),  # slot free: every walking warpgroup
     ]
     if kind == "dq":
-        return scratch + [plgpu.Barrier(num_arrivals=1, num_barriers=2)] * 2  # S ready / S read, per buffer
+        scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=2)] * 2  # S ready / S read, per buffer
+        if restart:
+            scratch += [plgpu.SMEM((d, d), dtype, transforms=t), plgpu.Barrier(num_arrivals=1)]  # a checkpoint
+        return scratch
     return scratch + [plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=2)]  # dS ready / read by both
 
 
-def _one_launch_kernel(s_ref, k_ref, q_ref, do_ref, v_ref, dq_init, pair_init, dq_ref, dv_ref, dk_ref, dq_state_ref,
-                       state_ref, *, layout: RowLayout, chunk: int, stages: int, interpret: bool):
-    """Program 0 of a (head, row): the dq walk (``_split_kernel`` on dO, v, k, the whole head, from ``dq_init``);
-    program 1: the dv and dk walks (``_shared_state_pair``, from ``pair_init``). ``dq_state_ref`` takes the dq
-    walk's final state (unused), ``state_ref`` the pair's (d_init)."""
-    program = lax.axis_index("program")
+def _one_launch_kernel(s_ref, k_ref, q_ref, do_ref, v_ref, dq_start, pair_init, dq_ref, dv_ref, dk_ref, state_ref,
+                       *rest, layout: RowLayout, chunk: int, stages: int, every: int, interpret: bool):
+    """Program 0 of a (head, row): the dq walk (``_split_kernel`` on dO, v, k, the whole head); program 1: the dv and
+    dk walks (``_shared_state_pair``, from ``pair_init``); ``state_ref`` takes the pair's final state (d_init).
+
+    ``every`` = 0: the dq walk runs forward from ``dq_start`` (its initial state), and ``rest`` is the output for its
+    final state (unused). ``every`` > 0: ``dq_start`` holds the forward's states every ``every`` chunks
+    (``Checkpoints``), the dq walk restarts from them segment by segment in the pair's order, the two programs are one
+    cluster, and ``rest`` is the barrier at which their producers meet at every segment."""
+    (extra,) = rest
+    meet, dq_state_ref = (extra, None) if every else (None, extra)
+    program = lax.axis_index("cluster" if every else "program")
     d, dtype = k_ref.shape[-1], k_ref.dtype
+    scratch = {kind: [x for x in _one_launch_scratch(kind, chunk, d, stages, dtype, interpret, restart=bool(every) and kind == "dq")
+                      if x is not None] for kind in ("dq", "pair")}
+    # The interpreter keys a cluster barrier by how many buffers and barriers each thread has allocated before it, and
+    # carries that count over from one cluster to the next: the two programs pad their allocations to one number.
+    ids = {kind: sum(math.prod(getattr(x, "num_barriers", ())) for x in xs) for kind, xs in scratch.items()}
+
+    def run_in_scope(run, kind):
+        pad = max(ids.values()) - ids[kind]
+        padding = [plgpu.Barrier(num_arrivals=1, num_barriers=pad)] if interpret and every and pad else []
+        n = len(scratch[kind])
+        pl.run_scoped(lambda *refs: run(*refs[:n]), *scratch[kind], *padding, collective_axes="wg")
 
     @pl.when(program == 0)
     def _dq():
         def run(*scratch):
             scratch = list(scratch)
+            restart = None
+            if every:
+                bar, sm = scratch.pop(), scratch.pop()
+                restart = Checkpoints(dq_start, every, sm, bar)
             probs = scratch.pop(6) if interpret else None
-            _split_kernel(s_ref, do_ref, v_ref, k_ref, dq_init, dq_ref, dq_state_ref, *scratch[:6], probs,
-                          *scratch[6:], None, tile=0, layout=layout, chunk=chunk, block_v=d, stages=stages,
-                          reverse=False, has_init=True, cluster=False, interpret=interpret,
-                          registers=ONE_LAUNCH_DQ_REGISTERS)
+            _split_kernel(s_ref, do_ref, v_ref, k_ref, *([] if every else [dq_start]), dq_ref, dq_state_ref,
+                          *scratch[:6], probs, *scratch[6:], None, tile=0, layout=layout, chunk=chunk, block_v=d,
+                          stages=stages, reverse=False, has_init=not every, cluster=False, interpret=interpret,
+                          registers=ONE_LAUNCH_DQ_REGISTERS, restart=restart, meet=meet)
             pl.when(lax.axis_index("wg") == 3)(lambda: plgpu.set_max_registers(IDLE_REGISTERS, action="decrease"))
 
-        scratch = [x for x in _one_launch_scratch("dq", chunk, d, stages, dtype, interpret) if x is not None]
-        pl.run_scoped(run, *scratch, collective_axes="wg")
+        run_in_scope(run, "dq")
 
     @pl.when(program == 1)
     def _pair():
@@ -959,15 +1142,15 @@ def _one_launch_kernel(s_ref, k_ref, q_ref, do_ref, v_ref, dq_init, pair_init, d
             probs = scratch.pop(7) if interpret else None
             _shared_state_pair(s_ref, k_ref, q_ref, do_ref, v_ref, pair_init, dv_ref, dk_ref, state_ref,
                                *scratch[:7], probs, *scratch[7:], layout=layout, chunk=chunk, stages=stages,
-                               interpret=interpret)
+                               interpret=interpret, meet=meet, every=every)
 
-        scratch = [x for x in _one_launch_scratch("pair", chunk, d, stages, dtype, interpret) if x is not None]
-        pl.run_scoped(run, *scratch, collective_axes="wg")
+        run_in_scope(run, "pair")
 
 
 def check_one_launch_supported(dtype, dk: int, dv: int, config: KernelConfig):
     """One-line ValueError for what the one-launch backward (``fused_backward`` = 2) does not handle. Within these
-    limits its shared memory fits: at most 208 KiB a program (D = 128, chunk 64, ``ONE_LAUNCH_STAGES``)."""
+    limits its shared memory fits: at most 208 KiB a program (D = 128, chunk 64, ``ONE_LAUNCH_STAGES``), 224 KiB with
+    ``dq_checkpoints``."""
     del dtype  # bf16 or fp16, as check_supported asks
     if dk != dv or dk > ONE_LAUNCH_MAX_D or config.chunk != 64:
         raise ValueError(f"the one-launch Mosaic GPU backward (fused_backward=2) needs Dk == Dv <= "
@@ -975,12 +1158,15 @@ def check_one_launch_supported(dtype, dk: int, dv: int, config: KernelConfig):
 
 
 def one_launch_backward_scan(q, k, v, d_o, s, init, d_final, *, layout: RowLayout, config: KernelConfig,
-                             interpret: bool = False):
+                             interpret: bool = False, states=None):
     """The whole backward of one walk per row in one launch: (dq, dk, dv, d_init).
 
     2 x H x R programs: per (head, row) the dq walk and the dv + dk pair from one dS chain (``_one_launch_kernel``).
     q, k, v, d_o: [R, L, H, D] (zero-padded rows, L a multiple of 64, Dk = Dv = D <= 128); s: [H]; init: the forward's
     initial state [R, H, D, D] float32 or None; d_final: the gradient of its final state [R, H, D, D] float32.
+    states: None, or the forward's states every ``config.dq_checkpoints`` chunks (``forward_with_states``; they
+    include the initial state, so ``init`` is not read): the dq walk restarts from them in the pair's order, and each
+    head's two programs are one cluster that walks in step, so the dq walk's k, v and dO come from L2.
     Returns dq, dk, dv [R, L, H, D] in the inputs' dtype and d_init [R, H, D, D] float32 (the reverse walk's state).
     """
     rows, length, heads, d = k.shape
@@ -988,15 +1174,27 @@ def one_launch_backward_scan(q, k, v, d_o, s, init, d_final, *, layout: RowLayou
     check_one_launch_supported(k.dtype, d, v.shape[-1], config)
     if length % config.chunk:
         raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
+    every = config.dq_checkpoints if states is not None else 0
+    n_seg = _segments(length // config.chunk, every) if every else 0
+    if states is not None and (not every or states.shape != (rows, n_seg, heads, d, d)):
+        raise ValueError(f"states must be [R, ceil(chunks / dq_checkpoints), H, D, D] = {(rows, n_seg, heads, d, d)} "
+                         f"with dq_checkpoints > 0; got {states.shape} at dq_checkpoints={config.dq_checkpoints}")
     stages = max(1, min(ONE_LAUNCH_STAGES, length // config.chunk))
-    dq_init = jnp.zeros_like(d_final) if init is None else jnp.swapaxes(init, -1, -2)  # the dq walk's state is S^T
-    kernel = functools.partial(_one_launch_kernel, layout=layout, chunk=config.chunk, stages=stages,
+    kernel = functools.partial(_one_launch_kernel, layout=layout, chunk=config.chunk, stages=stages, every=every,
                                interpret=interpret)
     out_type = ([jax.ShapeDtypeStruct((rows, length, heads, d), k.dtype)] * 3
-                + [jax.ShapeDtypeStruct((rows, heads, d, d), jnp.float32)] * 2)
-    dq, dv, dk, _, d_init = plgpu.kernel(
-        kernel, out_type=out_type, grid=(2, heads, rows), grid_names=("program", "head", "row"), num_threads=4,
-        thread_name="wg", interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="lightning_mgpu_backward_one_launch",
-    )(s, k, q, d_o, v, dq_init, d_final.astype(jnp.float32))
+                + [jax.ShapeDtypeStruct((rows, heads, d, d), jnp.float32)])
+    if every:
+        dq_start = states.astype(k.dtype)
+        launch = dict(grid=(heads, rows), grid_names=("head", "row"), cluster=(2,), cluster_names=("cluster",),
+                      scratch_types=[plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=1)])
+    else:
+        dq_start = jnp.zeros_like(d_final) if init is None else jnp.swapaxes(init, -1, -2)  # the dq walk's S^T
+        out_type.append(jax.ShapeDtypeStruct((rows, heads, d, d), jnp.float32))  # its final state (unused)
+        launch = dict(grid=(2, heads, rows), grid_names=("program", "head", "row"))
+    dq, dv, dk, d_init, *_ = plgpu.kernel(
+        kernel, out_type=out_type, **launch, num_threads=4, thread_name="wg",
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name=f"lightning_mgpu_backward_one_launch{'_restart' if every else ''}",
+    )(s, k, q, d_o, v, dq_start, d_final.astype(jnp.float32))
     return dq, dk, dv, d_init

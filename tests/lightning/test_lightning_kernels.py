@@ -68,20 +68,30 @@ MOSAIC_SPLIT_STATE = [
     (("mosaic_gpu", "bfloat16", 1, 100, 1, 64, 128, 64, 64, 1, False, True), 1, 0, 0),  # Dk != Dv, one slot
     (("mosaic_gpu", "bfloat16", 1, 130, 1, 192, 192, 64, 64, 1, False, True), 2, 1, 0),  # walk programs of 3 tiles
 ]
+# The one-launch backward whose dq walk restarts from the forward's states (dq_checkpoints: chunks between them; the
+# two programs of a head as one cluster): (case as above, TMA stages, multicast, dq_checkpoints).
+MOSAIC_DQ_CHECKPOINTS = [
+    (("mosaic_gpu", "bfloat16", 1, 330, 2, 128, 128, 64, 64, 1, False, True), 3, 1, 4),  # 6 chunks: segments 2 + 4
+    (("mosaic_gpu", "bfloat16", 2, 250, 1, 64, 64, 64, 64, 1, False, False), 2, 0, 1),  # a state every chunk
+    (("mosaic_gpu", "bfloat16", 1, 150, 1, 128, 128, 64, 64, 1, False, True), 3, 1, 8),  # one partial segment
+]
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
-@pytest.mark.parametrize("case,consumers,stages,fused,split,multicast",
-                         [(c, 0, None, 0, 0, 0) for c in CASES] + [(*c, 0, 0, 0) for c in MOSAIC_STAGED]
-                         + [(c, consumers, stages, 1, 0, 0) for c, consumers, stages in MOSAIC_FUSED]
-                         + [(c, 0, stages, fused, 1, multicast) for c, stages, fused, multicast in MOSAIC_SPLIT_STATE],
+@pytest.mark.parametrize("case,consumers,stages,fused,split,multicast,checkpoints",
+                         [(c, 0, None, 0, 0, 0, 0) for c in CASES] + [(*c, 0, 0, 0, 0) for c in MOSAIC_STAGED]
+                         + [(c, consumers, stages, 1, 0, 0, 0) for c, consumers, stages in MOSAIC_FUSED]
+                         + [(c, 0, stages, fused, 1, multicast, 0)
+                            for c, stages, fused, multicast in MOSAIC_SPLIT_STATE]
+                         + [(c, 0, stages, 2, 1, multicast, every)
+                            for c, stages, multicast, every in MOSAIC_DQ_CHECKPOINTS],
                          ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None)
-def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, split, multicast, lt):
+def test_forward_and_gradients_match_oracle(case, consumers, stages, fused, split, multicast, checkpoints, lt):
     backend, dtype, batch, length, heads, dk, dv, chunk, block_v, groups, segments, init = case
     prob = lt.random_problem(sum(case[2:8]), batch, length, heads, dk, dv, segments=segments, init=init)
     config = KernelConfig(chunk=chunk, block_v=block_v, groups=groups, consumers=consumers,
                           num_stages=stages or pallas.DEFAULT_CONFIGS[backend].num_stages, fused_backward=fused,
-                          split_state=split, multicast=multicast)
+                          split_state=split, multicast=multicast, dq_checkpoints=checkpoints)
     cast = lambda x: jnp.asarray(x, dtype)
     # The oracle sees exactly the (rounded) inputs the kernel sees.
     q, k, v, d_o = (np.asarray(cast(prob[n]).astype(jnp.float32)) for n in ("q", "k", "v", "d_o"))
@@ -189,7 +199,27 @@ def test_walk_programs_take_the_widest_tile_whose_state_fits(d):
     assert pair_width(d, dataclasses.replace(config, split_state=0)) == 64  # the two-warpgroup pair: block_v
 
 
-@pytest.mark.parametrize("option", ["fused_backward", "split_state", "multicast"])
+@pytest.mark.parametrize("n_chunks,every", [(6, 4), (4, 1), (3, 8), (8, 4), (9, 2)])
+def test_restarting_dq_walk_walks_each_chunk_once_in_the_pair_walks_segment(n_chunks, every):
+    """The dq walk that restarts from the forward's states (``dq_checkpoints``) takes every chunk once, each segment
+    forward in time from its first chunk, and at every step is in the segment that the dv and dk walks (backward in
+    time: chunk n - 1 - step) are in, so the two programs read the same chunks' k, v and dO at about the same time.
+    Both producers meet at the same steps (each waits at every meeting)."""
+    from pallas_kernels.lightning.pallas_mosaic_gpu import _enters_segment, _restart_order
+    steps = jnp.arange(n_chunks)
+    order = np.asarray(_restart_order(steps, n_chunks, every))
+    assert sorted(order) == list(range(n_chunks))
+    segment_of = lambda chunk: np.asarray(chunk) // every
+    np.testing.assert_array_equal(segment_of(order), segment_of(n_chunks - 1 - steps))
+    starts = order % every == 0
+    assert all(order[t] == order[t - 1] + 1 for t in range(1, n_chunks) if not starts[t])  # forward within a segment
+    enters = [np.asarray(_enters_segment(t, n_chunks, every, restart=r)) for r in (True, False) for t in range(n_chunks)]
+    enters_restart, enters_reverse = np.array(enters[:n_chunks]), np.array(enters[n_chunks:])
+    np.testing.assert_array_equal(enters_restart, enters_reverse)
+    np.testing.assert_array_equal(enters_restart, np.r_[True, segment_of(order[1:]) != segment_of(order[:-1])])
+
+
+@pytest.mark.parametrize("option", ["fused_backward", "split_state", "multicast", "dq_checkpoints"])
 def test_program_shape_options_are_mosaic_gpu_only(option):
     x = jnp.zeros((1, 8, 1, 16))
     with pytest.raises(ValueError, match=f"{option} is a Mosaic GPU kernel option"):
@@ -221,6 +251,8 @@ def test_triton_rejects_non_power_of_two_head_dim():
     ("multicast unsplit", jnp.bfloat16, (128, 128), 64, False, "only with split_state=1"),
     ("multicast one tile", jnp.bfloat16, (64, 64), 64, False, "needs 2 to 8 Dv tiles"),
     ("split shared memory", jnp.bfloat16, (128, 128), 64, False, "shared memory"),
+    ("checkpoints negative", jnp.bfloat16, (128, 128), 64, False, "dq_checkpoints is 0 or a positive number"),
+    ("checkpoints paired", jnp.bfloat16, (128, 128), 64, False, "only with fused_backward=2 and split_state=1"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, seg, match):
     q = jnp.zeros((1, 8, 1, dims[0]), dtype)
@@ -229,12 +261,13 @@ def test_mosaic_gpu_rejects_what_it_does_not_handle(what, dtype, dims, chunk, se
                "split with consumers": 64, "multicast one tile": 64}.get(what, 128)
     consumers = {"consumers": 3, "consumer tiles": 2, "split with consumers": 1}.get(what, 0)
     split = {"split value": 2, "split with consumers": 1, "multicast one tile": 1,
-             "split shared memory": 1}.get(what, 0)
+             "split shared memory": 1, "checkpoints paired": 1}.get(what, 0)
     # 3 stages of 128-wide tiles fit the one-warpgroup walk (224 KiB), not the split walk's double-buffered state.
     config = KernelConfig(chunk=chunk, block_v=block_v, num_stages=3 if what == "split shared memory" else 2,
                           consumers=consumers, split_state=split, multicast=int(what.startswith("multicast")),
                           fused_backward={"fused value": 3, "fused dims": 1, "fused shared memory": 1,
-                                          "one launch dims": 2}.get(what, 0))
+                                          "one launch dims": 2, "checkpoints paired": 1}.get(what, 0),
+                          dq_checkpoints={"checkpoints negative": -1, "checkpoints paired": 2}.get(what, 0))
     segment_ids = jnp.zeros((1, 8), jnp.int32) if seg else None
     with pytest.raises(ValueError, match=match):
         pallas.lightning_attention_pallas(q, q, v, jnp.ones(1), segment_ids=segment_ids, backend="mosaic_gpu",

@@ -133,6 +133,10 @@ def test_mosaic_gpu_lowering_exports_for_cuda(config):
     (128, KernelConfig(chunk=64, block_v=64, num_stages=3, groups=1, fused_backward=2, split_state=1, multicast=1), 2),
     (64, KernelConfig(chunk=64, block_v=64, num_stages=4, groups=1, fused_backward=2, split_state=1), 2),
     (128, KernelConfig(chunk=64, block_v=64, num_stages=3, groups=2, fused_backward=2, split_state=1, multicast=1), 6),
+    # the one launch's dq walk restarting from the forward's states every 2 chunks (the forward saves them; the two
+    # programs of a head as one cluster whose producers meet at every segment)
+    (128, KernelConfig(chunk=64, block_v=64, num_stages=3, groups=1, fused_backward=2, split_state=1, multicast=1,
+                       dq_checkpoints=2), 2),
 ])
 def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
     """The paired reverse walks' and the split walks' lowering for sm_90a (TMA, wgmma, two walkers on four streams,
@@ -144,9 +148,12 @@ def test_mosaic_gpu_fused_backward_exports_for_cuda(dim, config, calls):
     one_launch = config.fused_backward == 2 and config.groups == 1
     paired = bool(config.fused_backward) and not one_launch
     assert ("lightning_mgpu_backward_one_launch" in text) == one_launch
+    restart = one_launch and bool(config.dq_checkpoints)
+    assert ("lightning_mgpu_backward_one_launch_restart" in text) == restart
     assert ("lightning_mgpu_rev_pair" in text) == paired
     split_name = "lightning_mgpu_fwd_split" + ("_multicast" if config.multicast else "")
     assert (split_name in text) == bool(config.split_state)
+    assert (split_name + "_states" in text) == restart  # the forward that saves them
     assert ("lightning_mgpu_rev_split" in text) == bool(config.split_state and not config.fused_backward)
     assert ("lightning_mgpu_rev_pair_split" in text) == bool(config.split_state and paired)
     # D = 128: the dv and dk walk programs of a head are one cluster, loading q and dO once
