@@ -400,36 +400,45 @@ class Checkpoints(NamedTuple):
     bar: Any = None
 
 
+def _stages(length: int, config: KernelConfig, most: int) -> int:
+    """TMA stages of a walk over rows of ``length`` tokens: at most ``most`` and one a chunk. One-line ValueError
+    when ``length`` is not a multiple of the chunk."""
+    if length % config.chunk:
+        raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
+    return max(1, min(most, length // config.chunk))
+
+
 def _segments(n_chunks: int, every: int) -> int:
     """Segments of ``every`` chunks (the last one partial) in a row of ``n_chunks``."""
     return -(-n_chunks // every)
 
 
+def _last_segment(n_chunks: int, every: int) -> int:
+    """Chunks in the last (possibly partial) segment: the one a restarting walk takes first."""
+    return n_chunks - (_segments(n_chunks, every) - 1) * every
+
+
 def _restart_order(step, n_chunks: int, every: int):
     """The chunk a restarting walk (``Checkpoints``) takes at ``step``: the segments from the last to the first, each
     forward in time from its checkpoint, i.e. in the order of the reverse walks' segments."""
-    n_seg = _segments(n_chunks, every)
-    first = n_chunks - (n_seg - 1) * every  # chunks of the last segment, walked first
+    n_seg, first = _segments(n_chunks, every), _last_segment(n_chunks, every)
     later = jnp.maximum(step - first, 0)
     return jnp.where(step < first, (n_seg - 1) * every + step,
                      (n_seg - 2 - lax.div(later, every)) * every + lax.rem(later, every))
 
 
-def _enters_segment(step, n_chunks: int, every: int, *, restart: bool):
-    """Whether a walk's ``step`` enters a new segment of ``every`` chunks: in ``_restart_order`` (``restart``) or as
-    a reverse walk (chunk n - 1 - step)."""
-    if restart:
-        first = n_chunks - (_segments(n_chunks, every) - 1) * every
-        return (step == 0) | ((step >= first) & (lax.rem(jnp.maximum(step - first, 0), every) == 0))
+def _enters_segment(step, n_chunks: int, every: int):
+    """Whether ``step`` enters a new segment of ``every`` chunks, for a reverse walk (chunk n - 1 - step) and so for
+    a restarting one (``_restart_order``: at every step in the reverse walk's segment)."""
     return (step == 0) | (lax.rem(n_chunks - 1 - step, every) == every - 1)
 
 
-def _meet_at_segments(bar, enters):
-    """A producer's ``before_loads``: before the loads of a step that enters a segment (``enters(step)``), meet the
-    cluster's other producer at ``bar`` (one arrival each). The two programs then walk the same segment at the same
-    time, so whichever loads a chunk second finds it in L2."""
+def _meet_at_segments(bar, n_chunks: int, every: int):
+    """A producer's ``before_loads``: before the loads of a step that enters a segment (``_enters_segment``), meet
+    the cluster's other producer at ``bar`` (one arrival each). The two programs then walk the same segment at the
+    same time, so whichever loads a chunk second finds it in L2."""
     def before_loads(step):
-        @pl.when(enters(step))
+        @pl.when(_enters_segment(step, n_chunks, every))
         def _():
             plgpu.barrier_arrive(bar)
             plgpu.barrier_wait(bar)
@@ -562,10 +571,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             plgpu.barrier_wait(free_bars.at[step % 2])
         leave()
 
-    before_loads = None
-    if meet is not None:
-        before_loads = _meet_at_segments(
-            meet, functools.partial(_enters_segment, n_chunks=n_chunks, every=restart.every, restart=True))
+    before_loads = None if meet is None else _meet_at_segments(meet, n_chunks, restart.every)
     pl.when(wg == 2)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks,
                                        before_loads=before_loads))
 
@@ -592,7 +598,7 @@ def _walk_segments(body, restart: Checkpoints, row, head, n_chunks: int):
         lax.fori_loop(first_step + 1, first_step + length, body, state)
 
     load_checkpoint(n_seg - 1)
-    first = n_chunks - (n_seg - 1) * every
+    first = _last_segment(n_chunks, every)
     walk(n_seg - 1, 0, first)
     if n_seg > 1:
         @pl.loop(0, n_seg - 1)
@@ -828,9 +834,7 @@ def chunk_scan(q, k, v, s, init, doc, *, layout: RowLayout, reverse: bool, with_
     rows, length, heads, dk = k.shape
     dv = v.shape[-1]
     check_supported(k.dtype, dk, dv, config, doc is not None)
-    if length % config.chunk:
-        raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
-    stages = max(1, min(config.num_stages, length // config.chunk))
+    stages = _stages(length, config, config.num_stages)
     if with_output and config.split_state:
         o, state, _ = _split_walk(q, k, v, s, init, layout=layout, reverse=reverse, config=config, stages=stages,
                                   interpret=interpret)
@@ -870,9 +874,7 @@ def forward_with_states(q, k, v, s, init, *, layout: RowLayout, config: KernelCo
     if not config.dq_checkpoints or not config.split_state:
         raise ValueError(f"forward_with_states needs dq_checkpoints > 0 and split_state=1; got "
                          f"dq_checkpoints={config.dq_checkpoints}, split_state={config.split_state}")
-    if length % config.chunk:
-        raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
-    stages = max(1, min(config.num_stages, length // config.chunk))
+    stages = _stages(length, config, config.num_stages)
     return _split_walk(q, k, v, s, init, layout=layout, reverse=False, config=config, stages=stages,
                        interpret=interpret, save_every=config.dq_checkpoints)
 
@@ -939,10 +941,8 @@ def fused_backward_scan(q, k, v, d_o, s, init, *, layout: RowLayout, config: Ker
     dv = v.shape[-1]
     check_supported(k.dtype, dk, dv, config, False)
     check_fused_supported(k.dtype, dk, dv, config)
-    if length % config.chunk:
-        raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
+    stages = _stages(length, config, pair_stages(config.chunk, dk, jnp.dtype(k.dtype).itemsize, config))
     block_v = pair_width(dv, config)
-    stages = max(1, min(pair_stages(config.chunk, dk, jnp.dtype(k.dtype).itemsize, config), length // config.chunk))
     inits = [None, None] if init is None else [init, jnp.swapaxes(init, -1, -2)]
     if config.split_state:
         cluster = bool(config.multicast) and block_v == dv  # the two walk programs of a head load q and dO once
@@ -1060,10 +1060,7 @@ def _shared_state_pair(s_ref, k_ref, q_ref, do_ref, v_ref, init_ref, dv_ref, dk_
         state_out_ref.at[row, head][...] = state
         plgpu.barrier_wait(free_bar)  # observe the last phase: each barrier's phases are counted by its waiters
 
-    before_loads = None
-    if meet is not None:
-        before_loads = _meet_at_segments(
-            meet, functools.partial(_enters_segment, n_chunks=n_chunks, every=every, restart=False))
+    before_loads = None if meet is None else _meet_at_segments(meet, n_chunks, every)
     pl.when(wg == 3)(lambda: _producer(issue_loads, consumed_bars, stages=stages, n_chunks=n_chunks,
                                        before_loads=before_loads))
 
@@ -1172,14 +1169,12 @@ def one_launch_backward_scan(q, k, v, d_o, s, init, d_final, *, layout: RowLayou
     rows, length, heads, d = k.shape
     check_supported(k.dtype, d, v.shape[-1], config, False)
     check_one_launch_supported(k.dtype, d, v.shape[-1], config)
-    if length % config.chunk:
-        raise ValueError(f"L={length} must be a multiple of the chunk {config.chunk}")
+    stages = _stages(length, config, ONE_LAUNCH_STAGES)
     every = config.dq_checkpoints if states is not None else 0
     n_seg = _segments(length // config.chunk, every) if every else 0
     if states is not None and (not every or states.shape != (rows, n_seg, heads, d, d)):
         raise ValueError(f"states must be [R, ceil(chunks / dq_checkpoints), H, D, D] = {(rows, n_seg, heads, d, d)} "
                          f"with dq_checkpoints > 0; got {states.shape} at dq_checkpoints={config.dq_checkpoints}")
-    stages = max(1, min(ONE_LAUNCH_STAGES, length // config.chunk))
     kernel = functools.partial(_one_launch_kernel, layout=layout, chunk=config.chunk, stages=stages, every=every,
                                interpret=interpret)
     out_type = ([jax.ShapeDtypeStruct((rows, length, heads, d), k.dtype)] * 3
