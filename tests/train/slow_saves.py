@@ -6,6 +6,7 @@ can be finalised, so a test can signal or kill the trainer while a save is certa
 """
 import asyncio
 import os
+import sys
 
 import orbax.checkpoint as ocp
 from absl import app
@@ -19,7 +20,10 @@ _save = checkpoint.ProcessJsonHandler.async_save
 
 async def _announced_slow_save(self, directory, item=None, args=None):
     async def announce_and_wait():
-        print(f"SAVE IN FLIGHT {directory.parent}", flush=True)
+        # One write for the whole line: print writes the text and its newline separately, and the training loop's
+        # progress line, written from the main thread in between, then ran into this one.
+        sys.stdout.write(f"SAVE IN FLIGHT {directory.parent}\n")
+        sys.stdout.flush()
         await asyncio.sleep(SECONDS)
 
     futures = await _save(self, directory, item, args)
