@@ -454,13 +454,13 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
 
     The chunk recurrence only runs through the state: S_{c+1} = carry S_c + k_c^T (v_c scaled). Everything else of a
     chunk (q k^T, q S_c, the decays, P v) hangs off it. So the state warpgroup walks that chain alone and hands each
-    chunk's S_c, rounded to bf16, to the output warpgroup through a double-buffered SMEM copy ("ready" / "free"
-    barriers); the output warpgroup's chunks no longer wait on each other. Same operations and roundings as
-    ``_kernel``'s walk, so the outputs are bit-identical. Under ``cluster`` the programs of a (row, head) are one
-    thread-block cluster and each loads part of every chunk of the ``shared`` streams (of q, k, v) into all of them
-    (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the backward's walk programs.
-    ``registers``: the output and state warpgroups' register cap (default: the SM's registers less the producer's,
-    split between the two).
+    chunk's S_c, rounded to bf16, to the output warpgroup through a ring of SMEM buffers (``st_sm``'s first axis:
+    two, ``HANDOVERS``; "ready" / "free" barriers); the output warpgroup's chunks no longer wait on each other. Same
+    operations and roundings as ``_kernel``'s walk, so the outputs are bit-identical. Under ``cluster`` the programs
+    of a (row, head) are one thread-block cluster and each loads part of every chunk of the ``shared`` streams (of
+    q, k, v) into all of them (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the
+    backward's walk programs. ``registers``: the output and state warpgroups' register cap (default: the SM's
+    registers less the producer's, split between the two).
 
     ``save``: a forward walk also stores the bf16 S_c it hands over at every ``save.every``-th chunk (``Checkpoints``).
     ``restart``: a forward walk (the dq walk) restarts from such states: it walks the segments between them from the
@@ -495,7 +495,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
 
     release = functools.partial(_release_slot, consumed_bars, stages=stages, n_chunks=n_chunks)
     leave = functools.partial(_leave_cluster, done_bar if cluster else None)
-    o_buffers = o_sm.shape[0]
+    o_buffers, handovers = o_sm.shape[0], st_sm.shape[0]
 
     @pl.when(wg == 0)
     def _outputs():
@@ -503,7 +503,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
         decay_cc = _intra_decay(s, chunk, reverse)
 
         def body(step, carry):
-            slot, buf, c = lax.rem(step, stages), lax.rem(step, 2), chunk_of(step)
+            slot, buf, c = lax.rem(step, stages), lax.rem(step, handovers), chunk_of(step)
             limit, a, b = _chunk_bounds(n_valid, c, chunk)
             plgpu.barrier_wait(load_bars.at[slot])
             plgpu.barrier_wait(ready_bars.at[buf])  # S_c is in st_sm[buf]
@@ -540,12 +540,12 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
         plgpu.set_max_registers(registers, action="increase")
 
         def body(step, state):
-            slot, buf = lax.rem(step, stages), lax.rem(step, 2)
+            slot, buf = lax.rem(step, stages), lax.rem(step, handovers)
             limit, a, b = _chunk_bounds(n_valid, chunk_of(step), chunk)
 
-            @pl.when(step >= 2)
+            @pl.when(step >= handovers)
             def _():
-                plgpu.barrier_wait(free_bars.at[buf])  # the output warpgroup has read S_{c-2} from this buffer
+                plgpu.barrier_wait(free_bars.at[buf])  # the output warpgroup has read the S this buffer held last
 
             if save is not None:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last checkpoint's store has read its buffer
@@ -567,8 +567,8 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             _walk_segments(body, restart, row, head, n_chunks)
         if save is not None:
             plgpu.wait_smem_to_gmem(0)
-        for step in range(max(n_chunks - 2, 0), n_chunks):  # observe the last releases of both buffers too
-            plgpu.barrier_wait(free_bars.at[step % 2])
+        for step in range(max(n_chunks - handovers, 0), n_chunks):  # observe every buffer's last release too
+            plgpu.barrier_wait(free_bars.at[step % handovers])
         leave()
 
     before_loads = None if meet is None else _meet_at_segments(meet, n_chunks, restart.every)
@@ -606,6 +606,10 @@ def _walk_segments(body, restart: Checkpoints, row, head, n_chunks: int):
             walk(n_seg - 2 - i, first + i * every, every)
 
 
+# Buffers of the split walk programs' S_c hand-over (``_split_walk_call``): how many chunks the state warpgroup may
+# run ahead of the output warpgroup. 3 measured no faster than 2 for the forward on an H200 (0.98x at B1 H64 32K,
+# 1.01x at 128K, bit-identical; benchmarks/RESULTS.md, "dq_checkpoints by default"), and costs 16 KiB more SMEM.
+HANDOVERS = 2
 # Programs the sequence split aims for: one per SM of an H100/H200 (132), since a 4-stage program takes most of an
 # SM's shared memory; splitting further costs an extra read of k and v (measured: at B1 H64 32K one group of 128
 # programs was the fastest config of the sweep, 0.67 ms; the split ones took 0.84 ms and more).
@@ -634,9 +638,9 @@ def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *,
                with_output: bool = True, pair: bool = False, split: bool = False, interpret: bool = False) -> int:
     """SMEM of one program (see ``_walk_call``'s scratch): the stream slots (q, k and the walkers' v columns; the
     pair's four full-width streams, Dk = Dv), and each walker's scaled v, bf16 state and o buffers; ``split``: the
-    split walk's (``_split_walk_call``: one v tile, the state double-buffered)."""
+    split walk's (``_split_walk_call``: one v tile, ``HANDOVERS`` bf16 states)."""
     if split:
-        total = stages * chunk * (2 * dk + block_v) + chunk * block_v + 2 * dk * block_v + 2 * chunk * block_v
+        total = stages * chunk * (2 * dk + block_v) + chunk * block_v + HANDOVERS * dk * block_v + 2 * chunk * block_v
         return (total + (chunk * chunk if interpret else 0)) * itemsize + 8 * (2 * stages + 5)
     walkers = 2 if pair else max(consumers, 1)
     per_stage = chunk * (4 * dk if pair else dk * (2 if with_output else 1) + walkers * block_v)
@@ -789,15 +793,15 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # k slots
         plgpu.SMEM((stages, chunk, block_v), dtype, transforms=t),  # the program's v tile
         plgpu.SMEM((chunk, block_v), dtype, transforms=t),  # v scaled by its state decay (the state warpgroup's)
-        plgpu.SMEM((2, dk, block_v), dtype, transforms=t),  # S_c in bf16, double-buffered between the warpgroups
+        plgpu.SMEM((HANDOVERS, dk, block_v), dtype, transforms=t),  # S_c in bf16, handed between the warpgroups
         plgpu.SMEM((2, chunk, block_v), dtype, transforms=t),  # o, double-buffered
         plgpu.SMEM((chunk, chunk), dtype, transforms=t) if interpret else None,  # scores (interpret mode only)
         plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # one arrival per TMA copy
         # Slot free again: both walking warpgroups (of every program of a cluster: the copies write all of them).
         plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2, num_barriers=stages) if cluster
         else plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c ready in its buffer
-        plgpu.Barrier(num_arrivals=1, num_barriers=2),  # S_c read: its buffer free
+        plgpu.Barrier(num_arrivals=1, num_barriers=HANDOVERS),  # S_c ready in its buffer
+        plgpu.Barrier(num_arrivals=1, num_barriers=HANDOVERS),  # S_c read: its buffer free
         plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2) if cluster else None,  # all done
     ]
     if cluster and len(walks) > 1 and tiles > 1:
