@@ -110,20 +110,29 @@ flags.DEFINE_integer("rounds", 1, "time every implementation this many times, in
 KERNELS = {"ours": "triton", "mosaic": "mosaic_gpu", "mosaic_3walks": "mosaic_gpu",
            "mosaic_unsplit": "mosaic_gpu", "mosaic_paired": "mosaic_gpu"}
 WALKS3, UNSPLIT, PAIRED = "mosaic_3walks", "mosaic_unsplit", "mosaic_paired"
-# The one-launch backward whose dq walk restarts from the forward's states every M chunks (``dq_checkpoints``).
-CHECKPOINTED = {f"mosaic_ckpt{m}": m for m in (2, 4, 8, 16)}
+# The one-launch backward whose dq walk restarts from the forward's states every M chunks (``dq_checkpoints``; the
+# default's M is ``pallas.MOSAIC_DQ_CHECKPOINTS``), or (M = 0) runs forward from the start.
+CHECKPOINTED = {f"mosaic_ckpt{m}": m for m in (0, 2, 4, 8, 16)}
 KERNELS.update({name: "mosaic_gpu" for name in CHECKPOINTED})
+
+
+def keep_checkpoints_where_taken(config: KernelConfig) -> KernelConfig:
+    """``config`` without ``dq_checkpoints`` where its backward no longer takes them (they need the one-launch
+    backward, ``fused_backward`` = 2, and split walks): for the variants and sweep configs derived from the default."""
+    taken = config.fused_backward == 2 and config.split_state
+    return config if taken else dataclasses.replace(config, dq_checkpoints=0)
+
+
 # Variants of the Mosaic GPU kernel (not swept): their config from mosaic's (swept or default) one.
-MOSAIC_VARIANTS = {
+MOSAIC_VARIANTS = {name: (lambda c, f=f: keep_checkpoints_where_taken(f(c))) for name, f in {
     WALKS3: lambda c: dataclasses.replace(c, fused_backward=0),
     # The backward as before the one-launch default: the dq walk, then the paired dv and dk walks.
     PAIRED: lambda c: dataclasses.replace(c, fused_backward=min(c.fused_backward, 1)),
     # The one-warpgroup walks in the default's own stages (the sequence-split regime's config is unsplit already).
     UNSPLIT: lambda c: c if not c.split_state else dataclasses.replace(
         c, split_state=0, multicast=0, num_stages=pallas.DEFAULT_CONFIGS["mosaic_gpu"].num_stages),
-    **{name: (lambda c, m=m: dataclasses.replace(c, dq_checkpoints=m if c.fused_backward == 2 else 0))
-       for name, m in CHECKPOINTED.items()},
-}
+    **{name: (lambda c, m=m: dataclasses.replace(c, dq_checkpoints=m)) for name, m in CHECKPOINTED.items()},
+}.items()}
 # Triton: (chunk, block_v, num_warps, num_stages); sequence groups are swept separately around the automatic choice.
 LAUNCH_GRIDS = {
     "triton": [(64, 32, 4, 2), (64, 32, 2, 2), (64, 32, 4, 3), (64, 16, 4, 2), (64, 64, 4, 1), (64, 128, 8, 2),
@@ -341,8 +350,9 @@ def launch_configs(backend, b, h, n, d):
     """The configs ``sweep`` times at shape (b, h, n) and head dim d."""
     if backend == "mosaic_gpu":
         base = pallas.default_config(backend, jnp.bfloat16, b, h, n, d, d)
-        return [dataclasses.replace(base, chunk=c, block_v=bv, consumers=w, num_stages=st, split_state=sp, multicast=mc,
-                                    groups=scale_groups(g, 64, b * h, n, c))
+        return [keep_checkpoints_where_taken(dataclasses.replace(
+                    base, chunk=c, block_v=bv, consumers=w, num_stages=st, split_state=sp, multicast=mc,
+                    groups=scale_groups(g, 64, b * h, n, c)))
                 for c, bv, w, st, g, sp, mc in MOSAIC_SWEEP]
     configs = []
     for chunk, block_v, warps, stages in LAUNCH_GRIDS[backend]:

@@ -35,10 +35,12 @@ class KernelConfig:
         (row, head) instead of once per tile. The backward's dv and dk walk programs (one tile each) likewise load q
         and dO once.
     dq_checkpoints: with ``fused_backward`` = 2, chunks between the forward states that the forward saves (in bf16)
-        for the backward (0: none). The one-launch backward's dq walk then restarts from them, one segment of this
-        many chunks at a time, in the reverse order of the dv and dk walks, and its program runs in step with theirs
-        (one cluster per head), so the chunks of k, v and dO it reads were just read by the other program and come
-        from L2, not HBM. Without them the dq walk runs forward in time from the start and reads k, v and dO again.
+        for the backward (0: none; ``pallas.default_config`` sets ``pallas.MOSAIC_DQ_CHECKPOINTS`` wherever it picks
+        the one-launch backward with split walks). The one-launch backward's dq walk then restarts from them, one
+        segment of this many chunks at a time, in the reverse order of the dv and dk walks, and its program runs in
+        step with theirs (one cluster per head), so the chunks of k, v and dO it reads were just read by the other
+        program and come from L2, not HBM. Without them the dq walk runs forward in time from the start and reads k,
+        v and dO again.
     """
     chunk: int = 64
     block_v: int = 32

@@ -41,6 +41,13 @@ MOSAIC_MULTICAST_STAGES = 3
 # measured no faster (0.465 against 0.467 ms at B4 H16 8K, m1-1b's layer; RESULTS, "A second machine"), so other
 # widths keep the paired walks.
 MOSAIC_WHOLE_BACKWARD_D = 128
+# Chunks between the forward states that the differentiated forward saves for the one-launch backward's dq walk to
+# restart from (``dq_checkpoints``), where the walks are split. On three H200s at B1 H64 D128 (four calls), forward +
+# backward took 0.3-2.9% less time than without at 128K (1.6% on average) and -0.5 to +2.3% at 32K (0.7%), with
+# 7% less to 1% more energy a call, for a residual of half an input stream (``D / (64 * M)`` of one) in each lightning
+# layer. M = 8 (a quarter stream) measured within 1% of M = 4; M = 16 gained nothing (benchmarks/RESULTS.md,
+# "Restarting the dq walk from saved states" and "dq_checkpoints by default").
+MOSAIC_DQ_CHECKPOINTS = 4
 
 
 def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk: int, dv: int) -> KernelConfig:
@@ -50,7 +57,8 @@ def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk:
     each (rows too short to split keep one program per tile: more programs); ``multicast`` (with
     ``MOSAIC_MULTICAST_STAGES``) only where every walk has 2 to 8 Dv tiles; the paired backward (``fused_backward``)
     only where it applies (Dk = Dv, shared memory), else three walks; at Dk = Dv = ``MOSAIC_WHOLE_BACKWARD_D`` the
-    whole backward in one launch (``fused_backward`` = 2).
+    whole backward in one launch (``fused_backward`` = 2), its dq walk restarting from the forward's states every
+    ``MOSAIC_DQ_CHECKPOINTS`` chunks where the walks are split (``split_state``).
     """
     config = DEFAULT_CONFIGS[backend]
     if backend != "mosaic_gpu":
@@ -68,7 +76,8 @@ def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk:
     if not _raises_nothing(pallas_mosaic_gpu.check_fused_supported, dtype, dk, dv, config):
         config = dataclasses.replace(config, fused_backward=0)
     elif dk == dv == MOSAIC_WHOLE_BACKWARD_D:
-        config = dataclasses.replace(config, fused_backward=2)
+        config = dataclasses.replace(config, fused_backward=2,
+                                     dq_checkpoints=MOSAIC_DQ_CHECKPOINTS if config.split_state else 0)
     return config
 
 

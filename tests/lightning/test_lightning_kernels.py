@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.lightning import pallas
+from pallas_kernels.lightning import pallas, pallas_mosaic_gpu
 from pallas_kernels.lightning.config import KernelConfig
 
 # (backend, dtype, B, T, H, Dk, Dv, chunk, block_v, groups, segments, init)
@@ -155,21 +155,23 @@ def test_pick_groups_avoids_padding_the_rows():
     assert pick_groups(1, 64, 32768, 2, 64, 132) == 1
 
 
-@pytest.mark.parametrize("batch,heads,length,dk,dv,consumers,stages,fused,split,multicast", [
+@pytest.mark.parametrize("batch,heads,length,dk,dv,consumers,stages,fused,split,multicast,checkpoints", [
     # M1's 64 heads: 128 programs fill the SMs without a split; the two tiles of a head as a cluster in 3 stages
-    # (and the whole backward in one launch at D = 128; a sequence split falls back to the paired walks)
-    (1, 64, 1 << 20, 128, 128, 0, 3, 2, 1, 1),
-    (1, 8, 1 << 20, 128, 128, 2, 2, 2, 0, 0),  # 8 heads need a split: the two tiles of a head in one program
-    (1, 8, 4096, 128, 128, 0, 3, 2, 1, 1),  # too short to split: one program per tile keeps twice the programs
-    (1, 8, 1 << 20, 64, 64, 0, 4, 1, 1, 0),  # one 64-wide tile per head: nothing to pair or to multicast
-    (1, 8, 1 << 20, 128, 64, 0, 4, 0, 1, 0),  # Dk != Dv: three backward walks; the dq walk has one Dv tile
+    # (and the whole backward in one launch at D = 128, its dq walk restarting from the forward's states every 4
+    # chunks; a sequence split falls back to the paired walks)
+    (1, 64, 1 << 20, 128, 128, 0, 3, 2, 1, 1, 4),
+    (1, 8, 1 << 20, 128, 128, 2, 2, 2, 0, 0, 0),  # 8 heads need a split: the two tiles of a head in one program
+    (1, 8, 4096, 128, 128, 0, 3, 2, 1, 1, 4),  # too short to split: one program per tile keeps twice the programs
+    (1, 8, 1 << 20, 64, 64, 0, 4, 1, 1, 0, 0),  # one 64-wide tile per head: nothing to pair or to multicast
+    (1, 8, 1 << 20, 128, 64, 0, 4, 0, 1, 0, 0),  # Dk != Dv: three backward walks; the dq walk has one Dv tile
 ])
 def test_mosaic_default_config_fits_the_call(batch, heads, length, dk, dv, consumers, stages, fused, split,
-                                             multicast):
+                                             multicast, checkpoints):
     config = pallas.default_config("mosaic_gpu", jnp.bfloat16, batch, heads, length, dk, dv)
-    assert (config.consumers, config.num_stages, config.fused_backward, config.split_state, config.multicast) == (
-        consumers, stages, fused, split, multicast)
+    assert (config.consumers, config.num_stages, config.fused_backward, config.split_state, config.multicast,
+            config.dq_checkpoints) == (consumers, stages, fused, split, multicast, checkpoints)
     assert config.groups is None
+    pallas_mosaic_gpu.check_supported(jnp.bfloat16, dk, dv, config, False)  # the fitted config is one it takes
 
 
 def test_clustered_walk_programs_load_each_shared_stream_into_one_slot():
