@@ -143,12 +143,16 @@ _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def moe_dense(x, weights, experts, w1, w3, w2):
-    """Oracle: x [N, D] through all E experts, combined with the scattered top-k weights."""
+    """Oracle: x [N, D] through all E experts, combined with the scattered top-k weights.
+
+    Plain expressions throughout, autodiff for the gradient: the SwiGLU here is not ``_swiglu`` (whose backward is
+    hand-written), so comparing the dispatch paths' gradients with this one also checks that backward."""
     num_experts = w1.shape[0]
     combine = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=weights.dtype) * weights[..., None], axis=1)  # [N,E]
     gate = jnp.einsum("nd,edf->nef", x, w1, preferred_element_type=x.dtype)
     up = jnp.einsum("nd,edf->nef", x, w3, preferred_element_type=x.dtype)
-    y = jnp.einsum("nef,efd->ned", _swiglu(gate, up).astype(x.dtype), w2, preferred_element_type=x.dtype)
+    hidden = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)  # _swiglu's forward, autodiff's backward
+    y = jnp.einsum("nef,efd->ned", hidden.astype(x.dtype), w2, preferred_element_type=x.dtype)
     return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine.astype(jnp.float32))
 
 

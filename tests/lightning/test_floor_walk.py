@@ -43,11 +43,12 @@ def test_floor_walk_computes_its_terms(mode):
         assert _rel(total, ref) < 1e-5
 
 
-def test_floor_walk_reference_counts_the_floor():
-    """The reference's terms, counted: 4 C (C + D) FLOPs forward and 10 C (C + D) backward per chunk, Dv tile and
-    head, which summed over a pass are the floor's count at chunk 64 (``benchmarks.lightning.floor_seconds``: 4 BHNd
-    (64 + d) forward, 14 BHNd (64 + d) forward + backward). Not imported from there: the benchmark defines absl flags
-    that other tests' modules define too."""
+def test_floor_walk_terms_sum_to_the_floor_count():
+    """Arithmetic, not the kernel: the terms that ``floor_walk``'s docstring lists per chunk, Dv tile and head (the
+    ones ``test_floor_walk_computes_its_terms`` checks the kernel computes, no more and no fewer outputs) come to
+    4 C (C + D) FLOPs forward and 10 C (C + D) backward, which summed over a pass are the floor's count at chunk 64
+    (``benchmarks.lightning.floor_seconds``: 4 BHNd (64 + d) forward, 14 BHNd (64 + d) forward + backward, written
+    out here: importing the benchmark would define absl flags that other tests' modules define too)."""
     c, d, bv = CHUNK, D, BLOCK_V
     scores, c_term, p_term, carried = 2 * c * c * bv, 2 * c * d * bv, 2 * c * c * bv, 2 * d * c * bv
     fwd = scores + c_term + p_term + carried

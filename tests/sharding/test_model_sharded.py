@@ -9,6 +9,34 @@ from tests import tiny_model as H
 MESHES = ["data=8", "expert=8", "sequence=8", "data=2,expert=2,sequence=2", "data=2,sequence=4"]
 
 
+def _sub_jaxprs(eqn):
+    """The jaxprs inside one equation's params (scan and jit bodies, shard_map's, custom-VJP functions)."""
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, jax.extend.core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jax.extend.core.Jaxpr):
+                yield item
+
+
+def _calls(jaxpr, name) -> bool:
+    """Whether ``jaxpr`` (at any depth) calls a jitted function named ``name``."""
+    return any((eqn.params.get("name") == name) or any(_calls(sub, name) for sub in _sub_jaxprs(eqn))
+               for eqn in jaxpr.eqns)
+
+
+def _local_shapes_of_shard_maps_calling(jaxpr, name) -> list[list[tuple]]:
+    """For each shard_map (at any depth) whose body calls ``name``: its body's input shapes (one device's blocks)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "shard_map" and _calls(eqn.params["jaxpr"], name):
+            found.append([tuple(v.aval.shape) for v in eqn.params["jaxpr"].invars])
+        else:
+            for sub in _sub_jaxprs(eqn):
+                found += _local_shapes_of_shard_maps_calling(sub, name)
+    return found
+
+
 @pytest.fixture(scope="module")
 def reference():
     cfg = H.tiny_config()
@@ -53,8 +81,12 @@ def test_lightning_kernel_runs_per_device_on_batch_and_heads(reference, implemen
     mesh = make_mesh("data=2,expert=2,tensor=2")
     graphdef, _ = H.init(cfg)
     with jax.set_mesh(mesh):
-        text = str(jax.make_jaxpr(lambda p: H.lm_loss(p, graphdef, tokens, segments))(params))
-    assert "shard_map" in text and "tensor" in text
+        jaxpr = jax.make_jaxpr(lambda p: H.lm_loss(p, graphdef, tokens, segments))(params).jaxpr
+    # the lightning implementation's jitted function (pallas_kernels.lightning.api._implementation) runs inside a
+    # shard_map, on a quarter of the batch (data x expert) and half of the heads (tensor)
+    local = _local_shapes_of_shard_maps_calling(jaxpr, "kernel" if implementation else "_chunked")
+    b, t = tokens.shape
+    assert local and all(shapes[0] == (b // 4, t, cfg.num_attention_heads // 2, cfg.head_dim) for shapes in local)
     loss, grads = H.loss_and_grads(cfg, params, tokens, segments, mesh=mesh)
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
     H.assert_close_tree(grads, grads_ref)

@@ -40,10 +40,9 @@ def test_two_processes_match_one(tmp_path):
             p.kill()
         pytest.fail(f"two-process run did not finish in {TIMEOUT_S}s")
     if any(p.returncode for p in procs):
-        text = "\n".join(logs)
-        if "UNIMPLEMENTED" in text or "collectives" in text.lower() and "not supported" in text.lower():
-            pytest.skip(f"this platform cannot run multi-process CPU collectives: {text[-500:]}")
-        pytest.fail(f"worker failed:\n{text[-4000:]}")
+        # No skip for "UNIMPLEMENTED" and the like: jax's CPU client runs multi-process collectives here, so such an
+        # error comes from what the code under test asked for, and must fail the test.
+        pytest.fail(f"worker failed:\n{chr(10).join(logs)[-4000:]}")
 
     result = np.load(out)
     assert int(result["processes"]) == 2 and int(result["devices"]) == 8

@@ -23,19 +23,32 @@ CFG = ModelConfig.tiny(num_hidden_layers=2, layer_types=m1_layer_types(2, 2), vo
 TC = T.TrainConfig()
 
 
+def _shifted(state, step):
+    """``state`` with every float leaf moved by a step-dependent amount (moments != 0, and each step's arrays differ
+    from every other step's, so a restore of the wrong step cannot pass for the right one)."""
+    return jax.tree_util.tree_map(lambda x: x + 0.5 + 0.125 * step if x.dtype == np.float32 else x, state)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A TrainState (non-trivial optimizer moments) saved from a data=2,expert=2,tensor=2 mesh with FSDP."""
+    """TrainStates saved at steps 1-3 (each with its own values) from a data=2,expert=2,tensor=2 mesh with FSDP, and
+    a step 9 saved alone in another directory (a later save, to stand in for one that was interrupted).
+
+    Returns (directory, step 3's leaves on the host, step 3's state, the step-9 directory)."""
     mesh = make_mesh("data=2,expert=2,tensor=2")
     _, state = T.create_train_state(CFG, TC, seed=3, mesh=mesh, fsdp=True)
-    state = jax.tree_util.tree_map(lambda x: x + 0.5 if x.dtype == np.float32 else x, state)  # moments != 0
     directory = tmp_path_factory.mktemp("ckpt")
     ck = C.Checkpointer(directory, max_to_keep=2)
     for step in (1, 2, 3):
-        ck.save(step, state, {"epoch": 0, "doc": step, "offset": 5, "seed": 1})
+        ck.save(step, _shifted(state, step), {"epoch": 0, "doc": step, "offset": 5, "seed": 1})
     ck.close()
+    later = tmp_path_factory.mktemp("later")
+    ck = C.Checkpointer(later)
+    ck.save(9, _shifted(state, 9), {"epoch": 0, "doc": 9, "offset": 5, "seed": 1})
+    ck.close()
+    state = _shifted(state, 3)
     host = [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
-    return directory, host, state
+    return directory, host, state, later
 
 
 def _target(mesh_spec, fsdp=False, devices=None):
@@ -46,7 +59,7 @@ def _target(mesh_spec, fsdp=False, devices=None):
 
 @pytest.mark.parametrize("mesh_spec,n_devices", [("expert=4,data=2", 8), ("tensor=2,data=2", 4), (None, 1)])
 def test_restore_on_another_mesh(saved, mesh_spec, n_devices):
-    directory, host, original = saved
+    directory, host, original, _ = saved
     target, mesh = _target(mesh_spec, devices=jax.devices()[:n_devices])
     ck = C.Checkpointer(directory)
     assert ck.all_steps() == [2, 3]  # keep-2
@@ -64,21 +77,24 @@ def test_restore_on_another_mesh(saved, mesh_spec, n_devices):
 def test_interrupted_save_is_never_restored(saved, tmp_path):
     """orbax writes <step>.orbax-checkpoint-tmp-* and renames it when complete: a leftover temporary directory
     (a save killed midway) is not a step, and the latest complete step is restored."""
-    directory, host, _ = saved
+    directory, host, _, later = saved
     work = tmp_path / "c"
     shutil.copytree(directory, work)
-    shutil.copytree(work / "3", work / "9.orbax-checkpoint-tmp-1234")
+    # step 9's complete files under orbax's temporary name, without the commit marker: a save killed before its rename
+    shutil.copytree(later / "9", work / "9.orbax-checkpoint-tmp-1234")
     os.remove(work / "9.orbax-checkpoint-tmp-1234" / "commit_success.txt")
     ck = C.Checkpointer(work)
     assert ck.latest_step() == 3
     assert ck.interrupted_saves == [str(work / "9.orbax-checkpoint-tmp-1234")]  # named, then removed by orbax
     target, _ = _target("data=8")
-    state, _ = ck.restore(target)
-    np.testing.assert_array_equal(np.asarray(jax.tree_util.tree_leaves(state)[-1]), host[-1])
+    state, data_states = ck.restore(target)
+    assert data_states == [{"epoch": 0, "doc": 3, "offset": 5, "seed": 1}]
+    for got, want in zip(jax.tree_util.tree_leaves(state), host):  # step 3's values, not step 9's
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_truncated_checkpoint_is_refused(saved, tmp_path):
-    directory, _, _ = saved
+    directory, _, _, _ = saved
     work = tmp_path / "c"
     shutil.copytree(directory, work)
     data_files = [os.path.join(r, f) for r, _, fs in os.walk(work / "3" / "state") for f in fs
