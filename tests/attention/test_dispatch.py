@@ -55,8 +55,14 @@ def test_default_skips_cudnn_where_the_host_cannot_trace_it(monkeypatch):
     assert default_implementation("cuda", *_call(64, 64, mask="cache")) == "xla"
 
 
-@pytest.mark.parametrize("bad", ["rank", "kv", "heads", "slots", "impl"])
-def test_bad_calls_raise_one_line_errors(bad):
+@pytest.mark.parametrize("bad,message", [
+    ("rank", r"q must be \[B, Tq, H, Dh\] .*got shapes \(5, 4, 8\)"),
+    ("kv", r"k and v must have the same shape .*got \(2, 5, 2, 8\) and \(2, 5, 2, 4\)"),
+    ("heads", "query heads H=3 must be a multiple of KV heads Hkv=2"),
+    ("slots", r"mask.q_slot must be \(2, 5\) .*got \(2, 6\)"),
+    ("impl", "unknown attention implementation 'flash3'; choose from"),
+])
+def test_bad_calls_raise_one_line_errors(bad, message):
     q, k = jnp.zeros((2, 5, 4, 8)), jnp.zeros((2, 5, 2, 8))
     v, mask, impl = k, Mask.causal(2, 5), None
     if bad == "rank":
@@ -69,8 +75,9 @@ def test_bad_calls_raise_one_line_errors(bad):
         mask = Mask.causal(2, 6)
     else:
         impl = "flash3"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message) as raised:
         attention(q, k, v, mask, implementation=impl)
+    assert "\n" not in str(raised.value)
 
 
 def test_mask_needs_both_segment_arrays():

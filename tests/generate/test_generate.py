@@ -20,6 +20,10 @@ from m1jax.model import init_model
 # initializer 0.15 gives O(1) logits that differ between positions (0.02 gives near-constant ones).
 CFG = ModelConfig.tiny(initializer_range=0.15)
 TOL = 1e-4
+# bf16 compute, cached against uncached: measured equal on CPU (both paths round the same bf16 activations); a bf16
+# step at these magnitudes is ~1e-2, so a reordered sum may move them by that much; a lost or misplaced K/V by O(1)
+# (the same model in fp32 differs from it by 3.7).
+BF16_TOL = 5e-2
 CHUNK, NEW = 8, 8
 PROMPT_LENGTHS = (9, 13, 16)  # one bucket (16 = two chunks); row 0 and 1 are left-padded
 
@@ -254,3 +258,25 @@ def test_per_row_stop_rules_against_numpy():
     np.testing.assert_array_equal(lengths, [w[0] for w in want])
     np.testing.assert_array_equal(reason, [w[1] for w in want])
     assert {w[1] for w in want} == {gen.MAX_LENGTH, gen.STOP_TOKEN, gen.TRUNCATED}  # every branch exercised
+
+
+def test_bf16_model_with_the_default_bf16_cache_follows_its_uncached_forward():
+    """The production setting: bf16 compute and the cache in its default dtype (bf16), which every other test here
+    sets to fp32. Chunked prefill, then decode one position at a time, against the same bf16 model's uncached
+    forward (``BF16_TOL``)."""
+    model = init_model(CFG.replace(compute_dtype="bfloat16"), seed=3)
+    bf16 = nnx.split(model)
+    tokens = np.random.default_rng(11).integers(1, CFG.vocab_size, 29).tolist()
+    full = _full_logits(bf16, [tokens])[0]
+    prompt_len = 20
+    bucket = gen.bucket_length(prompt_len, CHUNK)
+    padded, start = gen.left_pad([tokens[:prompt_len]], bucket)
+    cache = HybridCache.init(CFG, 1, bucket + len(tokens) - prompt_len, start=jnp.asarray(start))
+    assert {str(e[name].dtype) for e in cache.layers for name in ("k", "v") if name in e} == {"bfloat16"}
+    logits, cache = gen.prefill(*bf16, padded, cache, CHUNK)
+    got = [np.asarray(logits[0], np.float32)]
+    for t in tokens[prompt_len:]:
+        logits, cache = gen._prefill_chunk_jit(*bf16, jnp.asarray([[t]], jnp.int32), cache)
+        got.append(np.asarray(logits[0], np.float32))
+    np.testing.assert_allclose(np.stack(got), full[prompt_len - 1:], rtol=0, atol=BF16_TOL)
+    assert float(np.std(full)) > 0.3

@@ -13,9 +13,13 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from m1jax.model import init_model
+from m1jax.train import split_model
 from sharding.mesh import make_mesh
 from tests.rl import rl_worker, toy
 
@@ -78,3 +82,40 @@ def test_two_processes_match_one(tmp_path):
     assert len([k for k in result.files if k.startswith("param_")]) == len(leaves)
     for i, leaf in enumerate(leaves):
         np.testing.assert_allclose(result[f"param_{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-6, err_msg=str(i))
+
+
+def test_evaluation_numbers_against_the_model_itself():
+    """``Learner.evaluate``'s accuracies from independent computations on the parity task, whose reward reads only
+    the first response token: the greedy answer to a problem is the argmax of the uncached forward after its
+    prompt, so ``greedy_acc`` (and ``greedy_acc_odd``) are means of those exact 0/1 values; ``acc`` (temperature 1)
+    is the same key's rollout scored by the task, and lies within sampling error of the exact expectation, the
+    softmax mass on tokens of the right parity."""
+    learner, _ = toy.learner()
+    # Weights whose greedy answer is right on even problems and wrong on odd ones (so greedy_acc, greedy_acc_odd
+    # and the all-problems mean differ), with no near-tie at either prompt.
+    _, params = split_model(init_model(toy.model_config(), seed=6))
+    problems = np.asarray(learner.held_out)
+    assert 0 < problems.sum() < len(problems)  # both subsets non-empty
+    out = learner.evaluate(learner.init_state(params).params, jax.random.PRNGKey(5))
+
+    model = nnx.merge(learner.graphdef, params)
+    logits = np.asarray(model(jnp.asarray([[toy.BOS, 3], [toy.BOS, 4]], jnp.int32)).logits[:, -1], np.float64)
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    assert np.all(top2[:, 1] - top2[:, 0] > 1e-2)  # no near-tie for the greedy pass to break differently
+    greedy_right = (np.argmax(logits, -1) % 2 == np.arange(2)).astype(float)[problems]
+    assert greedy_right[problems == 0].all() and not greedy_right[problems == 1].any()
+    assert out["greedy_acc"] == pytest.approx(greedy_right.mean())
+    assert out["greedy_acc_odd"] == pytest.approx(greedy_right[problems == 1].mean())
+
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.array([probs[p, p::2].sum() for p in (0, 1)])[problems]  # tokens of parity p
+    samples = learner.config.eval_samples
+    assert abs(out["acc"] - expected.mean()) < 4 * 0.5 / np.sqrt(len(problems) * samples)
+    rollout = learner.rollout(learner.init_state(params).params, list(problems), jax.random.PRNGKey(5),
+                              group_size=samples, temperature=1.0)
+    responses = np.asarray(rollout.responses)
+    rewards = np.array([learner.task.reward(problems[r // samples], responses[r]) for r in range(len(responses))])
+    per_problem = rewards.reshape(len(problems), samples).mean(1)
+    assert out["acc"] == pytest.approx(per_problem.mean())
+    assert out["acc_odd"] == pytest.approx(per_problem[problems == 1].mean())

@@ -2,14 +2,17 @@
 cancellation, request checks, the engine thread, and no recompilation once every bucket is compiled."""
 import asyncio
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from m1jax import generate as gen
+from m1jax.model import init_model
 from m1jax.serve import programs
 from m1jax.serve.types import RequestHandle, SamplingParams, TokenEvent
-from tests.serve.conftest import (CFG, REFERENCE_NEW, TOL, generate_greedy, make_engine, model_logprobs,
-                                  random_prompts)
+from tests.serve.conftest import (CFG, REFERENCE_NEW, TOL, full_logits, generate_greedy, make_engine,
+                                  model_logprobs, random_prompts)
 
 GREEDY = SamplingParams(max_tokens=REFERENCE_NEW, temperature=0.0)
 
@@ -164,23 +167,36 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_recovers(s
 
 def test_no_recompilation_once_every_bucket_is_compiled(split):
     """Several buckets of each kind (rows 1/2/4, chunks 4/8, contexts of 8/16 pages); after ``warmup`` a workload
-    of mixed lengths, arrivals and sampling settings traces nothing."""
+    of mixed lengths, arrivals and sampling settings traces nothing, and every request's log-probs are the uncached
+    forward's (greedy ones: its argmax tokens), so no bucket's padding or page-table width loses context (prompts
+    and outputs reach 58 tokens, past the 8-page width of 32)."""
     engine = make_engine(split, min_decode_rows=1, min_chunk=4, min_context_bucket=32)
     assert engine.device.buckets() == {"rows": [1, 2, 4], "chunks": [4, 8], "widths": [8, 16],
                                        "decode_widths": [8, 16]}
     engine.warmup()
     before = dict(programs.TRACE_COUNTS)
     rng = np.random.default_rng(5)
+    submitted = []  # (prompt, temperature, handle)
     for wave in range(3):
         for length in rng.integers(1, 40, size=int(rng.integers(1, 4))):
             prompt = rng.integers(0, CFG.vocab_size, int(length)).tolist()
-            engine.submit(prompt, SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=float(wave) / 2,
-                                                 top_k=int(rng.integers(0, 5)), seed=int(rng.integers(0, 100))))
+            temperature = float(wave) / 2
+            submitted.append((prompt, temperature, engine.submit(prompt, SamplingParams(
+                max_tokens=int(rng.integers(1, 20)), temperature=temperature, top_k=int(rng.integers(0, 5)),
+                seed=int(rng.integers(0, 100))))))
         for _ in range(int(rng.integers(1, 6))):
             engine.step()
     engine.run_until_idle()
-    assert engine.stats()["generated_tokens"] > 20 and engine.stats()["cached_prompt_tokens"] >= 0
     assert dict(programs.TRACE_COUNTS) == before
+    results = [(prompt, temperature, handle.result()) for prompt, temperature, handle in submitted]
+    assert sum(len(r.token_ids) for _, _, r in results) == engine.stats()["generated_tokens"] > 20
+    assert max(len(p) + len(r.token_ids) for p, _, r in results) > 32  # some request outgrew the 8-page width
+    for prompt, temperature, result in results:
+        tokens = list(result.token_ids)
+        np.testing.assert_allclose(result.logprobs, model_logprobs(split, prompt, tokens), rtol=0, atol=TOL)
+        if temperature == 0:
+            logits = full_logits(split, prompt + tokens)[len(prompt) - 1:-1]
+            assert tokens == np.argmax(logits, axis=-1).tolist()
 
 
 def test_a_stream_left_on_a_closed_event_loop_does_not_fail_the_engine_side():
@@ -203,3 +219,27 @@ def test_a_stream_left_on_a_closed_event_loop_does_not_fail_the_engine_side():
 
 async def _drain(handle):
     return [e.token_id async for e in handle.stream()]
+
+
+# bf16 compute, engine against the uncached forward of the same bf16 model: see tests/generate's BF16_TOL.
+BF16_TOL = 5e-2
+
+
+def test_bf16_model_with_the_default_cache_dtype_follows_its_uncached_forward():
+    """The production setting that every other engine test leaves out: bf16 compute and the page pools in their
+    default dtype (the compute dtype). Two greedy requests of different lengths, batched: each token's log-prob is
+    the uncached forward's, and each token is that forward's most likely one (up to the bf16 tolerance)."""
+    bf16 = nnx.split(init_model(CFG.replace(compute_dtype="bfloat16"), seed=3))
+    engine = make_engine(bf16, kv_dtype=None)
+    prompts = random_prompts(3, (11, 30))
+    handles = [engine.submit(p, GREEDY) for p in prompts]
+    engine.run_until_idle()
+    assert {str(e[name].dtype) for e in engine.device.pools for name in ("k", "v") if name in e} == {"bfloat16"}
+    for prompt, handle in zip(prompts, handles):
+        result = handle.result()  # drains the handle's stream: once
+        tokens = list(result.token_ids)
+        assert len(tokens) == REFERENCE_NEW
+        np.testing.assert_allclose(result.logprobs, model_logprobs(bf16, prompt, tokens), rtol=0, atol=BF16_TOL)
+        logits = full_logits(bf16, prompt + tokens)[len(prompt) - 1:-1]
+        logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        assert np.all(logp[np.arange(len(tokens)), tokens] >= logp.max(-1) - 2 * BF16_TOL)

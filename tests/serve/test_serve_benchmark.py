@@ -44,6 +44,8 @@ def test_serving_profile_smoke(tmp_path):
     decode = profile["decode"]
     assert decode["program_ms"] > 0 and decode["table_width"] == 64
     assert abs(decode["step_wall_ms"] - decode["program_ms"] - decode["host_ms"]) < 1e-9
+    # measured, not derived: the program is timed on its own, so it must fit inside the step's wall time
+    assert 0 < decode["program_ms"] <= decode["step_wall_ms"] and decode["host_ms"] >= 0
     assert sorted(decode["paged_attention"]) == ["width_33", "width_64"]
     pipelined = decode["pipelined"]  # the engine's own overlapped steps at the same shape
     assert pipelined["ratio_to_floor"] == pipelined["step_ms"] / decode["floor_ms"] > 0 and "trace" in pipelined
@@ -51,5 +53,7 @@ def test_serving_profile_smoke(tmp_path):
     assert warm["warm_cached_tokens"] == 64
     assert {"prefix lookup", "snapshot restore", "prefill program", "first-token sampling"} <= set(warm["parts_ms"])
     assert abs(sum(warm["parts_ms"].values()) + warm["other_host_ms"] - warm["warm_ttft_ms"]) < 1e-6
+    # each part is timed on its own: all positive, and together no longer than the TTFT they are parts of
+    assert all(ms > 0 for ms in warm["parts_ms"].values()) and warm["other_host_ms"] >= 0
     assert "profile: decode step 4 x 256" in proc.stdout and "profile: warm request" in proc.stdout
     assert "profile: pipelined engine steady state" in proc.stdout

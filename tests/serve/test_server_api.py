@@ -10,6 +10,7 @@ import urllib.request
 
 import jax
 import numpy as np
+import openai  # in the test extra: a missing client must fail the suite, not skip it
 import pytest
 
 from m1jax import generate as gen
@@ -17,7 +18,6 @@ from m1jax.serve.loading import load_served_model
 from m1jax.serve.text import TokenIdText
 from tests.serve import server_harness as h
 
-openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import urllib.request
 
 import jax
 import numpy as np
+import openai  # in the test extra: a missing client must fail the suite, not skip it
 import pytest
 
 from m1jax import generate as gen
@@ -22,7 +23,6 @@ from m1jax.serve.static import StaticEngine
 from m1jax.serve.text import TokenIdText
 from tests.serve import server_harness as h
 
-openai = pytest.importorskip("openai")
 CLIENTS = 32
 
 
@@ -116,8 +116,8 @@ def test_concurrent_clients_with_disconnects():
         split = engine.split
         for i, spec in enumerate(specs):
             if spec["kind"].startswith("drop"):
-                assert i not in answers
-            elif spec["kind"] == "seeded":
+                continue  # no answer to check: the engine's cancelled_requests count above is the check
+            if spec["kind"] == "seeded":
                 assert answers[i] == _seeded_reference(split, spec["prompt"], spec["max_tokens"], spec["seed"], 0.8)
             else:
                 assert answers[i] == h.greedy(split, spec["prompt"], spec["max_tokens"])[0], spec
