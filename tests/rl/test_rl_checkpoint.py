@@ -97,6 +97,11 @@ def test_run_directory_resumes_and_extends(tmp_path):
     records = run_experiment(workdir, toy.ParityTask(), rl=learner.config.replace(steps=4, eval_every=2),
                              resume=True, **kwargs)
     assert [r["step"] for r in records] == [2, 3, 4]
+    # The resumed run continues from its checkpoint, not from the starting policy: its records are a straight
+    # 4-step run's (problems and keys depend on (seed, step) only), evaluation at step 2 included.
+    straight = run_experiment(str(tmp_path / "straight"), toy.ParityTask(),
+                              rl=learner.config.replace(steps=4, eval_every=2), **kwargs)
+    _assert_records_close(records, straight[2:])
     written = read_metrics(workdir)
     assert [r["step"] for r in written] == [0, 1, 2, 3, 4] and len({r["run"] for r in written}) == 1
     assert [r["step"] for r in written if "acc" in r] == [0, 2, 4]
