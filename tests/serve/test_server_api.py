@@ -5,6 +5,9 @@ MiniMax-M1's chat template (an HF checkpoint directory), one without a tokenizer
 """
 import dataclasses
 import json
+import queue
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -257,3 +260,83 @@ def test_models_health_and_metrics(ids_server):
     assert values["m1jax_inter_token_latency_seconds_count"] == values["m1jax_generated_tokens_total"] - finished
     assert 'm1jax_engine_time_to_first_token_seconds{quantile="0.5"}' in values
     assert values['m1jax_http_errors_total{status="405"}'] >= 1
+
+
+# ------------------------------------------------------------------------------------------------ streaming, stepped
+def test_a_stream_sends_tokens_while_its_request_runs_and_closing_it_cancels_the_request(ids_server, split,
+                                                                                         monkeypatch):
+    """The engine's steps are let through one at a time: a streamed completion's first text arrives while its
+    request is still generating (a server that held the answer back until the end fails this), and the whole stream
+    is greedy generate's answer. A client that closes its stream mid-answer has its request cancelled after a few
+    more steps, far short of its max_tokens."""
+    _, engine, _ = ids_server
+    h.wait_idle(engine)
+    permits, gate_open = threading.Semaphore(0), threading.Event()
+    step = engine.step
+
+    def one_step_per_permit():
+        if not gate_open.is_set():
+            permits.acquire()
+        return step()
+
+    monkeypatch.setattr(engine, "step", one_step_per_permit)
+
+    def stream_into(pieces: queue.Queue, streams: list, **kw):
+        stream = client(ids_server).completions.create(model="tiny-ids", stream=True, temperature=0, **kw)
+        streams.append(stream)
+        try:
+            for chunk in stream:
+                pieces.put(chunk.choices[0].text if chunk.choices else "")
+        except Exception:  # noqa: BLE001  (the second stream is closed under the reader)
+            pass
+        pieces.put(None)
+
+    def first_text(pieces: queue.Queue) -> str:
+        for _ in range(100):  # one engine step a permit, until text arrives
+            permits.release()
+            try:
+                text = pieces.get(timeout=0.3)
+            except queue.Empty:
+                continue
+            if text:
+                return text
+        raise AssertionError("no streamed text after 100 engine steps")
+
+    try:
+        before = engine.stats()
+        pieces, streams = queue.Queue(), []
+        reader = threading.Thread(target=stream_into, args=(pieces, streams),
+                                  kwargs=dict(prompt=[3, 1, 4], max_tokens=8))
+        reader.start()
+        received = [first_text(pieces)]
+        now = engine.stats()
+        assert now["running"] == 1 and now["finished_requests"] == before["finished_requests"]
+        assert now["generated_tokens"] - before["generated_tokens"] < 8
+        gate_open.set()
+        permits.release()
+        reader.join(120)
+        while (text := pieces.get(timeout=10)) is not None:
+            received.append(text)
+        assert "".join(received) == " ".join(map(str, h.greedy(split, [3, 1, 4], 8)[0]))
+
+        h.wait_idle(engine)
+        gate_open.clear()
+        before = engine.stats()
+        pieces, streams = queue.Queue(), []
+        reader = threading.Thread(target=stream_into, args=(pieces, streams),
+                                  kwargs=dict(prompt=[2, 7], max_tokens=100))
+        reader.start()
+        first_text(pieces)
+        streams[0].close()
+        for _ in range(200):  # step slowly until the server has seen the disconnect and the engine cancelled
+            if engine.stats()["cancelled_requests"] > before["cancelled_requests"]:
+                break
+            permits.release()
+            time.sleep(0.05)
+        after = h.wait_idle(engine)
+        assert after["cancelled_requests"] == before["cancelled_requests"] + 1
+        assert after["generated_tokens"] - before["generated_tokens"] < 50
+        reader.join(60)
+    finally:
+        gate_open.set()
+        permits.release(10)
