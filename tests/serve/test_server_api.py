@@ -271,13 +271,20 @@ def test_a_stream_sends_tokens_while_its_request_runs_and_closing_it_cancels_the
     more steps, far short of its max_tokens."""
     _, engine, _ = ids_server
     h.wait_idle(engine)
-    permits, gate_open = threading.Semaphore(0), threading.Event()
+    # ``waiting``: the engine is at a step boundary, blocked on ``permits``. A permit goes out only then, so permits
+    # never pile up while a step is slow (a loaded machine): one permit, one step.
+    permits, waiting, gate_open = threading.Semaphore(0), threading.Semaphore(0), threading.Event()
     step = engine.step
 
     def one_step_per_permit():
         if not gate_open.is_set():
+            waiting.release()
             permits.acquire()
         return step()
+
+    def next_step():
+        assert waiting.acquire(timeout=300), "the engine did not come back for its next step"
+        permits.release()
 
     monkeypatch.setattr(engine, "step", one_step_per_permit)
 
@@ -292,8 +299,8 @@ def test_a_stream_sends_tokens_while_its_request_runs_and_closing_it_cancels_the
         pieces.put(None)
 
     def first_text(pieces: queue.Queue) -> str:
-        for _ in range(100):  # one engine step a permit, until text arrives
-            permits.release()
+        for _ in range(100):  # one engine step at a time, until text arrives
+            next_step()
             try:
                 text = pieces.get(timeout=0.3)
             except queue.Empty:
@@ -321,6 +328,8 @@ def test_a_stream_sends_tokens_while_its_request_runs_and_closing_it_cancels_the
 
         h.wait_idle(engine)
         gate_open.clear()
+        while waiting.acquire(blocking=False):  # the first request's last visit to the gate
+            pass
         before = engine.stats()
         pieces, streams = queue.Queue(), []
         reader = threading.Thread(target=stream_into, args=(pieces, streams),
@@ -328,11 +337,13 @@ def test_a_stream_sends_tokens_while_its_request_runs_and_closing_it_cancels_the
         reader.start()
         first_text(pieces)
         streams[0].close()
-        for _ in range(200):  # step slowly until the server has seen the disconnect and the engine cancelled
+        for _ in range(100):  # step slowly until the server has seen the disconnect and the engine cancelled
             if engine.stats()["cancelled_requests"] > before["cancelled_requests"]:
                 break
-            permits.release()
+            next_step()
             time.sleep(0.05)
+        gate_open.set()
+        permits.release()
         after = h.wait_idle(engine)
         assert after["cancelled_requests"] == before["cancelled_requests"] + 1
         assert after["generated_tokens"] - before["generated_tokens"] < 50
