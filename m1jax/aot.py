@@ -355,5 +355,5 @@ def summary_line(workload: str, entry: dict) -> str:
     moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in entry["collectives"]["bytes"].items() if v)
     return (f"{workload:9s} peak {format_bytes(m['peak_bytes'])} (args {format_bytes(m['argument_bytes'])}, "
             f"temps {format_bytes(m['temp_bytes'])}, out {format_bytes(m['output_bytes'])}, aliased "
-            f"{format_bytes(m['alias_bytes'])})  {entry['xla_flops'] / 1e12:.3f} TFLOP (XLA's count: loop bodies once)  collectives: {moved or 'none'}  "
-            f"[{entry['compile_seconds']}s]")
+            f"{format_bytes(m['alias_bytes'])})  {entry['xla_flops'] / 1e12:.3f} TFLOP (XLA's count: loop bodies "
+            f"once)  collectives: {moved or 'none'}  [{entry['compile_seconds']}s]")

@@ -67,3 +67,14 @@ def assert_close_tree(got, want, rtol=1e-5):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         err, ref = np.linalg.norm(g - w), np.linalg.norm(w)
         assert err <= rtol * ref + 1e-12, f"{jax.tree_util.keystr(path)}: rel err {err / max(ref, 1e-30):.3g}"
+
+
+def equations(jaxpr):
+    """Every equation of ``jaxpr`` at any depth (scan, jit, shard_map and custom-VJP bodies included), in order."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                item = item.jaxpr if isinstance(item, jax.extend.core.ClosedJaxpr) else item
+                if isinstance(item, jax.extend.core.Jaxpr):
+                    yield from equations(item)

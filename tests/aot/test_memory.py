@@ -72,19 +72,10 @@ def _shard_map_weight_dtypes(cfg, mesh) -> set[str]:
     """dtypes of the [E, ., .] expert weights where they enter a shard_map in the traced FSDP loss + grads."""
     import jax.numpy as jnp
 
-    def eqns(jaxpr):
-        for e in jaxpr.eqns:
-            yield e
-            for value in e.params.values():
-                for sub in value if isinstance(value, (list, tuple)) else [value]:
-                    inner = getattr(sub, "jaxpr", None)
-                    if inner is not None:
-                        yield from eqns(inner if hasattr(inner, "eqns") else inner.jaxpr)
-
     graphdef, params = H.init(cfg)
     tokens = jnp.zeros((8, 16), jnp.int32)
     with jax.set_mesh(mesh), fsdp_params():
         traced = jax.make_jaxpr(jax.value_and_grad(lambda p, t, s: H.lm_loss(p, graphdef, t, s)))(params, tokens, tokens)
     experts = cfg.num_local_experts
-    return {str(v.aval.dtype) for e in eqns(traced.jaxpr) if e.primitive.name == "shard_map" for v in e.invars
+    return {str(v.aval.dtype) for e in H.equations(traced.jaxpr) if e.primitive.name == "shard_map" for v in e.invars
             if v.aval.ndim == 3 and v.aval.shape[0] == experts and v.aval.shape[1:] in {(48, 24), (24, 48)}}

@@ -96,7 +96,8 @@ def test_evaluation_numbers_against_the_model_itself():
     _, params = split_model(init_model(toy.model_config(), seed=6))
     problems = np.asarray(learner.held_out)
     assert 0 < problems.sum() < len(problems)  # both subsets non-empty
-    out = learner.evaluate(learner.init_state(params).params, jax.random.PRNGKey(5))
+    placed = learner.init_state(params).params
+    out = learner.evaluate(placed, jax.random.PRNGKey(5))
 
     model = nnx.merge(learner.graphdef, params)
     logits = np.asarray(model(jnp.asarray([[toy.BOS, 3], [toy.BOS, 4]], jnp.int32)).logits[:, -1], np.float64)
@@ -112,8 +113,7 @@ def test_evaluation_numbers_against_the_model_itself():
     expected = np.array([probs[p, p::2].sum() for p in (0, 1)])[problems]  # tokens of parity p
     samples = learner.config.eval_samples
     assert abs(out["acc"] - expected.mean()) < 4 * 0.5 / np.sqrt(len(problems) * samples)
-    rollout = learner.rollout(learner.init_state(params).params, list(problems), jax.random.PRNGKey(5),
-                              group_size=samples, temperature=1.0)
+    rollout = learner.rollout(placed, list(problems), jax.random.PRNGKey(5), group_size=samples, temperature=1.0)
     responses = np.asarray(rollout.responses)
     rewards = np.array([learner.task.reward(problems[r // samples], responses[r]) for r in range(len(responses))])
     per_problem = rewards.reshape(len(problems), samples).mean(1)

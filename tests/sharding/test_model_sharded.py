@@ -9,32 +9,12 @@ from tests import tiny_model as H
 MESHES = ["data=8", "expert=8", "sequence=8", "data=2,expert=2,sequence=2", "data=2,sequence=4"]
 
 
-def _sub_jaxprs(eqn):
-    """The jaxprs inside one equation's params (scan and jit bodies, shard_map's, custom-VJP functions)."""
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jax.extend.core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, jax.extend.core.Jaxpr):
-                yield item
-
-
-def _calls(jaxpr, name) -> bool:
-    """Whether ``jaxpr`` (at any depth) calls a jitted function named ``name``."""
-    return any((eqn.params.get("name") == name) or any(_calls(sub, name) for sub in _sub_jaxprs(eqn))
-               for eqn in jaxpr.eqns)
-
-
 def _local_shapes_of_shard_maps_calling(jaxpr, name) -> list[list[tuple]]:
-    """For each shard_map (at any depth) whose body calls ``name``: its body's input shapes (one device's blocks)."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "shard_map" and _calls(eqn.params["jaxpr"], name):
-            found.append([tuple(v.aval.shape) for v in eqn.params["jaxpr"].invars])
-        else:
-            for sub in _sub_jaxprs(eqn):
-                found += _local_shapes_of_shard_maps_calling(sub, name)
-    return found
+    """For each shard_map (at any depth) whose body calls a jitted function named ``name``: its body's input shapes
+    (one device's blocks)."""
+    return [[tuple(v.aval.shape) for v in eqn.params["jaxpr"].invars] for eqn in H.equations(jaxpr)
+            if eqn.primitive.name == "shard_map"
+            and any(inner.params.get("name") == name for inner in H.equations(eqn.params["jaxpr"]))]
 
 
 @pytest.fixture(scope="module")
