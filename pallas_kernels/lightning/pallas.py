@@ -55,7 +55,8 @@ def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk:
 
     Mosaic GPU: ``MOSAIC_SPLIT_CONFIG`` where ``pick_groups`` splits the call's rows and Dk and Dv hold two tiles
     each (rows too short to split keep one program per tile: more programs); ``multicast`` (with
-    ``MOSAIC_MULTICAST_STAGES``) only where every walk has 2 to 8 Dv tiles; the paired backward (``fused_backward``)
+    ``MOSAIC_MULTICAST_STAGES``) only where every walk has 2 to 8 Dv tiles; split walks in as many of those stages
+    as fit in shared memory (they hold a bf16 state per stage); the paired backward (``fused_backward``)
     only where it applies (Dk = Dv, shared memory), else three walks; at Dk = Dv = ``MOSAIC_WHOLE_BACKWARD_D`` the
     whole backward in one launch (``fused_backward`` = 2), its dq walk restarting from the forward's states every
     ``MOSAIC_DQ_CHECKPOINTS`` chunks where the walks are split (``split_state``).
@@ -73,6 +74,10 @@ def default_config(backend: str, dtype, batch: int, heads: int, length: int, dk:
         clustered = dataclasses.replace(config, num_stages=MOSAIC_MULTICAST_STAGES)
         fits = _raises_nothing(pallas_mosaic_gpu.check_supported, dtype, dk, dv, clustered, False)
         config = clustered if fits else dataclasses.replace(config, multicast=0)
+    if config.split_state:  # a split walk keeps a bf16 state per TMA stage: as many stages as fit
+        config = next((dataclasses.replace(config, num_stages=stages) for stages in range(config.num_stages, 0, -1)
+                       if _raises_nothing(pallas_mosaic_gpu.check_supported, dtype, dk, dv,
+                                          dataclasses.replace(config, num_stages=stages), False)), config)
     if not _raises_nothing(pallas_mosaic_gpu.check_fused_supported, dtype, dk, dv, config):
         config = dataclasses.replace(config, fused_backward=0)
     elif dk == dv == MOSAIC_WHOLE_BACKWARD_D:

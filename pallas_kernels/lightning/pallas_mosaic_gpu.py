@@ -137,17 +137,18 @@ def _scaled_v(v_ref, s, a, b, limit, chunk: int, reverse: bool, dtype):
     return _scale_rows(plgpu.load(v_ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32), wt).astype(dtype)
 
 
-def _hand_over_and_step(state, st_ref, ready_bar, load_bar, k_ref, v_ref, vw_ref, s, a, b, limit, *, chunk: int,
-                        reverse: bool, interpret: bool):
-    """A state warpgroup's chunk: hand ``state`` [Dk, Dv] (float32) in bf16 to the output warpgroups (``st_ref``, then
-    ``ready_bar``), then, once the chunk's loads are in (``load_bar``), step the chain: carry * state +
-    k^T (v scaled to the chunk's end), with k ``k_ref`` [C, Dk], v ``v_ref`` [C, Dv] and ``vw_ref`` the scaled v's
-    SMEM. Returns the next state. The walks' forward state (k, v), dq walk's (v, k) and the reverse dS chain (q, dO)
-    all take this step."""
+def _hand_over(state, st_ref, ready_bar):
+    """A state warpgroup hands ``state`` [Dk, Dv] (float32) in bf16 to the output warpgroups: ``st_ref``, then
+    ``ready_bar``."""
     st_ref[...] = state.astype(st_ref.dtype)
     plgpu.commit_smem()
     plgpu.barrier_arrive(ready_bar)
-    plgpu.barrier_wait(load_bar)
+
+
+def _step_state(state, k_ref, v_ref, vw_ref, s, a, b, limit, *, chunk: int, reverse: bool, interpret: bool):
+    """A state warpgroup's chunk, its loads in: carry * state + k^T (v scaled to the chunk's end), with k ``k_ref``
+    [C, Dk], v ``v_ref`` [C, Dv] and ``vw_ref`` the scaled v's SMEM. Returns the next state. The walks' forward state
+    (k, v), dq walk's (v, k) and the reverse dS chain (q, dO) all take this step."""
     vw_ref[...] = _scaled_v(v_ref, s, a, b, limit, chunk, reverse, vw_ref.dtype)
     plgpu.commit_smem()
     carry = jnp.exp(-s * (b - a).astype(jnp.float32))
@@ -454,9 +455,13 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
 
     The chunk recurrence only runs through the state: S_{c+1} = carry S_c + k_c^T (v_c scaled). Everything else of a
     chunk (q k^T, q S_c, the decays, P v) hangs off it. So the state warpgroup walks that chain alone and hands each
-    chunk's S_c, rounded to bf16, to the output warpgroup through a ring of SMEM buffers (``st_sm``'s first axis:
-    two, ``HANDOVERS``; "ready" / "free" barriers); the output warpgroup's chunks no longer wait on each other. Same
-    operations and roundings as ``_kernel``'s walk, so the outputs are bit-identical. Under ``cluster`` the programs
+    chunk's S_c, rounded to bf16, to the output warpgroup through SMEM (one buffer per TMA slot, ``st_sm``
+    [stages, Dk, block_v], and a "ready" barrier each); the output warpgroup's chunks no longer wait on each other.
+    The state warpgroup writes chunk c's S_c into slot c's buffer only once chunk c's loads are in. The producer
+    refilled that slot only after both walking warpgroups released chunk c - stages, so the output warpgroup has read
+    the S that the buffer held: no "free" barrier is needed (with one, 5-9% slower on an H200 and 5-7% more energy a
+    call; ``benchmarks/RESULTS.md``, "The hand-over freed by the loads"). Same operations and roundings as
+    ``_kernel``'s walk, so the outputs are bit-identical. Under ``cluster`` the programs
     of a (row, head) are one thread-block cluster and each loads part of every chunk of the ``shared`` streams (of
     q, k, v) into all of them (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the
     backward's walk programs. ``registers``: the output and state warpgroups' register cap (default: the SM's
@@ -471,8 +476,7 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     refs = list(refs)
     init_ref = refs.pop(0) if has_init else None
     o_ref, state_out_ref = refs.pop(0), refs.pop(0)
-    (q_sm, k_sm, v_sm, vw_sm, st_sm, o_sm, probs_sm, load_bars, consumed_bars, ready_bars, free_bars,
-     done_bar) = refs
+    q_sm, k_sm, v_sm, vw_sm, st_sm, o_sm, probs_sm, load_bars, consumed_bars, ready_bars, done_bar = refs
     head, row, wg = lax.axis_index("head"), lax.axis_index("row"), lax.axis_index("wg")
     cols = pl.ds(tile * block_v, block_v)
     dtype, dk = q_sm.dtype, q_sm.shape[-1]
@@ -495,7 +499,9 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
 
     release = functools.partial(_release_slot, consumed_bars, stages=stages, n_chunks=n_chunks)
     leave = functools.partial(_leave_cluster, done_bar if cluster else None)
-    o_buffers, handovers = o_sm.shape[0], st_sm.shape[0]
+    o_buffers = o_sm.shape[0]
+    if st_sm.shape[0] != stages:
+        raise ValueError(f"the split walk hands S_c over in one buffer per TMA slot: {stages}, got {st_sm.shape[0]}")
 
     @pl.when(wg == 0)
     def _outputs():
@@ -503,19 +509,18 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
         decay_cc = _intra_decay(s, chunk, reverse)
 
         def body(step, carry):
-            slot, buf, c = lax.rem(step, stages), lax.rem(step, handovers), chunk_of(step)
+            slot, c = lax.rem(step, stages), chunk_of(step)
             limit, a, b = _chunk_bounds(n_valid, c, chunk)
             plgpu.barrier_wait(load_bars.at[slot])
-            plgpu.barrier_wait(ready_bars.at[buf])  # S_c is in st_sm[buf]
+            plgpu.barrier_wait(ready_bars.at[slot])  # S_c is in st_sm[slot]
 
             def scores_and_inter(acc_s, acc_o):
                 plgpu.wgmma(acc_s, q_sm.at[slot], k_sm.at[slot].T)
-                plgpu.wgmma(acc_o, q_sm.at[slot], st_sm.at[buf])
+                plgpu.wgmma(acc_o, q_sm.at[slot], st_sm.at[slot])
                 return acc_s[...], acc_o[...]
 
             scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((chunk, chunk), jnp.float32),
                                           plgpu.ACC((chunk, block_v), jnp.float32))
-            plgpu.barrier_arrive(free_bars.at[buf])
             o = _scale_rows(inter, _query_decay(s, a, b, limit, chunk, reverse))
             probs = (scores * decay_cc).astype(dtype)
             if interpret:  # the interpreter's wgmma reads operands from SMEM only
@@ -540,22 +545,20 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
         plgpu.set_max_registers(registers, action="increase")
 
         def body(step, state):
-            slot, buf = lax.rem(step, stages), lax.rem(step, handovers)
+            slot = lax.rem(step, stages)
             limit, a, b = _chunk_bounds(n_valid, chunk_of(step), chunk)
-
-            @pl.when(step >= handovers)
-            def _():
-                plgpu.barrier_wait(free_bars.at[buf])  # the output warpgroup has read the S this buffer held last
-
+            # Chunk `step`'s loads are in, so the output warpgroup is done with chunk step - stages (see above) and
+            # has read the S this slot's buffer held.
+            plgpu.barrier_wait(load_bars.at[slot])
             if save is not None:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last checkpoint's store has read its buffer
-            state = _hand_over_and_step(state, st_sm.at[buf], ready_bars.at[buf], load_bars.at[slot], k_sm.at[slot],
-                                        v_sm.at[slot], vw_sm, s, a, b, limit, chunk=chunk, reverse=reverse,
-                                        interpret=interpret)
+            _hand_over(state, st_sm.at[slot], ready_bars.at[slot])
+            state = _step_state(state, k_sm.at[slot], v_sm.at[slot], vw_sm, s, a, b, limit, chunk=chunk,
+                                reverse=reverse, interpret=interpret)
             if save is not None:  # S_c, as handed over, is the checkpoint of the segment starting here
                 @pl.when(lax.rem(step, save.every) == 0)
                 def _():
-                    plgpu.copy_smem_to_gmem(st_sm.at[buf],
+                    plgpu.copy_smem_to_gmem(st_sm.at[slot],
                                             save.ref.at[row, lax.div(step, save.every), head, :, cols])
             release(step, slot)
             return state
@@ -567,8 +570,6 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
             _walk_segments(body, restart, row, head, n_chunks)
         if save is not None:
             plgpu.wait_smem_to_gmem(0)
-        for step in range(max(n_chunks - handovers, 0), n_chunks):  # observe every buffer's last release too
-            plgpu.barrier_wait(free_bars.at[step % handovers])
         leave()
 
     before_loads = None if meet is None else _meet_at_segments(meet, n_chunks, restart.every)
@@ -606,10 +607,6 @@ def _walk_segments(body, restart: Checkpoints, row, head, n_chunks: int):
             walk(n_seg - 2 - i, first + i * every, every)
 
 
-# Buffers of the split walk programs' S_c hand-over (``_split_walk_call``): how many chunks the state warpgroup may
-# run ahead of the output warpgroup. 3 measured no faster than 2 for the forward on an H200 (0.98x at B1 H64 32K,
-# 1.01x at 128K, bit-identical; benchmarks/RESULTS.md, "dq_checkpoints by default"), and costs 16 KiB more SMEM.
-HANDOVERS = 2
 # Programs the sequence split aims for: one per SM of an H100/H200 (132), since a 4-stage program takes most of an
 # SM's shared memory; splitting further costs an extra read of k and v (measured: at B1 H64 32K one group of 128
 # programs was the fastest config of the sweep, 0.67 ms; the split ones took 0.84 ms and more).
@@ -638,10 +635,10 @@ def smem_bytes(chunk: int, dk: int, block_v: int, stages: int, itemsize: int, *,
                with_output: bool = True, pair: bool = False, split: bool = False, interpret: bool = False) -> int:
     """SMEM of one program (see ``_walk_call``'s scratch): the stream slots (q, k and the walkers' v columns; the
     pair's four full-width streams, Dk = Dv), and each walker's scaled v, bf16 state and o buffers; ``split``: the
-    split walk's (``_split_walk_call``: one v tile, ``HANDOVERS`` bf16 states)."""
+    split walk's (``_split_walk_call``: one v tile, a bf16 state per stage)."""
     if split:
-        total = stages * chunk * (2 * dk + block_v) + chunk * block_v + HANDOVERS * dk * block_v + 2 * chunk * block_v
-        return (total + (chunk * chunk if interpret else 0)) * itemsize + 8 * (2 * stages + 5)
+        total = stages * (chunk * (2 * dk + block_v) + dk * block_v) + chunk * block_v + 2 * chunk * block_v
+        return (total + (chunk * chunk if interpret else 0)) * itemsize + 8 * (3 * stages + 1)
     walkers = 2 if pair else max(consumers, 1)
     per_stage = chunk * (4 * dk if pair else dk * (2 if with_output else 1) + walkers * block_v)
     total = stages * per_stage + walkers * (chunk * block_v + dk * block_v)
@@ -793,15 +790,14 @@ def _split_walk_call(streams, s, inits, *, walks: tuple[tuple[int, int, int], ..
         plgpu.SMEM((stages, chunk, dk), dtype, transforms=t),  # k slots
         plgpu.SMEM((stages, chunk, block_v), dtype, transforms=t),  # the program's v tile
         plgpu.SMEM((chunk, block_v), dtype, transforms=t),  # v scaled by its state decay (the state warpgroup's)
-        plgpu.SMEM((HANDOVERS, dk, block_v), dtype, transforms=t),  # S_c in bf16, handed between the warpgroups
+        plgpu.SMEM((stages, dk, block_v), dtype, transforms=t),  # S_c in bf16, handed over: one buffer a slot
         plgpu.SMEM((2, chunk, block_v), dtype, transforms=t),  # o, double-buffered
         plgpu.SMEM((chunk, chunk), dtype, transforms=t) if interpret else None,  # scores (interpret mode only)
         plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # one arrival per TMA copy
         # Slot free again: both walking warpgroups (of every program of a cluster: the copies write all of them).
         plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2, num_barriers=stages) if cluster
         else plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=HANDOVERS),  # S_c ready in its buffer
-        plgpu.Barrier(num_arrivals=1, num_barriers=HANDOVERS),  # S_c read: its buffer free
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # S_c ready in its buffer
         plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2) if cluster else None,  # all done
     ]
     if cluster and len(walks) > 1 and tiles > 1:
@@ -1055,8 +1051,10 @@ def _shared_state_pair(s_ref, k_ref, q_ref, do_ref, v_ref, init_ref, dv_ref, dk_
             def _():
                 plgpu.barrier_wait(free_bar)  # both output warpgroups have read the last dS
 
-            state = _hand_over_and_step(state, st_sm, ready_bar, load_bars.at[slot], q_sm.at[slot], do_sm.at[slot],
-                                        dow_sm, s, a, b, limit, chunk=chunk, reverse=True, interpret=interpret)
+            _hand_over(state, st_sm, ready_bar)
+            plgpu.barrier_wait(load_bars.at[slot])
+            state = _step_state(state, q_sm.at[slot], do_sm.at[slot], dow_sm, s, a, b, limit, chunk=chunk,
+                                reverse=True, interpret=interpret)
             release(step, slot)
             return state
 
@@ -1076,10 +1074,10 @@ def _one_launch_scratch(kind: str, chunk: int, d: int, stages: int, dtype, inter
     the dq walk restarts from checkpoints: their [D, D] buffer and its barrier last, and one dq buffer, not two (the
     checkpoint's 32 KiB fit in Hopper's shared memory in its place)."""
     t = _smem_transforms(d, dtype)
-    streams, states, scores = (3, 2, 1) if kind == "dq" else (4, 1, 2)
+    streams, scores = (3, 1) if kind == "dq" else (4, 2)
     scratch = [plgpu.SMEM((stages, chunk, d), dtype, transforms=t) for _ in range(streams)] + [
         plgpu.SMEM((chunk, d), dtype, transforms=t),  # the scaled v (the dq walk's k, the pair's dO)
-        plgpu.SMEM((states, d, d) if states > 1 else (d, d), dtype, transforms=t),  # the state in bf16
+        plgpu.SMEM((stages, d, d) if kind == "dq" else (d, d), dtype, transforms=t),  # the state in bf16
         plgpu.SMEM((1 if restart else 2, chunk, d), dtype, transforms=t),  # outputs (dq's double-buffered; dv, dk)
         plgpu.SMEM((scores, chunk, chunk) if scores > 1 else (chunk, chunk), dtype, transforms=t)
         if interpret else None,
@@ -1087,7 +1085,7 @@ def _one_launch_scratch(kind: str, chunk: int, d: int, stages: int, dtype, inter
         plgpu.Barrier(num_arrivals=streams - 1, num_barriers=stages),  # slot free: every walking warpgroup
     ]
     if kind == "dq":
-        scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=2)] * 2  # S ready / S read, per buffer
+        scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=stages)]  # S ready, per buffer (one a slot)
         if restart:
             scratch += [plgpu.SMEM((d, d), dtype, transforms=t), plgpu.Barrier(num_arrivals=1)]  # a checkpoint
         return scratch

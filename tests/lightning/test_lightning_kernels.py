@@ -163,7 +163,8 @@ def test_pick_groups_avoids_padding_the_rows():
     (1, 8, 1 << 20, 128, 128, 2, 2, 2, 0, 0, 0),  # 8 heads need a split: the two tiles of a head in one program
     (1, 8, 4096, 128, 128, 0, 3, 2, 1, 1, 4),  # too short to split: one program per tile keeps twice the programs
     (1, 8, 1 << 20, 64, 64, 0, 4, 1, 1, 0, 0),  # one 64-wide tile per head: nothing to pair or to multicast
-    (1, 8, 1 << 20, 128, 64, 0, 4, 0, 1, 0, 0),  # Dk != Dv: three backward walks; the dq walk has one Dv tile
+    # Dk != Dv: three backward walks; the forward has one Dv tile, and a fourth stage's [128, 64] state would not fit
+    (1, 8, 1 << 20, 128, 64, 0, 3, 0, 1, 0, 0),
 ])
 def test_mosaic_default_config_fits_the_call(batch, heads, length, dk, dv, consumers, stages, fused, split,
                                              multicast, checkpoints):
