@@ -463,8 +463,9 @@ def _split_kernel(s_ref, q_ref, k_ref, v_ref, *refs, tile, layout: RowLayout, ch
     call; ``benchmarks/RESULTS.md``, "The hand-over freed by the loads"). Same operations and roundings as
     ``_kernel``'s walk, so the outputs are bit-identical. Under ``cluster`` the programs of a (row, head) are one
     thread-block cluster and each loads part of every chunk of the ``shared`` streams (of q, k, v) into all of them
-    (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the backward's walk programs. ``registers``: the output and state warpgroups' register cap (default: the SM's
-    registers less the producer's, split between the two).
+    (TMA multicast): q and k for the Dv-tile programs of one walk, q and dO for the backward's walk programs.
+    ``registers``: the output and state warpgroups' register cap (default: the SM's registers less the producer's,
+    split between the two).
 
     ``save``: a forward walk also stores the bf16 S_c it hands over at every ``save.every``-th chunk (``Checkpoints``).
     ``restart``: a forward walk (the dq walk) restarts from such states: it walks the segments between them from the
